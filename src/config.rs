@@ -1,0 +1,859 @@
+//! Configuration: the TOML schema, its quick-mode equivalent, and validation.
+//!
+//! The file is read with toml's spanned document parser and walked by hand
+//! rather than derived with serde, so that one pass reports *every* problem
+//! (unknown key, wrong type, bad address, duplicate name or port, upstream
+//! without hosts), each with its line and column. A [`Config`] value that
+//! exists is valid: upstream names are unique, listen ports do not collide,
+//! every upstream has at least one host, and every address is resolved.
+
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::ops::Range;
+use std::path::Path;
+use std::time::Duration;
+
+use toml::Spanned;
+use toml::de::{DeTable, DeValue};
+
+use crate::error::Error;
+
+/// Loop-wide settings; the `[defaults]` table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// How long a connect to one host may take before the next host is tried.
+    pub connect_timeout: Duration,
+    /// A pair with no bytes moving in either direction for this long is closed.
+    pub idle_timeout: Duration,
+    /// Once one direction has finished (FIN forwarded), the pair is closed
+    /// after this long without traffic, so a peer that never finishes its
+    /// side cannot hold the pair forever.
+    pub half_close_timeout: Duration,
+    /// On SIGINT/SIGTERM, how long live pairs may keep going before they are closed.
+    pub drain_timeout: Duration,
+    /// Pairs (connecting or relaying) allowed at once; the excess is refused
+    /// with `ERROR overloaded`.
+    pub max_connections: usize,
+    /// Bytes buffered per direction of a pair while data is in flight.
+    pub buffer_size: usize,
+    /// Accept queue length requested from the kernel for each listener.
+    pub backlog: u32,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(3600),
+            half_close_timeout: Duration::from_secs(60),
+            drain_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
+            buffer_size: 16 * 1024,
+            backlog: 1024,
+        }
+    }
+}
+
+/// Smallest and largest accepted `buffer_size`.
+pub const BUFFER_SIZE_RANGE: (usize, usize) = (1024, 64 * 1024 * 1024);
+
+/// One upstream: a name, the address clients connect to, and the hosts behind it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamConfig {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub hosts: Vec<SocketAddr>,
+}
+
+/// A complete, validated configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub settings: Settings,
+    pub upstreams: Vec<UpstreamConfig>,
+}
+
+/// One thing wrong with a configuration, with its place in the source
+/// (line 0 when it concerns the whole file or a command-line flag).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+/// Every problem found in one configuration source.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file name, or a description such as "command line".
+    pub origin: String,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            if p.line == 0 {
+                write!(f, "{}: {}", self.origin, p.message)?;
+            } else {
+                write!(f, "{}:{}:{}: {}", self.origin, p.line, p.column, p.message)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+const TOP_KEYS: &[&str] = &["defaults", "upstream"];
+const DEFAULTS_KEYS: &[&str] = &[
+    "connect_timeout",
+    "idle_timeout",
+    "half_close_timeout",
+    "drain_timeout",
+    "max_connections",
+    "buffer_size",
+    "backlog",
+];
+const UPSTREAM_KEYS: &[&str] = &["name", "listen", "hosts"];
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::ReadConfig {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text, &path.display().to_string()).map_err(Error::Config)
+    }
+
+    /// Validates configuration text; `origin` names it in error messages.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let mut walker = Walker {
+            text,
+            problems: Vec::new(),
+        };
+        let config = walker.document();
+        let mut problems = walker.problems;
+        problems.sort_by_key(|p| (p.line, p.column));
+        match config {
+            Some(config) if problems.is_empty() => Ok(config),
+            _ => Err(ConfigError {
+                origin: origin.to_string(),
+                problems,
+            }),
+        }
+    }
+
+    /// The configuration of quick mode: one upstream from command-line addresses.
+    pub fn quick(
+        name: &str,
+        listen: &str,
+        hosts: &[String],
+        settings: Settings,
+    ) -> Result<Config, ConfigError> {
+        let mut problems = Vec::new();
+        let mut complain = |message: String| {
+            problems.push(Problem {
+                line: 0,
+                column: 0,
+                message,
+            })
+        };
+        if let Err(why) = check_name(name) {
+            complain(format!("--name: {why}"));
+        }
+        let listen = resolve(listen)
+            .map_err(|why| complain(format!("--listen {listen}: {why}")))
+            .ok();
+        if hosts.is_empty() {
+            complain("at least one --host is required".to_string());
+        }
+        let mut resolved: Vec<SocketAddr> = Vec::new();
+        for host in hosts {
+            match resolve(host) {
+                Ok(addr) if resolved.contains(&addr) => {
+                    complain(format!("--host {host}: listed twice"))
+                }
+                Ok(addr) => resolved.push(addr),
+                Err(why) => complain(format!("--host {host}: {why}")),
+            }
+        }
+        match listen {
+            Some(listen) if problems.is_empty() => Ok(Config {
+                settings,
+                upstreams: vec![UpstreamConfig {
+                    name: name.to_string(),
+                    listen,
+                    hosts: resolved,
+                }],
+            }),
+            _ => Err(ConfigError {
+                origin: "command line".to_string(),
+                problems,
+            }),
+        }
+    }
+}
+
+/// Resolves `host:port` (IPv4, `[IPv6]`, or a name looked up now) to its first address.
+pub fn resolve(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let Some((host, port)) = text.rsplit_once(':') else {
+        return Err("expected host:port, e.g. 127.0.0.1:9001 or [::1]:9001".to_string());
+    };
+    if host.is_empty() {
+        return Err("the host part is empty".to_string());
+    }
+    if port.parse::<u16>().is_err() {
+        return Err(format!("`{port}` is not a port number (0-65535)"));
+    }
+    match text.to_socket_addrs() {
+        Ok(mut addrs) => addrs
+            .next()
+            .ok_or_else(|| format!("`{host}` resolves to no address")),
+        Err(e) => Err(format!("cannot resolve `{host}`: {e}")),
+    }
+}
+
+/// Parses a duration such as `5s`, `250ms`, `1h`, `1m30s` (units ms, s, m, h, d).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let bad = || format!("`{text}` is not a duration (use e.g. \"250ms\", \"5s\", \"2m\", \"1h\")");
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    let mut total = Duration::ZERO;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        if digits == 0 {
+            return Err(bad());
+        }
+        let value: u64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let unit_ms: u64 = match &rest[..unit_len] {
+            "ms" => 1,
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            _ => return Err(bad()),
+        };
+        rest = &rest[unit_len..];
+        let part = value.checked_mul(unit_ms).ok_or_else(bad)?;
+        total = total
+            .checked_add(Duration::from_millis(part))
+            .ok_or_else(bad)?;
+    }
+    Ok(total)
+}
+
+/// Parses a byte size such as `16KiB`, `1MiB`, `64KB` or a plain byte count.
+pub fn parse_size(text: &str) -> Result<usize, String> {
+    let bad = || format!("`{text}` is not a size (use e.g. \"16KiB\", \"1MiB\" or a byte count)");
+    let text = text.trim();
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    if digits == 0 {
+        return Err(bad());
+    }
+    let value: usize = text[..digits].parse().map_err(|_| bad())?;
+    let unit: usize = match text[digits..].trim() {
+        "" | "B" => 1,
+        "KB" | "kB" => 1000,
+        "KiB" => 1024,
+        "MB" => 1000 * 1000,
+        "MiB" => 1024 * 1024,
+        "GB" => 1000 * 1000 * 1000,
+        "GiB" => 1024 * 1024 * 1024,
+        _ => return Err(bad()),
+    };
+    value.checked_mul(unit).ok_or_else(bad)
+}
+
+/// Upstream names appear in logs and (later) metric labels, so they are kept plain.
+fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("the name is empty".to_string());
+    }
+    if name.len() > 64 {
+        return Err("the name is longer than 64 characters".to_string());
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(format!(
+            "`{name}` may only contain letters, digits, '-', '_' and '.'"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks settings given as plain values (e.g. command-line flags).
+pub fn check_settings(settings: &Settings) -> Vec<String> {
+    let mut out = Vec::new();
+    for (name, value) in [
+        ("connect_timeout", settings.connect_timeout),
+        ("idle_timeout", settings.idle_timeout),
+        ("half_close_timeout", settings.half_close_timeout),
+    ] {
+        if value.is_zero() {
+            out.push(format!("{name} must be greater than zero"));
+        }
+    }
+    if settings.max_connections == 0 {
+        out.push("max_connections must be at least 1".to_string());
+    }
+    let (lo, hi) = BUFFER_SIZE_RANGE;
+    if !(lo..=hi).contains(&settings.buffer_size) {
+        out.push(format!(
+            "buffer_size must be between {lo} and {hi} bytes, not {}",
+            settings.buffer_size
+        ));
+    }
+    if settings.backlog == 0 || settings.backlog > 65535 {
+        out.push("backlog must be between 1 and 65535".to_string());
+    }
+    out
+}
+
+type Value<'i> = Spanned<DeValue<'i>>;
+
+/// Walks the parsed document, collecting problems instead of stopping at the first.
+struct Walker<'t> {
+    text: &'t str,
+    problems: Vec<Problem>,
+}
+
+impl Walker<'_> {
+    fn problem(&mut self, span: Range<usize>, message: String) {
+        let offset = span.start.min(self.text.len());
+        let before = &self.text[..offset];
+        let line = before.matches('\n').count() + 1;
+        let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+        self.problems.push(Problem {
+            line,
+            column,
+            message,
+        });
+    }
+
+    fn document(&mut self) -> Option<Config> {
+        let root = match DeTable::parse(self.text) {
+            Ok(root) => root,
+            Err(e) => {
+                let span = e.span().unwrap_or(0..0);
+                let message = format!("invalid TOML: {}", e.message().trim());
+                self.problem(span, message);
+                return None;
+            }
+        };
+        let root = root.get_ref();
+        self.unknown_keys(root, TOP_KEYS, "at the top level");
+
+        let settings = match find(root, "defaults") {
+            Some(v) => match v.get_ref() {
+                DeValue::Table(t) => self.settings(t),
+                _ => {
+                    self.problem(v.span(), "`defaults` must be a table".to_string());
+                    None
+                }
+            },
+            None => Some(Settings::default()),
+        };
+
+        let mut upstreams = Vec::new();
+        match find(root, "upstream") {
+            None => self.problems.push(Problem {
+                line: 0,
+                column: 0,
+                message: "no upstream is defined (add an [[upstream]] table)".to_string(),
+            }),
+            Some(v) => match v.get_ref() {
+                DeValue::Array(items) if items.is_empty() => {
+                    self.problem(v.span(), "no upstream is defined".to_string())
+                }
+                DeValue::Array(items) => {
+                    for item in items.iter() {
+                        match item.get_ref() {
+                            DeValue::Table(t) => upstreams.push(self.upstream(t, item.span())),
+                            _ => self.problem(
+                                item.span(),
+                                "each upstream must be a table ([[upstream]])".to_string(),
+                            ),
+                        }
+                    }
+                }
+                _ => self.problem(
+                    v.span(),
+                    "`upstream` must be an array of tables ([[upstream]])".to_string(),
+                ),
+            },
+        }
+        self.cross_check(&upstreams);
+
+        let settings = settings?;
+        let upstreams: Option<Vec<UpstreamConfig>> =
+            upstreams.into_iter().map(|u| u.config).collect();
+        Some(Config {
+            settings,
+            upstreams: upstreams?,
+        })
+    }
+
+    fn unknown_keys(&mut self, table: &DeTable<'_>, allowed: &[&str], place: &str) {
+        for (key, _) in table.iter() {
+            if !allowed.contains(&key.get_ref().as_ref()) {
+                let message = format!(
+                    "unknown key `{}` {place} (expected one of: {})",
+                    key.get_ref(),
+                    allowed.join(", ")
+                );
+                self.problem(key.span(), message);
+            }
+        }
+    }
+
+    fn settings(&mut self, table: &DeTable<'_>) -> Option<Settings> {
+        self.unknown_keys(table, DEFAULTS_KEYS, "in [defaults]");
+        let mut s = Settings::default();
+        let mut ok = true;
+        let durations = [
+            ("connect_timeout", &mut s.connect_timeout, false),
+            ("idle_timeout", &mut s.idle_timeout, false),
+            ("half_close_timeout", &mut s.half_close_timeout, false),
+            ("drain_timeout", &mut s.drain_timeout, true),
+        ];
+        for (key, slot, zero_ok) in durations {
+            if let Some(v) = find(table, key) {
+                match self.duration(v, key, zero_ok) {
+                    Some(d) => *slot = d,
+                    None => ok = false,
+                }
+            }
+        }
+        if let Some(v) = find(table, "max_connections") {
+            match self.integer(v, "max_connections", 1, u32::MAX as i64) {
+                Some(n) => s.max_connections = n as usize,
+                None => ok = false,
+            }
+        }
+        if let Some(v) = find(table, "backlog") {
+            match self.integer(v, "backlog", 1, 65535) {
+                Some(n) => s.backlog = n as u32,
+                None => ok = false,
+            }
+        }
+        if let Some(v) = find(table, "buffer_size") {
+            let (lo, hi) = BUFFER_SIZE_RANGE;
+            let size = match v.get_ref() {
+                DeValue::String(text) => parse_size(text),
+                DeValue::Integer(_) => self
+                    .integer(v, "buffer_size", 0, i64::MAX)
+                    .map(|n| n as usize)
+                    .ok_or_else(String::new),
+                _ => Err("`buffer_size` must be a size such as \"16KiB\"".to_string()),
+            };
+            match size {
+                Ok(n) if (lo..=hi).contains(&n) => s.buffer_size = n,
+                Ok(n) => {
+                    ok = false;
+                    self.problem(
+                        v.span(),
+                        format!("`buffer_size` must be between {lo} and {hi} bytes, not {n}"),
+                    );
+                }
+                Err(why) => {
+                    ok = false;
+                    if !why.is_empty() {
+                        self.problem(v.span(), why);
+                    }
+                }
+            }
+        }
+        ok.then_some(s)
+    }
+
+    fn duration(&mut self, v: &Value<'_>, key: &str, zero_ok: bool) -> Option<Duration> {
+        let DeValue::String(text) = v.get_ref() else {
+            self.problem(
+                v.span(),
+                format!("`{key}` must be a string with a unit, such as \"5s\""),
+            );
+            return None;
+        };
+        match parse_duration(text) {
+            Ok(d) if d.is_zero() && !zero_ok => {
+                self.problem(v.span(), format!("`{key}` must be greater than zero"));
+                None
+            }
+            Ok(d) => Some(d),
+            Err(why) => {
+                self.problem(v.span(), format!("`{key}`: {why}"));
+                None
+            }
+        }
+    }
+
+    fn integer(&mut self, v: &Value<'_>, key: &str, min: i64, max: i64) -> Option<i64> {
+        let parsed = match v.get_ref() {
+            DeValue::Integer(i) => i64::from_str_radix(i.as_str(), i.radix()).ok(),
+            _ => None,
+        };
+        match parsed {
+            Some(n) if (min..=max).contains(&n) => Some(n),
+            Some(n) => {
+                self.problem(
+                    v.span(),
+                    format!("`{key}` must be between {min} and {max}, not {n}"),
+                );
+                None
+            }
+            None => {
+                self.problem(v.span(), format!("`{key}` must be an integer"));
+                None
+            }
+        }
+    }
+
+    fn string<'v>(&mut self, v: &'v Value<'_>, key: &str) -> Option<&'v str> {
+        match v.get_ref() {
+            DeValue::String(s) => Some(s.as_ref()),
+            _ => {
+                self.problem(v.span(), format!("`{key}` must be a string"));
+                None
+            }
+        }
+    }
+
+    fn address(&mut self, v: &Value<'_>, key: &str) -> Option<Spanned<SocketAddr>> {
+        let text = self.string(v, key)?;
+        match resolve(text) {
+            Ok(addr) => Some(Spanned::new(v.span(), addr)),
+            Err(why) => {
+                self.problem(v.span(), format!("`{key}` address `{text}`: {why}"));
+                None
+            }
+        }
+    }
+
+    fn upstream(&mut self, table: &DeTable<'_>, span: Range<usize>) -> Upstream {
+        self.unknown_keys(table, UPSTREAM_KEYS, "in [[upstream]]");
+        let name = match find(table, "name") {
+            Some(v) => self
+                .string(v, "name")
+                .and_then(|name| match check_name(name) {
+                    Ok(()) => Some(Spanned::new(v.span(), name.to_string())),
+                    Err(why) => {
+                        self.problem(v.span(), format!("upstream name: {why}"));
+                        None
+                    }
+                }),
+            None => {
+                self.problem(span.clone(), "upstream has no `name`".to_string());
+                None
+            }
+        };
+        let label = name.as_ref().map_or_else(
+            || "upstream".to_string(),
+            |n| format!("upstream `{}`", n.get_ref()),
+        );
+        let listen = match find(table, "listen") {
+            Some(v) => self.address(v, "listen"),
+            None => {
+                self.problem(span.clone(), format!("{label} has no `listen` address"));
+                None
+            }
+        };
+        let hosts = match find(table, "hosts") {
+            Some(v) => self.hosts(v, &label),
+            None => {
+                self.problem(span, format!("{label} has no `hosts`"));
+                None
+            }
+        };
+        let config = match (&name, &listen, hosts) {
+            (Some(name), Some(listen), Some(hosts)) => Some(UpstreamConfig {
+                name: name.get_ref().clone(),
+                listen: *listen.get_ref(),
+                hosts,
+            }),
+            _ => None,
+        };
+        Upstream {
+            name,
+            listen,
+            config,
+        }
+    }
+
+    fn hosts(&mut self, v: &Value<'_>, label: &str) -> Option<Vec<SocketAddr>> {
+        let DeValue::Array(items) = v.get_ref() else {
+            self.problem(
+                v.span(),
+                format!("{label}: `hosts` must be an array of \"host:port\" strings"),
+            );
+            return None;
+        };
+        if items.is_empty() {
+            self.problem(v.span(), format!("{label} has no hosts"));
+            return None;
+        }
+        let mut hosts: Vec<SocketAddr> = Vec::with_capacity(items.len());
+        let mut ok = true;
+        for item in items.iter() {
+            match self.address(item, "hosts") {
+                Some(addr) if hosts.contains(addr.get_ref()) => {
+                    ok = false;
+                    self.problem(
+                        item.span(),
+                        format!("{label}: host {} is listed twice", addr.get_ref()),
+                    );
+                }
+                Some(addr) => hosts.push(*addr.get_ref()),
+                None => ok = false,
+            }
+        }
+        ok.then_some(hosts)
+    }
+
+    /// Duplicate names, and listen addresses that would collide on bind.
+    fn cross_check(&mut self, upstreams: &[Upstream]) {
+        for (i, u) in upstreams.iter().enumerate() {
+            let earlier = &upstreams[..i];
+            if let Some(name) = &u.name {
+                if earlier
+                    .iter()
+                    .any(|e| e.name.as_ref().map(|n| n.get_ref()) == Some(name.get_ref()))
+                {
+                    self.problem(
+                        name.span(),
+                        format!("duplicate upstream name `{}`", name.get_ref()),
+                    );
+                }
+            }
+            if let Some(listen) = &u.listen {
+                let clash = earlier
+                    .iter()
+                    .filter_map(|e| e.listen.as_ref())
+                    .find(|e| listens_collide(*e.get_ref(), *listen.get_ref()));
+                if let Some(other) = clash {
+                    let message = format!(
+                        "listen address {} uses the same port as {} of another upstream",
+                        listen.get_ref(),
+                        other.get_ref()
+                    );
+                    self.problem(listen.span(), message);
+                }
+            }
+        }
+    }
+}
+
+/// What an `[[upstream]]` table yielded, kept with spans for cross-checks.
+struct Upstream {
+    name: Option<Spanned<String>>,
+    listen: Option<Spanned<SocketAddr>>,
+    config: Option<UpstreamConfig>,
+}
+
+fn find<'a, 'i>(table: &'a DeTable<'i>, key: &str) -> Option<&'a Value<'i>> {
+    table
+        .iter()
+        .find(|(k, _)| k.get_ref().as_ref() == key)
+        .map(|(_, v)| v)
+}
+
+/// Two listen addresses collide when they share a port and either the same IP
+/// or a wildcard of the same family. Port 0 (kernel-chosen) never collides.
+fn listens_collide(a: SocketAddr, b: SocketAddr) -> bool {
+    if a.port() == 0 || a.port() != b.port() {
+        return false;
+    }
+    a.ip() == b.ip()
+        || (a.is_ipv4() == b.is_ipv4() && (a.ip().is_unspecified() || b.ip().is_unspecified()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(text: &str) -> Vec<String> {
+        Config::parse(text, "lb.toml")
+            .unwrap_err()
+            .to_string()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn parses_the_documented_example() {
+        let config = Config::parse(
+            r#"
+[defaults]
+connect_timeout = "5s"
+idle_timeout = "1h"
+max_connections = 10000
+buffer_size = "16KiB"
+
+[[upstream]]
+name = "app-a"
+listen = "127.0.0.1:7777"
+hosts = ["127.0.0.1:9001", "127.0.0.1:9002", "[::1]:9003"]
+"#,
+            "lb.toml",
+        )
+        .unwrap();
+        assert_eq!(config.settings.idle_timeout, Duration::from_secs(3600));
+        assert_eq!(config.settings.buffer_size, 16384);
+        assert_eq!(config.upstreams.len(), 1);
+        assert_eq!(config.upstreams[0].hosts[2], "[::1]:9003".parse().unwrap());
+    }
+
+    #[test]
+    fn reports_every_problem_with_its_line() {
+        let found = problems(
+            r#"[defaults]
+idle_timeout = "soon"
+bogus = 1
+
+[[upstream]]
+name = "a"
+listen = "127.0.0.1:7000"
+hosts = []
+
+[[upstream]]
+name = "a"
+listen = "127.0.0.1:7000"
+hosts = ["127.0.0.1:1", "nope"]
+"#,
+        );
+        assert_eq!(found.len(), 6, "{found:#?}");
+        assert!(
+            found[0].starts_with("lb.toml:2:16: `idle_timeout`"),
+            "{found:#?}"
+        );
+        assert!(
+            found[1].starts_with("lb.toml:3:1: unknown key `bogus`"),
+            "{found:#?}"
+        );
+        assert!(
+            found[2].starts_with("lb.toml:8:9: upstream `a` has no hosts"),
+            "{found:#?}"
+        );
+        assert!(
+            found[3].contains("11:8: duplicate upstream name `a`"),
+            "{found:#?}"
+        );
+        assert!(
+            found[4].contains("12:10: listen address 127.0.0.1:7000 uses the same port"),
+            "{found:#?}"
+        );
+        assert!(
+            found[5].contains("13:25: `hosts` address `nope`"),
+            "{found:#?}"
+        );
+    }
+
+    #[test]
+    fn rejects_missing_upstreams_and_bad_types() {
+        assert_eq!(
+            problems("")[0],
+            "lb.toml: no upstream is defined (add an [[upstream]] table)"
+        );
+        let found = problems("[[upstream]]\nname = 5\nhosts = \"127.0.0.1:1\"\n");
+        assert!(
+            found.iter().any(|p| p.contains("`name` must be a string")),
+            "{found:#?}"
+        );
+        assert!(
+            found.iter().any(|p| p.contains("has no `listen`")),
+            "{found:#?}"
+        );
+        assert!(
+            found.iter().any(|p| p.contains("`hosts` must be an array")),
+            "{found:#?}"
+        );
+        let found = problems(
+            "[defaults]\nmax_connections = 0\n[[upstream]]\nname=\"x\"\nlisten=\"127.0.0.1:0\"\nhosts=[\"127.0.0.1:1\"]",
+        );
+        assert_eq!(
+            found,
+            ["lb.toml:2:19: `max_connections` must be between 1 and 4294967295, not 0"]
+        );
+    }
+
+    #[test]
+    fn invalid_toml_names_the_place() {
+        let found = problems("[[upstream]\n");
+        assert_eq!(found.len(), 1);
+        assert!(found[0].starts_with("lb.toml:1:"), "{found:?}");
+        assert!(found[0].contains("invalid TOML"), "{found:?}");
+    }
+
+    #[test]
+    fn wildcard_listen_collides_with_specific_address_on_same_port() {
+        let a: SocketAddr = "0.0.0.0:80".parse().unwrap();
+        let b: SocketAddr = "127.0.0.1:80".parse().unwrap();
+        let c: SocketAddr = "[::1]:80".parse().unwrap();
+        let zero: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        assert!(listens_collide(a, b));
+        assert!(!listens_collide(a, c));
+        assert!(!listens_collide(zero, zero));
+    }
+
+    #[test]
+    fn durations_and_sizes() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(172_800)));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("5 s").is_err());
+        assert!(parse_duration("99999999999999999999d").is_err());
+        assert_eq!(parse_size("16KiB"), Ok(16384));
+        assert_eq!(parse_size("1MiB"), Ok(1 << 20));
+        assert_eq!(parse_size("64KB"), Ok(64_000));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("KiB").is_err());
+        assert!(parse_size("1TiB").is_err());
+    }
+
+    #[test]
+    fn addresses_accept_ipv6_and_reject_garbage() {
+        assert_eq!(resolve("[::1]:9001"), Ok("[::1]:9001".parse().unwrap()));
+        assert_eq!(resolve("localhost:9001").map(|a| a.port()), Ok(9001));
+        assert!(resolve("127.0.0.1").unwrap_err().contains("host:port"));
+        assert!(resolve("127.0.0.1:99999").unwrap_err().contains("port"));
+        assert!(resolve(":80").unwrap_err().contains("empty"));
+    }
+
+    #[test]
+    fn quick_mode_checks_flags() {
+        let err = Config::quick("x y", "nowhere", &[], Settings::default()).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("--name"), "{text}");
+        assert!(text.contains("--listen nowhere"), "{text}");
+        assert!(text.contains("at least one --host"), "{text}");
+        let ok = Config::quick(
+            "app",
+            "127.0.0.1:0",
+            &["127.0.0.1:1".to_string()],
+            Settings::default(),
+        )
+        .unwrap();
+        assert_eq!(ok.upstreams[0].hosts.len(), 1);
+    }
+}

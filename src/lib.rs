@@ -1,0 +1,29 @@
+//! tcplb: a TCP (layer 4) load balancer built on one thread and one
+//! `mio::Poll` loop.
+//!
+//! A client connects to an upstream's listen address; tcplb picks the host
+//! with the fewest active connections ([`LoadBalancer`]), connects to it
+//! (moving on to the next-best host when a connect fails), and relays bytes
+//! both ways until both directions have finished. Where to look:
+//!
+//! - [`proxy`]: the event loop, the only owner of all state;
+//! - `pair`: the life of one connection pair (connect, relay, half-close, refusal);
+//! - [`balance`]: the least-connections policy, free of I/O;
+//! - [`config`]: the TOML schema and its validation;
+//! - [`buffer`]: relay buffers, pooled so that idle pairs hold none.
+
+pub mod balance;
+pub mod buffer;
+pub mod config;
+pub mod demo;
+pub mod error;
+mod net;
+mod pair;
+pub mod proxy;
+mod timers;
+mod token;
+
+pub use balance::LoadBalancer;
+pub use config::{Config, Settings, UpstreamConfig};
+pub use error::Error;
+pub use proxy::{Handle, HostStats, Proxy, Stats, UpstreamStats};

@@ -1,0 +1,214 @@
+//! The `tcplb` command: parses flags, builds a [`Config`], and runs the
+//! library's [`Proxy`] on the main thread.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use tcplb::config::{self, check_settings, parse_duration, parse_size};
+use tcplb::{Config, Error, Proxy, Settings, demo};
+
+/// A single-threaded, least-connections TCP load balancer.
+///
+/// Quick mode:  tcplb --listen 127.0.0.1:7000 --host 127.0.0.1:9001 --host 127.0.0.1:9002
+/// Config mode: tcplb --config lb.toml
+/// Try it:      tcplb demo
+#[derive(Debug, Parser)]
+#[command(
+    name = "tcplb",
+    version,
+    verbatim_doc_comment,
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Validate a config file: print every problem with its line, exit non-zero if any.
+    Check {
+        /// The TOML config file to check.
+        file: PathBuf,
+    },
+    /// Start three built-in echo hosts and tcplb in front of them on 127.0.0.1.
+    Demo {
+        /// Address tcplb listens on for the demo.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7777")]
+        listen: String,
+        #[command(flatten)]
+        settings: SettingsArgs,
+    },
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Config file (TOML) describing one or more upstreams.
+    #[arg(short, long, value_name = "FILE", conflicts_with_all = ["listen", "hosts"])]
+    config: Option<PathBuf>,
+    /// Quick mode: the address clients connect to (e.g. 127.0.0.1:7000).
+    #[arg(short, long, value_name = "ADDR", requires = "hosts")]
+    listen: Option<String>,
+    /// Quick mode: a host behind tcplb (IPv4, [IPv6] or name, with port); repeat for more.
+    #[arg(long = "host", value_name = "ADDR", requires = "listen")]
+    hosts: Vec<String>,
+    /// Quick mode: the upstream's name in logs.
+    #[arg(long, value_name = "NAME", default_value = "default")]
+    name: String,
+    #[command(flatten)]
+    settings: SettingsArgs,
+}
+
+/// Flags that override `[defaults]` (in every mode).
+#[derive(Debug, Args)]
+struct SettingsArgs {
+    /// Time allowed for a connect to one host before trying the next [default: 5s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    connect_timeout: Option<Duration>,
+    /// Close a connection after this long with no bytes either way [default: 1h].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    idle_timeout: Option<Duration>,
+    /// Close a half-closed connection after this long without traffic [default: 60s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    half_close_timeout: Option<Duration>,
+    /// On SIGINT/SIGTERM, let live connections finish for this long [default: 10s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    drain_timeout: Option<Duration>,
+    /// Connections relayed at once; the excess gets `ERROR overloaded` [default: 10000].
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
+    /// Bytes buffered per direction while data is in flight (e.g. 16KiB) [default: 16KiB].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    buffer_size: Option<usize>,
+}
+
+impl SettingsArgs {
+    fn apply(&self, mut s: Settings) -> Settings {
+        s.connect_timeout = self.connect_timeout.unwrap_or(s.connect_timeout);
+        s.idle_timeout = self.idle_timeout.unwrap_or(s.idle_timeout);
+        s.half_close_timeout = self.half_close_timeout.unwrap_or(s.half_close_timeout);
+        s.drain_timeout = self.drain_timeout.unwrap_or(s.drain_timeout);
+        s.max_connections = self.max_connections.unwrap_or(s.max_connections);
+        s.buffer_size = self.buffer_size.unwrap_or(s.buffer_size);
+        s
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .init();
+    let result = match cli.command {
+        Some(Command::Check { file }) => return check(&file),
+        Some(Command::Demo { listen, settings }) => run_demo(&listen, &settings),
+        None => serve(&cli.serve),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tcplb: {e}");
+            ExitCode::from(match e {
+                Error::Config(_) | Error::ReadConfig { .. } => 2,
+                _ => 1,
+            })
+        }
+    }
+}
+
+fn check(file: &std::path::Path) -> ExitCode {
+    match Config::load(file) {
+        Ok(config) => {
+            let hosts: usize = config.upstreams.iter().map(|u| u.hosts.len()).sum();
+            println!(
+                "{}: ok ({} upstreams, {} hosts)",
+                file.display(),
+                config.upstreams.len(),
+                hosts
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Command-line setting overrides are checked like the file's values.
+fn with_overrides(mut config: Config, args: &SettingsArgs) -> Result<Config, Error> {
+    config.settings = args.apply(config.settings);
+    let problems = check_settings(&config.settings);
+    if problems.is_empty() {
+        return Ok(config);
+    }
+    Err(Error::Config(config::ConfigError {
+        origin: "command line".to_string(),
+        problems: problems
+            .into_iter()
+            .map(|message| config::Problem {
+                line: 0,
+                column: 0,
+                message,
+            })
+            .collect(),
+    }))
+}
+
+fn serve(args: &ServeArgs) -> Result<(), Error> {
+    let config = match (&args.config, &args.listen) {
+        (Some(path), _) => Config::load(path)?,
+        (None, Some(listen)) => Config::quick(&args.name, listen, &args.hosts, Settings::default())
+            .map_err(Error::Config)?,
+        (None, None) => {
+            eprintln!(
+                "tcplb: nothing to serve: give --config FILE, or --listen ADDR with --host ADDR \
+                 (see --help); to try it out, run `tcplb demo`"
+            );
+            std::process::exit(2);
+        }
+    };
+    let config = with_overrides(config, &args.settings)?;
+    let mut proxy = Proxy::bind(&config)?;
+    proxy.handle_signals()?;
+    proxy.run()
+}
+
+fn run_demo(listen: &str, args: &SettingsArgs) -> Result<(), Error> {
+    let mut hosts = Vec::new();
+    for n in 1..=3 {
+        let name = format!("host-{n}");
+        let addr = demo::spawn_host(&name).map_err(|source| Error::Setup {
+            what: "the demo hosts",
+            source,
+        })?;
+        hosts.push(addr.to_string());
+    }
+    let defaults = Settings {
+        max_connections: demo::DEMO_MAX_CONNECTIONS,
+        ..Settings::default()
+    };
+    let config = Config::quick("demo", listen, &hosts, defaults).map_err(Error::Config)?;
+    let config = with_overrides(config, args)?;
+    let mut proxy = Proxy::bind(&config)?;
+    proxy.handle_signals()?;
+    let addr = proxy.listen_addr("demo").expect("the demo upstream exists");
+    println!(
+        "tcplb demo: three echo hosts ({}) behind tcplb on {addr}",
+        hosts.join(", ")
+    );
+    println!(
+        "Each connection goes to the host with the fewest connections; the host greets you and echoes your lines."
+    );
+    println!(
+        "Try it from another terminal:  nc {} {}",
+        addr.ip(),
+        addr.port()
+    );
+    println!("Press Ctrl-C to stop.");
+    proxy.run()
+}

@@ -1,0 +1,67 @@
+//! Socket operations with their `io::Error`s mapped in one place.
+//!
+//! Every read and write of the data path goes through [`read`] and
+//! [`write`], which retry `Interrupted` and turn the outcome into an [`Io`]
+//! the state machine can match on. Nothing here returns an error with `?`
+//! into the loop: a failure belongs to one connection.
+
+use std::io::{self, Read, Write};
+use std::time::Duration;
+
+use mio::net::TcpStream;
+use socket2::SockRef;
+
+/// The outcome of one read or write.
+#[derive(Debug)]
+pub enum Io {
+    /// Bytes moved (never 0).
+    Done(usize),
+    /// The socket has nothing more for now.
+    WouldBlock,
+    /// The peer finished sending (reads only).
+    Eof,
+    /// The connection is broken: reset, refused, timed out, or another error.
+    Failed(io::Error),
+}
+
+pub fn read(stream: &mut TcpStream, buf: &mut [u8]) -> Io {
+    debug_assert!(!buf.is_empty());
+    loop {
+        return match stream.read(buf) {
+            Ok(0) => Io::Eof,
+            Ok(n) => Io::Done(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Io::WouldBlock,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => Io::Failed(e),
+        };
+    }
+}
+
+pub fn write(stream: &mut TcpStream, data: &[u8]) -> Io {
+    debug_assert!(!data.is_empty());
+    loop {
+        return match stream.write(data) {
+            Ok(0) => Io::Failed(io::ErrorKind::WriteZero.into()),
+            Ok(n) => Io::Done(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Io::WouldBlock,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => Io::Failed(e),
+        };
+    }
+}
+
+/// Makes the coming close send RST instead of FIN, so a reset (or an
+/// abort) is passed on as such and the peer cannot mistake it for a clean end.
+pub fn set_abortive_close(stream: &TcpStream) {
+    // Failure only means the peer sees FIN; nothing else to do about it.
+    let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
+}
+
+/// Whether an error means the process or system ran out of descriptors or
+/// socket memory: a reason to back off, not a fault of any one connection.
+pub fn is_resource_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}

@@ -1,0 +1,730 @@
+//! The event loop: one `mio::Poll` that owns every listener, pair, host
+//! counter, deadline and buffer of the process.
+//!
+//! Each turn: wait for readiness (or the next deadline), hand each event to
+//! the pair or listener its token names, accept what the listeners have
+//! queued (a bounded batch per listener per turn, so relaying is not
+//! starved), then act on deadlines that have passed. Everything is plain
+//! data reached through `&mut self`; nothing is shared with other threads
+//! except the [`Handle`]'s command channel and waker.
+//!
+//! Invariants kept here:
+//! - a host's connection count is acquired right before its connect starts
+//!   and released exactly once, in [`Proxy::connect_failed`] or
+//!   [`Proxy::close`];
+//! - `refusing` counts pairs in [`Phase::Refusing`]; every other pair counts
+//!   against `max_connections`;
+//! - a socket is registered once, for READABLE | WRITABLE, when it is
+//!   created; closing it (dropping the pair) removes it from the poll set.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::time::{Duration, Instant};
+
+use log::{debug, info, warn};
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Waker};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook_mio::v1_0::Signals;
+use slab::Slab;
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::balance::{HostId, LoadBalancer};
+use crate::buffer::BufferPool;
+use crate::config::{Config, Settings};
+use crate::error::Error;
+use crate::net;
+use crate::pair::{Connect, End, Endpoint, Pair, Phase, Refusal, Step};
+use crate::timers::Timers;
+use crate::token::{Side, Source};
+
+/// Connections accepted from one listener per loop turn before the loop
+/// goes back to relaying; the rest are taken next turn.
+const ACCEPT_BATCH: usize = 128;
+/// How long accepting pauses when the process runs out of descriptors.
+const EXHAUSTION_BACKOFF: Duration = Duration::from_millis(100);
+/// At most one log line per this period about descriptor exhaustion.
+const EXHAUSTION_LOG_PERIOD: Duration = Duration::from_secs(1);
+/// Refused clients that may linger (reading their error line) at once;
+/// beyond this, refusals are written best-effort and closed at once.
+const REFUSING_CAP: usize = 1024;
+/// Free buffers kept for reuse, in bytes.
+const POOL_KEEP_BYTES: usize = 4 * 1024 * 1024;
+
+/// An upstream as the loop serves it.
+#[derive(Debug)]
+struct Upstream {
+    name: String,
+    listen: SocketAddr,
+    balancer: LoadBalancer,
+}
+
+#[derive(Debug)]
+struct Listener {
+    socket: TcpListener,
+    upstream: usize,
+    /// The listener may have connections queued: set by a readable edge,
+    /// cleared only when `accept` says WouldBlock.
+    pending: bool,
+}
+
+/// A request to the loop from another thread.
+#[derive(Debug)]
+enum Command {
+    Shutdown,
+    Stats(Sender<Stats>),
+}
+
+/// A snapshot of the loop's counters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stats {
+    /// Pairs that exist, in any phase.
+    pub pairs: usize,
+    /// Pairs refusing a client (not counted against `max_connections`).
+    pub refusing: usize,
+    /// Relay buffers currently held by pairs.
+    pub buffers_in_use: usize,
+    pub upstreams: Vec<UpstreamStats>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamStats {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub hosts: Vec<HostStats>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostStats {
+    pub addr: SocketAddr,
+    /// Connections counted against the host (connecting or relaying).
+    pub active: u32,
+}
+
+/// Talks to a running [`Proxy`] from another thread (tests, embedding).
+#[derive(Debug, Clone)]
+pub struct Handle {
+    commands: Sender<Command>,
+    waker: Arc<Waker>,
+}
+
+impl Handle {
+    /// Starts a graceful shutdown, as SIGTERM does; a second call stops at once.
+    pub fn shutdown(&self) {
+        if self.commands.send(Command::Shutdown).is_ok() {
+            let _ = self.waker.wake();
+        }
+    }
+
+    /// The loop's counters, or `None` once it has stopped.
+    pub fn stats(&self) -> Option<Stats> {
+        let (tx, rx) = mpsc::channel();
+        self.commands.send(Command::Stats(tx)).ok()?;
+        self.waker.wake().ok()?;
+        rx.recv().ok()
+    }
+}
+
+/// The load balancer: listeners bound, ready to [`run`](Proxy::run).
+pub struct Proxy {
+    poll: Poll,
+    settings: Settings,
+    upstreams: Vec<Upstream>,
+    listeners: Vec<Listener>,
+    pairs: Slab<Pair>,
+    timers: Timers,
+    pool: BufferPool,
+    next_id: u64,
+    refusing: usize,
+    accept_paused_until: Option<Instant>,
+    last_exhaustion_log: Option<Instant>,
+    exhaustion_unlogged: u64,
+    drain_deadline: Option<Instant>,
+    stop_now: bool,
+    signals: Option<Signals>,
+    commands: Receiver<Command>,
+    handle: Handle,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("upstreams", &self.upstreams)
+            .field("pairs", &self.pairs.len())
+            .field("refusing", &self.refusing)
+            .field("draining", &self.drain_deadline.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Proxy {
+    /// Binds every upstream's listen address. Nothing is accepted until [`run`](Proxy::run).
+    pub fn bind(config: &Config) -> Result<Proxy, Error> {
+        let setup = |what| move |source| Error::Setup { what, source };
+        let poll = Poll::new().map_err(setup("the poller"))?;
+        let waker =
+            Waker::new(poll.registry(), Source::Control.token()).map_err(setup("the waker"))?;
+        let (tx, commands) = mpsc::channel();
+        let settings = config.settings.clone();
+        let mut upstreams = Vec::with_capacity(config.upstreams.len());
+        let mut listeners = Vec::with_capacity(config.upstreams.len());
+        for (index, u) in config.upstreams.iter().enumerate() {
+            let bind_error = |source| Error::Bind {
+                upstream: u.name.clone(),
+                addr: u.listen,
+                source,
+            };
+            let mut socket = listen(u.listen, settings.backlog).map_err(bind_error)?;
+            let local = socket.local_addr().map_err(bind_error)?;
+            poll.registry()
+                .register(
+                    &mut socket,
+                    Source::Listener(index).token(),
+                    Interest::READABLE,
+                )
+                .map_err(bind_error)?;
+            listeners.push(Listener {
+                socket,
+                upstream: index,
+                pending: false,
+            });
+            upstreams.push(Upstream {
+                name: u.name.clone(),
+                listen: local,
+                balancer: LoadBalancer::new(u.hosts.clone()),
+            });
+        }
+        let keep = (POOL_KEEP_BYTES / settings.buffer_size).clamp(16, 1024);
+        Ok(Proxy {
+            poll,
+            pool: BufferPool::new(settings.buffer_size, keep),
+            settings,
+            upstreams,
+            listeners,
+            pairs: Slab::new(),
+            timers: Timers::default(),
+            next_id: 1,
+            refusing: 0,
+            accept_paused_until: None,
+            last_exhaustion_log: None,
+            exhaustion_unlogged: 0,
+            drain_deadline: None,
+            stop_now: false,
+            signals: None,
+            commands,
+            handle: Handle {
+                commands: tx,
+                waker: Arc::new(waker),
+            },
+        })
+    }
+
+    /// The address an upstream actually listens on (useful with port 0).
+    pub fn listen_addr(&self, upstream: &str) -> Option<SocketAddr> {
+        self.upstreams
+            .iter()
+            .find(|u| u.name == upstream)
+            .map(|u| u.listen)
+    }
+
+    pub fn handle(&self) -> Handle {
+        self.handle.clone()
+    }
+
+    /// Makes SIGINT and SIGTERM start a graceful shutdown (a second one stops at once).
+    pub fn handle_signals(&mut self) -> Result<(), Error> {
+        let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(|source| Error::Setup {
+            what: "signal handling",
+            source,
+        })?;
+        self.poll
+            .registry()
+            .register(&mut signals, Source::Signals.token(), Interest::READABLE)
+            .map_err(|source| Error::Setup {
+                what: "signal handling",
+                source,
+            })?;
+        self.signals = Some(signals);
+        Ok(())
+    }
+
+    /// Serves until a shutdown (signal or [`Handle::shutdown`]) has drained.
+    pub fn run(mut self) -> Result<(), Error> {
+        for u in &self.upstreams {
+            let hosts: Vec<String> = (0..u.balancer.len())
+                .map(|h| u.balancer.addr(h).to_string())
+                .collect();
+            info!(
+                "upstream `{}` listening on {} -> {}",
+                u.name,
+                u.listen,
+                hosts.join(", ")
+            );
+        }
+        info!(
+            "tcplb {} ready: max_connections={} buffer_size={} connect_timeout={:?} idle_timeout={:?}",
+            env!("CARGO_PKG_VERSION"),
+            self.settings.max_connections,
+            self.settings.buffer_size,
+            self.settings.connect_timeout,
+            self.settings.idle_timeout,
+        );
+        let mut events = Events::with_capacity(1024);
+        let mut now = Instant::now();
+        loop {
+            let timeout = self.poll_timeout(now);
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(Error::Setup {
+                    what: "polling",
+                    source: e,
+                });
+            }
+            now = Instant::now();
+            for event in events.iter() {
+                match Source::of(event.token()) {
+                    Some(Source::Pair(key, side)) => self.on_pair_event(key, side, event, now),
+                    Some(Source::Listener(index)) => {
+                        if let Some(listener) = self.listeners.get_mut(index) {
+                            listener.pending = true;
+                        }
+                    }
+                    Some(Source::Signals) => self.on_signals(now),
+                    Some(Source::Control) => self.on_commands(now),
+                    None => {}
+                }
+            }
+            self.accept(now);
+            self.expire(now);
+            if self.stop_now
+                || self
+                    .drain_deadline
+                    .is_some_and(|d| self.pairs.is_empty() || now >= d)
+            {
+                break;
+            }
+        }
+        let left = self.pairs.len();
+        if left > 0 {
+            warn!("drain period over: closing {left} remaining connections");
+        }
+        let keys: Vec<usize> = self.pairs.iter().map(|(key, _)| key).collect();
+        for key in keys {
+            self.close(key, End::Shutdown, now);
+        }
+        info!("tcplb stopped");
+        Ok(())
+    }
+
+    fn poll_timeout(&self, now: Instant) -> Option<Duration> {
+        let mut next = self.timers.next();
+        let mut earliest = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
+        match self.accept_paused_until {
+            Some(resume) => earliest(resume),
+            None if self.listeners.iter().any(|l| l.pending) => return Some(Duration::ZERO),
+            None => {}
+        }
+        if let Some(deadline) = self.drain_deadline {
+            earliest(deadline);
+        }
+        next.map(|t| t.saturating_duration_since(now))
+    }
+
+    fn on_pair_event(&mut self, key: usize, side: Side, event: &mio::event::Event, now: Instant) {
+        let Some(endpoint) = self.pairs.get_mut(key).and_then(|p| p.endpoint(side)) else {
+            return;
+        };
+        endpoint.on_event(event);
+        self.drive(key, now);
+    }
+
+    /// Advances a pair after its sockets' readiness changed.
+    fn drive(&mut self, key: usize, now: Instant) {
+        let pair = &mut self.pairs[key];
+        let connecting = matches!(pair.phase, Phase::Connecting { .. });
+        if connecting && pair.client_failed() {
+            return self.close(key, End::Reset(Side::Client), now);
+        }
+        let step = match pair.phase {
+            Phase::Connecting { host, .. } => match pair.check_connect() {
+                Connect::Pending => Step::Continue,
+                Connect::Failed(e) => return self.connect_failed(key, e, now),
+                Connect::Established => {
+                    let u = &self.upstreams[pair.upstream];
+                    debug!(
+                        "pair #{}: connected to {} ({})",
+                        pair.id,
+                        u.balancer.addr(host),
+                        u.name
+                    );
+                    pair.phase = Phase::Relaying { host };
+                    pair.relay(&mut self.pool, now)
+                }
+            },
+            Phase::Relaying { .. } => pair.relay(&mut self.pool, now),
+            Phase::Refusing { .. } => pair.refuse(),
+        };
+        match step {
+            Step::Continue => self.schedule(key),
+            Step::Finish(end) => self.close(key, end, now),
+        }
+    }
+
+    /// Makes sure the timer heap holds an entry no later than the pair's deadline.
+    fn schedule(&mut self, key: usize) {
+        let pair = &mut self.pairs[key];
+        let deadline = pair.deadline(&self.settings);
+        if pair.scheduled.is_none_or(|s| deadline < s) {
+            pair.scheduled = Some(deadline);
+            self.timers.push(deadline, key, pair.id);
+        }
+    }
+
+    fn expire(&mut self, now: Instant) {
+        while let Some((when, key, id)) = self.timers.pop_due(now) {
+            let Some(pair) = self.pairs.get_mut(key) else {
+                continue;
+            };
+            if pair.id != id || pair.scheduled != Some(when) {
+                continue;
+            }
+            pair.scheduled = None;
+            if pair.deadline(&self.settings) > now {
+                self.schedule(key);
+                continue;
+            }
+            match pair.phase {
+                Phase::Connecting { .. } => {
+                    let e = io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
+                    self.connect_failed(key, e, now);
+                }
+                Phase::Relaying { .. } => {
+                    let end = pair.expiry();
+                    self.close(key, end, now);
+                }
+                Phase::Refusing { refusal, .. } => self.close(key, End::Refused(refusal), now),
+            }
+        }
+    }
+
+    fn accept(&mut self, now: Instant) {
+        if let Some(resume) = self.accept_paused_until {
+            if now < resume {
+                return;
+            }
+            self.accept_paused_until = None;
+        }
+        for index in 0..self.listeners.len() {
+            for _ in 0..ACCEPT_BATCH {
+                let listener = &mut self.listeners[index];
+                if !listener.pending {
+                    break;
+                }
+                match listener.socket.accept() {
+                    Ok((stream, addr)) => {
+                        let upstream = listener.upstream;
+                        self.admit(upstream, stream, addr, now);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => listener.pending = false,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if net::is_resource_exhaustion(&e) => {
+                        self.pause_accepting(&e, now);
+                        return;
+                    }
+                    // A connection that died in the queue (ECONNABORTED and the like).
+                    Err(e) => debug!("accept failed: {e}"),
+                }
+            }
+        }
+    }
+
+    /// Stops accepting for a moment instead of spinning on EMFILE/ENFILE;
+    /// pairs keep being served and freed descriptors let accepting resume.
+    fn pause_accepting(&mut self, e: &io::Error, now: Instant) {
+        self.accept_paused_until = Some(now + EXHAUSTION_BACKOFF);
+        if self
+            .last_exhaustion_log
+            .is_none_or(|t| now.duration_since(t) >= EXHAUSTION_LOG_PERIOD)
+        {
+            warn!(
+                "out of descriptors or socket memory ({e}); pausing accepts for {:?} \
+                 ({} more times since the last report), {} connections open",
+                EXHAUSTION_BACKOFF,
+                self.exhaustion_unlogged,
+                self.pairs.len()
+            );
+            self.last_exhaustion_log = Some(now);
+            self.exhaustion_unlogged = 0;
+        } else {
+            self.exhaustion_unlogged += 1;
+        }
+    }
+
+    /// Takes in a new client: connects it to a host, or refuses it.
+    fn admit(&mut self, upstream: usize, mut stream: TcpStream, addr: SocketAddr, now: Instant) {
+        let _ = stream.set_nodelay(true);
+        let key = self.pairs.vacant_entry().key();
+        if let Err(e) = self.poll.registry().register(
+            &mut stream,
+            Source::Pair(key, Side::Client).token(),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            warn!("cannot register client {addr}: {e}");
+            return;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let active = self.pairs.len() - self.refusing;
+        let phase = if active >= self.settings.max_connections {
+            let u = &self.upstreams[upstream].name;
+            warn!(
+                "`{u}`: max_connections ({}) reached",
+                self.settings.max_connections
+            );
+            Err(Refusal::Overloaded)
+        } else {
+            self.start_connect(upstream, key, Vec::new(), now)
+        };
+        match phase {
+            Ok((host, phase)) => {
+                let mut pair = Pair::new(id, upstream, stream, addr, phase, now);
+                pair.host = Some(host);
+                self.pairs.insert(pair);
+                self.schedule(key);
+            }
+            Err(refusal) => {
+                self.pairs.insert(Pair::new(
+                    id,
+                    upstream,
+                    stream,
+                    addr,
+                    Phase::refusing(refusal, now),
+                    now,
+                ));
+                self.refused(key, now);
+            }
+        }
+    }
+
+    /// Connects to the best host not in `tried`, moving down the candidates
+    /// while connects fail at once. Returns the socket and the phase, or the
+    /// refusal to give the client when no host is left.
+    fn start_connect(
+        &mut self,
+        upstream: usize,
+        key: usize,
+        mut tried: Vec<HostId>,
+        now: Instant,
+    ) -> Result<(Endpoint, Phase), Refusal> {
+        let u = &mut self.upstreams[upstream];
+        while let Some(host) = u.balancer.pick(&tried) {
+            let addr = u.balancer.addr(host);
+            u.balancer.acquire(host);
+            let attempt = TcpStream::connect(addr).and_then(|mut stream| {
+                let _ = stream.set_nodelay(true);
+                self.poll.registry().register(
+                    &mut stream,
+                    Source::Pair(key, Side::Upstream).token(),
+                    Interest::READABLE | Interest::WRITABLE,
+                )?;
+                Ok(stream)
+            });
+            match attempt {
+                Ok(stream) => {
+                    let deadline = now + self.settings.connect_timeout;
+                    return Ok((
+                        Endpoint::new(stream),
+                        Phase::Connecting {
+                            host,
+                            tried,
+                            deadline,
+                        },
+                    ));
+                }
+                Err(e) => {
+                    u.balancer.release(host);
+                    if net::is_resource_exhaustion(&e) {
+                        warn!("`{}`: cannot open a socket to {addr}: {e}", u.name);
+                        return Err(Refusal::Overloaded);
+                    }
+                    warn!("`{}`: connect to {addr} failed: {e}", u.name);
+                    tried.push(host);
+                }
+            }
+        }
+        Err(Refusal::UpstreamUnavailable)
+    }
+
+    /// A connect in flight failed or timed out: release the host and move
+    /// on to the next candidate, or refuse the client when none is left.
+    fn connect_failed(&mut self, key: usize, e: io::Error, now: Instant) {
+        let pair = &mut self.pairs[key];
+        let Phase::Connecting { host, tried, .. } = &mut pair.phase else {
+            return;
+        };
+        let (host, mut tried) = (*host, std::mem::take(tried));
+        let u = &mut self.upstreams[pair.upstream];
+        u.balancer.release(host);
+        warn!(
+            "`{}`: connect to {} failed: {e}",
+            u.name,
+            u.balancer.addr(host)
+        );
+        tried.push(host);
+        pair.host = None;
+        let upstream = pair.upstream;
+        let next = self.start_connect(upstream, key, tried, now);
+        let pair = &mut self.pairs[key];
+        match next {
+            Ok((endpoint, phase)) => {
+                pair.host = Some(endpoint);
+                pair.phase = phase;
+                self.schedule(key);
+            }
+            Err(refusal) => {
+                pair.phase = Phase::refusing(refusal, now);
+                self.refused(key, now);
+            }
+        }
+    }
+
+    /// A pair has just entered the refusing phase: log it and send the line.
+    fn refused(&mut self, key: usize, now: Instant) {
+        let pair = &mut self.pairs[key];
+        let Phase::Refusing { refusal, .. } = pair.phase else {
+            return;
+        };
+        let u = &self.upstreams[pair.upstream].name;
+        info!("{} `{u}` refused: {}", pair.client_addr, refusal.code());
+        // A fresh socket can take a short line: try now rather than a turn later.
+        pair.client.assume_writable();
+        self.refusing += 1;
+        if self.refusing > REFUSING_CAP {
+            // Too many lingering refusals already: say it once and close.
+            let _ = pair.refuse();
+            return self.close(key, End::Refused(refusal), now);
+        }
+        self.drive(key, now);
+    }
+
+    /// Ends a pair: releases its host exactly once, returns its buffers, logs
+    /// the access line and closes both sockets (with RST toward the other
+    /// side when one side reset).
+    fn close(&mut self, key: usize, end: End, now: Instant) {
+        let mut pair = self.pairs.remove(key);
+        let u = &mut self.upstreams[pair.upstream];
+        let host = match pair.phase {
+            Phase::Connecting { host, .. } | Phase::Relaying { host } => {
+                u.balancer.release(host);
+                u.balancer.addr(host).to_string()
+            }
+            Phase::Refusing { .. } => {
+                self.refusing -= 1;
+                "-".to_string()
+            }
+        };
+        pair.release_buffers(&mut self.pool);
+        match end {
+            End::Reset(side) => {
+                if let Some(other) = pair.endpoint(side.other()) {
+                    net::set_abortive_close(&other.stream);
+                }
+            }
+            End::Shutdown => {
+                for side in [Side::Client, Side::Upstream] {
+                    if let Some(endpoint) = pair.endpoint(side) {
+                        net::set_abortive_close(&endpoint.stream);
+                    }
+                }
+            }
+            _ => {}
+        }
+        let (up, down) = pair.bytes();
+        info!(
+            target: "tcplb::access",
+            "{} `{}` host={} up={} down={} ms={} end={}",
+            pair.client_addr,
+            u.name,
+            host,
+            up,
+            down,
+            now.saturating_duration_since(pair.started).as_millis(),
+            end
+        );
+    }
+
+    fn on_signals(&mut self, now: Instant) {
+        let Some(signals) = self.signals.as_mut() else {
+            return;
+        };
+        let count = signals.pending().count();
+        for _ in 0..count {
+            self.shutdown(now);
+        }
+    }
+
+    fn on_commands(&mut self, now: Instant) {
+        while let Ok(command) = self.commands.try_recv() {
+            match command {
+                Command::Shutdown => self.shutdown(now),
+                Command::Stats(reply) => {
+                    let _ = reply.send(self.stats());
+                }
+            }
+        }
+    }
+
+    /// First call: stop accepting and start the drain period. Second call: stop now.
+    fn shutdown(&mut self, now: Instant) {
+        if self.drain_deadline.is_some() {
+            info!("second shutdown request: stopping now");
+            self.stop_now = true;
+            return;
+        }
+        for mut listener in self.listeners.drain(..) {
+            let _ = self.poll.registry().deregister(&mut listener.socket);
+        }
+        self.drain_deadline = Some(now + self.settings.drain_timeout);
+        info!(
+            "shutting down: no longer accepting; draining {} connections for up to {:?}",
+            self.pairs.len(),
+            self.settings.drain_timeout
+        );
+    }
+
+    fn stats(&self) -> Stats {
+        Stats {
+            pairs: self.pairs.len(),
+            refusing: self.refusing,
+            buffers_in_use: self.pool.in_use(),
+            upstreams: self
+                .upstreams
+                .iter()
+                .map(|u| UpstreamStats {
+                    name: u.name.clone(),
+                    listen: u.listen,
+                    hosts: (0..u.balancer.len())
+                        .map(|h| HostStats {
+                            addr: u.balancer.addr(h),
+                            active: u.balancer.active(h),
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A non-blocking listening socket with the configured backlog.
+fn listen(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog.min(i32::MAX as u32) as i32)?;
+    Ok(TcpListener::from_std(socket.into()))
+}
