@@ -1,0 +1,391 @@
+//! The real `tcplb` binary: `check`, config and flag errors, quick mode,
+//! graceful shutdown on signals, descriptor hygiene, and `demo`.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use common::*;
+
+fn tcplb(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_tcplb"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// A config file in a fresh temporary directory (removed on drop).
+struct TempConfig {
+    dir: PathBuf,
+    pub path: PathBuf,
+}
+
+impl TempConfig {
+    fn new(name: &str, text: &str) -> TempConfig {
+        let dir = std::env::temp_dir().join(format!("tcplb-test-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("lb.toml");
+        std::fs::write(&path, text).unwrap();
+        TempConfig { dir, path }
+    }
+
+    fn arg(&self) -> &str {
+        self.path.to_str().unwrap()
+    }
+}
+
+impl Drop for TempConfig {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+const BAD: &str = r#"[defaults]
+connect_timeout = 5
+max_conections = 10
+
+[[upstream]]
+name = "app"
+listen = "127.0.0.1:7777"
+hosts = []
+
+[[upstream]]
+name = "app"
+listen = "127.0.0.1:7777"
+hosts = ["127.0.0.1:9001", "not an address"]
+"#;
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn check_accepts_a_good_config() {
+    let file = TempConfig::new(
+        "good",
+        "[[upstream]]\nname = \"a\"\nlisten = \"127.0.0.1:7000\"\nhosts = [\"127.0.0.1:9001\", \"[::1]:9002\", \"localhost:9003\"]\n\n[[upstream]]\nname = \"b\"\nlisten = \"127.0.0.1:7001\"\nhosts = [\"127.0.0.1:9004\"]\n",
+    );
+    let out = tcplb(&["check", file.arg()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("ok (2 upstreams, 4 hosts)"), "{stdout}");
+}
+
+#[test]
+fn check_lists_every_problem_with_its_place() {
+    let file = TempConfig::new("bad", BAD);
+    let out = tcplb(&["check", file.arg()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    let lines: Vec<&str> = err.lines().collect();
+    let at = |line: usize, needle: &str| {
+        let place = format!("{}:{line}:", file.arg());
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with(&place) && l.contains(needle)),
+            "no `{needle}` at line {line} in:\n{err}"
+        );
+    };
+    at(2, "`connect_timeout` must be a string with a unit");
+    at(3, "unknown key `max_conections`");
+    at(8, "has no hosts");
+    at(11, "duplicate upstream name `app`");
+    at(12, "same port");
+    at(13, "`not an address`");
+    assert_eq!(lines.len(), 6, "{err}");
+}
+
+#[test]
+fn serving_a_bad_config_fails_with_the_same_messages() {
+    let file = TempConfig::new("bad-serve", BAD);
+    let check = stderr(&tcplb(&["check", file.arg()]));
+    let out = tcplb(&["--config", file.arg()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains(check.trim()), "{}", stderr(&out));
+}
+
+#[test]
+fn a_missing_config_file_is_named() {
+    let out = tcplb(&["--config", "/nonexistent/lb.toml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("cannot read config file /nonexistent/lb.toml"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn a_port_in_use_is_a_clear_error() {
+    let taken = TcpListener::bind(localhost()).unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = tcplb(&["--listen", &addr, "--host", "127.0.0.1:9"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains(&format!("cannot listen on {addr}")), "{err}");
+    assert!(err.contains("in use"), "{err}");
+}
+
+#[test]
+fn bad_flags_are_named() {
+    let out = tcplb(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--host",
+        "nohost",
+        "--idle-timeout",
+        "0s",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(err.contains("--host nohost"), "{err}");
+    let out = tcplb(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--host",
+        "127.0.0.1:9",
+        "--idle-timeout",
+        "0s",
+    ]);
+    assert!(
+        stderr(&out).contains("idle_timeout must be greater than zero"),
+        "{}",
+        stderr(&out)
+    );
+    let out = tcplb(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--host",
+        "127.0.0.1:9",
+        "--buffer-size",
+        "lots",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("lots"), "{}", stderr(&out));
+    let out = tcplb(&[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("tcplb demo"), "{}", stderr(&out));
+}
+
+#[test]
+fn help_explains_every_flag() {
+    let out = tcplb(&["--help"]);
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--config",
+        "--listen",
+        "--host",
+        "--name",
+        "--connect-timeout",
+        "--idle-timeout",
+        "--half-close-timeout",
+        "--drain-timeout",
+        "--max-connections",
+        "--buffer-size",
+    ] {
+        let lines: Vec<&str> = help.lines().collect();
+        let at = lines
+            .iter()
+            .position(|l| l.trim_start().starts_with(flag) || l.contains(&format!(", {flag}")))
+            .unwrap_or_else(|| panic!("{flag} missing from:\n{help}"));
+        // Long help puts the description on the next line.
+        let description = lines.get(at + 1).map_or("", |l| l.trim());
+        assert!(description.len() > 10, "{flag} has no description:\n{help}");
+    }
+    for command in ["check", "demo"] {
+        let out = tcplb(&[command, "--help"]);
+        assert!(out.status.success());
+    }
+}
+
+#[test]
+fn quick_mode_relays_and_logs_one_access_line() {
+    let host = spawn_host("h", Behavior::Echo);
+    let hosts = host.addr.to_string();
+    let bin = Binary::start(&["--listen", "127.0.0.1:0", "--host", &hosts]);
+    let addr = bin.listen_addr();
+    let mut client = TcpStream::connect(addr).unwrap();
+    client.write_all(b"hello\n").unwrap();
+    assert_eq!(read_line(&mut client), "hello");
+    finish(client);
+    let line = bin.wait_for_log("tcplb::access");
+    assert!(line.contains(&format!("host={hosts}")), "{line}");
+    assert!(line.contains("up=6 down=6"), "{line}");
+    assert!(line.contains("end=closed"), "{line}");
+}
+
+#[test]
+fn sigterm_drains_live_pairs_then_exits_zero() {
+    let host = spawn_host("h", Behavior::Echo);
+    let hosts = host.addr.to_string();
+    let mut bin = Binary::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--host",
+        &hosts,
+        "--drain-timeout",
+        "20s",
+    ]);
+    let addr = bin.listen_addr();
+    let mut client = TcpStream::connect(addr).unwrap();
+    client.write_all(b"before\n").unwrap();
+    assert_eq!(read_line(&mut client), "before");
+    bin.signal("TERM");
+    bin.wait_for_log("shutting down");
+    // No longer accepting, but the live pair keeps relaying.
+    assert!(
+        TcpStream::connect(addr).is_err(),
+        "still accepting after SIGTERM"
+    );
+    client.write_all(b"during\n").unwrap();
+    assert_eq!(read_line(&mut client), "during");
+    finish(client);
+    let (code, _) = bin.wait();
+    assert_eq!(code, Some(0));
+}
+
+#[test]
+fn drain_period_end_closes_what_is_left_and_exits_zero() {
+    let host = spawn_host("h", Behavior::Echo);
+    let hosts = host.addr.to_string();
+    let mut bin = Binary::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--host",
+        &hosts,
+        "--drain-timeout",
+        "200ms",
+    ]);
+    let addr = bin.listen_addr();
+    let mut client = TcpStream::connect(addr).unwrap();
+    client.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    client.write_all(b"x\n").unwrap();
+    assert_eq!(read_line(&mut client), "x");
+    bin.signal("TERM");
+    let (code, log) = bin.wait();
+    assert_eq!(code, Some(0));
+    assert!(
+        log.iter().any(|l| l.contains("closing 1 remaining")),
+        "{log:#?}"
+    );
+    // The client's connection was cut, not left hanging.
+    let mut buf = [0u8; 8];
+    assert!(matches!(
+        std::io::Read::read(&mut client, &mut buf),
+        Ok(0) | Err(_)
+    ));
+}
+
+#[test]
+fn second_signal_stops_at_once() {
+    let host = spawn_host("h", Behavior::Echo);
+    let hosts = host.addr.to_string();
+    let mut bin = Binary::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--host",
+        &hosts,
+        "--drain-timeout",
+        "1h",
+    ]);
+    let addr = bin.listen_addr();
+    let mut client = TcpStream::connect(addr).unwrap();
+    client.write_all(b"x\n").unwrap();
+    assert_eq!(read_line(&mut client), "x");
+    bin.signal("INT");
+    bin.wait_for_log("shutting down");
+    bin.signal("INT");
+    let (code, _) = bin.wait();
+    assert_eq!(code, Some(0));
+}
+
+#[test]
+fn no_descriptor_leaks_after_clients_leave() {
+    let hosts: Vec<_> = (0..2)
+        .map(|i| spawn_host(&format!("h{i}"), Behavior::Echo))
+        .collect();
+    let dead = dead_addr();
+    let args: Vec<String> = ["--listen", "127.0.0.1:0"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(
+            hosts
+                .iter()
+                .flat_map(|h| ["--host".to_string(), h.addr.to_string()]),
+        )
+        .chain(["--host".to_string(), dead.to_string()])
+        .collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let bin = Binary::start(&args);
+    let addr = bin.listen_addr();
+    let baseline = bin.fd_count();
+    for round in 0..3 {
+        let mut clients: Vec<TcpStream> =
+            (0..30).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        for (i, c) in clients.iter_mut().enumerate() {
+            c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+            let msg = format!("{round}-{i}\n");
+            c.write_all(msg.as_bytes()).unwrap();
+            assert_eq!(read_line(c), msg.trim_end());
+        }
+        assert!(bin.fd_count() >= baseline + 60, "30 pairs hold 60 sockets");
+        for c in clients {
+            finish(c);
+        }
+        // The client sees EOF a moment before the loop closes the sockets.
+        let deadline = std::time::Instant::now() + IO_TIMEOUT;
+        while bin.fd_count() != baseline {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round}: {} fds, not {baseline}",
+                bin.fd_count()
+            );
+            std::thread::yield_now();
+        }
+    }
+}
+
+#[test]
+fn demo_serves_greeting_echo_hosts() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tcplb"))
+        .args(["demo", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    stdout.read_line(&mut first).unwrap();
+    let addr: SocketAddr = first
+        .split("behind tcplb on ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("unexpected banner: {first}"))
+        .trim()
+        .parse()
+        .unwrap();
+    let mut greeted = Vec::new();
+    for i in 0..3 {
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        greeted.push(read_line(&mut c));
+        let msg = format!("line {i}\n");
+        c.write_all(msg.as_bytes()).unwrap();
+        assert_eq!(read_line(&mut c), msg.trim_end());
+        finish(c);
+    }
+    greeted.sort();
+    assert_eq!(
+        greeted,
+        [
+            "hello from host-1",
+            "hello from host-2",
+            "hello from host-3"
+        ]
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -1,0 +1,352 @@
+//! Shared pieces of the integration tests: real hosts on 127.0.0.1:0, an
+//! in-process proxy run on its own thread, and the real binary as a child
+//! process. Everything binds port 0 and passes the real address back.
+
+#![allow(dead_code)]
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use tcplb::{Config, Handle, Proxy, Settings, Stats, UpstreamConfig};
+
+/// Upper bound on any single blocking socket operation in tests, so a
+/// broken proxy fails the test instead of hanging it.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(20);
+
+pub fn localhost() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+/// What a test host does with each connection.
+#[derive(Clone, Copy, Debug)]
+pub enum Behavior {
+    /// Echo every byte; on EOF shut down the write side and finish.
+    Echo,
+    /// Write `name\n`, then echo.
+    Named,
+    /// Accept and hold the connection open, reading and discarding.
+    Hold,
+}
+
+/// A test host: a listener on 127.0.0.1:0 served by threads.
+pub struct TestHost {
+    pub addr: SocketAddr,
+    pub name: String,
+    /// Receives one message per accepted connection.
+    pub accepted: mpsc::Receiver<()>,
+}
+
+pub fn spawn_host(name: &str, behavior: Behavior) -> TestHost {
+    let listener = TcpListener::bind(localhost()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, accepted) = mpsc::channel();
+    let host_name = name.to_string();
+    thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            let _ = tx.send(());
+            let name = host_name.clone();
+            thread::spawn(move || {
+                let _ = serve(conn, &name, behavior);
+            });
+        }
+    });
+    TestHost {
+        addr,
+        name: name.to_string(),
+        accepted,
+    }
+}
+
+fn serve(mut conn: TcpStream, name: &str, behavior: Behavior) -> io::Result<()> {
+    conn.set_read_timeout(Some(IO_TIMEOUT))?;
+    if let Behavior::Named = behavior {
+        conn.write_all(format!("{name}\n").as_bytes())?;
+    }
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = conn.read(&mut buf)?;
+        if n == 0 {
+            return conn.shutdown(Shutdown::Write);
+        }
+        if !matches!(behavior, Behavior::Hold) {
+            conn.write_all(&buf[..n])?;
+        }
+    }
+}
+
+/// An address on which nothing listens: connects to it are refused.
+pub fn dead_addr() -> SocketAddr {
+    let listener = TcpListener::bind(localhost()).unwrap();
+    listener.local_addr().unwrap()
+}
+
+/// A listener whose accept queue is full, so further SYNs go unanswered:
+/// connects to it hang until the connector gives up. Keep it alive while used.
+pub struct BlackHole {
+    pub addr: SocketAddr,
+    _listener: socket2::Socket,
+    _fillers: Vec<TcpStream>,
+}
+
+pub fn black_hole() -> BlackHole {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    socket.bind(&localhost().into()).unwrap();
+    socket.listen(0).unwrap();
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    // Fill the queue; with backlog 0 Linux queues one connection, then drops SYNs.
+    let mut fillers = Vec::new();
+    for _ in 0..2 {
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        s.set_nonblocking(true).unwrap();
+        let _ = s.connect(&addr.into());
+        fillers.push(TcpStream::from(s));
+    }
+    // Wait until the kernel has queued the first one (the handshake is local).
+    let probe = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    let _ = probe.connect_timeout(&addr.into(), Duration::from_millis(300));
+    BlackHole {
+        addr,
+        _listener: socket,
+        _fillers: fillers,
+    }
+}
+
+pub fn config(hosts: &[SocketAddr], settings: Settings) -> Config {
+    Config {
+        settings,
+        upstreams: vec![UpstreamConfig {
+            name: "test".to_string(),
+            listen: localhost(),
+            hosts: hosts.to_vec(),
+        }],
+    }
+}
+
+/// A proxy running on its own thread; stopped (and joined) on drop.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub handle: Handle,
+    thread: Option<JoinHandle<Result<(), tcplb::Error>>>,
+}
+
+pub fn start(config: Config) -> Running {
+    let proxy = Proxy::bind(&config).unwrap();
+    let addr = proxy.listen_addr(&config.upstreams[0].name).unwrap();
+    let handle = proxy.handle();
+    let thread = thread::spawn(move || proxy.run());
+    Running {
+        addr,
+        handle,
+        thread: Some(thread),
+    }
+}
+
+impl Running {
+    pub fn connect(&self) -> TcpStream {
+        let s = TcpStream::connect(self.addr).unwrap();
+        s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+        s
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.handle.stats().expect("proxy is running")
+    }
+
+    /// Active connection count per host, in config order.
+    pub fn host_counts(&self) -> Vec<u32> {
+        self.stats().upstreams[0]
+            .hosts
+            .iter()
+            .map(|h| h.active)
+            .collect()
+    }
+
+    /// Waits (bounded) until the loop's counters satisfy `done`. For events
+    /// the test cannot observe itself, such as the loop noticing a reset.
+    pub fn wait_until(&self, what: &str, done: impl Fn(&Stats) -> bool) {
+        let deadline = std::time::Instant::now() + IO_TIMEOUT;
+        loop {
+            let stats = self.stats();
+            if done(&stats) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never {what}: {stats:?}"
+            );
+            thread::yield_now();
+        }
+    }
+
+    /// Graceful stop; returns what `run` returned.
+    pub fn stop(mut self) -> Result<(), tcplb::Error> {
+        self.handle.shutdown();
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            self.handle.shutdown();
+            self.handle.shutdown();
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Reads one `\n`-terminated line byte by byte (so nothing after it is consumed).
+pub fn read_line(s: &mut TcpStream) -> String {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match s.read(&mut byte) {
+            Ok(0) => break,
+            Ok(_) if byte[0] == b'\n' => break,
+            Ok(_) => line.push(byte[0]),
+            Err(e) => panic!(
+                "reading a line: {e} (got {:?})",
+                String::from_utf8_lossy(&line)
+            ),
+        }
+    }
+    String::from_utf8(line).unwrap()
+}
+
+/// Reads until EOF.
+pub fn read_to_end(s: &mut TcpStream) -> io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    s.read_to_end(&mut out)?;
+    Ok(out)
+}
+
+/// Closes a client gracefully and waits for the proxy's FIN: once the
+/// client sees EOF, the proxy has ended the pair (the pair's end and the
+/// FIN happen in the same loop turn), so its counters are already released.
+pub fn finish(mut s: TcpStream) {
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut sink = Vec::new();
+    s.read_to_end(&mut sink).unwrap();
+}
+
+/// A deterministic pseudo-random byte stream (xorshift), so failures are reproducible.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    pub fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
+        (0..len).map(|_| self.next() as u8).collect()
+    }
+}
+
+/// The tcplb binary as a child process; killed on drop.
+pub struct Binary {
+    pub child: Child,
+    pub stderr: mpsc::Receiver<String>,
+}
+
+impl Binary {
+    /// Starts `tcplb ARGS` with info logging, stderr lines forwarded to a channel.
+    pub fn start(args: &[&str]) -> Binary {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tcplb"))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, stderr) = mpsc::channel();
+        let err = child.stderr.take().unwrap();
+        thread::spawn(move || {
+            for line in BufReader::new(err).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Binary { child, stderr }
+    }
+
+    /// Waits for a stderr line containing `needle` and returns it.
+    pub fn wait_for_log(&self, needle: &str) -> String {
+        loop {
+            match self.stderr.recv_timeout(IO_TIMEOUT) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => {}
+                Err(e) => panic!("no log line containing {needle:?}: {e}"),
+            }
+        }
+    }
+
+    /// Waits for the start-up line of the upstream and returns its listen address.
+    pub fn listen_addr(&self) -> SocketAddr {
+        let line = self.wait_for_log("listening on ");
+        let rest = line.split("listening on ").nth(1).unwrap();
+        rest.split_whitespace().next().unwrap().parse().unwrap()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Open file descriptors of the process.
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .unwrap()
+            .count()
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits (bounded) for the process to exit; returns its exit code and
+    /// the stderr lines not read yet. The end of stderr marks the exit.
+    pub fn wait(&mut self) -> (Option<i32>, Vec<String>) {
+        let mut lines = Vec::new();
+        loop {
+            match self.stderr.recv_timeout(IO_TIMEOUT) {
+                Ok(line) => lines.push(line),
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => panic!("tcplb did not exit"),
+            }
+        }
+        (self.child.wait().unwrap().code(), lines)
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,261 @@
+//! Relaying through the real reactor: byte-exact transfer under
+//! concurrency, half-close in both directions, reset propagation,
+//! backpressure, and the buffer pool's promise that idle pairs hold no buffers.
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::mpsc;
+use std::thread;
+use std::time::Duration;
+
+use common::*;
+use tcplb::Settings;
+
+/// `clients` concurrent clients each push `per_client` random bytes in
+/// random chunk sizes through the proxy to echo hosts, while reading the
+/// echo back in random sizes; every byte must come back in order.
+fn echo_through_proxy(buffer_size: usize, clients: usize, per_client: usize) {
+    let hosts: Vec<_> = (0..3)
+        .map(|i| spawn_host(&format!("h{i}"), Behavior::Echo))
+        .collect();
+    let addrs: Vec<_> = hosts.iter().map(|h| h.addr).collect();
+    let proxy = start(config(
+        &addrs,
+        Settings {
+            buffer_size,
+            ..Settings::default()
+        },
+    ));
+
+    let workers: Vec<_> = (0..clients)
+        .map(|i| {
+            let stream = proxy.connect();
+            thread::spawn(move || {
+                let mut rng = Rng::new(i as u64 + 1);
+                let data = rng.bytes(per_client);
+                let mut writer = stream.try_clone().unwrap();
+                let sent = data.clone();
+                let send = thread::spawn(move || {
+                    let mut rng = Rng::new(1000 + i as u64);
+                    let mut at = 0;
+                    while at < sent.len() {
+                        let n = (1 + rng.below(64 * 1024)).min(sent.len() - at);
+                        writer.write_all(&sent[at..at + n]).unwrap();
+                        at += n;
+                    }
+                    writer.shutdown(Shutdown::Write).unwrap();
+                });
+                let mut reader = stream;
+                let mut got = Vec::with_capacity(per_client);
+                let mut chunk = vec![0u8; 64 * 1024];
+                loop {
+                    let want = 1 + rng.below(chunk.len());
+                    let n = reader.read(&mut chunk[..want]).unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    got.extend_from_slice(&chunk[..n]);
+                }
+                send.join().unwrap();
+                assert_eq!(got.len(), data.len(), "client {i}: length");
+                assert!(got == data, "client {i}: bytes differ");
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    let stats = proxy.stats();
+    assert_eq!(stats.pairs, 0);
+    assert_eq!(proxy.host_counts(), [0, 0, 0]);
+}
+
+#[test]
+fn many_clients_relay_mebibytes_byte_exact_both_ways() {
+    echo_through_proxy(16 * 1024, 16, 3 << 20);
+}
+
+#[test]
+fn smallest_buffers_still_relay_byte_exact() {
+    echo_through_proxy(1024, 8, 1 << 20);
+}
+
+/// A host that reads until the client's FIN, then answers with what it got
+/// (reversed, so the answer depends on every byte) and closes.
+fn spawn_answer_after_eof_host() -> std::net::SocketAddr {
+    let listener = TcpListener::bind(localhost()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            thread::spawn(move || {
+                let mut got = Vec::new();
+                conn.read_to_end(&mut got).unwrap();
+                got.reverse();
+                conn.write_all(&got).unwrap();
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn client_half_close_host_answers_after_eof() {
+    let proxy = start(config(
+        &[spawn_answer_after_eof_host()],
+        Settings::default(),
+    ));
+    let mut client = proxy.connect();
+    let data = Rng::new(7).bytes(2 << 20);
+    client.write_all(&data).unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+    let answer = read_to_end(&mut client).unwrap();
+    let mut expected = data;
+    expected.reverse();
+    assert_eq!(answer.len(), expected.len());
+    assert!(answer == expected);
+}
+
+#[test]
+fn host_half_close_client_keeps_sending() {
+    let listener = TcpListener::bind(localhost()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let greeting = Rng::new(8).bytes(300_000);
+    let (tx, received) = mpsc::channel();
+    let to_send = greeting.clone();
+    thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        conn.write_all(&to_send).unwrap();
+        conn.shutdown(Shutdown::Write).unwrap();
+        let mut got = Vec::new();
+        conn.read_to_end(&mut got).unwrap();
+        tx.send(got).unwrap();
+    });
+    let proxy = start(config(&[addr], Settings::default()));
+    let mut client = proxy.connect();
+    // The host's FIN arrives after its bytes, and the client can still send.
+    assert!(read_to_end(&mut client).unwrap() == greeting);
+    let data = Rng::new(9).bytes(1 << 20);
+    client.write_all(&data).unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+    let got = received.recv_timeout(IO_TIMEOUT).unwrap();
+    assert!(got == data);
+    // The host saw EOF, so both directions are done and the pair is gone.
+    assert_eq!(proxy.stats().pairs, 0);
+}
+
+/// Accepts one connection, reads one byte, then reports how the next read ended.
+fn spawn_reset_observer() -> (std::net::SocketAddr, mpsc::Receiver<ErrorKind>) {
+    let listener = TcpListener::bind(localhost()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        conn.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        let mut byte = [0u8; 1];
+        conn.read_exact(&mut byte).unwrap();
+        conn.write_all(b"!").unwrap();
+        let kind = match conn.read(&mut byte) {
+            Ok(0) => ErrorKind::UnexpectedEof,
+            Ok(_) => ErrorKind::InvalidData,
+            Err(e) => e.kind(),
+        };
+        tx.send(kind).unwrap();
+    });
+    (addr, rx)
+}
+
+#[test]
+fn client_reset_reaches_host_as_reset() {
+    let (addr, outcome) = spawn_reset_observer();
+    let proxy = start(config(&[addr], Settings::default()));
+    let mut client = proxy.connect();
+    client.write_all(b"x").unwrap();
+    let mut ack = [0u8; 1];
+    client.read_exact(&mut ack).unwrap();
+    socket2::SockRef::from(&client)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(client);
+    assert_eq!(
+        outcome.recv_timeout(IO_TIMEOUT).unwrap(),
+        ErrorKind::ConnectionReset
+    );
+}
+
+#[test]
+fn host_reset_reaches_client_as_reset() {
+    let listener = TcpListener::bind(localhost()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut byte = [0u8; 1];
+        conn.read_exact(&mut byte).unwrap();
+        socket2::SockRef::from(&conn)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+    });
+    let proxy = start(config(&[addr], Settings::default()));
+    let mut client = proxy.connect();
+    client.write_all(b"x").unwrap();
+    let mut buf = [0u8; 16];
+    let err = client.read(&mut buf).expect_err("a reset, not data or EOF");
+    assert_eq!(err.kind(), ErrorKind::ConnectionReset);
+    assert_eq!(proxy.stats().pairs, 0);
+}
+
+#[test]
+fn backpressure_holds_bounded_buffers_and_resumes() {
+    // More than every socket buffer on the way can hold, so the proxy must
+    // stop reading the host while the client lags, and resume when it reads.
+    const TOTAL: usize = 32 << 20;
+    let listener = TcpListener::bind(localhost()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let payload = Rng::new(11).bytes(TOTAL);
+    let to_send = payload.clone();
+    let (progress_tx, progress) = mpsc::channel();
+    thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        for chunk in to_send.chunks(1 << 20) {
+            conn.write_all(chunk).unwrap();
+            progress_tx.send(()).unwrap();
+        }
+    });
+    let proxy = start(config(&[addr], Settings::default()));
+    let mut client = proxy.connect();
+    // Let the host get going before the client reads anything.
+    progress.recv_timeout(IO_TIMEOUT).unwrap();
+    let mut got = Vec::with_capacity(TOTAL);
+    let mut chunk = [0u8; 4096];
+    while got.len() < TOTAL {
+        if got.len() % (4 << 20) < chunk.len() {
+            let stats = proxy.stats();
+            assert!(stats.buffers_in_use <= 1, "one direction moves: {stats:?}");
+        }
+        let n = client.read(&mut chunk).unwrap();
+        assert!(n > 0, "EOF after {} bytes", got.len());
+        got.extend_from_slice(&chunk[..n]);
+    }
+    assert!(got == payload);
+}
+
+#[test]
+fn idle_pairs_hold_no_buffers() {
+    let host = spawn_host("h", Behavior::Echo);
+    let proxy = start(config(&[host.addr], Settings::default()));
+    let mut clients: Vec<TcpStream> = (0..50).map(|_| proxy.connect()).collect();
+    for (i, c) in clients.iter_mut().enumerate() {
+        let msg = format!("hello {i}\n");
+        c.write_all(msg.as_bytes()).unwrap();
+        assert_eq!(read_line(c), msg.trim_end());
+    }
+    let stats = proxy.stats();
+    assert_eq!(stats.pairs, 50);
+    assert_eq!(stats.buffers_in_use, 0, "{stats:?}");
+    for c in clients {
+        finish(c);
+    }
+    assert_eq!(proxy.stats().pairs, 0);
+}

@@ -1,0 +1,101 @@
+//! Deadlines owned by the loop: idle pairs and lingering half-closed pairs
+//! are closed; pairs with traffic are not.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use tcplb::Settings;
+
+#[test]
+fn idle_pair_is_closed_at_the_idle_timeout() {
+    let host = spawn_host("h", Behavior::Echo);
+    let idle = Duration::from_millis(300);
+    let settings = Settings {
+        idle_timeout: idle,
+        ..Settings::default()
+    };
+    let proxy = start(config(&[host.addr], settings));
+    let mut client = proxy.connect();
+    // The pair's last activity (relaying the echo) comes after this instant.
+    let quiet_since = Instant::now();
+    client.write_all(b"ping\n").unwrap();
+    assert_eq!(read_line(&mut client), "ping");
+    // Nothing moves: the proxy closes the pair, the client sees EOF.
+    assert_eq!(read_to_end(&mut client).unwrap().len(), 0);
+    let waited = quiet_since.elapsed();
+    assert!(waited >= idle, "closed after {waited:?}");
+    assert!(waited < Duration::from_secs(10), "closed after {waited:?}");
+    assert_eq!(proxy.stats().pairs, 0);
+    assert_eq!(proxy.host_counts(), [0]);
+}
+
+#[test]
+fn traffic_keeps_a_pair_past_the_idle_timeout() {
+    let host = spawn_host("h", Behavior::Echo);
+    let idle = Duration::from_millis(400);
+    let settings = Settings {
+        idle_timeout: idle,
+        ..Settings::default()
+    };
+    let proxy = start(config(&[host.addr], settings));
+    let mut client = proxy.connect();
+    let started = Instant::now();
+    // A byte every 100 ms for three idle periods; every one is echoed.
+    let mut sent = 0;
+    while started.elapsed() < idle * 3 {
+        client.write_all(b"x").unwrap();
+        let mut byte = [0u8; 1];
+        client.read_exact(&mut byte).unwrap();
+        sent += 1;
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert!(sent >= 6);
+    assert_eq!(proxy.stats().pairs, 1);
+    finish(client);
+}
+
+#[test]
+fn half_closed_pair_is_closed_at_its_bound() {
+    // A host that takes the client's FIN but never finishes its own side.
+    let listener = TcpListener::bind(localhost()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (eof_tx, host_saw_eof) = mpsc::channel();
+    let (release, released) = mpsc::channel::<()>();
+    thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut sink = Vec::new();
+        conn.read_to_end(&mut sink).unwrap();
+        conn.write_all(b"late").unwrap();
+        eof_tx.send(()).unwrap();
+        // Keeps its side open until the test is over.
+        let _ = released.recv_timeout(IO_TIMEOUT);
+        drop(conn);
+    });
+    let bound = Duration::from_millis(300);
+    let settings = Settings {
+        half_close_timeout: bound,
+        ..Settings::default()
+    };
+    let proxy = start(config(&[addr], settings));
+    let mut client = proxy.connect();
+    client.write_all(b"request").unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+    // The pair's last activity (relaying "late") comes after this instant.
+    let quiet_since = Instant::now();
+    host_saw_eof.recv_timeout(IO_TIMEOUT).unwrap();
+    let mut got = Vec::new();
+    client.read_to_end(&mut got).unwrap();
+    let waited = quiet_since.elapsed();
+    assert_eq!(got, b"late");
+    assert!(waited >= bound, "closed after {waited:?}");
+    assert!(waited < Duration::from_secs(10), "closed after {waited:?}");
+    assert_eq!(proxy.stats().pairs, 0);
+    release.send(()).unwrap();
+    assert_eq!(proxy.host_counts(), [0]);
+}
