@@ -50,6 +50,15 @@ pub fn write(stream: &mut TcpStream, data: &[u8]) -> Io {
     }
 }
 
+/// Socket options for both sockets of a pair: no Nagle delay (tcplb
+/// forwards what it has at once), and urgent (out-of-band) bytes kept in
+/// the stream so they are relayed like any other byte instead of dropped.
+pub fn prepare(stream: &TcpStream) {
+    // Failures only cost latency or the urgent byte; the pair still works.
+    let _ = stream.set_nodelay(true);
+    let _ = SockRef::from(stream).set_out_of_band_inline(true);
+}
+
 /// Makes the coming close send RST instead of FIN, so a reset (or an
 /// abort) is passed on as such and the peer cannot mistake it for a clean end.
 pub fn set_abortive_close(stream: &TcpStream) {

@@ -34,9 +34,11 @@ use crate::token::Side;
 
 const READABLE: u8 = 1;
 const WRITABLE: u8 = 2;
-/// The peer's FIN (or an error) was reported with the last readable edge, so
-/// a short read does not mean drained: read on until EOF shows up.
-const READ_CLOSED: u8 = 4;
+/// A short read does not mean the socket is drained: read on until
+/// WouldBlock or EOF. Set when the peer's FIN or an error came with the
+/// readable edge (EOF is still to be read), and when urgent data arrived
+/// (Linux stops a read at the urgent mark even with more bytes queued).
+const READ_ALL: u8 = 4;
 /// The kernel reported an error condition; `take_error` will say which.
 const ERROR: u8 = 8;
 
@@ -65,8 +67,8 @@ impl Endpoint {
         if event.is_readable() || event.is_read_closed() || event.is_error() {
             self.ready |= READABLE;
         }
-        if event.is_read_closed() || event.is_error() {
-            self.ready |= READ_CLOSED;
+        if event.is_read_closed() || event.is_error() || event.is_priority() {
+            self.ready |= READABLE | READ_ALL;
         }
         if event.is_writable() || event.is_write_closed() || event.is_error() {
             self.ready |= WRITABLE;
@@ -205,9 +207,16 @@ impl Phase {
 /// What the loop should do with a pair after driving it.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Step {
+    /// Wait for the next readiness event or deadline.
     Continue,
+    /// The relay budget ran out with bytes still movable: drive the pair
+    /// again next turn, without waiting for an event (none may come).
+    Again,
     Finish(End),
 }
+
+/// Bytes one pair may move per loop turn before others get their turn.
+pub const RELAY_BUDGET: usize = 256 * 1024;
 
 /// Result of checking a connect in progress.
 #[derive(Debug)]
@@ -333,7 +342,19 @@ impl Pair {
         }
     }
 
-    /// Moves bytes both ways as far as readiness and buffer room allow.
+    /// The connect completed: the idle clock starts now.
+    pub fn connected(&mut self, host: HostId, now: Instant) {
+        self.phase = Phase::Relaying { host };
+        self.last_active = now;
+    }
+
+    /// Whether bytes read from one side wait in a buffer for the other.
+    pub fn holds_bytes(&self) -> bool {
+        self.up.buf.is_some() || self.down.buf.is_some()
+    }
+
+    /// Moves bytes both ways as far as readiness, buffer room and the
+    /// per-turn budget allow.
     pub fn relay(&mut self, pool: &mut BufferPool, now: Instant) -> Step {
         let Some(host) = self.host.as_mut() else {
             return Step::Finish(End::Reset(Side::Upstream));
@@ -347,18 +368,21 @@ impl Pair {
                 return Step::Finish(End::Reset(side));
             }
         }
-        let up = pump(&mut self.client, host, &mut self.up, pool);
-        let down = pump(host, &mut self.client, &mut self.down, pool);
-        let moved = match (up, down) {
-            (Ok(a), Ok(b)) => a || b,
+        let budget = RELAY_BUDGET.max(2 * pool.buffer_size());
+        let up = pump(&mut self.client, host, &mut self.up, pool, budget);
+        let down = pump(host, &mut self.client, &mut self.down, pool, budget);
+        let (up, down) = match (up, down) {
+            (Ok(a), Ok(b)) => (a, b),
             (Err(fault), _) => return Step::Finish(End::Reset(fault.side(Side::Client))),
             (_, Err(fault)) => return Step::Finish(End::Reset(fault.side(Side::Upstream))),
         };
-        if moved {
+        if up.moved || down.moved {
             self.last_active = now;
         }
         if self.up.done && self.down.done {
             Step::Finish(End::Closed)
+        } else if up.exhausted || down.exhausted {
+            Step::Again
         } else {
             Step::Continue
         }
@@ -398,13 +422,13 @@ impl Pair {
                         return Step::Finish(End::Refused(*refusal));
                     }
                 }
-                Io::WouldBlock => client.clear(READABLE | READ_CLOSED),
+                Io::WouldBlock => client.clear(READABLE | READ_ALL),
                 Io::Eof | Io::Failed(_) => {
                     if *written == line.len() {
                         return Step::Finish(End::Refused(*refusal));
                     }
                     // The client is gone or half-closed before the line was out.
-                    client.clear(READABLE | READ_CLOSED);
+                    client.clear(READABLE | READ_ALL);
                 }
             }
         }
@@ -436,14 +460,23 @@ impl Fault {
     }
 }
 
-/// Moves one direction's bytes until nothing more can move. Returns whether
-/// any byte (or EOF) moved.
+/// What one call of [`pump`] did.
+struct Pumped {
+    /// Some byte (or EOF) moved.
+    moved: bool,
+    /// Stopped because the budget ran out, not because nothing could move.
+    exhausted: bool,
+}
+
+/// Moves one direction's bytes until nothing more can move or `budget`
+/// bytes have been written.
 fn pump(
     src: &mut Endpoint,
     dst: &mut Endpoint,
     flow: &mut Flow,
     pool: &mut BufferPool,
-) -> Result<bool, Fault> {
+    mut budget: usize,
+) -> Result<Pumped, Fault> {
     let mut moved = false;
     loop {
         let mut progress = false;
@@ -458,7 +491,7 @@ fn pump(
                         progress = true;
                         // A short read drained the socket: epoll reports the
                         // next arrival as a new edge, so no WouldBlock probe.
-                        if n < wanted && !src.is(READ_CLOSED) {
+                        if n < wanted && !src.is(READ_ALL) {
                             src.clear(READABLE);
                         }
                     }
@@ -466,7 +499,7 @@ fn pump(
                         flow.eof = true;
                         progress = true;
                     }
-                    Io::WouldBlock => src.clear(READABLE | READ_CLOSED),
+                    Io::WouldBlock => src.clear(READABLE | READ_ALL),
                     Io::Failed(e) => {
                         log::debug!("read failed: {e}");
                         return Err(Fault::Source);
@@ -481,6 +514,7 @@ fn pump(
                     Io::Done(n) => {
                         buf.consumed(n);
                         flow.bytes += n as u64;
+                        budget = budget.saturating_sub(n);
                         progress = true;
                         if n < wanted {
                             dst.clear(WRITABLE);
@@ -497,17 +531,18 @@ fn pump(
             }
         }
         if flow.eof && flow.buf.is_none() && !flow.done {
-            match dst.stream.shutdown(Shutdown::Write) {
-                Ok(()) => {}
-                // The destination already went away: the other flow will see it.
-                Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
-                Err(_) => return Err(Fault::Destination),
+            // ENOTCONN here means the destination was reset meanwhile.
+            if dst.stream.shutdown(Shutdown::Write).is_err() {
+                return Err(Fault::Destination);
             }
             flow.done = true;
         }
-        if !progress {
-            return Ok(moved);
+        moved |= progress;
+        if !progress || budget == 0 {
+            return Ok(Pumped {
+                moved,
+                exhausted: progress,
+            });
         }
-        moved = true;
     }
 }

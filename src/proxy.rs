@@ -52,6 +52,11 @@ const EXHAUSTION_LOG_PERIOD: Duration = Duration::from_secs(1);
 const REFUSING_CAP: usize = 1024;
 /// Free buffers kept for reuse, in bytes.
 const POOL_KEEP_BYTES: usize = 4 * 1024 * 1024;
+/// Every socket of a pair is registered once, for all it will ever need;
+/// PRIORITY reports urgent data, which needs reading past a short read.
+const PAIR_INTEREST: Interest = Interest::READABLE
+    .add(Interest::WRITABLE)
+    .add(Interest::PRIORITY);
 
 /// An upstream as the loop serves it.
 #[derive(Debug)]
@@ -138,6 +143,9 @@ pub struct Proxy {
     pool: BufferPool,
     next_id: u64,
     refusing: usize,
+    /// Pairs that stopped relaying only because their budget ran out, with
+    /// their ids (a slot may be reused before they are driven again).
+    runnable: Vec<(usize, u64)>,
     accept_paused_until: Option<Instant>,
     last_exhaustion_log: Option<Instant>,
     exhaustion_unlogged: u64,
@@ -207,6 +215,7 @@ impl Proxy {
             timers: Timers::default(),
             next_id: 1,
             refusing: 0,
+            runnable: Vec::new(),
             accept_paused_until: None,
             last_exhaustion_log: None,
             exhaustion_unlogged: 0,
@@ -298,6 +307,7 @@ impl Proxy {
                     None => {}
                 }
             }
+            self.continue_runnable(now);
             self.accept(now);
             self.expire(now);
             if self.stop_now
@@ -321,6 +331,9 @@ impl Proxy {
     }
 
     fn poll_timeout(&self, now: Instant) -> Option<Duration> {
+        if !self.runnable.is_empty() {
+            return Some(Duration::ZERO);
+        }
         let mut next = self.timers.next();
         let mut earliest = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
         match self.accept_paused_until {
@@ -361,7 +374,7 @@ impl Proxy {
                         u.balancer.addr(host),
                         u.name
                     );
-                    pair.phase = Phase::Relaying { host };
+                    pair.connected(host, now);
                     pair.relay(&mut self.pool, now)
                 }
             },
@@ -370,7 +383,21 @@ impl Proxy {
         };
         match step {
             Step::Continue => self.schedule(key),
+            Step::Again => {
+                self.schedule(key);
+                self.runnable.push((key, self.pairs[key].id));
+            }
             Step::Finish(end) => self.close(key, end, now),
+        }
+    }
+
+    /// Drives the pairs whose relay budget ran out last turn.
+    fn continue_runnable(&mut self, now: Instant) {
+        let runnable = std::mem::take(&mut self.runnable);
+        for (key, id) in runnable {
+            if self.pairs.get(key).is_some_and(|p| p.id == id) {
+                self.drive(key, now);
+            }
         }
     }
 
@@ -466,12 +493,12 @@ impl Proxy {
 
     /// Takes in a new client: connects it to a host, or refuses it.
     fn admit(&mut self, upstream: usize, mut stream: TcpStream, addr: SocketAddr, now: Instant) {
-        let _ = stream.set_nodelay(true);
+        net::prepare(&stream);
         let key = self.pairs.vacant_entry().key();
         if let Err(e) = self.poll.registry().register(
             &mut stream,
             Source::Pair(key, Side::Client).token(),
-            Interest::READABLE | Interest::WRITABLE,
+            PAIR_INTEREST,
         ) {
             warn!("cannot register client {addr}: {e}");
             return;
@@ -525,11 +552,11 @@ impl Proxy {
             let addr = u.balancer.addr(host);
             u.balancer.acquire(host);
             let attempt = TcpStream::connect(addr).and_then(|mut stream| {
-                let _ = stream.set_nodelay(true);
+                net::prepare(&stream);
                 self.poll.registry().register(
                     &mut stream,
                     Source::Pair(key, Side::Upstream).token(),
-                    Interest::READABLE | Interest::WRITABLE,
+                    PAIR_INTEREST,
                 )?;
                 Ok(stream)
             });
@@ -627,22 +654,21 @@ impl Proxy {
                 "-".to_string()
             }
         };
-        pair.release_buffers(&mut self.pool);
-        match end {
-            End::Reset(side) => {
-                if let Some(other) = pair.endpoint(side.other()) {
-                    net::set_abortive_close(&other.stream);
-                }
+        // RST instead of FIN wherever a FIN would pass a cut stream off as
+        // complete: toward the other side of a reset, on shutdown, and on a
+        // timeout that leaves undelivered bytes behind.
+        let abort = match end {
+            End::Reset(side) => [side == Side::Upstream, side == Side::Client],
+            End::IdleTimeout | End::HalfCloseTimeout => [pair.holds_bytes(); 2],
+            End::Shutdown => [true, true],
+            End::Closed | End::Refused(_) => [false, false],
+        };
+        for (side, abort) in [Side::Client, Side::Upstream].into_iter().zip(abort) {
+            if let Some(endpoint) = pair.endpoint(side).filter(|_| abort) {
+                net::set_abortive_close(&endpoint.stream);
             }
-            End::Shutdown => {
-                for side in [Side::Client, Side::Upstream] {
-                    if let Some(endpoint) = pair.endpoint(side) {
-                        net::set_abortive_close(&endpoint.stream);
-                    }
-                }
-            }
-            _ => {}
         }
+        pair.release_buffers(&mut self.pool);
         let (up, down) = pair.bytes();
         info!(
             target: "tcplb::access",

@@ -259,3 +259,63 @@ fn idle_pairs_hold_no_buffers() {
     }
     assert_eq!(proxy.stats().pairs, 0);
 }
+
+#[test]
+fn urgent_bytes_are_relayed_inline_without_stalling() {
+    // Linux ends a read at the urgent mark even with more bytes queued; a
+    // proxy that takes every short read for "drained" then waits forever.
+    let listener = TcpListener::bind(localhost()).unwrap();
+    let host = listener.local_addr().unwrap().to_string();
+    let bin = Binary::start(&["--listen", "127.0.0.1:0", "--host", &host]);
+    let addr = bin.listen_addr();
+    let client = TcpStream::connect(addr).unwrap();
+    let (mut conn, _) = listener.accept().unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    // Stop tcplb so all three writes are queued before it reads any.
+    bin.signal("STOP");
+    let sock = socket2::SockRef::from(&client);
+    (&client).write_all(b"abc").unwrap();
+    assert_eq!(sock.send_out_of_band(b"X").unwrap(), 1);
+    (&client).write_all(b"def").unwrap();
+    bin.signal("CONT");
+    let mut got = [0u8; 7];
+    conn.read_exact(&mut got)
+        .expect("every byte arrives without the client sending more");
+    assert_eq!(&got, b"abcXdef");
+}
+
+#[test]
+fn idle_timeout_with_undelivered_bytes_resets_instead_of_faking_eof() {
+    let listener = TcpListener::bind(localhost()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, host_outcome) = mpsc::channel();
+    thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let chunk = vec![7u8; 1 << 20];
+        // Writes until the stalled client makes the proxy time out.
+        let outcome = (0..64).try_for_each(|_| conn.write_all(&chunk));
+        tx.send(outcome.map_err(|e| e.kind())).unwrap();
+    });
+    let settings = Settings {
+        idle_timeout: Duration::from_millis(300),
+        ..Settings::default()
+    };
+    let proxy = start(config(&[addr], settings));
+    let mut client = proxy.connect();
+    // The client reads nothing until the host has been cut off.
+    let host_result = host_outcome.recv_timeout(IO_TIMEOUT).unwrap();
+    assert!(host_result.is_err(), "64 MiB cannot fit in flight");
+    let mut sink = vec![0u8; 1 << 16];
+    let end = loop {
+        match client.read(&mut sink) {
+            Ok(0) => break Ok(()),
+            Ok(_) => {}
+            Err(e) => break Err(e.kind()),
+        }
+    };
+    assert_eq!(
+        end,
+        Err(ErrorKind::ConnectionReset),
+        "a cut stream must not end in EOF"
+    );
+}

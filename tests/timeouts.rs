@@ -99,3 +99,22 @@ fn half_closed_pair_is_closed_at_its_bound() {
     release.send(()).unwrap();
     assert_eq!(proxy.host_counts(), [0]);
 }
+
+#[test]
+fn idle_clock_starts_when_the_connect_completes() {
+    // The connect takes longer than the idle timeout (a black-holed host,
+    // then failover); the pair must still get its full idle period.
+    let hole = black_hole();
+    let live = spawn_host("live", Behavior::Named);
+    let settings = Settings {
+        connect_timeout: Duration::from_millis(600),
+        idle_timeout: Duration::from_millis(300),
+        ..Settings::default()
+    };
+    let proxy = start(config(&[hole.addr, live.addr], settings));
+    let mut client = proxy.connect();
+    assert_eq!(read_line(&mut client), "live");
+    client.write_all(b"ping\n").unwrap();
+    assert_eq!(read_line(&mut client), "ping");
+    finish(client);
+}
