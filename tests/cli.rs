@@ -370,3 +370,44 @@ fn demo_serves_greeting_echo_hosts() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn out_of_descriptors_keeps_serving_and_accepts_again_when_freed() {
+    let host = spawn_host("h", Behavior::Named);
+    let hosts = host.addr.to_string();
+    let args = ["--listen", "127.0.0.1:0", "--host", &hosts];
+    // Descriptors tcplb holds before its first pair, measured on a twin.
+    // Only low numbers take up room under the limit (descriptors inherited
+    // from the test harness, like cargo's jobserver pipe, sit far above it).
+    const PAIRS: usize = 3;
+    let base = {
+        let twin = Binary::start(&args);
+        twin.listen_addr();
+        twin.fds().into_iter().filter(|&fd| fd < 64).count()
+    };
+    let bin = Binary::start_limited(base + 2 * PAIRS, &args);
+    let addr = bin.listen_addr();
+    let mut served: Vec<TcpStream> = (0..PAIRS)
+        .map(|_| {
+            let mut c = TcpStream::connect(addr).unwrap();
+            c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+            assert_eq!(read_line(&mut c), "h");
+            c
+        })
+        .collect();
+    // Every descriptor is in use: the next client waits in the listen queue.
+    let mut waiting = TcpStream::connect(addr).unwrap();
+    waiting.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    bin.wait_for_log("out of descriptors");
+    // Pairs already open keep relaying meanwhile.
+    for (i, c) in served.iter_mut().enumerate() {
+        let msg = format!("still {i}\n");
+        c.write_all(msg.as_bytes()).unwrap();
+        assert_eq!(read_line(c), msg.trim_end());
+    }
+    // One pair ends: its descriptors let the waiting client in.
+    finish(served.pop().unwrap());
+    assert_eq!(read_line(&mut waiting), "h");
+    waiting.write_all(b"in\n").unwrap();
+    assert_eq!(read_line(&mut waiting), "in");
+}

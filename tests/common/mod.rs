@@ -271,8 +271,20 @@ pub struct Binary {
 impl Binary {
     /// Starts `tcplb ARGS` with info logging, stderr lines forwarded to a channel.
     pub fn start(args: &[&str]) -> Binary {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tcplb"))
-            .args(args)
+        Binary::spawn(Command::new(env!("CARGO_BIN_EXE_tcplb")).args(args))
+    }
+
+    /// Starts `tcplb ARGS` limited to `nofile` open descriptors.
+    pub fn start_limited(nofile: usize, args: &[&str]) -> Binary {
+        let limit = format!("--nofile={nofile}:{nofile}");
+        let mut cmd = Command::new("prlimit");
+        cmd.args([limit.as_str(), "--", env!("CARGO_BIN_EXE_tcplb")])
+            .args(args);
+        Binary::spawn(&mut cmd)
+    }
+
+    fn spawn(cmd: &mut Command) -> Binary {
+        let mut child = cmd
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -315,9 +327,15 @@ impl Binary {
 
     /// Open file descriptors of the process.
     pub fn fd_count(&self) -> usize {
+        self.fds().len()
+    }
+
+    /// The numbers of the process's open file descriptors.
+    pub fn fds(&self) -> Vec<usize> {
         std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
             .unwrap()
-            .count()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect()
     }
 
     pub fn signal(&self, signal: &str) {
