@@ -411,3 +411,58 @@ fn out_of_descriptors_keeps_serving_and_accepts_again_when_freed() {
     waiting.write_all(b"in\n").unwrap();
     assert_eq!(read_line(&mut waiting), "in");
 }
+
+#[test]
+fn ipv6_and_host_names_are_accepted_for_listen_and_hosts() {
+    let v6 = TcpListener::bind("[::1]:0").unwrap();
+    let v6_addr = v6.local_addr().unwrap();
+    let (tx, accepted) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for conn in v6.incoming() {
+            let mut conn = conn.unwrap();
+            conn.write_all(b"v6\n").unwrap();
+            tx.send(()).unwrap();
+        }
+    });
+    let named = spawn_host("named", Behavior::Named);
+    let by_name = format!("localhost:{}", named.addr.port());
+    let v6_host = v6_addr.to_string();
+    let bin = Binary::start(&[
+        "--listen", "[::1]:0", "--host", &v6_host, "--host", &by_name,
+    ]);
+    let addr = bin.listen_addr();
+    assert!(addr.is_ipv6(), "{addr}");
+    let mut greetings = Vec::new();
+    for _ in 0..2 {
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        greetings.push(read_line(&mut c));
+    }
+    greetings.sort();
+    assert_eq!(greetings, ["named", "v6"]);
+    accepted.recv_timeout(IO_TIMEOUT).unwrap();
+}
+
+#[test]
+fn config_mode_serves_each_upstream_on_its_own_port() {
+    let a = spawn_host("a-host", Behavior::Named);
+    let b = spawn_host("b-host", Behavior::Named);
+    let file = TempConfig::new(
+        "two",
+        &format!(
+            "[defaults]\nidle_timeout = \"10m\"\n\n\
+             [[upstream]]\nname = \"alpha\"\nlisten = \"127.0.0.1:0\"\nhosts = [\"{}\"]\n\n\
+             [[upstream]]\nname = \"beta\"\nlisten = \"127.0.0.1:0\"\nhosts = [\"{}\"]\n",
+            a.addr, b.addr
+        ),
+    );
+    let bin = Binary::start(&["--config", file.arg()]);
+    let alpha = bin.listen_addr_of("alpha");
+    let beta = bin.listen_addr_of("beta");
+    for (addr, expected) in [(alpha, "a-host"), (beta, "b-host"), (alpha, "a-host")] {
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        assert_eq!(read_line(&mut c), expected);
+        finish(c);
+    }
+}

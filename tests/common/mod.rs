@@ -321,6 +321,13 @@ impl Binary {
         rest.split_whitespace().next().unwrap().parse().unwrap()
     }
 
+    /// Waits for the start-up line of upstream `name` and returns its address.
+    pub fn listen_addr_of(&self, name: &str) -> SocketAddr {
+        let line = self.wait_for_log(&format!("upstream `{name}` listening on "));
+        let rest = line.split("listening on ").nth(1).unwrap();
+        rest.split_whitespace().next().unwrap().parse().unwrap()
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
