@@ -3,8 +3,10 @@
 //! A pair holds a [`Buffer`] for a direction only while bytes of that
 //! direction are in flight: it takes one from the [`BufferPool`] to read
 //! into and gives it back as soon as it has been written out, so an idle
-//! pair owns no buffer memory. The pool keeps a bounded number of free
-//! buffers for reuse; beyond that, returned buffers are freed.
+//! pair owns no buffer memory. Buffers come in two sizes: normal, and bulk
+//! for directions that stream (fewer, larger reads and writes). The pool
+//! keeps a bounded number of free buffers of each size for reuse; beyond
+//! that, returned buffers are freed.
 
 /// A fixed-capacity byte queue: bytes are appended at `end` and consumed
 /// from `start`; `start <= end <= capacity`.
@@ -22,6 +24,10 @@ impl Buffer {
 
     pub fn len(&self) -> usize {
         self.end - self.start
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.bytes.len()
     }
 
     /// Whether there is room to read more bytes in.
@@ -62,33 +68,52 @@ impl Buffer {
     }
 }
 
-/// Free buffers of one size, reused across pairs.
+/// Which of the pool's two buffer sizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Size {
+    Normal,
+    Bulk,
+}
+
+/// Free buffers of one size.
 #[derive(Debug)]
-pub struct BufferPool {
+struct Class {
     size: usize,
     free: Vec<Box<[u8]>>,
     keep: usize,
+}
+
+/// Free buffers of both sizes, reused across pairs.
+#[derive(Debug)]
+pub struct BufferPool {
+    normal: Class,
+    bulk: Class,
     in_use: usize,
 }
 
 impl BufferPool {
-    /// A pool of `size`-byte buffers that keeps at most `keep` free ones.
-    pub fn new(size: usize, keep: usize) -> Self {
-        BufferPool {
+    /// A pool of `normal`- and `bulk`-byte buffers that keeps at most
+    /// `keep_bytes` of free buffers of each size (and at least a few).
+    pub fn new(normal: usize, bulk: usize, keep_bytes: usize) -> Self {
+        let class = |size: usize| Class {
             size,
             free: Vec::new(),
-            keep,
+            keep: (keep_bytes / size).clamp(4, 1024),
+        };
+        BufferPool {
+            normal: class(normal),
+            bulk: class(bulk.max(normal)),
             in_use: 0,
         }
     }
 
-    pub fn buffer_size(&self) -> usize {
-        self.size
+    pub fn bulk_size(&self) -> usize {
+        self.bulk.size
     }
 
     /// Free buffers held for reuse.
     pub fn idle(&self) -> usize {
-        self.free.len()
+        self.normal.free.len() + self.bulk.free.len()
     }
 
     /// Buffers handed out and not yet given back.
@@ -96,12 +121,16 @@ impl BufferPool {
         self.in_use
     }
 
-    pub fn take(&mut self) -> Buffer {
+    pub fn take(&mut self, size: Size) -> Buffer {
         self.in_use += 1;
-        let bytes = self
+        let class = match size {
+            Size::Normal => &mut self.normal,
+            Size::Bulk => &mut self.bulk,
+        };
+        let bytes = class
             .free
             .pop()
-            .unwrap_or_else(|| vec![0; self.size].into_boxed_slice());
+            .unwrap_or_else(|| vec![0; class.size].into_boxed_slice());
         Buffer {
             bytes,
             start: 0,
@@ -112,8 +141,13 @@ impl BufferPool {
     /// Takes back a buffer; whatever it still held is discarded.
     pub fn give(&mut self, buffer: Buffer) {
         self.in_use -= 1;
-        if self.free.len() < self.keep {
-            self.free.push(buffer.bytes);
+        let class = if buffer.capacity() == self.bulk.size {
+            &mut self.bulk
+        } else {
+            &mut self.normal
+        };
+        if class.free.len() < class.keep {
+            class.free.push(buffer.bytes);
         }
     }
 }
@@ -124,8 +158,8 @@ mod tests {
 
     #[test]
     fn bytes_come_out_in_order_across_compaction() {
-        let mut pool = BufferPool::new(8, 4);
-        let mut b = pool.take();
+        let mut pool = BufferPool::new(8, 8, 64);
+        let mut b = pool.take(Size::Normal);
         b.room()[..6].copy_from_slice(b"abcdef");
         b.filled(6);
         assert_eq!(b.data(), b"abcdef");
@@ -144,15 +178,31 @@ mod tests {
 
     #[test]
     fn pool_reuses_and_bounds_free_buffers() {
-        let mut pool = BufferPool::new(16, 1);
-        let a = pool.take();
-        let b = pool.take();
-        pool.give(a);
-        pool.give(b);
-        assert_eq!(pool.idle(), 1);
-        let c = pool.take();
-        assert_eq!(pool.idle(), 0);
+        let mut pool = BufferPool::new(16, 64, 64);
+        let taken: Vec<Buffer> = (0..6).map(|_| pool.take(Size::Normal)).collect();
+        assert_eq!(pool.in_use(), 6);
+        for b in taken {
+            pool.give(b);
+        }
+        // 64 bytes of 16-byte buffers, and never fewer than 4.
+        assert_eq!(pool.idle(), 4);
+        assert_eq!(pool.in_use(), 0);
+        let c = pool.take(Size::Normal);
+        assert_eq!(pool.idle(), 3);
         assert!(c.is_empty() && c.has_room());
-        assert_eq!(pool.buffer_size(), 16);
+        assert_eq!(c.capacity(), 16);
+    }
+
+    #[test]
+    fn bulk_buffers_are_their_own_size_class() {
+        let mut pool = BufferPool::new(16, 64, 1024);
+        let bulk = pool.take(Size::Bulk);
+        assert_eq!(bulk.capacity(), pool.bulk_size());
+        pool.give(bulk);
+        assert_eq!(pool.take(Size::Normal).capacity(), 16);
+        assert_eq!(pool.take(Size::Bulk).capacity(), 64);
+        // A bulk size below the normal one means no upgrade at all.
+        let mut flat = BufferPool::new(32, 16, 1024);
+        assert_eq!(flat.take(Size::Bulk).capacity(), 32);
     }
 }

@@ -36,8 +36,20 @@ pub struct Settings {
     pub max_connections: usize,
     /// Bytes buffered per direction of a pair while data is in flight.
     pub buffer_size: usize,
+    /// The buffer a direction moves up to once it streams (its reads fill
+    /// whole buffers): fewer, larger reads and writes for bulk transfers.
+    /// Never less than `buffer_size` (see [`Settings::bulk_buffer`]); equal
+    /// to it turns the upgrade off.
+    pub bulk_buffer_size: usize,
     /// Accept queue length requested from the kernel for each listener.
     pub backlog: u32,
+}
+
+impl Settings {
+    /// The bulk buffer size in effect: the most a direction ever buffers.
+    pub fn bulk_buffer(&self) -> usize {
+        self.bulk_buffer_size.max(self.buffer_size)
+    }
 }
 
 impl Default for Settings {
@@ -49,6 +61,7 @@ impl Default for Settings {
             drain_timeout: Duration::from_secs(10),
             max_connections: 10_000,
             buffer_size: 16 * 1024,
+            bulk_buffer_size: 64 * 1024,
             backlog: 1024,
         }
     }
@@ -115,6 +128,7 @@ const DEFAULTS_KEYS: &[&str] = &[
     "drain_timeout",
     "max_connections",
     "buffer_size",
+    "bulk_buffer_size",
     "backlog",
 ];
 const UPSTREAM_KEYS: &[&str] = &["name", "listen", "hosts"];
@@ -316,11 +330,15 @@ pub fn check_settings(settings: &Settings) -> Vec<String> {
         out.push("max_connections must be at least 1".to_string());
     }
     let (lo, hi) = BUFFER_SIZE_RANGE;
-    if !(lo..=hi).contains(&settings.buffer_size) {
-        out.push(format!(
-            "buffer_size must be between {lo} and {hi} bytes, not {}",
-            settings.buffer_size
-        ));
+    for (name, value) in [
+        ("buffer_size", settings.buffer_size),
+        ("bulk_buffer_size", settings.bulk_buffer_size),
+    ] {
+        if !(lo..=hi).contains(&value) {
+            out.push(format!(
+                "{name} must be between {lo} and {hi} bytes, not {value}"
+            ));
+        }
     }
     if settings.backlog == 0 || settings.backlog > 65535 {
         out.push("backlog must be between 1 and 65535".to_string());
@@ -455,34 +473,46 @@ impl Walker<'_> {
                 None => ok = false,
             }
         }
-        if let Some(v) = find(table, "buffer_size") {
-            let (lo, hi) = BUFFER_SIZE_RANGE;
-            let size = match v.get_ref() {
-                DeValue::String(text) => parse_size(text),
-                DeValue::Integer(_) => self
-                    .integer(v, "buffer_size", 0, i64::MAX)
-                    .map(|n| n as usize)
-                    .ok_or_else(String::new),
-                _ => Err("`buffer_size` must be a size such as \"16KiB\"".to_string()),
-            };
-            match size {
-                Ok(n) if (lo..=hi).contains(&n) => s.buffer_size = n,
-                Ok(n) => {
-                    ok = false;
-                    self.problem(
-                        v.span(),
-                        format!("`buffer_size` must be between {lo} and {hi} bytes, not {n}"),
-                    );
-                }
-                Err(why) => {
-                    ok = false;
-                    if !why.is_empty() {
-                        self.problem(v.span(), why);
-                    }
+        for (key, slot) in [
+            ("buffer_size", &mut s.buffer_size),
+            ("bulk_buffer_size", &mut s.bulk_buffer_size),
+        ] {
+            if let Some(v) = find(table, key) {
+                match self.size(v, key) {
+                    Some(n) => *slot = n,
+                    None => ok = false,
                 }
             }
         }
         ok.then_some(s)
+    }
+
+    /// A byte size: a string with a unit, or a plain integer of bytes.
+    fn size(&mut self, v: &Value<'_>, key: &str) -> Option<usize> {
+        let (lo, hi) = BUFFER_SIZE_RANGE;
+        let size = match v.get_ref() {
+            DeValue::String(text) => parse_size(text).map_err(|why| format!("`{key}`: {why}")),
+            DeValue::Integer(_) => {
+                return self
+                    .integer(v, key, lo as i64, hi as i64)
+                    .map(|n| n as usize);
+            }
+            _ => Err(format!("`{key}` must be a size such as \"16KiB\"")),
+        };
+        match size {
+            Ok(n) if (lo..=hi).contains(&n) => Some(n),
+            Ok(n) => {
+                self.problem(
+                    v.span(),
+                    format!("`{key}` must be between {lo} and {hi} bytes, not {n}"),
+                );
+                None
+            }
+            Err(why) => {
+                self.problem(v.span(), why);
+                None
+            }
+        }
     }
 
     fn duration(&mut self, v: &Value<'_>, key: &str, zero_ok: bool) -> Option<Duration> {
@@ -792,6 +822,25 @@ hosts = ["127.0.0.1:1", "nope"]
         assert_eq!(
             found,
             ["lb.toml:2:19: `max_connections` must be between 1 and 4294967295, not 0"]
+        );
+    }
+
+    #[test]
+    fn bulk_buffer_is_never_smaller_than_the_normal_one() {
+        let base = "[[upstream]]\nname=\"x\"\nlisten=\"127.0.0.1:0\"\nhosts=[\"127.0.0.1:1\"]\n";
+        let text =
+            format!("[defaults]\nbuffer_size = \"128KiB\"\nbulk_buffer_size = 16384\n{base}");
+        let config = Config::parse(&text, "x").unwrap();
+        assert_eq!(config.settings.bulk_buffer(), 128 * 1024);
+        let found = problems(&format!("[defaults]\nbuffer_size = 512\n{base}"));
+        assert_eq!(
+            found,
+            ["lb.toml:2:15: `buffer_size` must be between 1024 and 67108864, not 512"]
+        );
+        let found = problems(&format!("[defaults]\nbulk_buffer_size = \"lots\"\n{base}"));
+        assert!(
+            found[0].starts_with("lb.toml:2:20: `bulk_buffer_size`: `lots` is not a size"),
+            "{found:?}"
         );
     }
 

@@ -84,6 +84,9 @@ struct SettingsArgs {
     /// Bytes buffered per direction while data is in flight (e.g. 16KiB) [default: 16KiB].
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     buffer_size: Option<usize>,
+    /// Buffer a direction moves up to once it streams in bulk [default: 64KiB].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    bulk_buffer_size: Option<usize>,
 }
 
 impl SettingsArgs {
@@ -94,6 +97,7 @@ impl SettingsArgs {
         s.drain_timeout = self.drain_timeout.unwrap_or(s.drain_timeout);
         s.max_connections = self.max_connections.unwrap_or(s.max_connections);
         s.buffer_size = self.buffer_size.unwrap_or(s.buffer_size);
+        s.bulk_buffer_size = self.bulk_buffer_size.unwrap_or(s.bulk_buffer_size);
         s
     }
 }

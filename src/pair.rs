@@ -27,7 +27,7 @@ use mio::event::Event;
 use mio::net::TcpStream;
 
 use crate::balance::HostId;
-use crate::buffer::{Buffer, BufferPool};
+use crate::buffer::{Buffer, BufferPool, Size};
 use crate::config::Settings;
 use crate::net::{self, Io};
 use crate::token::Side;
@@ -109,6 +109,9 @@ impl Endpoint {
 struct Flow {
     /// Present only while bytes are in flight.
     buf: Option<Buffer>,
+    /// Reads have filled whole buffers: this direction streams, and takes
+    /// bulk-size buffers from now on.
+    bulk: bool,
     /// The source sent FIN.
     eof: bool,
     /// Everything is delivered and the destination's write side is shut.
@@ -368,7 +371,7 @@ impl Pair {
                 return Step::Finish(End::Reset(side));
             }
         }
-        let budget = RELAY_BUDGET.max(2 * pool.buffer_size());
+        let budget = RELAY_BUDGET.max(2 * pool.bulk_size());
         let up = pump(&mut self.client, host, &mut self.up, pool, budget);
         let down = pump(host, &mut self.client, &mut self.down, pool, budget);
         let (up, down) = match (up, down) {
@@ -481,7 +484,8 @@ fn pump(
     loop {
         let mut progress = false;
         if !flow.eof && src.is(READABLE) {
-            let buf = flow.buf.get_or_insert_with(|| pool.take());
+            let size = if flow.bulk { Size::Bulk } else { Size::Normal };
+            let buf = flow.buf.get_or_insert_with(|| pool.take(size));
             if buf.has_room() {
                 let room = buf.room();
                 let wanted = room.len();
@@ -489,6 +493,8 @@ fn pump(
                     Io::Done(n) => {
                         buf.filled(n);
                         progress = true;
+                        // More was waiting than fit: the next buffer is a bulk one.
+                        flow.bulk |= n == wanted;
                         // A short read drained the socket: epoll reports the
                         // next arrival as a new edge, so no WouldBlock probe.
                         if n < wanted && !src.is(READ_ALL) {

@@ -204,10 +204,14 @@ impl Proxy {
                 balancer: LoadBalancer::new(u.hosts.clone()),
             });
         }
-        let keep = (POOL_KEEP_BYTES / settings.buffer_size).clamp(16, 1024);
+        let pool = BufferPool::new(
+            settings.buffer_size,
+            settings.bulk_buffer(),
+            POOL_KEEP_BYTES,
+        );
         Ok(Proxy {
             poll,
-            pool: BufferPool::new(settings.buffer_size, keep),
+            pool,
             settings,
             upstreams,
             listeners,
@@ -273,10 +277,11 @@ impl Proxy {
             );
         }
         info!(
-            "tcplb {} ready: max_connections={} buffer_size={} connect_timeout={:?} idle_timeout={:?}",
+            "tcplb {} ready: max_connections={} buffer_size={} bulk_buffer_size={} connect_timeout={:?} idle_timeout={:?}",
             env!("CARGO_PKG_VERSION"),
             self.settings.max_connections,
             self.settings.buffer_size,
+            self.settings.bulk_buffer(),
             self.settings.connect_timeout,
             self.settings.idle_timeout,
         );

@@ -186,6 +186,7 @@ fn help_explains_every_flag() {
         "--drain-timeout",
         "--max-connections",
         "--buffer-size",
+        "--bulk-buffer-size",
     ] {
         let lines: Vec<&str> = help.lines().collect();
         let at = lines

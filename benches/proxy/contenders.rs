@@ -65,12 +65,12 @@ impl Contender {
             Contender::Haproxy if which("haproxy").is_none() => {
                 Err("haproxy: not installed, skipped (apt-get install haproxy)".into())
             }
-            Contender::Nginx if which("nginx").is_none() => {
-                Err("nginx: not installed, skipped (apt-get install nginx libnginx-mod-stream)".into())
-            }
-            Contender::Nginx if !nginx_has_stream() => Err(
-                "nginx: no stream module, skipped (apt-get install libnginx-mod-stream)".into(),
+            Contender::Nginx if which("nginx").is_none() => Err(
+                "nginx: not installed, skipped (apt-get install nginx libnginx-mod-stream)".into(),
             ),
+            Contender::Nginx if !nginx_has_stream() => {
+                Err("nginx: no stream module, skipped (apt-get install libnginx-mod-stream)".into())
+            }
             _ => Ok(()),
         }
     }
@@ -90,12 +90,20 @@ impl Contender {
                 for h in hosts {
                     cmd.args(["--host", &h.to_string()]);
                 }
+                // Extra flags for experiments, e.g. "--buffer-size 64KiB".
+                if let Ok(extra) = std::env::var("TCPLB_BENCH_TCPLB_ARGS") {
+                    cmd.args(extra.split_whitespace());
+                }
                 cmd.env("RUST_LOG", "warn,tcplb::proxy=info");
                 spawn_reporting(cmd, Report::Stderr("listening on "))
             }
             Contender::TokioMt | Contender::TokioSt => {
                 let mut cmd = Command::new(std::env::current_exe().unwrap());
-                let flavor = if self == Contender::TokioMt { "mt" } else { "st" };
+                let flavor = if self == Contender::TokioMt {
+                    "mt"
+                } else {
+                    "st"
+                };
                 cmd.args(["--tokio-proxy", flavor]);
                 cmd.args(hosts.iter().map(|h| h.to_string()));
                 spawn_reporting(cmd, Report::Stdout("listening "))
@@ -122,7 +130,10 @@ impl Contender {
             Contender::Nginx => {
                 let addr = free_port();
                 let dir = temp_dir("nginx");
-                let servers: String = hosts.iter().map(|h| format!("        server {h};\n")).collect();
+                let servers: String = hosts
+                    .iter()
+                    .map(|h| format!("        server {h};\n"))
+                    .collect();
                 let module = nginx_stream_module()
                     .map(|m| format!("load_module {};\n", m.display()))
                     .unwrap_or_default();
@@ -191,7 +202,10 @@ fn spawn_listening(mut cmd: Command, addr: SocketAddr, dir: PathBuf) -> Running 
         if let Some(status) = child.try_wait().unwrap() {
             panic!("{cmd:?} exited: {status}");
         }
-        assert!(Instant::now() < deadline, "{cmd:?} never listened on {addr}");
+        assert!(
+            Instant::now() < deadline,
+            "{cmd:?} never listened on {addr}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     Running {
@@ -203,7 +217,10 @@ fn spawn_listening(mut cmd: Command, addr: SocketAddr, dir: PathBuf) -> Running 
 }
 
 fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
 }
 
 fn temp_dir(name: &str) -> PathBuf {

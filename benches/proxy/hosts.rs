@@ -52,13 +52,17 @@ fn serve(kind: Kind, listeners: &mut [TcpListener]) {
                 while let Ok((mut s, _)) = listeners[token].accept() {
                     let _ = s.set_nodelay(true);
                     let interest = Interest::READABLE | Interest::WRITABLE;
-                    poll.registry().register(&mut s, Token(next), interest).unwrap();
+                    poll.registry()
+                        .register(&mut s, Token(next), interest)
+                        .unwrap();
                     conns.insert(next, s);
                     next += 1;
                 }
                 continue;
             }
-            let Some(s) = conns.get_mut(&token) else { continue };
+            let Some(s) = conns.get_mut(&token) else {
+                continue;
+            };
             let alive = match kind {
                 Kind::Echo => echo(s, &mut buf),
                 Kind::Source => source(s, &buf),

@@ -39,7 +39,8 @@ impl Throughput {
 
     /// Proxy CPU seconds per GiB relayed.
     pub fn cpu_per_gib(&self) -> Option<f64> {
-        self.cpu.map(|c| c / (self.bytes as f64 / (1u64 << 30) as f64))
+        self.cpu
+            .map(|c| c / (self.bytes as f64 / (1u64 << 30) as f64))
     }
 }
 
@@ -147,7 +148,11 @@ pub fn bulk(addr: SocketAddr, conns: usize, timing: Timing, pid: Option<u32>) ->
             measuring = true;
             cpu_start = cpu(pid);
         }
-        let wait = if measuring { end - now } else { window_start - now };
+        let wait = if measuring {
+            end - now
+        } else {
+            window_start - now
+        };
         poll_events(&mut poll, &mut events, Some(wait));
         for event in events.iter() {
             let n = drain(&mut streams[event.token().0], &mut buf).expect("bulk stream ended");
@@ -230,7 +235,9 @@ pub fn churn(addr: SocketAddr, concurrency: usize, size: usize, timing: Timing) 
         let mut stream = TcpStream::connect(addr).expect("socket");
         let token = Token(generation << SLOT_BITS | slot);
         let interest = Interest::READABLE | Interest::WRITABLE;
-        poll.registry().register(&mut stream, token, interest).unwrap();
+        poll.registry()
+            .register(&mut stream, token, interest)
+            .unwrap();
         Slot {
             stream,
             generation,
@@ -337,8 +344,14 @@ pub fn trickle(
                 errors += 1;
             }
         }
-        let next = due.peek().map_or(end, |Reverse((when, _))| (*when).min(end));
-        poll_events(&mut poll, &mut events, Some(next.saturating_duration_since(now)));
+        let next = due
+            .peek()
+            .map_or(end, |Reverse((when, _))| (*when).min(end));
+        poll_events(
+            &mut poll,
+            &mut events,
+            Some(next.saturating_duration_since(now)),
+        );
         for event in events.iter() {
             let i = event.token().0;
             let Some(n) = drain(&mut streams[i], &mut buf) else {

@@ -14,7 +14,7 @@
 //!
 //! Environment: `TCPLB_BENCH_ROUNDS` (default 3), `TCPLB_BENCH_SECS`
 //! (measured seconds per run, default 3), `TCPLB_BENCH_ONLY` (comma-separated
-//! contender names).
+//! contender names), `TCPLB_BENCH_TCPLB_ARGS` (extra flags for tcplb).
 
 mod contenders;
 mod hosts;
@@ -43,7 +43,12 @@ struct Metric {
     higher_is_better: bool,
 }
 
-const fn metric(scenario: &'static str, name: &'static str, unit: &'static str, higher: bool) -> Metric {
+const fn metric(
+    scenario: &'static str,
+    name: &'static str,
+    unit: &'static str,
+    higher: bool,
+) -> Metric {
     Metric {
         scenario,
         name,
@@ -75,8 +80,16 @@ struct Bench {
 }
 
 impl Bench {
-    fn record(&mut self, contender: Contender, scenario: &'static str, name: &'static str, value: Option<f64>) {
-        let Some(value) = value.filter(|v| v.is_finite()) else { return };
+    fn record(
+        &mut self,
+        contender: Contender,
+        scenario: &'static str,
+        name: &'static str,
+        value: Option<f64>,
+    ) {
+        let Some(value) = value.filter(|v| v.is_finite()) else {
+            return;
+        };
         let key = (contender.name(), scenario, name);
         self.samples.entry(key).or_default().push(value);
     }
@@ -88,7 +101,12 @@ impl Bench {
                 for (label, conns) in [("bulk-1", 1), ("bulk-8", 8)] {
                     let proxy = c.start(&self.source);
                     let r = load::bulk(proxy.addr, conns, t, proxy.pid);
-                    eprintln!("  {label} {:<9} {:.2} GB/s, cpu {:?} s/GiB", c.name(), r.gb_per_sec(), r.cpu_per_gib());
+                    eprintln!(
+                        "  {label} {:<9} {:.2} GB/s, cpu {:?} s/GiB",
+                        c.name(),
+                        r.gb_per_sec(),
+                        r.cpu_per_gib()
+                    );
                     self.record(c, label, "throughput", Some(r.gb_per_sec()));
                     self.record(c, label, "proxy CPU", r.cpu_per_gib());
                 }
@@ -97,7 +115,12 @@ impl Bench {
                 let proxy = c.start(&self.echo);
                 let mut r = load::ping_pong(proxy.addr, 50, 64, t);
                 let (p50, p99) = (r.percentile_us(50.0), r.percentile_us(99.0));
-                eprintln!("  rr-50 {:<9} {:.0} req/s p50 {p50:.0} µs p99 {p99:.0} µs (errors {})", c.name(), r.per_sec(), r.errors);
+                eprintln!(
+                    "  rr-50 {:<9} {:.0} req/s p50 {p50:.0} µs p99 {p99:.0} µs (errors {})",
+                    c.name(),
+                    r.per_sec(),
+                    r.errors
+                );
                 self.record(c, "rr-50", "requests", Some(r.per_sec()));
                 self.record(c, "rr-50", "p50", Some(p50));
                 self.record(c, "rr-50", "p99", Some(p99));
@@ -106,7 +129,12 @@ impl Bench {
                 let proxy = c.start(&self.echo);
                 let mut r = load::churn(proxy.addr, 20, 64, t);
                 let p99 = r.percentile_us(99.0);
-                eprintln!("  churn-20 {:<9} {:.0} conn/s p99 {p99:.0} µs (errors {})", c.name(), r.per_sec(), r.errors);
+                eprintln!(
+                    "  churn-20 {:<9} {:.0} conn/s p99 {p99:.0} µs (errors {})",
+                    c.name(),
+                    r.per_sec(),
+                    r.errors
+                );
                 self.record(c, "churn-20", "connections", Some(r.per_sec()));
                 self.record(c, "churn-20", "p99", Some(p99));
             }
@@ -125,7 +153,12 @@ impl Bench {
                 };
                 let mut r = load::trickle(proxy.addr, 8000, 64, Duration::from_millis(500), timing);
                 let p99 = r.percentile_us(99.0);
-                eprintln!("  scale-8000 {:<9} {:.0} msg/s p99 {p99:.0} µs (errors {})", c.name(), r.per_sec(), r.errors);
+                eprintln!(
+                    "  scale-8000 {:<9} {:.0} msg/s p99 {p99:.0} µs (errors {})",
+                    c.name(),
+                    r.per_sec(),
+                    r.errors
+                );
                 self.record(c, "scale-8000", "messages", Some(r.per_sec()));
                 self.record(c, "scale-8000", "p99", Some(p99));
             }
@@ -141,22 +174,32 @@ fn median(values: &[f64]) -> Option<f64> {
 }
 
 fn env_number(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn machine() -> String {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_default();
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     format!("{cores} cores ({cpu}), Linux {}", kernel.trim())
 }
 
 fn today() -> String {
-    let out = std::process::Command::new("date").args(["-u", "+%Y-%m-%d"]).output();
-    out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
+    let out = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d"])
+        .output();
+    out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
 }
 
 fn main() {
@@ -166,7 +209,11 @@ fn main() {
         tokio_proxy::run(&args[2], hosts);
     }
     let all_scenarios = ["bulk", "rr", "churn", "idle", "scale"];
-    let wanted: Vec<&str> = args[1..].iter().filter(|a| !a.starts_with('-')).map(String::as_str).collect();
+    let wanted: Vec<&str> = args[1..]
+        .iter()
+        .filter(|a| !a.starts_with('-'))
+        .map(String::as_str)
+        .collect();
     let scenarios: Vec<&str> = all_scenarios
         .iter()
         .copied()
@@ -176,7 +223,10 @@ fn main() {
     let mut notes = Vec::new();
     let contenders: Vec<Contender> = contenders::ALL
         .into_iter()
-        .filter(|c| only.as_deref().is_none_or(|o| o.split(',').any(|n| n == c.name())))
+        .filter(|c| {
+            only.as_deref()
+                .is_none_or(|o| o.split(',').any(|n| n == c.name()))
+        })
         .filter(|c| match c.available() {
             Ok(()) => true,
             Err(why) => {

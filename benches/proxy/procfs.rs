@@ -20,7 +20,9 @@ pub fn cpu_seconds(pid: u32) -> f64 {
 }
 
 fn clock_ticks_per_second() -> f64 {
-    let out = std::process::Command::new("getconf").arg("CLK_TCK").output();
+    let out = std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output();
     out.ok()
         .and_then(|o| String::from_utf8(o.stdout).ok())
         .and_then(|s| s.trim().parse().ok())

@@ -14,8 +14,12 @@ use tokio::net::{TcpListener, TcpStream};
 /// per core) or "st" (current-thread runtime). Prints `listening ADDR`.
 pub fn run(flavor: &str, hosts: Vec<SocketAddr>) -> ! {
     let runtime = match flavor {
-        "mt" => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
-        "st" => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        "mt" => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+        "st" => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
         other => panic!("unknown tokio flavor {other}"),
     }
     .unwrap();
@@ -26,11 +30,14 @@ pub fn run(flavor: &str, hosts: Vec<SocketAddr>) -> ! {
 async fn serve(hosts: Vec<SocketAddr>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     println!("listening {}", listener.local_addr().unwrap());
-    let active: Arc<Vec<AtomicUsize>> = Arc::new(hosts.iter().map(|_| AtomicUsize::new(0)).collect());
+    let active: Arc<Vec<AtomicUsize>> =
+        Arc::new(hosts.iter().map(|_| AtomicUsize::new(0)).collect());
     let hosts = Arc::new(hosts);
     let mut next = 0usize;
     loop {
-        let Ok((mut client, _)) = listener.accept().await else { continue };
+        let Ok((mut client, _)) = listener.accept().await else {
+            continue;
+        };
         let _ = client.set_nodelay(true);
         // Least connections, ties starting after the last choice.
         let n = hosts.len();
