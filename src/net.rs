@@ -50,12 +50,18 @@ pub fn write(stream: &mut TcpStream, data: &[u8]) -> Io {
     }
 }
 
-/// Socket options for both sockets of a pair: no Nagle delay (tcplb
-/// forwards what it has at once), and urgent (out-of-band) bytes kept in
-/// the stream so they are relayed like any other byte instead of dropped.
+/// Socket options for both sockets of a pair: no Nagle delay, since tcplb
+/// forwards what it has at once.
 pub fn prepare(stream: &TcpStream) {
-    // Failures only cost latency or the urgent byte; the pair still works.
+    // Failure only costs latency; the pair still works.
     let _ = stream.set_nodelay(true);
+}
+
+/// Keeps urgent (out-of-band) bytes in the stream, so they are relayed like
+/// any other byte instead of dropped. Linux applies the option when a read
+/// reaches the urgent mark, so setting it on the first urgent-data event
+/// (before reading on) is enough, and saves a syscall on every other socket.
+pub fn keep_urgent_inline(stream: &TcpStream) {
     let _ = SockRef::from(stream).set_out_of_band_inline(true);
 }
 

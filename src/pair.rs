@@ -54,11 +54,17 @@ const REFUSAL_DISCARD_LIMIT: usize = 64 * 1024;
 pub struct Endpoint {
     pub stream: TcpStream,
     ready: u8,
+    /// SO_OOBINLINE is set (done on the first urgent-data event).
+    urgent_inline: bool,
 }
 
 impl Endpoint {
     pub fn new(stream: TcpStream) -> Self {
-        Endpoint { stream, ready: 0 }
+        Endpoint {
+            stream,
+            ready: 0,
+            urgent_inline: false,
+        }
     }
 
     /// Remembers a readiness event. Closed and error conditions count as
@@ -69,6 +75,10 @@ impl Endpoint {
         }
         if event.is_read_closed() || event.is_error() || event.is_priority() {
             self.ready |= READABLE | READ_ALL;
+        }
+        if event.is_priority() && !self.urgent_inline {
+            net::keep_urgent_inline(&self.stream);
+            self.urgent_inline = true;
         }
         if event.is_writable() || event.is_write_closed() || event.is_error() {
             self.ready |= WRITABLE;
@@ -319,7 +329,7 @@ impl Pair {
 
     /// Checks the connect in flight after an event on the host socket. A
     /// non-blocking connect is complete once the socket is writable with no
-    /// pending error and has a peer address.
+    /// pending error (`SO_ERROR`).
     pub fn check_connect(&mut self) -> Connect {
         let Some(host) = self.host.as_mut() else {
             return Connect::Failed(io::ErrorKind::NotConnected.into());
@@ -331,17 +341,13 @@ impl Pair {
             Ok(Some(e)) | Err(e) => return Connect::Failed(e),
             Ok(None) => {}
         }
-        match host.stream.peer_addr() {
-            Ok(_) => {
-                host.clear(ERROR);
-                Connect::Established
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotConnected => {
-                // Spurious wake-up: still connecting.
-                host.clear(WRITABLE);
-                Connect::Pending
-            }
-            Err(e) => Connect::Failed(e),
+        host.clear(ERROR);
+        // Linux reports a connecting socket writable only once the
+        // handshake is done; an error-only wake-up with no error is spurious.
+        if host.is(WRITABLE) {
+            Connect::Established
+        } else {
+            Connect::Pending
         }
     }
 

@@ -282,6 +282,23 @@ fn urgent_bytes_are_relayed_inline_without_stalling() {
     conn.read_exact(&mut got)
         .expect("every byte arrives without the client sending more");
     assert_eq!(&got, b"abcXdef");
+    // Again while tcplb runs, and toward the client too.
+    (&client).write_all(b"ghi").unwrap();
+    assert_eq!(sock.send_out_of_band(b"Y").unwrap(), 1);
+    (&client).write_all(b"jkl").unwrap();
+    conn.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"ghiYjkl");
+    (&conn).write_all(b"mn").unwrap();
+    let host_sock = socket2::SockRef::from(&conn);
+    assert_eq!(host_sock.send_out_of_band(b"Z").unwrap(), 1);
+    (&conn).write_all(b"op").unwrap();
+    let mut back = [0u8; 5];
+    let mut client = client;
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    client.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"mnZop");
 }
 
 #[test]
