@@ -20,9 +20,33 @@ pub struct Timing {
     pub window: Duration,
 }
 
-/// CPU seconds the proxy used during the window (`None` for `direct`).
-fn cpu(pid: Option<u32>) -> Option<f64> {
-    pid.map(procfs::cpu_seconds)
+/// The proxy's CPU time over the measured window (`None` for `direct`).
+struct CpuWindow {
+    pid: Option<u32>,
+    start: Option<f64>,
+    started: bool,
+}
+
+impl CpuWindow {
+    fn new(pid: Option<u32>) -> Self {
+        CpuWindow {
+            pid,
+            start: None,
+            started: false,
+        }
+    }
+
+    /// Call every loop turn: reads the clock once the window has begun.
+    fn tick(&mut self, now: Instant, window_start: Instant) {
+        if !self.started && now >= window_start {
+            self.started = true;
+            self.start = self.pid.map(procfs::cpu_seconds);
+        }
+    }
+
+    fn seconds(&self) -> Option<f64> {
+        Some(procfs::cpu_seconds(self.pid?) - self.start?)
+    }
 }
 
 #[derive(Debug)]
@@ -50,11 +74,18 @@ pub struct Latency {
     pub samples: Vec<u64>,
     pub secs: f64,
     pub errors: u64,
+    /// CPU seconds the proxy used during the window.
+    pub cpu: Option<f64>,
 }
 
 impl Latency {
     pub fn per_sec(&self) -> f64 {
         self.samples.len() as f64 / self.secs
+    }
+
+    /// Proxy CPU microseconds per completed round trip.
+    pub fn cpu_us_each(&self) -> Option<f64> {
+        self.cpu.map(|c| c * 1e6 / self.samples.len() as f64)
     }
 
     /// The `p`-th percentile in microseconds.
@@ -138,17 +169,15 @@ pub fn bulk(addr: SocketAddr, conns: usize, timing: Timing, pid: Option<u32>) ->
     let start = Instant::now();
     let window_start = start + timing.warmup;
     let end = window_start + timing.window;
-    let (mut bytes, mut cpu_start, mut measuring) = (0u64, None, false);
+    let mut bytes = 0u64;
+    let mut cpu = CpuWindow::new(pid);
     loop {
         let now = Instant::now();
         if now >= end {
             break;
         }
-        if !measuring && now >= window_start {
-            measuring = true;
-            cpu_start = cpu(pid);
-        }
-        let wait = if measuring {
+        cpu.tick(now, window_start);
+        let wait = if now >= window_start {
             end - now
         } else {
             window_start - now
@@ -156,19 +185,28 @@ pub fn bulk(addr: SocketAddr, conns: usize, timing: Timing, pid: Option<u32>) ->
         poll_events(&mut poll, &mut events, Some(wait));
         for event in events.iter() {
             let n = drain(&mut streams[event.token().0], &mut buf).expect("bulk stream ended");
-            if measuring {
+            if now >= window_start {
                 bytes += n as u64;
             }
         }
     }
     let secs = timing.window.as_secs_f64();
-    let cpu = cpu(pid).zip(cpu_start).map(|(b, a)| b - a);
-    Throughput { bytes, secs, cpu }
+    Throughput {
+        bytes,
+        secs,
+        cpu: cpu.seconds(),
+    }
 }
 
 /// Keep-alive request/response: each connection sends `size` bytes and
 /// waits for the echo before sending again.
-pub fn ping_pong(addr: SocketAddr, conns: usize, size: usize, timing: Timing) -> Latency {
+pub fn ping_pong(
+    addr: SocketAddr,
+    conns: usize,
+    size: usize,
+    timing: Timing,
+    pid: Option<u32>,
+) -> Latency {
     let mut poll = Poll::new().unwrap();
     let mut streams = open(addr, conns, true);
     register(&poll, &mut streams, Interest::READABLE);
@@ -185,11 +223,13 @@ pub fn ping_pong(addr: SocketAddr, conns: usize, size: usize, timing: Timing) ->
     let end = window_start + timing.window;
     let mut samples = Vec::with_capacity(1 << 20);
     let mut errors = 0;
+    let mut cpu = CpuWindow::new(pid);
     loop {
         let now = Instant::now();
         if now >= end {
             break;
         }
+        cpu.tick(now, window_start);
         poll_events(&mut poll, &mut events, Some(end - now));
         for event in events.iter() {
             let i = event.token().0;
@@ -215,13 +255,20 @@ pub fn ping_pong(addr: SocketAddr, conns: usize, size: usize, timing: Timing) ->
         samples,
         secs: timing.window.as_secs_f64(),
         errors,
+        cpu: cpu.seconds(),
     }
 }
 
 /// One request per connection: `concurrency` slots each connect, send
 /// `size` bytes, wait for the echo, close, and start over. The sample is
 /// the time from connect to the complete answer.
-pub fn churn(addr: SocketAddr, concurrency: usize, size: usize, timing: Timing) -> Latency {
+pub fn churn(
+    addr: SocketAddr,
+    concurrency: usize,
+    size: usize,
+    timing: Timing,
+    pid: Option<u32>,
+) -> Latency {
     struct Slot {
         stream: TcpStream,
         generation: usize,
@@ -254,11 +301,13 @@ pub fn churn(addr: SocketAddr, concurrency: usize, size: usize, timing: Timing) 
     let end = window_start + timing.window;
     let mut samples = Vec::with_capacity(1 << 20);
     let mut errors = 0;
+    let mut cpu = CpuWindow::new(pid);
     loop {
         let now = Instant::now();
         if now >= end {
             break;
         }
+        cpu.tick(now, window_start);
         poll_events(&mut poll, &mut events, Some(end - now));
         for event in events.iter() {
             let i = event.token().0 & ((1 << SLOT_BITS) - 1);
@@ -301,6 +350,7 @@ pub fn churn(addr: SocketAddr, concurrency: usize, size: usize, timing: Timing) 
         samples,
         secs: timing.window.as_secs_f64(),
         errors,
+        cpu: cpu.seconds(),
     }
 }
 
@@ -312,6 +362,7 @@ pub fn trickle(
     size: usize,
     period: Duration,
     timing: Timing,
+    pid: Option<u32>,
 ) -> Latency {
     let mut poll = Poll::new().unwrap();
     let mut streams = open(addr, conns, true);
@@ -329,11 +380,13 @@ pub fn trickle(
     let end = window_start + timing.window;
     let mut samples = Vec::with_capacity(1 << 20);
     let mut errors = 0;
+    let mut cpu = CpuWindow::new(pid);
     loop {
         let now = Instant::now();
         if now >= end {
             break;
         }
+        cpu.tick(now, window_start);
         while let Some(Reverse((when, i))) = due.peek().copied() {
             if when > now {
                 break;
@@ -373,6 +426,7 @@ pub fn trickle(
         samples,
         secs: timing.window.as_secs_f64(),
         errors,
+        cpu: cpu.seconds(),
     }
 }
 

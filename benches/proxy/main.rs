@@ -65,11 +65,14 @@ const METRICS: &[Metric] = &[
     metric("rr-50", "requests", "req/s", true),
     metric("rr-50", "p50", "µs", false),
     metric("rr-50", "p99", "µs", false),
+    metric("rr-50", "proxy CPU", "µs/req", false),
     metric("churn-20", "connections", "conn/s", true),
     metric("churn-20", "p99", "µs", false),
+    metric("churn-20", "proxy CPU", "µs/conn", false),
     metric("idle-5000", "memory per pair", "B", false),
     metric("scale-8000", "messages", "msg/s", true),
     metric("scale-8000", "p99", "µs", false),
+    metric("scale-8000", "proxy CPU", "µs/msg", false),
 ];
 
 struct Bench {
@@ -113,30 +116,34 @@ impl Bench {
             }
             "rr" => {
                 let proxy = c.start(&self.echo);
-                let mut r = load::ping_pong(proxy.addr, 50, 64, t);
+                let mut r = load::ping_pong(proxy.addr, 50, 64, t, proxy.pid);
                 let (p50, p99) = (r.percentile_us(50.0), r.percentile_us(99.0));
                 eprintln!(
-                    "  rr-50 {:<9} {:.0} req/s p50 {p50:.0} µs p99 {p99:.0} µs (errors {})",
+                    "  rr-50 {:<9} {:.0} req/s p50 {p50:.0} µs p99 {p99:.0} µs cpu {:.1?} µs/req (errors {})",
                     c.name(),
                     r.per_sec(),
+                    r.cpu_us_each(),
                     r.errors
                 );
                 self.record(c, "rr-50", "requests", Some(r.per_sec()));
                 self.record(c, "rr-50", "p50", Some(p50));
                 self.record(c, "rr-50", "p99", Some(p99));
+                self.record(c, "rr-50", "proxy CPU", r.cpu_us_each());
             }
             "churn" => {
                 let proxy = c.start(&self.echo);
-                let mut r = load::churn(proxy.addr, 20, 64, t);
+                let mut r = load::churn(proxy.addr, 20, 64, t, proxy.pid);
                 let p99 = r.percentile_us(99.0);
                 eprintln!(
-                    "  churn-20 {:<9} {:.0} conn/s p99 {p99:.0} µs (errors {})",
+                    "  churn-20 {:<9} {:.0} conn/s p99 {p99:.0} µs cpu {:.1?} µs/conn (errors {})",
                     c.name(),
                     r.per_sec(),
+                    r.cpu_us_each(),
                     r.errors
                 );
                 self.record(c, "churn-20", "connections", Some(r.per_sec()));
                 self.record(c, "churn-20", "p99", Some(p99));
+                self.record(c, "churn-20", "proxy CPU", r.cpu_us_each());
             }
             "idle" => {
                 let proxy = c.start(&self.echo);
@@ -151,7 +158,14 @@ impl Bench {
                     warmup: Duration::from_secs(1),
                     window: t.window,
                 };
-                let mut r = load::trickle(proxy.addr, 8000, 64, Duration::from_millis(500), timing);
+                let mut r = load::trickle(
+                    proxy.addr,
+                    8000,
+                    64,
+                    Duration::from_millis(500),
+                    timing,
+                    proxy.pid,
+                );
                 let p99 = r.percentile_us(99.0);
                 eprintln!(
                     "  scale-8000 {:<9} {:.0} msg/s p99 {p99:.0} µs (errors {})",
@@ -161,6 +175,7 @@ impl Bench {
                 );
                 self.record(c, "scale-8000", "messages", Some(r.per_sec()));
                 self.record(c, "scale-8000", "p99", Some(p99));
+                self.record(c, "scale-8000", "proxy CPU", r.cpu_us_each());
             }
             other => panic!("unknown scenario {other}"),
         }
