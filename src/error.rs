@@ -21,6 +21,9 @@ pub enum Error {
         addr: SocketAddr,
         source: io::Error,
     },
+    /// A TLS certificate, key, CA or CRL file is missing, unreadable,
+    /// malformed or does not fit with the others.
+    Tls { path: PathBuf, problem: String },
     /// The poller, waker or signal handler could not be set up.
     Setup {
         what: &'static str,
@@ -51,6 +54,7 @@ impl fmt::Display for Error {
                     "upstream `{upstream}`: cannot listen on {addr}: {source}{hint}"
                 )
             }
+            Error::Tls { path, problem } => write!(f, "TLS file {}: {problem}", path.display()),
             Error::Setup { what, source } => write!(f, "cannot set up {what}: {source}"),
         }
     }
@@ -63,6 +67,7 @@ impl std::error::Error for Error {
             | Error::Bind { source, .. }
             | Error::Setup { source, .. } => Some(source),
             Error::Config(e) => Some(e),
+            Error::Tls { .. } => None,
         }
     }
 }

@@ -12,15 +12,19 @@
 //! - [`config`]: the TOML schema and its validation;
 //! - [`buffer`]: relay buffers, pooled so that idle pairs hold none.
 
+pub mod access;
 pub mod balance;
 pub mod buffer;
+pub mod certs;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod limits;
 mod net;
 mod pair;
 pub mod proxy;
 mod timers;
+pub mod tls;
 mod token;
 
 pub use balance::LoadBalancer;

@@ -1,0 +1,314 @@
+//! Connection rate limits as token buckets: per client identity (checked
+//! after the TLS handshake) and per source address (checked at accept,
+//! before any handshake work). Pure policy: `now` is passed in, no I/O.
+//!
+//! Each bucket is kept in its GCRA form: one instant, the *theoretical
+//! arrival time* (TAT), after which the bucket is full again. A connection
+//! at `now` is allowed when `max(TAT, now) + interval - now <= burst ×
+//! interval`, and then moves TAT on by one interval. That is the same
+//! admission rule as a bucket of `burst` tokens refilled at `rate` per
+//! second, in exact integer time, with one instant of state per key.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+/// A token-bucket limit: `rate` new connections per second on average, and
+/// up to `burst` at once after a quiet spell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    /// Time to earn one token (1 / rate).
+    interval: Duration,
+    burst: u32,
+}
+
+impl Limit {
+    /// `rate` per second (must be positive and finite) with a bucket of `burst` (at least 1).
+    pub fn new(rate: f64, burst: u32) -> Limit {
+        assert!(rate > 0.0 && rate.is_finite(), "rate must be positive");
+        Limit {
+            interval: Duration::from_secs_f64(1.0 / rate),
+            burst: burst.max(1),
+        }
+    }
+
+    /// `rate` per second with a bucket of the same size (at least 1).
+    pub fn per_second(rate: f64) -> Limit {
+        Limit::new(rate, rate.ceil().min(u32::MAX as f64) as u32)
+    }
+
+    pub fn burst(&self) -> u32 {
+        self.burst
+    }
+
+    /// Takes a token from the bucket whose state is `tat`; on refusal,
+    /// returns how long until a token is available.
+    fn take(&self, tat: &mut Instant, now: Instant) -> Result<(), Duration> {
+        let next = (*tat).max(now) + self.interval;
+        let allowance = self.interval * self.burst;
+        let ahead = next.duration_since(now);
+        if ahead > allowance {
+            return Err(ahead - allowance);
+        }
+        *tat = next;
+        Ok(())
+    }
+}
+
+/// What a rate check says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Allowed,
+    /// Over the limit; a token will be there after `retry_after`.
+    Limited {
+        retry_after: Duration,
+    },
+    /// No limit is configured for this key: denied.
+    Unknown,
+}
+
+/// Per-client token buckets, created from each client's limit.
+#[derive(Debug, Clone)]
+pub struct RateLimiter<K = String> {
+    limits: HashMap<K, Limit>,
+    buckets: HashMap<K, Instant>,
+}
+
+impl<K: Eq + Hash + Clone> RateLimiter<K> {
+    pub fn new(limits: HashMap<K, Limit>) -> Self {
+        RateLimiter {
+            limits,
+            buckets: HashMap::new(),
+        }
+    }
+
+    /// Is a new connection by `client` allowed at `now`? Takes a token if so.
+    pub fn check(&mut self, client: &K, now: Instant) -> Verdict {
+        let Some(limit) = self.limits.get(client) else {
+            return Verdict::Unknown;
+        };
+        let tat = self.buckets.entry(client.clone()).or_insert(now);
+        match limit.take(tat, now) {
+            Ok(()) => Verdict::Allowed,
+            Err(retry_after) => Verdict::Limited { retry_after },
+        }
+    }
+}
+
+/// Token buckets per source address, created on first sight. IPv6 sources
+/// are grouped by /64 (one host or site), since a single client can cycle
+/// through addresses inside its prefix. Buckets that have filled up again
+/// are indistinguishable from new ones and are swept away, and the table
+/// never grows past `capacity`.
+#[derive(Debug, Clone)]
+pub struct SourceLimiter {
+    limit: Limit,
+    buckets: HashMap<IpAddr, Instant>,
+    capacity: usize,
+}
+
+/// Largest number of source buckets kept at once.
+pub const SOURCE_CAPACITY: usize = 100_000;
+
+impl SourceLimiter {
+    pub fn new(limit: Limit) -> Self {
+        SourceLimiter {
+            limit,
+            buckets: HashMap::new(),
+            capacity: SOURCE_CAPACITY,
+        }
+    }
+
+    /// Is a new connection from `source` allowed at `now`? Takes a token if so.
+    pub fn check(&mut self, source: IpAddr, now: Instant) -> Verdict {
+        let key = source_key(source);
+        if !self.buckets.contains_key(&key) && self.buckets.len() >= self.capacity {
+            self.sweep(now);
+            if self.buckets.len() >= self.capacity {
+                // Every tracked source is busy: more sources than this are a
+                // flood the handshake cap has to absorb, not this table.
+                return Verdict::Limited {
+                    retry_after: self.limit.interval,
+                };
+            }
+        }
+        let tat = self.buckets.entry(key).or_insert(now);
+        match self.limit.take(tat, now) {
+            Ok(()) => Verdict::Allowed,
+            Err(retry_after) => Verdict::Limited { retry_after },
+        }
+    }
+
+    /// Drops buckets that are full again (their TAT has passed).
+    pub fn sweep(&mut self, now: Instant) {
+        self.buckets.retain(|_, tat| *tat > now);
+    }
+
+    /// Sources currently tracked.
+    pub fn len(&self) -> usize {
+        self.buckets.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buckets.is_empty()
+    }
+}
+
+fn source_key(source: IpAddr) -> IpAddr {
+    match source {
+        IpAddr::V4(_) => source,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(prefix.into())
+            }
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn limiter(rate: f64, burst: u32) -> RateLimiter {
+        RateLimiter::new(HashMap::from([(
+            "alice".to_string(),
+            Limit::new(rate, burst),
+        )]))
+    }
+
+    #[test]
+    fn a_full_bucket_allows_a_burst_then_refuses() {
+        let t0 = Instant::now();
+        let mut rl = limiter(10.0, 3);
+        let alice = "alice".to_string();
+        for _ in 0..3 {
+            assert_eq!(rl.check(&alice, t0), Verdict::Allowed);
+        }
+        // The fourth at the same instant waits for one token: 100 ms.
+        assert_eq!(
+            rl.check(&alice, t0),
+            Verdict::Limited {
+                retry_after: ms(100)
+            }
+        );
+    }
+
+    #[test]
+    fn tokens_refill_at_the_rate() {
+        let t0 = Instant::now();
+        let mut rl = limiter(10.0, 3);
+        let alice = "alice".to_string();
+        for _ in 0..3 {
+            assert_eq!(rl.check(&alice, t0), Verdict::Allowed);
+        }
+        // 250 ms later, 2.5 tokens have come back: two connections, not three.
+        let t1 = t0 + ms(250);
+        assert_eq!(rl.check(&alice, t1), Verdict::Allowed);
+        assert_eq!(rl.check(&alice, t1), Verdict::Allowed);
+        assert_eq!(
+            rl.check(&alice, t1),
+            Verdict::Limited {
+                retry_after: ms(50)
+            }
+        );
+        assert_eq!(rl.check(&alice, t1 + ms(50)), Verdict::Allowed);
+    }
+
+    #[test]
+    fn refill_never_exceeds_the_burst() {
+        let t0 = Instant::now();
+        let mut rl = limiter(10.0, 2);
+        let alice = "alice".to_string();
+        // After an hour of quiet, still only two at once.
+        let later = t0 + Duration::from_secs(3600);
+        assert_eq!(rl.check(&alice, later), Verdict::Allowed);
+        assert_eq!(rl.check(&alice, later), Verdict::Allowed);
+        assert!(matches!(rl.check(&alice, later), Verdict::Limited { .. }));
+    }
+
+    #[test]
+    fn steady_rate_is_sustained_exactly() {
+        let t0 = Instant::now();
+        let mut rl = limiter(4.0, 1);
+        let alice = "alice".to_string();
+        for i in 0..100 {
+            assert_eq!(
+                rl.check(&alice, t0 + ms(250 * i)),
+                Verdict::Allowed,
+                "at {i}"
+            );
+        }
+        assert!(matches!(
+            rl.check(&alice, t0 + ms(250 * 99 + 1)),
+            Verdict::Limited { .. }
+        ));
+    }
+
+    #[test]
+    fn unknown_clients_are_denied_and_clients_are_independent() {
+        let t0 = Instant::now();
+        let mut rl = RateLimiter::new(HashMap::from([
+            ("alice".to_string(), Limit::per_second(1.0)),
+            ("bob".to_string(), Limit::per_second(1.0)),
+        ]));
+        assert_eq!(rl.check(&"mallory".to_string(), t0), Verdict::Unknown);
+        assert_eq!(rl.check(&"alice".to_string(), t0), Verdict::Allowed);
+        assert!(matches!(
+            rl.check(&"alice".to_string(), t0),
+            Verdict::Limited { .. }
+        ));
+        assert_eq!(rl.check(&"bob".to_string(), t0), Verdict::Allowed);
+    }
+
+    #[test]
+    fn per_second_burst_defaults_to_the_rate() {
+        assert_eq!(Limit::per_second(20.0).burst(), 20);
+        assert_eq!(Limit::per_second(0.5).burst(), 1);
+    }
+
+    #[test]
+    fn sources_group_ipv6_by_prefix_and_sweep_when_full_again() {
+        let t0 = Instant::now();
+        let mut sl = SourceLimiter::new(Limit::new(1.0, 1));
+        let a: IpAddr = "2001:db8::1".parse().unwrap();
+        let b: IpAddr = "2001:db8::ffff:2".parse().unwrap();
+        let other: IpAddr = "2001:db8:0:1::1".parse().unwrap();
+        assert_eq!(sl.check(a, t0), Verdict::Allowed);
+        // Same /64: the same bucket.
+        assert!(matches!(sl.check(b, t0), Verdict::Limited { .. }));
+        assert_eq!(sl.check(other, t0), Verdict::Allowed);
+        assert_eq!(sl.len(), 2);
+        sl.sweep(t0 + Duration::from_secs(2));
+        assert!(sl.is_empty());
+    }
+
+    #[test]
+    fn source_table_is_bounded() {
+        let t0 = Instant::now();
+        let mut sl = SourceLimiter::new(Limit::new(1.0, 1));
+        sl.capacity = 3;
+        for i in 1..=3u8 {
+            assert_eq!(sl.check(IpAddr::from([10, 0, 0, i]), t0), Verdict::Allowed);
+        }
+        // Full of busy sources: a new one is turned away, the table stays bounded.
+        assert!(matches!(
+            sl.check(IpAddr::from([10, 0, 0, 9]), t0),
+            Verdict::Limited { .. }
+        ));
+        assert_eq!(sl.len(), 3);
+        // Once they have filled up again they are swept to make room.
+        let later = t0 + Duration::from_secs(5);
+        assert_eq!(
+            sl.check(IpAddr::from([10, 0, 0, 9]), later),
+            Verdict::Allowed
+        );
+        assert_eq!(sl.len(), 1);
+    }
+}
