@@ -10,13 +10,16 @@
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
+use crate::access::ClientRule;
 use crate::error::Error;
+use crate::limits::Limit;
+use crate::tls::TlsSettings;
 
 /// Loop-wide settings; the `[defaults]` table.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,6 +46,9 @@ pub struct Settings {
     pub bulk_buffer_size: usize,
     /// Accept queue length requested from the kernel for each listener.
     pub backlog: u32,
+    /// New connections allowed per source address (IPv6: per /64), checked
+    /// at accept before any TLS work; `None` for no limit.
+    pub source_limit: Option<Limit>,
 }
 
 impl Settings {
@@ -63,6 +69,7 @@ impl Default for Settings {
             buffer_size: 16 * 1024,
             bulk_buffer_size: 64 * 1024,
             backlog: 1024,
+            source_limit: None,
         }
     }
 }
@@ -76,13 +83,19 @@ pub struct UpstreamConfig {
     pub name: String,
     pub listen: SocketAddr,
     pub hosts: Vec<SocketAddr>,
+    /// Clients must speak mTLS (default: true when `[tls]` exists).
+    pub tls: bool,
 }
 
 /// A complete, validated configuration.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     pub settings: Settings,
     pub upstreams: Vec<UpstreamConfig>,
+    /// The `[tls]` table; TLS files are read when the proxy binds (and by `check`).
+    pub tls: Option<TlsSettings>,
+    /// The `[[client]]` rules for TLS upstreams.
+    pub clients: Vec<ClientRule>,
 }
 
 /// One thing wrong with a configuration, with its place in the source
@@ -120,7 +133,7 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-const TOP_KEYS: &[&str] = &["defaults", "upstream"];
+const TOP_KEYS: &[&str] = &["defaults", "tls", "upstream", "client"];
 const DEFAULTS_KEYS: &[&str] = &[
     "connect_timeout",
     "idle_timeout",
@@ -130,8 +143,19 @@ const DEFAULTS_KEYS: &[&str] = &[
     "buffer_size",
     "bulk_buffer_size",
     "backlog",
+    "source_rate",
+    "source_burst",
 ];
-const UPSTREAM_KEYS: &[&str] = &["name", "listen", "hosts"];
+const UPSTREAM_KEYS: &[&str] = &["name", "listen", "hosts", "tls"];
+const TLS_KEYS: &[&str] = &[
+    "cert",
+    "key",
+    "client_ca",
+    "crl",
+    "handshake_timeout",
+    "max_handshakes",
+];
+const CLIENT_KEYS: &[&str] = &["identity", "upstreams", "rate", "burst", "max_connections"];
 
 impl Config {
     /// Reads and validates a configuration file.
@@ -140,7 +164,12 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        Config::parse(&text, &path.display().to_string()).map_err(Error::Config)
+        let mut config =
+            Config::parse(&text, &path.display().to_string()).map_err(Error::Config)?;
+        if let (Some(tls), Some(dir)) = (config.tls.as_mut(), path.parent()) {
+            tls.resolve_paths(dir);
+        }
+        Ok(config)
     }
 
     /// Validates configuration text; `origin` names it in error messages.
@@ -202,7 +231,10 @@ impl Config {
                     name: name.to_string(),
                     listen,
                     hosts: resolved,
+                    tls: false,
                 }],
+                tls: None,
+                clients: Vec::new(),
             }),
             _ => Err(ConfigError {
                 origin: "command line".to_string(),
@@ -391,43 +423,297 @@ impl Walker<'_> {
             None => Some(Settings::default()),
         };
 
+        let tls = match find(root, "tls") {
+            Some(v) => match v.get_ref() {
+                DeValue::Table(t) => self.tls(t, v.span()),
+                _ => {
+                    self.problem(v.span(), "`tls` must be a table ([tls])".to_string());
+                    None
+                }
+            },
+            None => None,
+        };
+        let tls_present = find(root, "tls").is_some();
+
         let mut upstreams = Vec::new();
-        match find(root, "upstream") {
-            None => self.problems.push(Problem {
+        if find(root, "upstream").is_none() {
+            self.problems.push(Problem {
                 line: 0,
                 column: 0,
                 message: "no upstream is defined (add an [[upstream]] table)".to_string(),
-            }),
-            Some(v) => match v.get_ref() {
-                DeValue::Array(items) if items.is_empty() => {
-                    self.problem(v.span(), "no upstream is defined".to_string())
-                }
-                DeValue::Array(items) => {
-                    for item in items.iter() {
-                        match item.get_ref() {
-                            DeValue::Table(t) => upstreams.push(self.upstream(t, item.span())),
-                            _ => self.problem(
-                                item.span(),
-                                "each upstream must be a table ([[upstream]])".to_string(),
-                            ),
-                        }
-                    }
-                }
-                _ => self.problem(
-                    v.span(),
-                    "`upstream` must be an array of tables ([[upstream]])".to_string(),
-                ),
-            },
+            });
+        }
+        for (table, span) in self.tables(root, "upstream") {
+            upstreams.push(self.upstream(table, span, tls_present));
         }
         self.cross_check(&upstreams);
+
+        let mut clients = Vec::new();
+        for (table, span) in self.tables(root, "client") {
+            clients.push(self.client(table, span, &upstreams));
+        }
+        if !clients.is_empty() && !tls_present {
+            let span = find(root, "client").map_or(0..0, |v| v.span());
+            let message =
+                "[[client]] rules need a [tls] table: identities come from client certificates";
+            self.problem(span, message.to_string());
+        }
+        for (i, c) in clients.iter().enumerate() {
+            if let Some(identity) = &c.identity {
+                let earlier = clients[..i].iter().filter_map(|e| e.identity.as_ref());
+                if earlier
+                    .into_iter()
+                    .any(|e| e.get_ref() == identity.get_ref())
+                {
+                    let message = format!("duplicate client identity `{}`", identity.get_ref());
+                    self.problem(identity.span(), message);
+                }
+            }
+        }
 
         let settings = settings?;
         let upstreams: Option<Vec<UpstreamConfig>> =
             upstreams.into_iter().map(|u| u.config).collect();
+        let clients: Option<Vec<ClientRule>> = clients.into_iter().map(|c| c.rule).collect();
+        if tls_present && tls.is_none() {
+            return None;
+        }
         Some(Config {
             settings,
             upstreams: upstreams?,
+            tls,
+            clients: clients?,
         })
+    }
+
+    /// The tables of an array of tables (`[[key]]`), reporting anything else.
+    fn tables<'a, 'i>(
+        &mut self,
+        root: &'a DeTable<'i>,
+        key: &str,
+    ) -> Vec<(&'a DeTable<'i>, Range<usize>)> {
+        let Some(v) = find(root, key) else {
+            return Vec::new();
+        };
+        let DeValue::Array(items) = v.get_ref() else {
+            self.problem(
+                v.span(),
+                format!("`{key}` must be an array of tables ([[{key}]])"),
+            );
+            return Vec::new();
+        };
+        if items.is_empty() {
+            self.problem(v.span(), format!("`{key}` is empty"));
+        }
+        let mut tables = Vec::new();
+        for item in items.iter() {
+            match item.get_ref() {
+                DeValue::Table(t) => tables.push((t, item.span())),
+                _ => self.problem(
+                    item.span(),
+                    format!("each {key} must be a table ([[{key}]])"),
+                ),
+            }
+        }
+        tables
+    }
+
+    fn tls(&mut self, table: &DeTable<'_>, span: Range<usize>) -> Option<TlsSettings> {
+        self.unknown_keys(table, TLS_KEYS, "in [tls]");
+        let mut path = |key: &str| match find(table, key) {
+            Some(v) => self.string(v, key).map(PathBuf::from),
+            None => {
+                self.problem(span.clone(), format!("[tls] has no `{key}`"));
+                None
+            }
+        };
+        let (cert, key, client_ca) = (path("cert"), path("key"), path("client_ca"));
+        let mut ok = true;
+        let crl = match find(table, "crl") {
+            None => Vec::new(),
+            Some(v) => match v.get_ref() {
+                DeValue::String(s) => vec![PathBuf::from(s.as_ref())],
+                DeValue::Array(items) => {
+                    let paths: Vec<Option<PathBuf>> = items
+                        .iter()
+                        .map(|item| self.string(item, "crl").map(PathBuf::from))
+                        .collect();
+                    ok &= paths.iter().all(Option::is_some);
+                    paths.into_iter().flatten().collect()
+                }
+                _ => {
+                    self.problem(
+                        v.span(),
+                        "`crl` must be a file name or an array of them".into(),
+                    );
+                    ok = false;
+                    Vec::new()
+                }
+            },
+        };
+        let handshake_timeout = match find(table, "handshake_timeout") {
+            Some(v) => self.duration(v, "handshake_timeout", false),
+            None => Some(TlsSettings::DEFAULT_HANDSHAKE_TIMEOUT),
+        };
+        let max_handshakes = match find(table, "max_handshakes") {
+            Some(v) => self
+                .integer(v, "max_handshakes", 1, 1_000_000)
+                .map(|n| n as usize),
+            None => Some(TlsSettings::DEFAULT_MAX_HANDSHAKES),
+        };
+        if !ok {
+            return None;
+        }
+        Some(TlsSettings {
+            cert: cert?,
+            key: key?,
+            client_ca: client_ca?,
+            crl,
+            handshake_timeout: handshake_timeout?,
+            max_handshakes: max_handshakes?,
+        })
+    }
+
+    fn client(
+        &mut self,
+        table: &DeTable<'_>,
+        span: Range<usize>,
+        upstreams: &[Upstream],
+    ) -> Client {
+        self.unknown_keys(table, CLIENT_KEYS, "in [[client]]");
+        let identity = match find(table, "identity") {
+            Some(v) => self.string(v, "identity").and_then(|id| {
+                if id.is_empty() || id.chars().any(char::is_whitespace) {
+                    self.problem(
+                        v.span(),
+                        "`identity` must be a DNS name or URI without spaces".into(),
+                    );
+                    None
+                } else {
+                    Some(Spanned::new(v.span(), id.to_string()))
+                }
+            }),
+            None => {
+                self.problem(span.clone(), "client has no `identity`".into());
+                None
+            }
+        };
+        let label = identity.as_ref().map_or_else(
+            || "client".to_string(),
+            |i| format!("client `{}`", i.get_ref()),
+        );
+        let allowed = match find(table, "upstreams") {
+            Some(v) => self.client_upstreams(v, &label, upstreams),
+            None => {
+                self.problem(span.clone(), format!("{label} has no `upstreams`"));
+                None
+            }
+        };
+        let rate = match find(table, "rate") {
+            Some(v) => self.number(v, "rate").and_then(|r| {
+                if r > 0.0 && r <= 1e6 {
+                    Some(r)
+                } else {
+                    self.problem(
+                        v.span(),
+                        format!("`rate` must be above 0 and at most 1000000, not {r}"),
+                    );
+                    None
+                }
+            }),
+            None => {
+                self.problem(
+                    span,
+                    format!("{label} has no `rate` (new connections per second)"),
+                );
+                None
+            }
+        };
+        let burst = match find(table, "burst") {
+            Some(v) => self
+                .integer(v, "burst", 1, 1_000_000)
+                .map(|n| Some(n as u32)),
+            None => Some(None),
+        };
+        let max_connections = match find(table, "max_connections") {
+            Some(v) => self
+                .integer(v, "max_connections", 1, u32::MAX as i64)
+                .map(|n| Some(n as u32)),
+            None => Some(None),
+        };
+        let rule = match (&identity, allowed, rate, burst, max_connections) {
+            (Some(identity), Some(upstreams), Some(rate), Some(burst), Some(max_connections)) => {
+                Some(ClientRule {
+                    identity: identity.get_ref().clone(),
+                    upstreams,
+                    rate,
+                    burst: burst.unwrap_or_else(|| Limit::per_second(rate).burst()),
+                    max_connections,
+                })
+            }
+            _ => None,
+        };
+        Client { identity, rule }
+    }
+
+    /// Names of existing TLS upstreams.
+    fn client_upstreams(
+        &mut self,
+        v: &Value<'_>,
+        label: &str,
+        upstreams: &[Upstream],
+    ) -> Option<Vec<String>> {
+        let DeValue::Array(items) = v.get_ref() else {
+            self.problem(
+                v.span(),
+                format!("{label}: `upstreams` must be an array of upstream names"),
+            );
+            return None;
+        };
+        let mut names = Vec::new();
+        let mut ok = true;
+        for item in items.iter() {
+            let Some(name) = self.string(item, "upstreams") else {
+                ok = false;
+                continue;
+            };
+            let found = upstreams
+                .iter()
+                .find(|u| u.name.as_ref().is_some_and(|n| n.get_ref() == name));
+            match found {
+                None => {
+                    self.problem(
+                        item.span(),
+                        format!("{label}: no upstream is named `{name}`"),
+                    );
+                    ok = false;
+                }
+                Some(u) if u.config.as_ref().is_some_and(|c| !c.tls) => {
+                    let message = format!(
+                        "{label}: upstream `{name}` is plain TCP, where clients have no identity (set `tls = true` on it)"
+                    );
+                    self.problem(item.span(), message);
+                    ok = false;
+                }
+                Some(_) => names.push(name.to_string()),
+            }
+        }
+        ok.then_some(names)
+    }
+
+    /// An integer or a float.
+    fn number(&mut self, v: &Value<'_>, key: &str) -> Option<f64> {
+        let parsed = match v.get_ref() {
+            DeValue::Integer(i) => i64::from_str_radix(i.as_str(), i.radix())
+                .ok()
+                .map(|n| n as f64),
+            DeValue::Float(f) => f.as_str().replace('_', "").parse::<f64>().ok(),
+            _ => None,
+        };
+        if parsed.is_none() {
+            self.problem(v.span(), format!("`{key}` must be a number"));
+        }
+        parsed.filter(|n| n.is_finite())
     }
 
     fn unknown_keys(&mut self, table: &DeTable<'_>, allowed: &[&str], place: &str) {
@@ -472,6 +758,33 @@ impl Walker<'_> {
                 Some(n) => s.backlog = n as u32,
                 None => ok = false,
             }
+        }
+        let source_rate = find(table, "source_rate").map(|v| {
+            self.number(v, "source_rate").filter(|r| {
+                let fine = *r > 0.0 && *r <= 1e6;
+                if !fine {
+                    self.problem(
+                        v.span(),
+                        format!("`source_rate` must be above 0 and at most 1000000, not {r}"),
+                    );
+                }
+                fine
+            })
+        });
+        let source_burst =
+            find(table, "source_burst").map(|v| self.integer(v, "source_burst", 1, 1_000_000));
+        match (source_rate, source_burst) {
+            (Some(Some(rate)), Some(Some(burst))) => {
+                s.source_limit = Some(Limit::new(rate, burst as u32))
+            }
+            (Some(Some(rate)), None) => s.source_limit = Some(Limit::per_second(rate)),
+            (None, Some(Some(_))) => {
+                let span = find(table, "source_burst").map_or(0..0, |v| v.span());
+                self.problem(span, "`source_burst` needs `source_rate`".to_string());
+                ok = false;
+            }
+            (None, None) => {}
+            _ => ok = false,
         }
         for (key, slot) in [
             ("buffer_size", &mut s.buffer_size),
@@ -578,7 +891,7 @@ impl Walker<'_> {
         }
     }
 
-    fn upstream(&mut self, table: &DeTable<'_>, span: Range<usize>) -> Upstream {
+    fn upstream(&mut self, table: &DeTable<'_>, span: Range<usize>, tls_present: bool) -> Upstream {
         self.unknown_keys(table, UPSTREAM_KEYS, "in [[upstream]]");
         let name = match find(table, "name") {
             Some(v) => self
@@ -613,11 +926,29 @@ impl Walker<'_> {
                 None
             }
         };
-        let config = match (&name, &listen, hosts) {
-            (Some(name), Some(listen), Some(hosts)) => Some(UpstreamConfig {
+        let tls = match find(table, "tls") {
+            None => Some(tls_present),
+            Some(v) => match v.get_ref() {
+                DeValue::Boolean(true) if !tls_present => {
+                    self.problem(
+                        v.span(),
+                        format!("{label} has `tls = true` but there is no [tls] table"),
+                    );
+                    None
+                }
+                DeValue::Boolean(b) => Some(*b),
+                _ => {
+                    self.problem(v.span(), "`tls` must be true or false".to_string());
+                    None
+                }
+            },
+        };
+        let config = match (&name, &listen, hosts, tls) {
+            (Some(name), Some(listen), Some(hosts), Some(tls)) => Some(UpstreamConfig {
                 name: name.get_ref().clone(),
                 listen: *listen.get_ref(),
                 hosts,
+                tls,
             }),
             _ => None,
         };
@@ -689,6 +1020,12 @@ impl Walker<'_> {
             }
         }
     }
+}
+
+/// What a `[[client]]` table yielded, kept with spans for cross-checks.
+struct Client {
+    identity: Option<Spanned<String>>,
+    rule: Option<ClientRule>,
 }
 
 /// What an `[[upstream]]` table yielded, kept with spans for cross-checks.
@@ -841,6 +1178,113 @@ hosts = ["127.0.0.1:1", "nope"]
         assert!(
             found[0].starts_with("lb.toml:2:20: `bulk_buffer_size`: `lots` is not a size"),
             "{found:?}"
+        );
+    }
+
+    #[test]
+    fn tls_clients_and_source_limits() {
+        let config = Config::parse(
+            r#"
+[defaults]
+source_rate = 50
+source_burst = 100
+
+[tls]
+cert = "certs/server.pem"
+key = "certs/server.key"
+client_ca = "certs/ca.pem"
+crl = ["certs/ca.crl"]
+handshake_timeout = "3s"
+
+[[upstream]]
+name = "app-a"
+listen = "127.0.0.1:7777"
+hosts = ["127.0.0.1:9001"]
+
+[[upstream]]
+name = "plain"
+listen = "127.0.0.1:7778"
+hosts = ["127.0.0.1:9002"]
+tls = false
+
+[[client]]
+identity = "spiffe://example.org/alice"
+upstreams = ["app-a"]
+rate = 0.5
+
+[[client]]
+identity = "bob"
+upstreams = ["app-a"]
+rate = 10
+burst = 20
+max_connections = 100
+"#,
+            "lb.toml",
+        )
+        .unwrap();
+        let tls = config.tls.as_ref().unwrap();
+        assert_eq!(tls.handshake_timeout, Duration::from_secs(3));
+        assert_eq!(tls.max_handshakes, 1000);
+        assert_eq!(tls.crl, [PathBuf::from("certs/ca.crl")]);
+        assert_eq!(
+            [config.upstreams[0].tls, config.upstreams[1].tls],
+            [true, false]
+        );
+        assert_eq!(config.clients[0].burst, 1);
+        assert_eq!(config.clients[1].burst, 20);
+        assert_eq!(config.clients[1].max_connections, Some(100));
+        assert_eq!(config.settings.source_limit, Some(Limit::new(50.0, 100)));
+    }
+
+    #[test]
+    fn client_rules_are_checked_against_upstreams() {
+        let found = problems(
+            r#"[tls]
+cert = "s.pem"
+client_ca = "ca.pem"
+
+[[upstream]]
+name = "a"
+listen = "127.0.0.1:0"
+hosts = ["127.0.0.1:1"]
+
+[[upstream]]
+name = "p"
+listen = "127.0.0.1:0"
+hosts = ["127.0.0.1:1"]
+tls = false
+
+[[client]]
+identity = "alice"
+upstreams = ["a", "nope", "p"]
+rate = 0
+
+[[client]]
+identity = "alice"
+upstreams = ["a"]
+rate = 1
+"#,
+        );
+        let text = found.join("\n");
+        assert!(text.contains("lb.toml:1:1: [tls] has no `key`"), "{text}");
+        assert!(text.contains("no upstream is named `nope`"), "{text}");
+        assert!(text.contains("upstream `p` is plain TCP"), "{text}");
+        assert!(text.contains("`rate` must be above 0"), "{text}");
+        assert!(
+            text.contains("22:12: duplicate client identity `alice`"),
+            "{text}"
+        );
+        let found = problems(
+            "[[upstream]]\nname=\"a\"\nlisten=\"127.0.0.1:0\"\nhosts=[\"127.0.0.1:1\"]\ntls=true\n[[client]]\nidentity=\"x\"\nupstreams=[\"a\"]\nrate=1\n",
+        );
+        let text = found.join("\n");
+        assert!(
+            text.contains("`tls = true` but there is no [tls] table"),
+            "{text}"
+        );
+        assert!(
+            text.contains("[[client]] rules need a [tls] table"),
+            "{text}"
         );
     }
 

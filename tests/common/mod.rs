@@ -124,7 +124,10 @@ pub fn config(hosts: &[SocketAddr], settings: Settings) -> Config {
             name: "test".to_string(),
             listen: localhost(),
             hosts: hosts.to_vec(),
+            tls: false,
         }],
+        tls: None,
+        clients: Vec::new(),
     }
 }
 
