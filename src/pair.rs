@@ -1,46 +1,35 @@
-//! The life of one connection pair: a client socket, the upstream socket
-//! tcplb opened for it, a flow per direction, and the phase it is in.
+//! The life of one connection pair: a client socket (and its TLS session
+//! on a TLS upstream), the upstream socket tcplb opened for it, a flow per
+//! direction, and the phase it is in.
 //!
 //! ```text
-//!   accept ──> Connecting ──(connected)──> Relaying ──(both flows done)──> closed
-//!                 │  ▲  (connect failed:                │
-//!                 │  └── next candidate)               (reset, timeout) ──> closed
-//!                 └──(no candidate left)──> Refusing ──(line sent, FIN or deadline)──> closed
+//!   accept ──> [Handshaking] ──(admitted)──> Connecting ──(connected)──> Relaying ──(both flows done)──> closed
+//!                   │   (not admitted)          │  ▲  (connect failed:          │
+//!                   │        │                  │  └── next candidate)         (reset, timeout) ──> closed
+//!                   │        └──────────────────┴──(no candidate left)──> Refusing ──(line sent, FIN or deadline)──> closed
+//!                   └──(TLS failure, timeout)──> closed
 //! ```
 //!
-//! Readiness is remembered per socket ([`Endpoint`]): an event sets bits,
-//! and only an operation that shows the socket drained (WouldBlock, or a
-//! short read or write) clears them. The relay works on "socket ready and
-//! flow wants it": it reads only while the direction's buffer has room and
-//! writes only while it holds bytes, so a direction paused by backpressure
-//! resumes on the other socket's next writable edge without waiting for a
-//! new readable one. Each direction finishes on its own (source EOF and
-//! buffer flushed => `shutdown(Write)` of the destination); the pair is
-//! done when both have. The loop (`proxy.rs`) owns the host counters and
-//! the close path; this module only reports what happened.
+//! Each direction ([`Flow`]) finishes on its own (source EOF and buffer
+//! flushed => the destination is finished); the pair is done when both
+//! have. The loop (`proxy.rs`) owns the host and client counters and the
+//! close path; this module only reports what happened.
 
 use std::io;
 use std::net::{Shutdown, SocketAddr};
 use std::time::{Duration, Instant};
 
-use mio::event::Event;
 use mio::net::TcpStream;
 
+use crate::access::ClientId;
 use crate::balance::HostId;
-use crate::buffer::{Buffer, BufferPool, Size};
+use crate::buffer::BufferPool;
 use crate::config::Settings;
+use crate::endpoint::{ERROR, Endpoint, READ_ALL, READABLE, WRITABLE};
+use crate::flow::{Fault, Flow, pump};
 use crate::net::{self, Io};
+use crate::secure::{ClientTls, Discarded, Handshake};
 use crate::token::Side;
-
-const READABLE: u8 = 1;
-const WRITABLE: u8 = 2;
-/// A short read does not mean the socket is drained: read on until
-/// WouldBlock or EOF. Set when the peer's FIN or an error came with the
-/// readable edge (EOF is still to be read), and when urgent data arrived
-/// (Linux stops a read at the urgent mark even with more bytes queued).
-const READ_ALL: u8 = 4;
-/// The kernel reported an error condition; `take_error` will say which.
-const ERROR: u8 = 8;
 
 /// How long a refused client gets to read its error line and close.
 pub const REFUSAL_LINGER: Duration = Duration::from_secs(2);
@@ -48,87 +37,6 @@ pub const REFUSAL_LINGER: Duration = Duration::from_secs(2);
 /// graceful close; reading them keeps the kernel from answering with RST
 /// (which could destroy the error line before the client reads it).
 const REFUSAL_DISCARD_LIMIT: usize = 64 * 1024;
-
-/// One socket and what the kernel last said about it.
-#[derive(Debug)]
-pub struct Endpoint {
-    pub stream: TcpStream,
-    ready: u8,
-    /// SO_OOBINLINE is set (done on the first urgent-data event).
-    urgent_inline: bool,
-}
-
-impl Endpoint {
-    pub fn new(stream: TcpStream) -> Self {
-        Endpoint {
-            stream,
-            ready: 0,
-            urgent_inline: false,
-        }
-    }
-
-    /// Remembers a readiness event. Closed and error conditions count as
-    /// readable and writable so that the next operation reports them.
-    pub fn on_event(&mut self, event: &Event) {
-        if event.is_readable() || event.is_read_closed() || event.is_error() {
-            self.ready |= READABLE;
-        }
-        if event.is_read_closed() || event.is_error() || event.is_priority() {
-            self.ready |= READABLE | READ_ALL;
-        }
-        if event.is_priority() && !self.urgent_inline {
-            net::keep_urgent_inline(&self.stream);
-            self.urgent_inline = true;
-        }
-        if event.is_writable() || event.is_write_closed() || event.is_error() {
-            self.ready |= WRITABLE;
-        }
-        if event.is_error() {
-            self.ready |= ERROR;
-        }
-    }
-
-    /// Lets the first write be tried before any event (a fresh socket has room).
-    pub fn assume_writable(&mut self) {
-        self.ready |= WRITABLE;
-    }
-
-    fn is(&self, bit: u8) -> bool {
-        self.ready & bit != 0
-    }
-
-    fn clear(&mut self, bits: u8) {
-        self.ready &= !bits;
-    }
-
-    /// The pending socket error, if the kernel flagged one.
-    fn pending_error(&mut self) -> Option<io::Error> {
-        if !self.is(ERROR) {
-            return None;
-        }
-        self.clear(ERROR);
-        match self.stream.take_error() {
-            Ok(None) => None,
-            Ok(Some(e)) | Err(e) => Some(e),
-        }
-    }
-}
-
-/// One direction of a pair: bytes from a source socket to a destination.
-#[derive(Debug, Default)]
-struct Flow {
-    /// Present only while bytes are in flight.
-    buf: Option<Buffer>,
-    /// Reads have filled whole buffers: this direction streams, and takes
-    /// bulk-size buffers from now on.
-    bulk: bool,
-    /// The source sent FIN.
-    eof: bool,
-    /// Everything is delivered and the destination's write side is shut.
-    done: bool,
-    /// Bytes written to the destination.
-    bytes: u64,
-}
 
 /// Why a pair ended, as the access log tells it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,6 +49,10 @@ pub enum End {
     HalfCloseTimeout,
     /// The client was told why and closed.
     Refused(Refusal),
+    /// The TLS handshake failed (bad certificate, protocol error).
+    HandshakeFailed,
+    /// The TLS handshake did not complete in time.
+    HandshakeTimeout,
     /// The drain period after a shutdown signal ran out.
     Shutdown,
 }
@@ -154,6 +66,8 @@ impl std::fmt::Display for End {
             End::IdleTimeout => "idle_timeout",
             End::HalfCloseTimeout => "half_close_timeout",
             End::Refused(r) => r.code(),
+            End::HandshakeFailed => "handshake_failed",
+            End::HandshakeTimeout => "handshake_timeout",
             End::Shutdown => "shutdown",
         })
     }
@@ -164,6 +78,9 @@ impl std::fmt::Display for End {
 pub enum Refusal {
     UpstreamUnavailable,
     Overloaded,
+    Unauthorized,
+    RateLimited { retry_after_secs: u64 },
+    TooManyConnections,
 }
 
 impl Refusal {
@@ -171,23 +88,35 @@ impl Refusal {
         match self {
             Refusal::UpstreamUnavailable => "upstream_unavailable",
             Refusal::Overloaded => "overloaded",
+            Refusal::Unauthorized => "unauthorized",
+            Refusal::RateLimited { .. } => "rate_limited",
+            Refusal::TooManyConnections => "too_many_connections",
         }
     }
 
-    /// The line sent to the client. It never names hosts or addresses.
-    pub fn line(self) -> &'static str {
-        match self {
+    /// The line sent to the client. It never names hosts or addresses, nor
+    /// which identities or upstreams exist.
+    pub fn line(self) -> String {
+        let message = match self {
             Refusal::UpstreamUnavailable => {
-                "ERROR upstream_unavailable: no host of this service is reachable, try again later\n"
+                "no host of this service is reachable, try again later".to_string()
             }
-            Refusal::Overloaded => "ERROR overloaded: too many connections, try again later\n",
-        }
+            Refusal::Overloaded => "too many connections, try again later".to_string(),
+            Refusal::Unauthorized => "this client may not use this service".to_string(),
+            Refusal::RateLimited { retry_after_secs } => {
+                format!("too many new connections, retry after {retry_after_secs} s")
+            }
+            Refusal::TooManyConnections => "too many open connections for this client".to_string(),
+        };
+        format!("ERROR {}: {message}\n", self.code())
     }
 }
 
 /// Where a pair is in its life.
 #[derive(Debug)]
 pub enum Phase {
+    /// The TLS handshake of a client of a TLS upstream is in progress.
+    Handshaking { deadline: Instant },
     /// A connect to `host` is in flight; `tried` lists hosts that already
     /// failed for this client (the allocation exists only after a failure).
     Connecting {
@@ -200,7 +129,10 @@ pub enum Phase {
     /// Sending the refusal line, then waiting for the client's FIN.
     Refusing {
         refusal: Refusal,
+        /// Bytes of the line sent (over TLS: queued into the session).
         written: usize,
+        /// The client's write side is shut (after the line, and `close_notify`).
+        shut: bool,
         discarded: usize,
         deadline: Instant,
     },
@@ -211,6 +143,7 @@ impl Phase {
         Phase::Refusing {
             refusal,
             written: 0,
+            shut: false,
             discarded: 0,
             deadline: now + REFUSAL_LINGER,
         }
@@ -249,6 +182,12 @@ pub struct Pair {
     pub upstream: usize,
     pub client_addr: SocketAddr,
     pub client: Endpoint,
+    /// The client's TLS session, on a TLS upstream.
+    pub tls: Option<Box<ClientTls>>,
+    /// The `[[client]]` rule this pair counts against, once admitted.
+    pub client_id: Option<ClientId>,
+    /// The client's identity from its certificate, for logs.
+    pub identity: Option<Box<str>>,
     /// The socket to the host; `None` while refusing.
     pub host: Option<Endpoint>,
     pub phase: Phase,
@@ -276,6 +215,9 @@ impl Pair {
             upstream,
             client_addr,
             client: Endpoint::new(client),
+            tls: None,
+            client_id: None,
+            identity: None,
             host: None,
             phase,
             up: Flow::default(),
@@ -307,7 +249,9 @@ impl Pair {
     /// When the loop must look at this pair again if nothing happens.
     pub fn deadline(&self, settings: &Settings) -> Instant {
         match &self.phase {
-            Phase::Connecting { deadline, .. } | Phase::Refusing { deadline, .. } => *deadline,
+            Phase::Handshaking { deadline }
+            | Phase::Connecting { deadline, .. }
+            | Phase::Refusing { deadline, .. } => *deadline,
             Phase::Relaying { .. } => {
                 let mut quiet = settings.idle_timeout;
                 if self.up.eof || self.down.eof {
@@ -378,12 +322,32 @@ impl Pair {
             }
         }
         let budget = RELAY_BUDGET.max(2 * pool.bulk_size());
-        let up = pump(&mut self.client, host, &mut self.up, pool, budget);
-        let down = pump(host, &mut self.client, &mut self.down, pool, budget);
+        let client = &mut self.client;
+        let (up, down) = match self.tls.as_deref_mut() {
+            None => (
+                pump(client, host, &mut self.up, pool, budget),
+                pump(host, client, &mut self.down, pool, budget),
+            ),
+            Some(tls) => {
+                // Records may wait regardless of the flows (handshake tail,
+                // alerts, a close_notify whose FIN is still to come).
+                if tls.flush(client).is_err() {
+                    return Step::Finish(End::Reset(Side::Client));
+                }
+                (
+                    pump(&mut tls.side(client), host, &mut self.up, pool, budget),
+                    pump(host, &mut tls.side(client), &mut self.down, pool, budget),
+                )
+            }
+        };
         let (up, down) = match (up, down) {
             (Ok(a), Ok(b)) => (a, b),
-            (Err(fault), _) => return Step::Finish(End::Reset(fault.side(Side::Client))),
-            (_, Err(fault)) => return Step::Finish(End::Reset(fault.side(Side::Upstream))),
+            (Err(Fault::Source), _) | (_, Err(Fault::Sink)) => {
+                return Step::Finish(End::Reset(Side::Client));
+            }
+            (Err(Fault::Sink), _) | (_, Err(Fault::Source)) => {
+                return Step::Finish(End::Reset(Side::Upstream));
+            }
         };
         if up.moved || down.moved {
             self.last_active = now;
@@ -397,164 +361,108 @@ impl Pair {
         }
     }
 
-    /// Sends the refusal line, shuts the write side, and reads (and drops)
-    /// whatever the client still sends until its FIN, so that closing does
-    /// not turn into a reset that could destroy the line before it is read.
+    /// Advances the TLS handshake (TLS pairs in [`Phase::Handshaking`]).
+    pub fn handshake(&mut self) -> Handshake {
+        match self.tls.as_deref_mut() {
+            Some(tls) => tls.handshake(&mut self.client),
+            None => Handshake::Done,
+        }
+    }
+
+    /// Sends the refusal line (over TLS: the line, then `close_notify`),
+    /// shuts the write side, and reads (and drops) whatever the client still
+    /// sends until it finishes, so that closing does not turn into a reset
+    /// that could destroy the line before it is read.
     pub fn refuse(&mut self) -> Step {
         let Phase::Refusing {
             refusal,
             written,
+            shut,
             discarded,
             ..
         } = &mut self.phase
         else {
             return Step::Continue;
         };
+        let refusal = *refusal;
+        let end = Step::Finish(End::Refused(refusal));
         let client = &mut self.client;
-        let line = refusal.line().as_bytes();
-        while *written < line.len() && client.is(WRITABLE) {
-            match net::write(&mut client.stream, &line[*written..]) {
-                Io::Done(n) => *written += n,
-                Io::WouldBlock => client.clear(WRITABLE),
-                Io::Eof | Io::Failed(_) => return Step::Finish(End::Refused(*refusal)),
+        let line = refusal.line();
+        match self.tls.as_deref_mut() {
+            Some(tls) => {
+                if *written == 0 {
+                    tls.queue_last_words(line.as_bytes());
+                    *written = line.len();
+                }
+                if tls.flush(client).is_err() {
+                    return end;
+                }
+                if !*shut && !tls.wants_write() {
+                    *shut = true;
+                    if client.stream.shutdown(Shutdown::Write).is_err() {
+                        return end;
+                    }
+                }
             }
-            if *written == line.len() && client.stream.shutdown(Shutdown::Write).is_err() {
-                return Step::Finish(End::Refused(*refusal));
+            None => {
+                while *written < line.len() && client.is(WRITABLE) {
+                    match net::write(&mut client.stream, &line.as_bytes()[*written..]) {
+                        Io::Done(n) => *written += n,
+                        Io::WouldBlock => client.clear(WRITABLE),
+                        Io::Eof | Io::Failed(_) => return end,
+                    }
+                }
+                if !*shut && *written == line.len() {
+                    *shut = true;
+                    if client.stream.shutdown(Shutdown::Write).is_err() {
+                        return end;
+                    }
+                }
             }
         }
-        let mut scratch = [0u8; 2048];
-        while client.is(READABLE) {
-            match net::read(&mut client.stream, &mut scratch) {
-                Io::Done(n) => {
+        loop {
+            let got = match self.tls.as_deref_mut() {
+                Some(tls) => tls.discard(client),
+                None => discard_plain(client),
+            };
+            match got {
+                Discarded::Bytes(n) => {
                     *discarded += n;
                     if *discarded > REFUSAL_DISCARD_LIMIT {
-                        return Step::Finish(End::Refused(*refusal));
+                        return end;
                     }
                 }
-                Io::WouldBlock => client.clear(READABLE | READ_ALL),
-                Io::Eof | Io::Failed(_) => {
-                    if *written == line.len() {
-                        return Step::Finish(End::Refused(*refusal));
-                    }
-                    // The client is gone or half-closed before the line was out.
+                Discarded::WouldBlock => return Step::Continue,
+                // Done once the line is out; a client that stopped sending
+                // earlier may still be reading it.
+                Discarded::End if *shut => return end,
+                Discarded::End => {
                     client.clear(READABLE | READ_ALL);
+                    return Step::Continue;
                 }
             }
         }
-        Step::Continue
     }
 
     /// Gives the pair's buffers back to the pool (before it is dropped).
     pub fn release_buffers(&mut self, pool: &mut BufferPool) {
-        for flow in [&mut self.up, &mut self.down] {
-            if let Some(buf) = flow.buf.take() {
-                pool.give(buf);
-            }
-        }
+        self.up.release(pool);
+        self.down.release(pool);
     }
 }
 
-/// Which socket of a pump failed.
-enum Fault {
-    Source,
-    Destination,
-}
-
-impl Fault {
-    fn side(&self, source: Side) -> Side {
-        match self {
-            Fault::Source => source,
-            Fault::Destination => source.other(),
-        }
+/// Reads and drops what a refused plain client still sends.
+fn discard_plain(client: &mut Endpoint) -> Discarded {
+    if !client.is(READABLE) {
+        return Discarded::WouldBlock;
     }
-}
-
-/// What one call of [`pump`] did.
-struct Pumped {
-    /// Some byte (or EOF) moved.
-    moved: bool,
-    /// Stopped because the budget ran out, not because nothing could move.
-    exhausted: bool,
-}
-
-/// Moves one direction's bytes until nothing more can move or `budget`
-/// bytes have been written.
-fn pump(
-    src: &mut Endpoint,
-    dst: &mut Endpoint,
-    flow: &mut Flow,
-    pool: &mut BufferPool,
-    mut budget: usize,
-) -> Result<Pumped, Fault> {
-    let mut moved = false;
-    loop {
-        let mut progress = false;
-        if !flow.eof && src.is(READABLE) {
-            let size = if flow.bulk { Size::Bulk } else { Size::Normal };
-            let buf = flow.buf.get_or_insert_with(|| pool.take(size));
-            if buf.has_room() {
-                let room = buf.room();
-                let wanted = room.len();
-                match net::read(&mut src.stream, room) {
-                    Io::Done(n) => {
-                        buf.filled(n);
-                        progress = true;
-                        // More was waiting than fit: the next buffer is a bulk one.
-                        flow.bulk |= n == wanted;
-                        // A short read drained the socket: epoll reports the
-                        // next arrival as a new edge, so no WouldBlock probe.
-                        if n < wanted && !src.is(READ_ALL) {
-                            src.clear(READABLE);
-                        }
-                    }
-                    Io::Eof => {
-                        flow.eof = true;
-                        progress = true;
-                    }
-                    Io::WouldBlock => src.clear(READABLE | READ_ALL),
-                    Io::Failed(e) => {
-                        log::debug!("read failed: {e}");
-                        return Err(Fault::Source);
-                    }
-                }
-            }
+    let mut scratch = [0u8; 2048];
+    match net::read(&mut client.stream, &mut scratch) {
+        Io::Done(n) => Discarded::Bytes(n),
+        Io::WouldBlock => {
+            client.clear(READABLE | READ_ALL);
+            Discarded::WouldBlock
         }
-        if let Some(buf) = flow.buf.as_mut() {
-            if !buf.is_empty() && dst.is(WRITABLE) {
-                let wanted = buf.len();
-                match net::write(&mut dst.stream, buf.data()) {
-                    Io::Done(n) => {
-                        buf.consumed(n);
-                        flow.bytes += n as u64;
-                        budget = budget.saturating_sub(n);
-                        progress = true;
-                        if n < wanted {
-                            dst.clear(WRITABLE);
-                        }
-                    }
-                    Io::WouldBlock => dst.clear(WRITABLE),
-                    Io::Eof | Io::Failed(_) => return Err(Fault::Destination),
-                }
-            }
-            if buf.is_empty() {
-                if let Some(buf) = flow.buf.take() {
-                    pool.give(buf);
-                }
-            }
-        }
-        if flow.eof && flow.buf.is_none() && !flow.done {
-            // ENOTCONN here means the destination was reset meanwhile.
-            if dst.stream.shutdown(Shutdown::Write).is_err() {
-                return Err(Fault::Destination);
-            }
-            flow.done = true;
-        }
-        moved |= progress;
-        if !progress || budget == 0 {
-            return Ok(Pumped {
-                moved,
-                exhausted: progress,
-            });
-        }
+        Io::Eof | Io::Failed(_) => Discarded::End,
     }
 }

@@ -17,6 +17,7 @@
 //! - a socket is registered once, for READABLE | WRITABLE, when it is
 //!   created; closing it (dropping the pair) removes it from the poll set.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -31,13 +32,18 @@ use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::access::{Access, Denial};
 use crate::balance::{HostId, LoadBalancer};
 use crate::buffer::BufferPool;
 use crate::config::{Config, Settings};
+use crate::endpoint::Endpoint;
 use crate::error::Error;
+use crate::limits::{SourceLimiter, Verdict};
 use crate::net;
-use crate::pair::{Connect, End, Endpoint, Pair, Phase, Refusal, Step};
+use crate::pair::{Connect, End, Pair, Phase, Refusal, Step};
+use crate::secure::{ClientTls, Handshake};
 use crate::timers::Timers;
+use crate::tls::{self, TlsSettings};
 use crate::token::{Side, Source};
 
 /// Connections accepted from one listener per loop turn before the loop
@@ -45,8 +51,6 @@ use crate::token::{Side, Source};
 const ACCEPT_BATCH: usize = 128;
 /// How long accepting pauses when the process runs out of descriptors.
 const EXHAUSTION_BACKOFF: Duration = Duration::from_millis(100);
-/// At most one log line per this period about descriptor exhaustion.
-const EXHAUSTION_LOG_PERIOD: Duration = Duration::from_secs(1);
 /// Refused clients that may linger (reading their error line) at once;
 /// beyond this, refusals are written best-effort and closed at once.
 const REFUSING_CAP: usize = 1024;
@@ -58,12 +62,39 @@ const PAIR_INTEREST: Interest = Interest::READABLE
     .add(Interest::WRITABLE)
     .add(Interest::PRIORITY);
 
+/// At most one log line per period about a recurring condition, saying
+/// how often it happened since the last line.
+#[derive(Debug, Default)]
+struct Throttle {
+    last: Option<Instant>,
+    unlogged: u64,
+}
+
+impl Throttle {
+    const PERIOD: Duration = Duration::from_secs(1);
+
+    /// `Some(times since the last line)` when a line may be logged now.
+    fn allow(&mut self, now: Instant) -> Option<u64> {
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < Self::PERIOD)
+        {
+            self.unlogged += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.unlogged))
+    }
+}
+
 /// An upstream as the loop serves it.
 #[derive(Debug)]
 struct Upstream {
     name: String,
     listen: SocketAddr,
     balancer: LoadBalancer,
+    /// Clients must complete an mTLS handshake and be admitted by `Access`.
+    tls: bool,
 }
 
 #[derive(Debug)]
@@ -91,7 +122,11 @@ pub struct Stats {
     pub refusing: usize,
     /// Relay buffers currently held by pairs.
     pub buffers_in_use: usize,
+    /// TLS handshakes in progress.
+    pub handshakes: usize,
     pub upstreams: Vec<UpstreamStats>,
+    /// Open connections per `[[client]]` identity.
+    pub clients: Vec<(String, u32)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,6 +134,9 @@ pub struct UpstreamStats {
     pub name: String,
     pub listen: SocketAddr,
     pub hosts: Vec<HostStats>,
+    /// Clients turned away, per reason (refusal code, `handshake_failed`,
+    /// `handshake_timeout`, `source_rate_limited`, `handshake_capacity`).
+    pub refused: Vec<(String, u64)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,8 +185,17 @@ pub struct Proxy {
     /// their ids (a slot may be reused before they are driven again).
     runnable: Vec<(usize, u64)>,
     accept_paused_until: Option<Instant>,
-    last_exhaustion_log: Option<Instant>,
-    exhaustion_unlogged: u64,
+    exhaustion_log: Throttle,
+    /// TLS material, when any upstream speaks TLS.
+    tls: Option<(Arc<rustls::ServerConfig>, TlsSettings)>,
+    /// Pairs in the handshake phase.
+    handshaking: usize,
+    access: Access,
+    sources: Option<SourceLimiter>,
+    /// Connections closed at accept (source rate, handshake capacity).
+    drop_log: Throttle,
+    /// Refusals and failed handshakes, per (upstream, reason).
+    refused: BTreeMap<(usize, &'static str), u64>,
     drain_deadline: Option<Instant>,
     stop_now: bool,
     signals: Option<Signals>,
@@ -171,6 +218,10 @@ impl Proxy {
     /// Binds every upstream's listen address. Nothing is accepted until [`run`](Proxy::run).
     pub fn bind(config: &Config) -> Result<Proxy, Error> {
         let setup = |what| move |source| Error::Setup { what, source };
+        let tls = match &config.tls {
+            Some(settings) => Some((settings.server_config()?, settings.clone())),
+            None => None,
+        };
         let poll = Poll::new().map_err(setup("the poller"))?;
         let waker =
             Waker::new(poll.registry(), Source::Control.token()).map_err(setup("the waker"))?;
@@ -202,6 +253,7 @@ impl Proxy {
                 name: u.name.clone(),
                 listen: local,
                 balancer: LoadBalancer::new(u.hosts.clone()),
+                tls: u.tls,
             });
         }
         let pool = BufferPool::new(
@@ -221,8 +273,13 @@ impl Proxy {
             refusing: 0,
             runnable: Vec::new(),
             accept_paused_until: None,
-            last_exhaustion_log: None,
-            exhaustion_unlogged: 0,
+            exhaustion_log: Throttle::default(),
+            tls,
+            handshaking: 0,
+            access: Access::new(config.clients.clone()),
+            sources: config.settings.source_limit.map(SourceLimiter::new),
+            drop_log: Throttle::default(),
+            refused: BTreeMap::new(),
             drain_deadline: None,
             stop_now: false,
             signals: None,
@@ -368,6 +425,23 @@ impl Proxy {
             return self.close(key, End::Reset(Side::Client), now);
         }
         let step = match pair.phase {
+            Phase::Handshaking { .. } => match pair.handshake() {
+                Handshake::Pending => Step::Continue,
+                Handshake::Done => return self.handshake_done(key, now),
+                Handshake::Failed(reason) => {
+                    let u = &self.upstreams[pair.upstream].name;
+                    info!(
+                        "{} `{u}` refused: handshake_failed ({reason})",
+                        pair.client_addr
+                    );
+                    *self
+                        .refused
+                        .entry((pair.upstream, "handshake_failed"))
+                        .or_default() += 1;
+                    Step::Finish(End::HandshakeFailed)
+                }
+                Handshake::Gone => Step::Finish(End::Reset(Side::Client)),
+            },
             Phase::Connecting { host, .. } => match pair.check_connect() {
                 Connect::Pending => Step::Continue,
                 Connect::Failed(e) => return self.connect_failed(key, e, now),
@@ -439,6 +513,12 @@ impl Proxy {
                     self.close(key, end, now);
                 }
                 Phase::Refusing { refusal, .. } => self.close(key, End::Refused(refusal), now),
+                Phase::Handshaking { .. } => {
+                    let upstream = pair.upstream;
+                    debug!("{} handshake timed out", pair.client_addr);
+                    self.count_refusal(upstream, "handshake_timeout");
+                    self.close(key, End::HandshakeTimeout, now);
+                }
             }
         }
     }
@@ -478,26 +558,29 @@ impl Proxy {
     /// pairs keep being served and freed descriptors let accepting resume.
     fn pause_accepting(&mut self, e: &io::Error, now: Instant) {
         self.accept_paused_until = Some(now + EXHAUSTION_BACKOFF);
-        if self
-            .last_exhaustion_log
-            .is_none_or(|t| now.duration_since(t) >= EXHAUSTION_LOG_PERIOD)
-        {
+        if let Some(times) = self.exhaustion_log.allow(now) {
             warn!(
                 "out of descriptors or socket memory ({e}); pausing accepts for {:?} \
-                 ({} more times since the last report), {} connections open",
+                 ({times} more times since the last report), {} connections open",
                 EXHAUSTION_BACKOFF,
-                self.exhaustion_unlogged,
                 self.pairs.len()
             );
-            self.last_exhaustion_log = Some(now);
-            self.exhaustion_unlogged = 0;
-        } else {
-            self.exhaustion_unlogged += 1;
         }
     }
 
-    /// Takes in a new client: connects it to a host, or refuses it.
+    /// Takes in a new client: starts its TLS handshake, or connects it to
+    /// a host, or refuses it.
     fn admit(&mut self, upstream: usize, mut stream: TcpStream, addr: SocketAddr, now: Instant) {
+        if let Some(why) = self.turn_away(upstream, addr, now) {
+            self.count_refusal(upstream, why);
+            if let Some(times) = self.drop_log.allow(now) {
+                let u = &self.upstreams[upstream].name;
+                warn!(
+                    "closing new connections at accept: {addr} on `{u}`: {why} ({times} more since the last report)"
+                );
+            }
+            return;
+        }
         net::prepare(&stream);
         let key = self.pairs.vacant_entry().key();
         if let Err(e) = self.poll.registry().register(
@@ -510,18 +593,21 @@ impl Proxy {
         }
         let id = self.next_id;
         self.next_id += 1;
-        let active = self.pairs.len() - self.refusing;
-        let phase = if active >= self.settings.max_connections {
-            let u = &self.upstreams[upstream].name;
-            warn!(
-                "`{u}`: max_connections ({}) reached",
-                self.settings.max_connections
-            );
-            Err(Refusal::Overloaded)
-        } else {
-            self.start_connect(upstream, key, Vec::new(), now)
-        };
-        match phase {
+        if let (true, Some((config, settings))) = (self.upstreams[upstream].tls, &self.tls) {
+            let session = match ClientTls::new(config.clone(), self.settings.bulk_buffer()) {
+                Ok(session) => session,
+                Err(e) => return warn!("cannot start a TLS session for {addr}: {e}"),
+            };
+            let phase = Phase::Handshaking {
+                deadline: now + settings.handshake_timeout,
+            };
+            let mut pair = Pair::new(id, upstream, stream, addr, phase, now);
+            pair.tls = Some(session);
+            self.pairs.insert(pair);
+            self.handshaking += 1;
+            return self.schedule(key);
+        }
+        match self.place(upstream, key, now) {
             Ok((host, phase)) => {
                 let mut pair = Pair::new(id, upstream, stream, addr, phase, now);
                 pair.host = Some(host);
@@ -529,17 +615,109 @@ impl Proxy {
                 self.schedule(key);
             }
             Err(refusal) => {
-                self.pairs.insert(Pair::new(
-                    id,
-                    upstream,
-                    stream,
-                    addr,
-                    Phase::refusing(refusal, now),
-                    now,
-                ));
+                let phase = Phase::refusing(refusal, now);
+                self.pairs
+                    .insert(Pair::new(id, upstream, stream, addr, phase, now));
                 self.refused(key, now);
             }
         }
+    }
+
+    /// Why a new connection must be closed at once, before any work on it:
+    /// its source is over its rate, or too many handshakes are under way.
+    fn turn_away(
+        &mut self,
+        upstream: usize,
+        addr: SocketAddr,
+        now: Instant,
+    ) -> Option<&'static str> {
+        if let Some(sources) = self.sources.as_mut() {
+            if let Verdict::Limited { .. } = sources.check(addr.ip(), now) {
+                return Some("source_rate_limited");
+            }
+        }
+        let max_handshakes = self
+            .tls
+            .as_ref()
+            .map_or(usize::MAX, |(_, s)| s.max_handshakes);
+        if self.upstreams[upstream].tls && self.handshaking >= max_handshakes {
+            return Some("handshake_capacity");
+        }
+        None
+    }
+
+    /// Pairs that count against `max_connections`: connecting or relaying.
+    fn active(&self) -> usize {
+        self.pairs.len() - self.refusing - self.handshaking
+    }
+
+    /// A host connect for a new pair, unless `max_connections` is reached.
+    fn place(
+        &mut self,
+        upstream: usize,
+        key: usize,
+        now: Instant,
+    ) -> Result<(Endpoint, Phase), Refusal> {
+        if self.active() >= self.settings.max_connections {
+            let u = &self.upstreams[upstream].name;
+            warn!(
+                "`{u}`: max_connections ({}) reached",
+                self.settings.max_connections
+            );
+            return Err(Refusal::Overloaded);
+        }
+        self.start_connect(upstream, key, Vec::new(), now)
+    }
+
+    /// The TLS handshake of pair `key` is done: identify the client, apply
+    /// its rules, then connect it to a host or refuse it.
+    fn handshake_done(&mut self, key: usize, now: Instant) {
+        self.handshaking -= 1;
+        let pair = &mut self.pairs[key];
+        let upstream = pair.upstream;
+        let names = pair
+            .tls
+            .as_ref()
+            .and_then(|t| t.peer_certificate())
+            .map(tls::peer_names)
+            .unwrap_or_default();
+        let identity = self
+            .access
+            .identify(&names)
+            .or(names.first().map(String::as_str));
+        pair.identity = identity.map(Into::into);
+        let known = self.access.identify(&names);
+        let verdict = self
+            .access
+            .admit(known, &self.upstreams[upstream].name, now);
+        let placed = match verdict {
+            Ok(client) => {
+                self.pairs[key].client_id = Some(client);
+                self.place(upstream, key, now)
+            }
+            Err(Denial::Unauthorized { .. }) => Err(Refusal::Unauthorized),
+            Err(Denial::RateLimited { retry_after }) => Err(Refusal::RateLimited {
+                retry_after_secs: retry_after.as_secs_f64().ceil().max(1.0) as u64,
+            }),
+            Err(Denial::TooManyConnections) => Err(Refusal::TooManyConnections),
+        };
+        let pair = &mut self.pairs[key];
+        match placed {
+            Ok((host, phase)) => {
+                pair.host = Some(host);
+                pair.phase = phase;
+                // Application data may have come with the handshake.
+                self.drive(key, now);
+            }
+            Err(refusal) => {
+                pair.phase = Phase::refusing(refusal, now);
+                self.refused(key, now);
+            }
+        }
+    }
+
+    fn count_refusal(&mut self, upstream: usize, reason: &'static str) {
+        *self.refused.entry((upstream, reason)).or_default() += 1;
     }
 
     /// Connects to the best host not in `tried`, moving down the candidates
@@ -624,20 +802,34 @@ impl Proxy {
         }
     }
 
-    /// A pair has just entered the refusing phase: log it and send the line.
+    /// A pair has just entered the refusing phase: log it once, count it,
+    /// and send the line.
     fn refused(&mut self, key: usize, now: Instant) {
         let pair = &mut self.pairs[key];
         let Phase::Refusing { refusal, .. } = pair.phase else {
             return;
         };
-        let u = &self.upstreams[pair.upstream].name;
-        info!("{} `{u}` refused: {}", pair.client_addr, refusal.code());
+        let upstream = pair.upstream;
+        let u = &self.upstreams[upstream].name;
+        let fingerprint = pair
+            .tls
+            .as_ref()
+            .and_then(|t| t.peer_certificate())
+            .map(tls::fingerprint);
+        info!(
+            "{} `{u}` refused: {} identity={} cert_sha256={}",
+            pair.client_addr,
+            refusal.code(),
+            pair.identity.as_deref().unwrap_or("-"),
+            fingerprint.as_deref().unwrap_or("-"),
+        );
         // A fresh socket can take a short line: try now rather than a turn later.
         pair.client.assume_writable();
         self.refusing += 1;
+        self.count_refusal(upstream, refusal.code());
         if self.refusing > REFUSING_CAP {
             // Too many lingering refusals already: say it once and close.
-            let _ = pair.refuse();
+            let _ = self.pairs[key].refuse();
             return self.close(key, End::Refused(refusal), now);
         }
         self.drive(key, now);
@@ -658,7 +850,14 @@ impl Proxy {
                 self.refusing -= 1;
                 "-".to_string()
             }
+            Phase::Handshaking { .. } => {
+                self.handshaking -= 1;
+                "-".to_string()
+            }
         };
+        if let Some(client) = pair.client_id.take() {
+            self.access.release(client);
+        }
         // RST instead of FIN wherever a FIN would pass a cut stream off as
         // complete: toward the other side of a reset, on shutdown, and on a
         // timeout that leaves undelivered bytes behind.
@@ -666,7 +865,9 @@ impl Proxy {
             End::Reset(side) => [side == Side::Upstream, side == Side::Client],
             End::IdleTimeout | End::HalfCloseTimeout => [pair.holds_bytes(); 2],
             End::Shutdown => [true, true],
-            End::Closed | End::Refused(_) => [false, false],
+            End::Closed | End::Refused(_) | End::HandshakeFailed | End::HandshakeTimeout => {
+                [false, false]
+            }
         };
         for (side, abort) in [Side::Client, Side::Upstream].into_iter().zip(abort) {
             if let Some(endpoint) = pair.endpoint(side).filter(|_| abort) {
@@ -677,9 +878,10 @@ impl Proxy {
         let (up, down) = pair.bytes();
         info!(
             target: "tcplb::access",
-            "{} `{}` host={} up={} down={} ms={} end={}",
+            "{} `{}` identity={} host={} up={} down={} ms={} end={}",
             pair.client_addr,
             u.name,
+            pair.identity.as_deref().unwrap_or("-"),
             host,
             up,
             down,
@@ -732,12 +934,25 @@ impl Proxy {
             pairs: self.pairs.len(),
             refusing: self.refusing,
             buffers_in_use: self.pool.in_use(),
+            handshakes: self.handshaking,
+            clients: self
+                .access
+                .active()
+                .map(|(id, n)| (id.to_string(), n))
+                .collect(),
             upstreams: self
                 .upstreams
                 .iter()
-                .map(|u| UpstreamStats {
+                .enumerate()
+                .map(|(index, u)| UpstreamStats {
                     name: u.name.clone(),
                     listen: u.listen,
+                    refused: self
+                        .refused
+                        .range((index, "")..)
+                        .take_while(|((i, _), _)| *i == index)
+                        .map(|((_, reason), n)| (reason.to_string(), *n))
+                        .collect(),
                     hosts: (0..u.balancer.len())
                         .map(|h| HostStats {
                             addr: u.balancer.addr(h),

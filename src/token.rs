@@ -19,15 +19,6 @@ pub enum Side {
     Upstream,
 }
 
-impl Side {
-    pub fn other(self) -> Side {
-        match self {
-            Side::Client => Side::Upstream,
-            Side::Upstream => Side::Client,
-        }
-    }
-}
-
 /// What a token identifies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
