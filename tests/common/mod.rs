@@ -378,3 +378,5 @@ impl Drop for Binary {
         let _ = self.child.wait();
     }
 }
+
+pub mod pki;

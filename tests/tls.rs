@@ -1,0 +1,463 @@
+//! mTLS through the real reactor with real rustls clients and rcgen
+//! certificates: relaying and half-close over TLS, certificate failures
+//! that never reach a host, authorization, rate and concurrency limits,
+//! handshake timeouts and caps, per-source limits, and interoperability
+//! with `openssl s_client`.
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
+use std::sync::mpsc::TryRecvError;
+use std::time::{Duration, Instant};
+
+use common::pki::{self, Pki};
+use common::*;
+use tcplb::access::ClientRule;
+use tcplb::limits::Limit;
+use tcplb::{Config, Settings, UpstreamConfig};
+
+fn rule(identity: &str, upstreams: &[&str], rate: f64, burst: u32, max: Option<u32>) -> ClientRule {
+    ClientRule {
+        identity: identity.to_string(),
+        upstreams: upstreams.iter().map(|u| u.to_string()).collect(),
+        rate,
+        burst,
+        max_connections: max,
+    }
+}
+
+/// A config with a TLS upstream `secure` and a second TLS upstream `other`.
+fn tls_config(
+    pki: &Pki,
+    hosts: &[SocketAddr],
+    clients: Vec<ClientRule>,
+    crl: Vec<std::path::PathBuf>,
+) -> Config {
+    let upstream = |name: &str| UpstreamConfig {
+        name: name.to_string(),
+        listen: localhost(),
+        hosts: hosts.to_vec(),
+        tls: true,
+    };
+    Config {
+        settings: Settings::default(),
+        upstreams: vec![upstream("secure"), upstream("other")],
+        tls: Some(pki.settings(crl, Duration::from_secs(10))),
+        clients,
+    }
+}
+
+fn alice_rules() -> Vec<ClientRule> {
+    vec![
+        rule("alice", &["secure"], 100.0, 100, None),
+        rule("spiffe://example.org/bob", &["secure"], 100.0, 100, None),
+    ]
+}
+
+/// Asserts a handshake attempt fails and the host never saw a connection.
+fn assert_refused_without_host(
+    proxy: &Running,
+    host: &TestHost,
+    config: std::sync::Arc<rustls::ClientConfig>,
+) {
+    let outcome = pki::connect(proxy.addr, config).and_then(|mut s| {
+        let mut buf = [0u8; 16];
+        s.write_all(b"hello")?;
+        s.read(&mut buf)
+    });
+    assert!(outcome.is_err(), "the handshake should fail: {outcome:?}");
+    proxy.wait_until("counted the failed handshake", |s| s.pairs == 0);
+    let refused = &proxy.stats().upstreams[0].refused;
+    assert!(
+        refused
+            .iter()
+            .any(|(r, n)| r == "handshake_failed" && *n >= 1),
+        "{refused:?}"
+    );
+    assert_eq!(
+        host.accepted.try_recv(),
+        Err(TryRecvError::Empty),
+        "a host saw a connection"
+    );
+}
+
+#[test]
+fn authorized_client_relays_byte_exact_with_half_close() {
+    let pki = Pki::new("relay");
+    let host = spawn_host("h", Behavior::Echo);
+    let proxy = start(tls_config(&pki, &[host.addr], alice_rules(), vec![]));
+    let alice = pki.client("alice");
+    let mut s = pki::connect(proxy.addr, pki.client_config(Some(&alice))).unwrap();
+    let data = Rng::new(3).bytes(3 << 20);
+    let writer_data = data.clone();
+    // Write everything, then close_notify + FIN, while reading the echo.
+    let mut got = Vec::new();
+    let mut sent = 0;
+    let mut buf = vec![0u8; 64 * 1024];
+    while sent < writer_data.len() {
+        let n = (64 * 1024).min(writer_data.len() - sent);
+        s.write_all(&writer_data[sent..sent + n]).unwrap();
+        sent += n;
+        // Keep the echo flowing so neither side's buffers fill up.
+        while got.len() + 256 * 1024 < sent {
+            let k = s.read(&mut buf).unwrap();
+            assert!(k > 0);
+            got.extend_from_slice(&buf[..k]);
+        }
+    }
+    pki::close_write(&mut s);
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(k) => got.extend_from_slice(&buf[..k]),
+            Err(e) => panic!("after {} bytes: {e}", got.len()),
+        }
+    }
+    // Ok(0) above is rustls reporting the proxy's close_notify: a clean
+    // TLS end (a bare TCP FIN would have been an UnexpectedEof error).
+    assert_eq!(got.len(), data.len());
+    assert!(got == data, "bytes differ");
+    proxy.wait_until("closed the pair", |st| st.pairs == 0);
+    assert_eq!(proxy.host_counts(), [0]);
+}
+
+#[test]
+fn host_answers_after_the_clients_close_notify() {
+    let pki = Pki::new("half");
+    let host = spawn_answer_after_eof_host();
+    let proxy = start(tls_config(&pki, &[host], alice_rules(), vec![]));
+    let bob = pki.client("spiffe://example.org/bob");
+    let mut s = pki::connect(proxy.addr, pki.client_config(Some(&bob))).unwrap();
+    s.write_all(b"half-closed request").unwrap();
+    pki::close_write(&mut s);
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert_eq!(answer, "tseuqer desolc-flah");
+}
+
+/// A host that reads until EOF, then answers with what it got, reversed.
+fn spawn_answer_after_eof_host() -> SocketAddr {
+    let listener = std::net::TcpListener::bind(localhost()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                let mut got = Vec::new();
+                conn.read_to_end(&mut got).unwrap();
+                got.reverse();
+                conn.write_all(&got).unwrap();
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn no_client_certificate_never_reaches_a_host() {
+    let pki = Pki::new("nocert");
+    let host = spawn_host("h", Behavior::Echo);
+    let proxy = start(tls_config(&pki, &[host.addr], alice_rules(), vec![]));
+    assert_refused_without_host(&proxy, &host, pki.client_config(None));
+}
+
+#[test]
+fn certificate_from_an_unknown_ca_never_reaches_a_host() {
+    let pki = Pki::new("ca1");
+    let stranger = Pki::new("ca2");
+    let host = spawn_host("h", Behavior::Echo);
+    let proxy = start(tls_config(&pki, &[host.addr], alice_rules(), vec![]));
+    // Trusts the right server CA, presents a certificate from another CA.
+    let mallory = stranger.client("alice");
+    let mut config = (*pki.client_config(None)).clone();
+    config.client_auth_cert_resolver = stranger
+        .client_config(Some(&mallory))
+        .client_auth_cert_resolver
+        .clone();
+    assert_refused_without_host(&proxy, &host, std::sync::Arc::new(config));
+}
+
+#[test]
+fn expired_certificate_never_reaches_a_host() {
+    let pki = Pki::new("expired");
+    let host = spawn_host("h", Behavior::Echo);
+    let proxy = start(tls_config(&pki, &[host.addr], alice_rules(), vec![]));
+    let old = pki.client_with("alice", true);
+    assert_refused_without_host(&proxy, &host, pki.client_config(Some(&old)));
+}
+
+#[test]
+fn revoked_certificate_never_reaches_a_host() {
+    let pki = Pki::new("revoked");
+    let host = spawn_host("h", Behavior::Echo);
+    let revoked = pki.client("alice");
+    let good = pki.client("alice");
+    let crl = pki.crl(&[revoked.serial]);
+    let proxy = start(tls_config(&pki, &[host.addr], alice_rules(), vec![crl]));
+    assert_refused_without_host(&proxy, &host, pki.client_config(Some(&revoked)));
+    // The same identity with a certificate that is not revoked gets through.
+    let mut s = pki::connect(proxy.addr, pki.client_config(Some(&good))).unwrap();
+    s.write_all(b"still fine\n").unwrap();
+    assert_eq!(pki::read_line(&mut s).unwrap(), "still fine");
+}
+
+#[test]
+fn identity_not_allowed_on_the_upstream_is_unauthorized() {
+    let pki = Pki::new("authz");
+    let host = spawn_host("h", Behavior::Echo);
+    let config = tls_config(&pki, &[host.addr], alice_rules(), vec![]);
+    // Find the `other` upstream's address: alice may only use `secure`.
+    let proxy = tcplb::Proxy::bind(&config).unwrap();
+    let other = proxy.listen_addr("other").unwrap();
+    let handle = proxy.handle();
+    let thread = std::thread::spawn(move || proxy.run());
+    for (who, addr) in [("alice", other), ("carol", other)] {
+        let cert = pki.client(who);
+        let mut s = pki::connect(addr, pki.client_config(Some(&cert))).unwrap();
+        let line = pki::read_line(&mut s).unwrap();
+        assert_eq!(
+            line, "ERROR unauthorized: this client may not use this service",
+            "{who}"
+        );
+        // Then close_notify: a clean end.
+        let mut rest = Vec::new();
+        assert_eq!(s.read_to_end(&mut rest).unwrap(), 0);
+    }
+    assert_eq!(host.accepted.try_recv(), Err(TryRecvError::Empty));
+    let stats = handle.stats().unwrap();
+    let refused = &stats.upstreams[1].refused;
+    assert_eq!(refused, &[("unauthorized".to_string(), 2)], "{stats:?}");
+    handle.shutdown();
+    handle.shutdown();
+    thread.join().unwrap().unwrap();
+}
+
+#[test]
+fn over_burst_is_rate_limited_then_admitted_after_refill() {
+    let pki = Pki::new("rate");
+    let host = spawn_host("h", Behavior::Echo);
+    let rules = vec![rule("alice", &["secure"], 5.0, 2, None)];
+    let proxy = start(tls_config(&pki, &[host.addr], rules, vec![]));
+    let alice = pki.client("alice");
+    let config = pki.client_config(Some(&alice));
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let mut s = pki::connect(proxy.addr, config.clone()).unwrap();
+        s.write_all(b"in\n").unwrap();
+        assert_eq!(pki::read_line(&mut s).unwrap(), "in");
+        open.push(s);
+    }
+    let mut s = pki::connect(proxy.addr, config.clone()).unwrap();
+    let line = pki::read_line(&mut s).unwrap();
+    assert!(line.starts_with("ERROR rate_limited: "), "{line}");
+    let secs: u64 = line
+        .split("retry after ")
+        .nth(1)
+        .and_then(|r| r.trim_end_matches(" s").parse().ok())
+        .unwrap_or_else(|| panic!("no retry-after hint: {line}"));
+    assert!((1..=2).contains(&secs), "{line}");
+    // Wait out the hint (the refill is the feature under test), then retry.
+    std::thread::sleep(Duration::from_millis(210));
+    let mut s = pki::connect(proxy.addr, config).unwrap();
+    s.write_all(b"again\n").unwrap();
+    assert_eq!(pki::read_line(&mut s).unwrap(), "again");
+}
+
+#[test]
+fn concurrent_connections_are_capped_per_client() {
+    let pki = Pki::new("cap");
+    let host = spawn_host("h", Behavior::Echo);
+    let rules = vec![rule("alice", &["secure"], 100.0, 100, Some(1))];
+    let proxy = start(tls_config(&pki, &[host.addr], rules, vec![]));
+    let alice = pki.client("alice");
+    let config = pki.client_config(Some(&alice));
+    let mut first = pki::connect(proxy.addr, config.clone()).unwrap();
+    first.write_all(b"one\n").unwrap();
+    assert_eq!(pki::read_line(&mut first).unwrap(), "one");
+    let mut second = pki::connect(proxy.addr, config.clone()).unwrap();
+    let line = pki::read_line(&mut second).unwrap();
+    assert_eq!(
+        line,
+        "ERROR too_many_connections: too many open connections for this client"
+    );
+    assert_eq!(proxy.stats().clients, [("alice".to_string(), 1)]);
+    // The first one leaves: a slot is free again.
+    pki::close_write(&mut first);
+    let mut rest = Vec::new();
+    first.read_to_end(&mut rest).unwrap();
+    let mut third = pki::connect(proxy.addr, config).unwrap();
+    third.write_all(b"three\n").unwrap();
+    assert_eq!(pki::read_line(&mut third).unwrap(), "three");
+}
+
+#[test]
+fn stalled_handshake_is_closed_at_the_timeout() {
+    let pki = Pki::new("stall");
+    let host = spawn_host("h", Behavior::Echo);
+    let mut config = tls_config(&pki, &[host.addr], alice_rules(), vec![]);
+    let timeout = Duration::from_millis(300);
+    config.tls.as_mut().unwrap().handshake_timeout = timeout;
+    let proxy = start(config);
+    let started = Instant::now();
+    let mut silent = TcpStream::connect(proxy.addr).unwrap();
+    silent.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    // Sends nothing; the proxy gives up and closes.
+    let mut buf = [0u8; 64];
+    let outcome = silent.read(&mut buf);
+    assert!(
+        matches!(outcome, Ok(0))
+            || matches!(&outcome, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+        "{outcome:?}"
+    );
+    let waited = started.elapsed();
+    assert!(waited >= timeout, "closed after {waited:?}");
+    assert!(waited < Duration::from_secs(5), "closed after {waited:?}");
+    let stats = proxy.stats();
+    assert_eq!(stats.handshakes, 0);
+    assert!(
+        stats.upstreams[0]
+            .refused
+            .contains(&("handshake_timeout".to_string(), 1)),
+        "{stats:?}"
+    );
+}
+
+#[test]
+fn handshakes_in_progress_are_capped() {
+    let pki = Pki::new("hscap");
+    let host = spawn_host("h", Behavior::Echo);
+    let mut config = tls_config(&pki, &[host.addr], alice_rules(), vec![]);
+    config.tls.as_mut().unwrap().max_handshakes = 2;
+    let proxy = start(config);
+    let stalled: Vec<TcpStream> = (0..2)
+        .map(|_| TcpStream::connect(proxy.addr).unwrap())
+        .collect();
+    proxy.wait_until("started two handshakes", |s| s.handshakes == 2);
+    let mut third = TcpStream::connect(proxy.addr).unwrap();
+    third.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let mut buf = [0u8; 8];
+    assert!(
+        matches!(third.read(&mut buf), Ok(0) | Err(_)),
+        "closed at once"
+    );
+    let stats = proxy.stats();
+    assert!(
+        stats.upstreams[0]
+            .refused
+            .contains(&("handshake_capacity".to_string(), 1)),
+        "{stats:?}"
+    );
+    drop(stalled);
+    // Capacity comes back once those are gone.
+    proxy.wait_until("dropped the stalled handshakes", |s| s.handshakes == 0);
+    let alice = pki.client("alice");
+    let mut s = pki::connect(proxy.addr, pki.client_config(Some(&alice))).unwrap();
+    s.write_all(b"ok\n").unwrap();
+    assert_eq!(pki::read_line(&mut s).unwrap(), "ok");
+}
+
+#[test]
+fn sources_over_their_rate_are_closed_before_any_handshake() {
+    let pki = Pki::new("source");
+    let host = spawn_host("h", Behavior::Echo);
+    let mut config = tls_config(&pki, &[host.addr], alice_rules(), vec![]);
+    config.settings.source_limit = Some(Limit::new(0.01, 2));
+    let proxy = start(config);
+    let alice = pki.client("alice");
+    for _ in 0..2 {
+        let mut s = pki::connect(proxy.addr, pki.client_config(Some(&alice))).unwrap();
+        s.write_all(b"x\n").unwrap();
+        assert_eq!(pki::read_line(&mut s).unwrap(), "x");
+    }
+    let outcome = pki::connect(proxy.addr, pki.client_config(Some(&alice)));
+    assert!(
+        outcome.is_err(),
+        "third connection from this source must be closed"
+    );
+    let stats = proxy.stats();
+    assert!(
+        stats.upstreams[0]
+            .refused
+            .contains(&("source_rate_limited".to_string(), 1)),
+        "{stats:?}"
+    );
+    assert_eq!(stats.handshakes, 0);
+}
+
+#[test]
+fn openssl_s_client_interoperates() {
+    let pki = Pki::new("openssl");
+    let host = spawn_host("h", Behavior::Echo);
+    let proxy = start(tls_config(&pki, &[host.addr], alice_rules(), vec![]));
+    let alice = pki.client("alice");
+    let mut child = Command::new("openssl")
+        .args(["s_client", "-quiet", "-no_ign_eof", "-connect"])
+        .arg(proxy.addr.to_string())
+        .arg("-cert")
+        .arg(&alice.cert_path)
+        .arg("-key")
+        .arg(&alice.key_path)
+        .arg("-CAfile")
+        .arg(&pki.ca_path)
+        .args(["-verify_return_error", "-servername", "localhost"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("openssl is installed (.ci/run installs it)");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"hello from openssl\n").unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    while !got.ends_with(b"\n") {
+        assert_eq!(
+            stdout.read(&mut byte).unwrap(),
+            1,
+            "openssl output ended: {got:?}"
+        );
+        got.push(byte[0]);
+    }
+    assert_eq!(got, b"hello from openssl\n");
+    drop(stdin);
+    let _ = child.wait();
+}
+
+#[test]
+fn bad_tls_files_are_start_up_errors_naming_the_file() {
+    let pki = Pki::new("files");
+    let host = spawn_host("h", Behavior::Echo);
+    let bind_error = |mutate: &dyn Fn(&mut tcplb::tls::TlsSettings)| {
+        let mut config = tls_config(&pki, &[host.addr], alice_rules(), vec![]);
+        mutate(config.tls.as_mut().unwrap());
+        tcplb::Proxy::bind(&config).unwrap_err().to_string()
+    };
+    let missing = pki.dir.join("missing.pem");
+    let err = bind_error(&|t| t.cert = missing.clone());
+    assert!(
+        err.contains("missing.pem") && err.contains("cannot read"),
+        "{err}"
+    );
+    let garbage = pki.dir.join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate").unwrap();
+    let err = bind_error(&|t| t.client_ca = garbage.clone());
+    assert!(
+        err.contains("garbage.pem") && err.contains("no certificate"),
+        "{err}"
+    );
+    let err = bind_error(&|t| t.key = garbage.clone());
+    assert!(
+        err.contains("garbage.pem") && err.contains("no private key"),
+        "{err}"
+    );
+    let other = pki.client("alice");
+    let err = bind_error(&|t| t.key = other.key_path.clone());
+    assert!(err.contains("does not match the certificate"), "{err}");
+    let err = bind_error(&|t| t.crl = vec![garbage.clone()]);
+    assert!(
+        err.contains("garbage.pem") && err.contains("malformed CRL"),
+        "{err}"
+    );
+}
