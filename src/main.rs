@@ -1,19 +1,22 @@
 //! The `tcplb` command: parses flags, builds a [`Config`], and runs the
 //! library's [`Proxy`] on the main thread.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use tcplb::access::ClientRule;
 use tcplb::config::{self, check_settings, parse_duration, parse_size};
-use tcplb::{Config, Error, Proxy, Settings, demo};
+use tcplb::tls::TlsSettings;
+use tcplb::{Config, Error, Proxy, Settings, certs, demo};
 
 /// A single-threaded, least-connections TCP load balancer.
 ///
 /// Quick mode:  tcplb --listen 127.0.0.1:7000 --host 127.0.0.1:9001 --host 127.0.0.1:9002
 /// Config mode: tcplb --config lb.toml
 /// Try it:      tcplb demo
+/// mTLS:        tcplb certs init --dir certs --client alice
 #[derive(Debug, Parser)]
 #[command(
     name = "tcplb",
@@ -35,13 +38,35 @@ enum Command {
         /// The TOML config file to check.
         file: PathBuf,
     },
-    /// Start three built-in echo hosts and tcplb in front of them on 127.0.0.1.
+    /// Start three built-in echo hosts and tcplb in front of them on 127.0.0.1, plain and mTLS.
     Demo {
-        /// Address tcplb listens on for the demo.
+        /// Address of the demo's plain-TCP upstream.
         #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7777")]
         listen: String,
+        /// Address of the demo's mTLS upstream (certificates are made at start).
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7778")]
+        tls_listen: String,
         #[command(flatten)]
         settings: SettingsArgs,
+    },
+    /// Development certificates for mTLS.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum CertsCommand {
+    /// Create a CA, a server certificate and client certificates, and print the config that uses them.
+    Init {
+        /// Directory to write the PEM files to (created if missing).
+        #[arg(long, value_name = "DIR", default_value = "certs")]
+        dir: PathBuf,
+        /// Name (DNS or IP) the server certificate is for; repeat for more.
+        #[arg(long = "server-name", value_name = "NAME", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+        server_names: Vec<String>,
+        /// A client to issue a certificate for (DNS name or URI SAN); repeat for more.
+        #[arg(long = "client", value_name = "NAME", required = true)]
+        clients: Vec<String>,
     },
 }
 
@@ -109,7 +134,16 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Some(Command::Check { file }) => return check(&file),
-        Some(Command::Demo { listen, settings }) => run_demo(&listen, &settings),
+        Some(Command::Demo {
+            listen,
+            tls_listen,
+            settings,
+        }) => run_demo(&listen, &tls_listen, &settings),
+        Some(Command::Certs(CertsCommand::Init {
+            dir,
+            server_names,
+            clients,
+        })) => certs_init(&dir, &server_names, &clients),
         None => serve(&cli.serve),
     };
     match result {
@@ -125,7 +159,11 @@ fn main() -> ExitCode {
 }
 
 fn check(file: &std::path::Path) -> ExitCode {
-    match Config::load(file) {
+    let loaded = Config::load(file).and_then(|config| match &config.tls {
+        Some(tls) => tls.server_config().map(|_| config),
+        None => Ok(config),
+    });
+    match loaded {
         Ok(config) => {
             let hosts: usize = config.upstreams.iter().map(|u| u.hosts.len()).sum();
             println!(
@@ -182,7 +220,40 @@ fn serve(args: &ServeArgs) -> Result<(), Error> {
     proxy.run()
 }
 
-fn run_demo(listen: &str, args: &SettingsArgs) -> Result<(), Error> {
+fn certs_init(dir: &Path, server_names: &[String], clients: &[String]) -> Result<(), Error> {
+    let written = certs::init(dir, server_names, clients)?;
+    println!(
+        "Wrote a development CA, a server certificate and {} client certificates to {}:",
+        clients.len(),
+        dir.display()
+    );
+    for (name, cert, key) in &written.clients {
+        println!("  {name}: {} {}", cert.display(), key.display());
+    }
+    println!("\nConfig that uses them (paths are relative to the config file's folder):\n");
+    println!("[tls]");
+    println!("cert = \"{}\"", written.server_cert.display());
+    println!("key = \"{}\"", written.server_key.display());
+    println!("client_ca = \"{}\"\n", written.ca.display());
+    println!(
+        "[[upstream]]\nname = \"app\"\nlisten = \"127.0.0.1:7443\"\nhosts = [\"127.0.0.1:9001\"]\n"
+    );
+    for client in clients {
+        println!("[[client]]\nidentity = \"{client}\"\nupstreams = [\"app\"]\nrate = 10\n");
+    }
+    if let Some((name, cert, key)) = written.clients.first() {
+        println!("Try it as {name}:");
+        println!(
+            "  openssl s_client -quiet -connect 127.0.0.1:7443 -cert {} -key {} -CAfile {}",
+            cert.display(),
+            key.display(),
+            written.ca.display()
+        );
+    }
+    Ok(())
+}
+
+fn run_demo(listen: &str, tls_listen: &str, args: &SettingsArgs) -> Result<(), Error> {
     let mut hosts = Vec::new();
     for n in 1..=3 {
         let name = format!("host-{n}");
@@ -192,15 +263,54 @@ fn run_demo(listen: &str, args: &SettingsArgs) -> Result<(), Error> {
         })?;
         hosts.push(addr.to_string());
     }
+    let dir = std::env::temp_dir().join(format!("tcplb-demo-{}", std::process::id()));
+    let written = certs::init(
+        &dir,
+        &["localhost".to_string(), "127.0.0.1".to_string()],
+        &["alice".to_string()],
+    )?;
     let defaults = Settings {
         max_connections: demo::DEMO_MAX_CONNECTIONS,
         ..Settings::default()
     };
-    let config = Config::quick("demo", listen, &hosts, defaults).map_err(Error::Config)?;
+    let mut config = Config::quick("demo", listen, &hosts, defaults).map_err(Error::Config)?;
+    let mut secure = config.upstreams[0].clone();
+    secure.name = "demo-mtls".to_string();
+    secure.listen = config::resolve(tls_listen).map_err(|why| {
+        Error::Config(config::ConfigError {
+            origin: "command line".to_string(),
+            problems: vec![config::Problem {
+                line: 0,
+                column: 0,
+                message: format!("--tls-listen {tls_listen}: {why}"),
+            }],
+        })
+    })?;
+    secure.tls = true;
+    config.upstreams.push(secure);
+    config.tls = Some(TlsSettings {
+        cert: written.server_cert.clone(),
+        key: written.server_key.clone(),
+        client_ca: written.ca.clone(),
+        crl: Vec::new(),
+        handshake_timeout: TlsSettings::DEFAULT_HANDSHAKE_TIMEOUT,
+        max_handshakes: TlsSettings::DEFAULT_MAX_HANDSHAKES,
+    });
+    config.clients = vec![ClientRule {
+        identity: "alice".to_string(),
+        upstreams: vec!["demo-mtls".to_string()],
+        rate: 10.0,
+        burst: 20,
+        max_connections: None,
+    }];
     let config = with_overrides(config, args)?;
     let mut proxy = Proxy::bind(&config)?;
     proxy.handle_signals()?;
     let addr = proxy.listen_addr("demo").expect("the demo upstream exists");
+    let tls_addr = proxy
+        .listen_addr("demo-mtls")
+        .expect("the mTLS upstream exists");
+    let (_, alice_cert, alice_key) = &written.clients[0];
     println!(
         "tcplb demo: three echo hosts ({}) behind tcplb on {addr}",
         hosts.join(", ")
@@ -213,6 +323,17 @@ fn run_demo(listen: &str, args: &SettingsArgs) -> Result<(), Error> {
         addr.ip(),
         addr.port()
     );
+    println!();
+    println!("The same hosts over mutual TLS on {tls_addr}, for the client identity `alice` only");
+    println!("(certificates made for this run in {}):", dir.display());
+    println!(
+        "  openssl s_client -quiet -connect {tls_addr} -cert {} -key {} -CAfile {}",
+        alice_cert.display(),
+        alice_key.display(),
+        written.ca.display()
+    );
     println!("Press Ctrl-C to stop.");
-    proxy.run()
+    let result = proxy.run();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }

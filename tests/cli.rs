@@ -334,7 +334,13 @@ fn no_descriptor_leaks_after_clients_leave() {
 #[test]
 fn demo_serves_greeting_echo_hosts() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tcplb"))
-        .args(["demo", "--listen", "127.0.0.1:0"])
+        .args([
+            "demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-listen",
+            "127.0.0.1:0",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -368,8 +374,43 @@ fn demo_serves_greeting_echo_hosts() {
             "hello from host-3"
         ]
     );
-    let _ = child.kill();
-    let _ = child.wait();
+    // The printed mTLS command works as printed.
+    let command = loop {
+        let mut line = String::new();
+        assert!(
+            stdout.read_line(&mut line).unwrap() > 0,
+            "no openssl command printed"
+        );
+        if line.trim_start().starts_with("openssl s_client") {
+            break line;
+        }
+    };
+    let words: Vec<&str> = command.split_whitespace().collect();
+    let mut openssl = Command::new(words[0])
+        .args(&words[1..])
+        .args(["-no_ign_eof"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("openssl is installed (.ci/run installs it)");
+    let mut out = BufReader::new(openssl.stdout.take().unwrap());
+    let mut greeting = String::new();
+    out.read_line(&mut greeting).unwrap();
+    assert!(greeting.starts_with("hello from host-"), "{greeting:?}");
+    let mut input = openssl.stdin.take().unwrap();
+    input.write_all(b"over tls\n").unwrap();
+    let mut echo = String::new();
+    out.read_line(&mut echo).unwrap();
+    assert_eq!(echo, "over tls\n");
+    drop(input);
+    let _ = openssl.wait();
+    // SIGTERM lets the demo remove its temporary certificates.
+    Command::new("kill")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(child.wait().unwrap().success());
 }
 
 #[test]
@@ -466,4 +507,35 @@ fn config_mode_serves_each_upstream_on_its_own_port() {
         assert_eq!(read_line(&mut c), expected);
         finish(c);
     }
+}
+
+#[test]
+fn check_reads_the_tls_files_and_names_the_bad_one() {
+    let file = TempConfig::new(
+        "tls",
+        "[tls]\ncert = \"server.pem\"\nkey = \"server.key\"\nclient_ca = \"ca.pem\"\n\n\
+         [[upstream]]\nname = \"a\"\nlisten = \"127.0.0.1:7000\"\nhosts = [\"127.0.0.1:9001\"]\n",
+    );
+    let out = tcplb(&["check", file.arg()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    // Relative to the config file's folder.
+    let expected = file.path.parent().unwrap().join("server.pem");
+    assert!(
+        err.contains(&format!("TLS file {}: cannot read", expected.display())),
+        "{err}"
+    );
+    // With real files, the same config checks out.
+    let certs = file.path.parent().unwrap();
+    let out = tcplb(&[
+        "certs",
+        "init",
+        "--dir",
+        certs.to_str().unwrap(),
+        "--client",
+        "alice",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = tcplb(&["check", file.arg()]);
+    assert!(out.status.success(), "{}", stderr(&out));
 }
