@@ -461,3 +461,57 @@ fn bad_tls_files_are_start_up_errors_naming_the_file() {
         "{err}"
     );
 }
+
+#[test]
+fn backpressure_holds_over_tls() {
+    // More than all the buffers on the way hold, read slowly by the client.
+    const TOTAL: usize = 24 << 20;
+    let pki = Pki::new("backpressure");
+    let listener = std::net::TcpListener::bind(localhost()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let payload = Rng::new(21).bytes(TOTAL);
+    let to_send = payload.clone();
+    std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        conn.write_all(&to_send).unwrap();
+    });
+    let proxy = start(tls_config(&pki, &[addr], alice_rules(), vec![]));
+    let alice = pki.client("alice");
+    let mut s = pki::connect(proxy.addr, pki.client_config(Some(&alice))).unwrap();
+    let mut got = Vec::with_capacity(TOTAL);
+    let mut chunk = [0u8; 4096];
+    while got.len() < TOTAL {
+        if got.len() % (4 << 20) < chunk.len() {
+            let stats = proxy.stats();
+            assert!(stats.buffers_in_use <= 1, "{stats:?}");
+        }
+        let n = s.read(&mut chunk).unwrap();
+        assert!(n > 0, "EOF after {} bytes", got.len());
+        got.extend_from_slice(&chunk[..n]);
+    }
+    assert!(got == payload);
+}
+
+#[test]
+fn host_reset_reaches_a_tls_client_as_reset() {
+    let pki = Pki::new("reset");
+    let listener = std::net::TcpListener::bind(localhost()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut byte = [0u8; 1];
+        conn.read_exact(&mut byte).unwrap();
+        socket2::SockRef::from(&conn)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+    });
+    let proxy = start(tls_config(&pki, &[addr], alice_rules(), vec![]));
+    let alice = pki.client("alice");
+    let mut s = pki::connect(proxy.addr, pki.client_config(Some(&alice))).unwrap();
+    s.write_all(b"x").unwrap();
+    let mut buf = [0u8; 16];
+    let err = s
+        .read(&mut buf)
+        .expect_err("a reset, not data or a clean close");
+    assert_eq!(err.kind(), ErrorKind::ConnectionReset);
+}
