@@ -18,6 +18,7 @@ use toml::de::{DeTable, DeValue};
 
 use crate::access::ClientRule;
 use crate::error::Error;
+use crate::health::HealthSettings;
 use crate::limits::Limit;
 use crate::tls::TlsSettings;
 
@@ -85,6 +86,7 @@ pub struct UpstreamConfig {
     pub hosts: Vec<SocketAddr>,
     /// Clients must speak mTLS (default: true when `[tls]` exists).
     pub tls: bool,
+    pub health: HealthSettings,
 }
 
 /// A complete, validated configuration.
@@ -96,6 +98,8 @@ pub struct Config {
     pub tls: Option<TlsSettings>,
     /// The `[[client]]` rules for TLS upstreams.
     pub clients: Vec<ClientRule>,
+    /// Where the admin listener (metrics, status, reload) binds.
+    pub admin: Option<SocketAddr>,
 }
 
 /// One thing wrong with a configuration, with its place in the source
@@ -133,7 +137,7 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-const TOP_KEYS: &[&str] = &["defaults", "tls", "upstream", "client"];
+const TOP_KEYS: &[&str] = &["defaults", "tls", "upstream", "client", "admin"];
 const DEFAULTS_KEYS: &[&str] = &[
     "connect_timeout",
     "idle_timeout",
@@ -146,7 +150,17 @@ const DEFAULTS_KEYS: &[&str] = &[
     "source_rate",
     "source_burst",
 ];
-const UPSTREAM_KEYS: &[&str] = &["name", "listen", "hosts", "tls"];
+const UPSTREAM_KEYS: &[&str] = &["name", "listen", "hosts", "tls", "health"];
+const HEALTH_KEYS: &[&str] = &[
+    "interval",
+    "timeout",
+    "rise",
+    "fall",
+    "send",
+    "expect",
+    "close_on_down",
+    "slow_start",
+];
 const TLS_KEYS: &[&str] = &[
     "cert",
     "key",
@@ -232,9 +246,11 @@ impl Config {
                     listen,
                     hosts: resolved,
                     tls: false,
+                    health: HealthSettings::default(),
                 }],
                 tls: None,
                 clients: Vec::new(),
+                admin: None,
             }),
             _ => Err(ConfigError {
                 origin: "command line".to_string(),
@@ -434,6 +450,32 @@ impl Walker<'_> {
             None => None,
         };
         let tls_present = find(root, "tls").is_some();
+        let mut admin_ok = true;
+        let admin = match find(root, "admin") {
+            Some(v) => match v.get_ref() {
+                DeValue::Table(t) => {
+                    self.unknown_keys(t, &["listen"], "in [admin]");
+                    match find(t, "listen") {
+                        Some(l) => {
+                            let addr = self.address(l, "listen").map(|a| *a.get_ref());
+                            admin_ok = addr.is_some();
+                            addr
+                        }
+                        None => {
+                            self.problem(v.span(), "[admin] has no `listen` address".to_string());
+                            admin_ok = false;
+                            None
+                        }
+                    }
+                }
+                _ => {
+                    self.problem(v.span(), "`admin` must be a table ([admin])".to_string());
+                    admin_ok = false;
+                    None
+                }
+            },
+            None => None,
+        };
 
         let mut upstreams = Vec::new();
         if find(root, "upstream").is_none() {
@@ -475,7 +517,7 @@ impl Walker<'_> {
         let upstreams: Option<Vec<UpstreamConfig>> =
             upstreams.into_iter().map(|u| u.config).collect();
         let clients: Option<Vec<ClientRule>> = clients.into_iter().map(|c| c.rule).collect();
-        if tls_present && tls.is_none() {
+        if (tls_present && tls.is_none()) || !admin_ok {
             return None;
         }
         Some(Config {
@@ -483,6 +525,7 @@ impl Walker<'_> {
             upstreams: upstreams?,
             tls,
             clients: clients?,
+            admin,
         })
     }
 
@@ -699,6 +742,71 @@ impl Walker<'_> {
             }
         }
         ok.then_some(names)
+    }
+
+    /// `[upstream.health]`: its presence turns active checks on.
+    fn health(&mut self, table: &DeTable<'_>, label: &str) -> Option<HealthSettings> {
+        self.unknown_keys(
+            table,
+            HEALTH_KEYS,
+            &format!("in the health table of {label}"),
+        );
+        let mut h = HealthSettings {
+            active: true,
+            ..HealthSettings::default()
+        };
+        let mut ok = true;
+        for (key, slot) in [("interval", &mut h.interval), ("timeout", &mut h.timeout)] {
+            if let Some(v) = find(table, key) {
+                match self.duration(v, key, false) {
+                    Some(d) => *slot = d,
+                    None => ok = false,
+                }
+            }
+        }
+        for (key, slot) in [("rise", &mut h.rise), ("fall", &mut h.fall)] {
+            if let Some(v) = find(table, key) {
+                match self.integer(v, key, 1, 1000) {
+                    Some(n) => *slot = n as u32,
+                    None => ok = false,
+                }
+            }
+        }
+        for (key, slot) in [("send", &mut h.send), ("expect", &mut h.expect)] {
+            if let Some(v) = find(table, key) {
+                match self.string(v, key) {
+                    Some(text) if text.is_empty() => {
+                        self.problem(v.span(), format!("`{key}` is empty"));
+                        ok = false;
+                    }
+                    Some(text) if text.len() > 4096 => {
+                        self.problem(v.span(), format!("`{key}` is longer than 4096 bytes"));
+                        ok = false;
+                    }
+                    Some(text) => *slot = Some(text.as_bytes().to_vec()),
+                    None => ok = false,
+                }
+            }
+        }
+        if let Some(v) = find(table, "close_on_down") {
+            match v.get_ref() {
+                DeValue::Boolean(b) => h.close_on_down = *b,
+                _ => {
+                    self.problem(
+                        v.span(),
+                        "`close_on_down` must be true or false".to_string(),
+                    );
+                    ok = false;
+                }
+            }
+        }
+        if let Some(v) = find(table, "slow_start") {
+            match self.duration(v, "slow_start", true) {
+                Some(d) => h.slow_start = Some(d).filter(|d| !d.is_zero()),
+                None => ok = false,
+            }
+        }
+        ok.then_some(h)
     }
 
     /// An integer or a float.
@@ -943,13 +1051,29 @@ impl Walker<'_> {
                 }
             },
         };
-        let config = match (&name, &listen, hosts, tls) {
-            (Some(name), Some(listen), Some(hosts), Some(tls)) => Some(UpstreamConfig {
-                name: name.get_ref().clone(),
-                listen: *listen.get_ref(),
-                hosts,
-                tls,
-            }),
+        let health = match find(table, "health") {
+            None => Some(HealthSettings::default()),
+            Some(v) => match v.get_ref() {
+                DeValue::Table(t) => self.health(t, &label),
+                _ => {
+                    self.problem(
+                        v.span(),
+                        format!("{label}: `health` must be a table ([upstream.health])"),
+                    );
+                    None
+                }
+            },
+        };
+        let config = match (&name, &listen, hosts, tls, health) {
+            (Some(name), Some(listen), Some(hosts), Some(tls), Some(health)) => {
+                Some(UpstreamConfig {
+                    name: name.get_ref().clone(),
+                    listen: *listen.get_ref(),
+                    hosts,
+                    tls,
+                    health,
+                })
+            }
             _ => None,
         };
         Upstream {

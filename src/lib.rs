@@ -21,6 +21,7 @@ pub mod demo;
 mod endpoint;
 pub mod error;
 mod flow;
+pub mod health;
 pub mod limits;
 mod net;
 mod pair;

@@ -731,7 +731,7 @@ impl Proxy {
         now: Instant,
     ) -> Result<(Endpoint, Phase), Refusal> {
         let u = &mut self.upstreams[upstream];
-        while let Some(host) = u.balancer.pick(&tried) {
+        while let Some(host) = u.balancer.pick(&tried, now) {
             let addr = u.balancer.addr(host);
             u.balancer.acquire(host);
             let attempt = TcpStream::connect(addr).and_then(|mut stream| {

@@ -40,12 +40,14 @@ fn tls_config(
         listen: localhost(),
         hosts: hosts.to_vec(),
         tls: true,
+        health: Default::default(),
     };
     Config {
         settings: Settings::default(),
         upstreams: vec![upstream("secure"), upstream("other")],
         tls: Some(pki.settings(crl, Duration::from_secs(10))),
         clients,
+        admin: None,
     }
 }
 

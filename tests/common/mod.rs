@@ -125,9 +125,11 @@ pub fn config(hosts: &[SocketAddr], settings: Settings) -> Config {
             listen: localhost(),
             hosts: hosts.to_vec(),
             tls: false,
+            health: Default::default(),
         }],
         tls: None,
         clients: Vec::new(),
+        admin: None,
     }
 }
 
