@@ -775,7 +775,7 @@ impl Walker<'_> {
         for (key, slot) in [("send", &mut h.send), ("expect", &mut h.expect)] {
             if let Some(v) = find(table, key) {
                 match self.string(v, key) {
-                    Some(text) if text.is_empty() => {
+                    Some("") => {
                         self.problem(v.span(), format!("`{key}` is empty"));
                         ok = false;
                     }
