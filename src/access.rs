@@ -6,6 +6,10 @@
 //! allowed on this upstream? is it within its connection rate and its
 //! concurrency cap? A client admitted here counts against its cap until
 //! [`Access::release`] is called, exactly once, when its pair ends.
+//!
+//! A [`ClientId`] names an identity for the life of the process, across
+//! reloads, so pairs admitted under old rules release the right count and
+//! a client keeps its bucket when its rule changes.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -45,30 +49,51 @@ pub enum Denial {
 
 #[derive(Debug)]
 pub struct Access {
-    rules: Vec<ClientRule>,
+    /// Every identity ever configured; a `ClientId` indexes this.
+    identities: Vec<String>,
     by_identity: HashMap<String, ClientId>,
+    /// The rule in force per identity (`None`: no longer configured).
+    rules: Vec<Option<ClientRule>>,
     active: Vec<u32>,
     limiter: RateLimiter<ClientId>,
 }
 
 impl Access {
     pub fn new(rules: Vec<ClientRule>) -> Access {
-        let by_identity = rules
-            .iter()
-            .enumerate()
-            .map(|(i, r)| (r.identity.clone(), i))
-            .collect();
-        let limits = rules
-            .iter()
-            .enumerate()
-            .map(|(i, r)| (i, Limit::new(r.rate, r.burst)))
-            .collect();
-        Access {
-            active: vec![0; rules.len()],
-            rules,
-            by_identity,
-            limiter: RateLimiter::new(limits),
+        let mut access = Access {
+            identities: Vec::new(),
+            by_identity: HashMap::new(),
+            rules: Vec::new(),
+            active: Vec::new(),
+            limiter: RateLimiter::new(HashMap::new()),
+        };
+        access.reload(rules);
+        access
+    }
+
+    /// Puts `rules` in force for new connections; open connections keep
+    /// counting against their identity.
+    pub fn reload(&mut self, rules: Vec<ClientRule>) {
+        for rule in &mut self.rules {
+            *rule = None;
         }
+        let mut limits = HashMap::new();
+        for rule in rules {
+            let id = match self.by_identity.get(&rule.identity) {
+                Some(&id) => id,
+                None => {
+                    self.identities.push(rule.identity.clone());
+                    self.rules.push(None);
+                    self.active.push(0);
+                    let id = self.identities.len() - 1;
+                    self.by_identity.insert(rule.identity.clone(), id);
+                    id
+                }
+            };
+            limits.insert(id, Limit::new(rule.rate, rule.burst));
+            self.rules[id] = Some(rule);
+        }
+        self.limiter.set_limits(limits);
     }
 
     /// The identity among a certificate's `names` that a rule knows: the
@@ -76,8 +101,13 @@ impl Access {
     pub fn identify<'a>(&self, names: &'a [String]) -> Option<&'a str> {
         names
             .iter()
-            .find(|n| self.by_identity.contains_key(n.as_str()))
+            .find(|n| self.rule_of(n).is_some())
             .map(String::as_str)
+    }
+
+    fn rule_of(&self, identity: &str) -> Option<(ClientId, &ClientRule)> {
+        let &id = self.by_identity.get(identity)?;
+        Some((id, self.rules[id].as_ref()?))
     }
 
     /// Admits `identity` to `upstream` at `now`, or says why not.
@@ -87,22 +117,19 @@ impl Access {
         upstream: &str,
         now: Instant,
     ) -> Result<ClientId, Denial> {
-        let Some(&id) = identity.and_then(|i| self.by_identity.get(i)) else {
+        let Some((id, rule)) = identity.and_then(|i| self.rule_of(i)) else {
             return Err(Denial::Unauthorized { known: false });
         };
-        let rule = &self.rules[id];
         if !rule.upstreams.iter().any(|u| u == upstream) {
             return Err(Denial::Unauthorized { known: true });
         }
+        let max_connections = rule.max_connections;
         match self.limiter.check(&id, now) {
             Verdict::Allowed => {}
             Verdict::Limited { retry_after } => return Err(Denial::RateLimited { retry_after }),
             Verdict::Unknown => return Err(Denial::Unauthorized { known: false }),
         }
-        if rule
-            .max_connections
-            .is_some_and(|max| self.active[id] >= max)
-        {
+        if max_connections.is_some_and(|max| self.active[id] >= max) {
             return Err(Denial::TooManyConnections);
         }
         self.active[id] += 1;
@@ -115,12 +142,14 @@ impl Access {
         self.active[id] = self.active[id].saturating_sub(1);
     }
 
-    /// Connections open per client identity.
+    /// Connections open per client identity (configured, or still connected).
     pub fn active(&self) -> impl Iterator<Item = (&str, u32)> {
-        self.rules
+        self.identities
             .iter()
+            .zip(&self.rules)
             .zip(&self.active)
-            .map(|(r, &n)| (r.identity.as_str(), n))
+            .filter(|((_, rule), n)| rule.is_some() || **n > 0)
+            .map(|((identity, _), &n)| (identity.as_str(), n))
     }
 }
 
@@ -193,6 +222,47 @@ mod tests {
             a.admit(Some("alice"), "app-a", t0 + Duration::from_millis(100))
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn reload_keeps_counts_and_applies_new_rules() {
+        let t0 = Instant::now();
+        let mut a = access();
+        let id = a.admit(Some("alice"), "app-a", t0).unwrap();
+        // alice moves to app-b only, with no cap; carol is new; bob is gone.
+        a.reload(vec![
+            ClientRule {
+                identity: "alice".into(),
+                upstreams: vec!["app-b".into()],
+                rate: 10.0,
+                burst: 5,
+                max_connections: None,
+            },
+            ClientRule {
+                identity: "carol".into(),
+                upstreams: vec!["app-a".into()],
+                rate: 1.0,
+                burst: 1,
+                max_connections: None,
+            },
+        ]);
+        assert_eq!(
+            a.admit(Some("alice"), "app-a", t0),
+            Err(Denial::Unauthorized { known: true })
+        );
+        assert!(a.admit(Some("alice"), "app-b", t0).is_ok());
+        assert!(a.admit(Some("carol"), "app-a", t0).is_ok());
+        let bob = Some("spiffe://example.org/bob");
+        assert_eq!(
+            a.admit(bob, "app-a", t0),
+            Err(Denial::Unauthorized { known: false })
+        );
+        // The connection admitted before the reload still counts, and releases.
+        let counts: HashMap<&str, u32> = a.active().collect();
+        assert_eq!(counts["alice"], 2);
+        assert!(!counts.contains_key("spiffe://example.org/bob"));
+        a.release(id);
+        assert_eq!(a.active().find(|(i, _)| *i == "alice").unwrap().1, 1);
     }
 
     #[test]

@@ -138,17 +138,24 @@ impl BufferPool {
         }
     }
 
-    /// Takes back a buffer; whatever it still held is discarded.
+    /// Takes back a buffer; whatever it still held is discarded. A buffer
+    /// of neither size (from before a reload changed them) is freed.
     pub fn give(&mut self, buffer: Buffer) {
-        self.in_use -= 1;
-        let class = if buffer.capacity() == self.bulk.size {
-            &mut self.bulk
-        } else {
-            &mut self.normal
+        self.in_use = self.in_use.saturating_sub(1);
+        let class = match buffer.capacity() {
+            size if size == self.bulk.size => &mut self.bulk,
+            size if size == self.normal.size => &mut self.normal,
+            _ => return,
         };
         if class.free.len() < class.keep {
             class.free.push(buffer.bytes);
         }
+    }
+
+    /// Takes over the count of buffers handed out by the pool this one
+    /// replaces; they come back here.
+    pub fn adopt(&mut self, in_use: usize) {
+        self.in_use += in_use;
     }
 }
 

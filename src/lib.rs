@@ -13,6 +13,7 @@
 //! - [`buffer`]: relay buffers, pooled so that idle pairs hold none.
 
 pub mod access;
+pub mod admin;
 pub mod balance;
 pub mod buffer;
 pub mod certs;
@@ -23,15 +24,19 @@ pub mod error;
 mod flow;
 pub mod health;
 pub mod limits;
+pub mod metrics;
 mod net;
 mod pair;
+mod probe;
 pub mod proxy;
 mod secure;
 mod timers;
 pub mod tls;
 mod token;
+mod upstream;
 
 pub use balance::LoadBalancer;
 pub use config::{Config, Settings, UpstreamConfig};
 pub use error::Error;
-pub use proxy::{Handle, HostStats, Proxy, Stats, UpstreamStats};
+pub use metrics::{HostStats, Stats, UpstreamStats};
+pub use proxy::{Handle, Proxy};

@@ -83,6 +83,12 @@ impl<K: Eq + Hash + Clone> RateLimiter<K> {
         }
     }
 
+    /// Replaces the limits; buckets of clients that keep a limit stay as they are.
+    pub fn set_limits(&mut self, limits: HashMap<K, Limit>) {
+        self.buckets.retain(|k, _| limits.contains_key(k));
+        self.limits = limits;
+    }
+
     /// Is a new connection by `client` allowed at `now`? Takes a token if so.
     pub fn check(&mut self, client: &K, now: Instant) -> Verdict {
         let Some(limit) = self.limits.get(client) else {

@@ -84,6 +84,9 @@ struct ServeArgs {
     /// Quick mode: the upstream's name in logs.
     #[arg(long, value_name = "NAME", default_value = "default")]
     name: String,
+    /// Admin listener for GET /metrics, GET /status and POST /reload (overrides [admin]).
+    #[arg(long, value_name = "ADDR")]
+    admin: Option<String>,
     #[command(flatten)]
     settings: SettingsArgs,
 }
@@ -214,10 +217,30 @@ fn serve(args: &ServeArgs) -> Result<(), Error> {
             std::process::exit(2);
         }
     };
-    let config = with_overrides(config, &args.settings)?;
+    let mut config = with_overrides(config, &args.settings)?;
+    if let Some(admin) = &args.admin {
+        config.admin = Some(
+            config::resolve(admin)
+                .map_err(|why| command_line_error(format!("--admin {admin}: {why}")))?,
+        );
+    }
     let mut proxy = Proxy::bind(&config)?;
+    if let Some(path) = &args.config {
+        proxy.set_config_path(path.clone());
+    }
     proxy.handle_signals()?;
     proxy.run()
+}
+
+fn command_line_error(message: String) -> Error {
+    Error::Config(config::ConfigError {
+        origin: "command line".to_string(),
+        problems: vec![config::Problem {
+            line: 0,
+            column: 0,
+            message,
+        }],
+    })
 }
 
 fn certs_init(dir: &Path, server_names: &[String], clients: &[String]) -> Result<(), Error> {
@@ -276,16 +299,8 @@ fn run_demo(listen: &str, tls_listen: &str, args: &SettingsArgs) -> Result<(), E
     let mut config = Config::quick("demo", listen, &hosts, defaults).map_err(Error::Config)?;
     let mut secure = config.upstreams[0].clone();
     secure.name = "demo-mtls".to_string();
-    secure.listen = config::resolve(tls_listen).map_err(|why| {
-        Error::Config(config::ConfigError {
-            origin: "command line".to_string(),
-            problems: vec![config::Problem {
-                line: 0,
-                column: 0,
-                message: format!("--tls-listen {tls_listen}: {why}"),
-            }],
-        })
-    })?;
+    secure.listen = config::resolve(tls_listen)
+        .map_err(|why| command_line_error(format!("--tls-listen {tls_listen}: {why}")))?;
     secure.tls = true;
     config.upstreams.push(secure);
     config.tls = Some(TlsSettings {

@@ -53,6 +53,10 @@ pub enum End {
     HandshakeFailed,
     /// The TLS handshake did not complete in time.
     HandshakeTimeout,
+    /// Its host went down and the upstream has `close_on_down`.
+    HostDown,
+    /// Its host or upstream was removed by a reload and the drain period ran out.
+    Removed,
     /// The drain period after a shutdown signal ran out.
     Shutdown,
 }
@@ -68,6 +72,8 @@ impl std::fmt::Display for End {
             End::Refused(r) => r.code(),
             End::HandshakeFailed => "handshake_failed",
             End::HandshakeTimeout => "handshake_timeout",
+            End::HostDown => "host_down",
+            End::Removed => "removed",
             End::Shutdown => "shutdown",
         })
     }
@@ -77,6 +83,7 @@ impl std::fmt::Display for End {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
     UpstreamUnavailable,
+    NoHealthyHost,
     Overloaded,
     Unauthorized,
     RateLimited { retry_after_secs: u64 },
@@ -87,6 +94,7 @@ impl Refusal {
     pub fn code(self) -> &'static str {
         match self {
             Refusal::UpstreamUnavailable => "upstream_unavailable",
+            Refusal::NoHealthyHost => "no_healthy_host",
             Refusal::Overloaded => "overloaded",
             Refusal::Unauthorized => "unauthorized",
             Refusal::RateLimited { .. } => "rate_limited",
@@ -100,6 +108,9 @@ impl Refusal {
         let message = match self {
             Refusal::UpstreamUnavailable => {
                 "no host of this service is reachable, try again later".to_string()
+            }
+            Refusal::NoHealthyHost => {
+                "no host of this service is healthy, try again later".to_string()
             }
             Refusal::Overloaded => "too many connections, try again later".to_string(),
             Refusal::Unauthorized => "this client may not use this service".to_string(),
@@ -199,6 +210,9 @@ pub struct Pair {
     last_active: Instant,
     /// The deadline of this pair's live entry in the timer heap, if any.
     pub scheduled: Option<Instant>,
+    /// A reload removed its host or upstream: closed at this instant
+    /// unless it finishes first.
+    pub drain_by: Option<Instant>,
 }
 
 impl Pair {
@@ -225,6 +239,7 @@ impl Pair {
             started: now,
             last_active: now,
             scheduled: None,
+            drain_by: None,
         }
     }
 
@@ -232,6 +247,14 @@ impl Pair {
         match side {
             Side::Client => Some(&mut self.client),
             Side::Upstream => self.host.as_mut(),
+        }
+    }
+
+    /// The host this pair counts against, while connecting or relaying.
+    pub fn host_id(&self) -> Option<HostId> {
+        match self.phase {
+            Phase::Connecting { host, .. } | Phase::Relaying { host } => Some(host),
+            Phase::Handshaking { .. } | Phase::Refusing { .. } => None,
         }
     }
 
@@ -248,6 +271,11 @@ impl Pair {
 
     /// When the loop must look at this pair again if nothing happens.
     pub fn deadline(&self, settings: &Settings) -> Instant {
+        let own = self.own_deadline(settings);
+        self.drain_by.map_or(own, |d| d.min(own))
+    }
+
+    fn own_deadline(&self, settings: &Settings) -> Instant {
         match &self.phase {
             Phase::Handshaking { deadline }
             | Phase::Connecting { deadline, .. }

@@ -8,43 +8,58 @@
 //! data reached through `&mut self`; nothing is shared with other threads
 //! except the [`Handle`]'s command channel and waker.
 //!
+//! Health checks live in `proxy/checks.rs`; the admin endpoint, signals,
+//! commands, counters snapshot and reload in `proxy/control.rs`.
+//!
 //! Invariants kept here:
 //! - a host's connection count is acquired right before its connect starts
 //!   and released exactly once, in [`Proxy::connect_failed`] or
-//!   [`Proxy::close`];
-//! - `refusing` counts pairs in [`Phase::Refusing`]; every other pair counts
-//!   against `max_connections`;
-//! - a socket is registered once, for READABLE | WRITABLE, when it is
-//!   created; closing it (dropping the pair) removes it from the poll set.
+//!   [`Proxy::close`]; likewise a client rule's count (`client_id`);
+//! - `refusing` and `handshaking` count pairs in those phases; every other
+//!   pair counts against `max_connections`;
+//! - upstreams and hosts keep their index for the process's life (a reload
+//!   marks them removed), since pairs, probes and timers refer to them;
+//! - a socket is registered once, for everything it will need, when it is
+//!   created; closing it (dropping its owner) removes it from the poll set.
 
-use std::collections::BTreeMap;
+mod checks;
+mod control;
+
+pub use control::Handle;
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::io;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Waker};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::access::{Access, Denial};
-use crate::balance::{HostId, LoadBalancer};
+use crate::admin::AdminConn;
+use crate::balance::HostId;
 use crate::buffer::BufferPool;
-use crate::config::{Config, Settings};
+use crate::config::{Config, Settings, UpstreamConfig};
 use crate::endpoint::Endpoint;
 use crate::error::Error;
 use crate::limits::{SourceLimiter, Verdict};
 use crate::net;
 use crate::pair::{Connect, End, Pair, Phase, Refusal, Step};
+use crate::probe::Probe;
 use crate::secure::{ClientTls, Handshake};
 use crate::timers::Timers;
 use crate::tls::{self, TlsSettings};
 use crate::token::{Side, Source};
+use crate::upstream::Upstream;
 
 /// Connections accepted from one listener per loop turn before the loop
 /// goes back to relaying; the rest are taken next turn.
@@ -87,16 +102,6 @@ impl Throttle {
     }
 }
 
-/// An upstream as the loop serves it.
-#[derive(Debug)]
-struct Upstream {
-    name: String,
-    listen: SocketAddr,
-    balancer: LoadBalancer,
-    /// Clients must complete an mTLS handshake and be admitted by `Access`.
-    tls: bool,
-}
-
 #[derive(Debug)]
 struct Listener {
     socket: TcpListener,
@@ -106,76 +111,12 @@ struct Listener {
     pending: bool,
 }
 
-/// A request to the loop from another thread.
-#[derive(Debug)]
-enum Command {
-    Shutdown,
-    Stats(Sender<Stats>),
-}
-
-/// A snapshot of the loop's counters.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Stats {
-    /// Pairs that exist, in any phase.
-    pub pairs: usize,
-    /// Pairs refusing a client (not counted against `max_connections`).
-    pub refusing: usize,
-    /// Relay buffers currently held by pairs.
-    pub buffers_in_use: usize,
-    /// TLS handshakes in progress.
-    pub handshakes: usize,
-    pub upstreams: Vec<UpstreamStats>,
-    /// Open connections per `[[client]]` identity.
-    pub clients: Vec<(String, u32)>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UpstreamStats {
-    pub name: String,
-    pub listen: SocketAddr,
-    pub hosts: Vec<HostStats>,
-    /// Clients turned away, per reason (refusal code, `handshake_failed`,
-    /// `handshake_timeout`, `source_rate_limited`, `handshake_capacity`).
-    pub refused: Vec<(String, u64)>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostStats {
-    pub addr: SocketAddr,
-    /// Connections counted against the host (connecting or relaying).
-    pub active: u32,
-}
-
-/// Talks to a running [`Proxy`] from another thread (tests, embedding).
-#[derive(Debug, Clone)]
-pub struct Handle {
-    commands: Sender<Command>,
-    waker: Arc<Waker>,
-}
-
-impl Handle {
-    /// Starts a graceful shutdown, as SIGTERM does; a second call stops at once.
-    pub fn shutdown(&self) {
-        if self.commands.send(Command::Shutdown).is_ok() {
-            let _ = self.waker.wake();
-        }
-    }
-
-    /// The loop's counters, or `None` once it has stopped.
-    pub fn stats(&self) -> Option<Stats> {
-        let (tx, rx) = mpsc::channel();
-        self.commands.send(Command::Stats(tx)).ok()?;
-        self.waker.wake().ok()?;
-        rx.recv().ok()
-    }
-}
-
 /// The load balancer: listeners bound, ready to [`run`](Proxy::run).
 pub struct Proxy {
     poll: Poll,
     settings: Settings,
     upstreams: Vec<Upstream>,
-    listeners: Vec<Listener>,
+    listeners: Slab<Listener>,
     pairs: Slab<Pair>,
     timers: Timers,
     pool: BufferPool,
@@ -194,12 +135,30 @@ pub struct Proxy {
     sources: Option<SourceLimiter>,
     /// Connections closed at accept (source rate, handshake capacity).
     drop_log: Throttle,
-    /// Refusals and failed handshakes, per (upstream, reason).
-    refused: BTreeMap<(usize, &'static str), u64>,
+    /// Health probes in flight, and their deadlines.
+    probes: Slab<Probe>,
+    probe_timers: Timers,
+    /// Hosts that went down this turn, whose pairs `close_on_down` closes.
+    gone_down: Vec<(usize, usize)>,
+    /// When each host's next check is due: (when, upstream, host).
+    checks: BinaryHeap<Reverse<(Instant, usize, usize)>>,
+    /// State of the jitter generator for check intervals.
+    jitter: u64,
+    admin: Option<TcpListener>,
+    admin_conns: Slab<AdminConn>,
+    admin_timers: Timers,
+    /// The config file, re-read on SIGHUP and `POST /reload`.
+    config_path: Option<PathBuf>,
+    /// The admin address in force (changing it needs a restart).
+    config_admin: Option<SocketAddr>,
+    /// Listeners a reload bound, by upstream name, until `apply` places them.
+    fresh_listeners: Vec<(String, usize, SocketAddr)>,
+    started: Instant,
+    reloads: u64,
     drain_deadline: Option<Instant>,
     stop_now: bool,
     signals: Option<Signals>,
-    commands: Receiver<Command>,
+    commands: Receiver<control::Command>,
     handle: Handle,
 }
 
@@ -228,43 +187,53 @@ impl Proxy {
         let (tx, commands) = mpsc::channel();
         let settings = config.settings.clone();
         let mut upstreams = Vec::with_capacity(config.upstreams.len());
-        let mut listeners = Vec::with_capacity(config.upstreams.len());
+        let mut listeners = Slab::with_capacity(config.upstreams.len());
         for (index, u) in config.upstreams.iter().enumerate() {
-            let bind_error = |source| Error::Bind {
-                upstream: u.name.clone(),
-                addr: u.listen,
-                source,
-            };
-            let mut socket = listen(u.listen, settings.backlog).map_err(bind_error)?;
-            let local = socket.local_addr().map_err(bind_error)?;
-            poll.registry()
-                .register(
-                    &mut socket,
-                    Source::Listener(index).token(),
-                    Interest::READABLE,
-                )
-                .map_err(bind_error)?;
-            listeners.push(Listener {
-                socket,
-                upstream: index,
-                pending: false,
-            });
-            upstreams.push(Upstream {
-                name: u.name.clone(),
-                listen: local,
-                balancer: LoadBalancer::new(u.hosts.clone()),
-                tls: u.tls,
-            });
+            let (listener, local) =
+                bind_listener(&poll, &mut listeners, index, u, settings.backlog)?;
+            let mut upstream = Upstream::new(
+                u.name.clone(),
+                u.listen,
+                local,
+                u.hosts.clone(),
+                u.tls,
+                u.health.clone(),
+            );
+            upstream.listener = Some(listener);
+            upstreams.push(upstream);
         }
+        let admin = match config.admin {
+            Some(addr) => {
+                let mut socket = listen(addr, 64).map_err(|source| Error::Bind {
+                    upstream: "admin".to_string(),
+                    addr,
+                    source,
+                })?;
+                poll.registry()
+                    .register(
+                        &mut socket,
+                        Source::AdminListener.token(),
+                        Interest::READABLE,
+                    )
+                    .map_err(setup("the admin listener"))?;
+                if !addr.ip().is_loopback() {
+                    warn!(
+                        "the admin listener {addr} is not on loopback: anyone who reaches it can read metrics and reload"
+                    );
+                }
+                Some(socket)
+            }
+            None => None,
+        };
         let pool = BufferPool::new(
             settings.buffer_size,
             settings.bulk_buffer(),
             POOL_KEEP_BYTES,
         );
+        let now = Instant::now();
         Ok(Proxy {
             poll,
             pool,
-            settings,
             upstreams,
             listeners,
             pairs: Slab::new(),
@@ -277,25 +246,45 @@ impl Proxy {
             tls,
             handshaking: 0,
             access: Access::new(config.clients.clone()),
-            sources: config.settings.source_limit.map(SourceLimiter::new),
+            sources: settings.source_limit.map(SourceLimiter::new),
             drop_log: Throttle::default(),
-            refused: BTreeMap::new(),
+            probes: Slab::new(),
+            probe_timers: Timers::default(),
+            gone_down: Vec::new(),
+            checks: BinaryHeap::new(),
+            jitter: jitter_seed(),
+            admin,
+            admin_conns: Slab::new(),
+            admin_timers: Timers::default(),
+            config_path: None,
+            config_admin: config.admin,
+            fresh_listeners: Vec::new(),
+            started: now,
+            reloads: 0,
+            settings,
             drain_deadline: None,
             stop_now: false,
             signals: None,
             commands,
-            handle: Handle {
-                commands: tx,
-                waker: Arc::new(waker),
-            },
+            handle: Handle::new(tx, Arc::new(waker)),
         })
+    }
+
+    /// The file to re-read on SIGHUP or `POST /reload`.
+    pub fn set_config_path(&mut self, path: PathBuf) {
+        self.config_path = Some(path);
+    }
+
+    /// The admin listener's address, if there is one.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|a| a.local_addr().ok())
     }
 
     /// The address an upstream actually listens on (useful with port 0).
     pub fn listen_addr(&self, upstream: &str) -> Option<SocketAddr> {
         self.upstreams
             .iter()
-            .find(|u| u.name == upstream)
+            .find(|u| u.name == upstream && !u.removed)
             .map(|u| u.listen)
     }
 
@@ -303,12 +292,14 @@ impl Proxy {
         self.handle.clone()
     }
 
-    /// Makes SIGINT and SIGTERM start a graceful shutdown (a second one stops at once).
+    /// Makes SIGINT and SIGTERM start a graceful shutdown (a second one
+    /// stops at once), and SIGHUP reload the config file.
     pub fn handle_signals(&mut self) -> Result<(), Error> {
-        let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(|source| Error::Setup {
-            what: "signal handling",
-            source,
-        })?;
+        let mut signals =
+            Signals::new([SIGINT, SIGTERM, SIGHUP]).map_err(|source| Error::Setup {
+                what: "signal handling",
+                source,
+            })?;
         self.poll
             .registry()
             .register(&mut signals, Source::Signals.token(), Interest::READABLE)
@@ -342,8 +333,14 @@ impl Proxy {
             self.settings.connect_timeout,
             self.settings.idle_timeout,
         );
+        if let Some(addr) = self.admin_addr() {
+            info!("admin listening on {addr} (GET /metrics, GET /status, POST /reload)");
+        }
         let mut events = Events::with_capacity(1024);
         let mut now = Instant::now();
+        for upstream in 0..self.upstreams.len() {
+            self.schedule_upstream_checks(upstream, now);
+        }
         loop {
             let timeout = self.poll_timeout(now);
             if let Err(e) = self.poll.poll(&mut events, timeout) {
@@ -364,6 +361,9 @@ impl Proxy {
                             listener.pending = true;
                         }
                     }
+                    Some(Source::Probe(key)) => self.on_probe_event(key, event, now),
+                    Some(Source::Admin(key)) => self.on_admin_event(key, event, now),
+                    Some(Source::AdminListener) => self.accept_admin(now),
                     Some(Source::Signals) => self.on_signals(now),
                     Some(Source::Control) => self.on_commands(now),
                     None => {}
@@ -372,6 +372,8 @@ impl Proxy {
             self.continue_runnable(now);
             self.accept(now);
             self.expire(now);
+            self.run_checks(now);
+            self.expire_admin(now);
             if self.stop_now
                 || self
                     .drain_deadline
@@ -400,11 +402,19 @@ impl Proxy {
         let mut earliest = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
         match self.accept_paused_until {
             Some(resume) => earliest(resume),
-            None if self.listeners.iter().any(|l| l.pending) => return Some(Duration::ZERO),
+            None if self.listeners.iter().any(|(_, l)| l.pending) => return Some(Duration::ZERO),
             None => {}
         }
         if let Some(deadline) = self.drain_deadline {
             earliest(deadline);
+        }
+        if let Some(Reverse((due, _, _))) = self.checks.peek() {
+            earliest(*due);
+        }
+        for timers in [&self.probe_timers, &self.admin_timers] {
+            if let Some(due) = timers.next() {
+                earliest(due);
+            }
         }
         next.map(|t| t.saturating_duration_since(now))
     }
@@ -420,6 +430,7 @@ impl Proxy {
     /// Advances a pair after its sockets' readiness changed.
     fn drive(&mut self, key: usize, now: Instant) {
         let pair = &mut self.pairs[key];
+        let (up_before, down_before) = pair.bytes();
         let connecting = matches!(pair.phase, Phase::Connecting { .. });
         if connecting && pair.client_failed() {
             return self.close(key, End::Reset(Side::Client), now);
@@ -429,15 +440,12 @@ impl Proxy {
                 Handshake::Pending => Step::Continue,
                 Handshake::Done => return self.handshake_done(key, now),
                 Handshake::Failed(reason) => {
-                    let u = &self.upstreams[pair.upstream].name;
+                    let u = &mut self.upstreams[pair.upstream];
                     info!(
-                        "{} `{u}` refused: handshake_failed ({reason})",
-                        pair.client_addr
+                        "{} `{}` refused: handshake_failed ({reason})",
+                        pair.client_addr, u.name
                     );
-                    *self
-                        .refused
-                        .entry((pair.upstream, "handshake_failed"))
-                        .or_default() += 1;
+                    u.count_refusal("handshake_failed");
                     Step::Finish(End::HandshakeFailed)
                 }
                 Handshake::Gone => Step::Finish(End::Reset(Side::Client)),
@@ -446,20 +454,21 @@ impl Proxy {
                 Connect::Pending => Step::Continue,
                 Connect::Failed(e) => return self.connect_failed(key, e, now),
                 Connect::Established => {
-                    let u = &self.upstreams[pair.upstream];
-                    debug!(
-                        "pair #{}: connected to {} ({})",
-                        pair.id,
-                        u.balancer.addr(host),
-                        u.name
-                    );
+                    let upstream = pair.upstream;
                     pair.connected(host, now);
-                    pair.relay(&mut self.pool, now)
+                    self.upstreams[upstream].hosts[host].connections += 1;
+                    self.host_result(upstream, host, true, "", now);
+                    self.pairs[key].relay(&mut self.pool, now)
                 }
             },
             Phase::Relaying { .. } => pair.relay(&mut self.pool, now),
             Phase::Refusing { .. } => pair.refuse(),
         };
+        let pair = &self.pairs[key];
+        let (up, down) = pair.bytes();
+        let u = &mut self.upstreams[pair.upstream];
+        u.bytes_up += up - up_before;
+        u.bytes_down += down - down_before;
         match step {
             Step::Continue => self.schedule(key),
             Step::Again => {
@@ -503,6 +512,18 @@ impl Proxy {
                 self.schedule(key);
                 continue;
             }
+            if pair.drain_by.is_some_and(|d| d <= now) {
+                let u = &self.upstreams[pair.upstream];
+                let removed = u.removed || pair.host_id().is_some_and(|h| u.balancer.is_removed(h));
+                pair.drain_by = None;
+                if removed {
+                    self.close(key, End::Removed, now);
+                } else {
+                    // Its host or upstream came back in a later reload.
+                    self.schedule(key);
+                }
+                continue;
+            }
             match pair.phase {
                 Phase::Connecting { .. } => {
                     let e = io::Error::new(io::ErrorKind::TimedOut, "connect timed out");
@@ -514,9 +535,8 @@ impl Proxy {
                 }
                 Phase::Refusing { refusal, .. } => self.close(key, End::Refused(refusal), now),
                 Phase::Handshaking { .. } => {
-                    let upstream = pair.upstream;
                     debug!("{} handshake timed out", pair.client_addr);
-                    self.count_refusal(upstream, "handshake_timeout");
+                    self.upstreams[pair.upstream].count_refusal("handshake_timeout");
                     self.close(key, End::HandshakeTimeout, now);
                 }
             }
@@ -530,9 +550,17 @@ impl Proxy {
             }
             self.accept_paused_until = None;
         }
-        for index in 0..self.listeners.len() {
+        let pending: Vec<usize> = self
+            .listeners
+            .iter()
+            .filter(|(_, l)| l.pending)
+            .map(|(key, _)| key)
+            .collect();
+        for index in pending {
             for _ in 0..ACCEPT_BATCH {
-                let listener = &mut self.listeners[index];
+                let Some(listener) = self.listeners.get_mut(index) else {
+                    break;
+                };
                 if !listener.pending {
                     break;
                 }
@@ -572,7 +600,7 @@ impl Proxy {
     /// a host, or refuses it.
     fn admit(&mut self, upstream: usize, mut stream: TcpStream, addr: SocketAddr, now: Instant) {
         if let Some(why) = self.turn_away(upstream, addr, now) {
-            self.count_refusal(upstream, why);
+            self.upstreams[upstream].count_refusal(why);
             if let Some(times) = self.drop_log.allow(now) {
                 let u = &self.upstreams[upstream].name;
                 warn!(
@@ -666,6 +694,9 @@ impl Proxy {
             );
             return Err(Refusal::Overloaded);
         }
+        if self.upstreams[upstream].balancer.healthy() == 0 {
+            return Err(Refusal::NoHealthyHost);
+        }
         self.start_connect(upstream, key, Vec::new(), now)
     }
 
@@ -716,10 +747,6 @@ impl Proxy {
         }
     }
 
-    fn count_refusal(&mut self, upstream: usize, reason: &'static str) {
-        *self.refused.entry((upstream, reason)).or_default() += 1;
-    }
-
     /// Connects to the best host not in `tried`, moving down the candidates
     /// while connects fail at once. Returns the socket and the phase, or the
     /// refusal to give the client when no host is left.
@@ -730,8 +757,8 @@ impl Proxy {
         mut tried: Vec<HostId>,
         now: Instant,
     ) -> Result<(Endpoint, Phase), Refusal> {
-        let u = &mut self.upstreams[upstream];
-        while let Some(host) = u.balancer.pick(&tried, now) {
+        while let Some(host) = self.upstreams[upstream].balancer.pick(&tried, now) {
+            let u = &mut self.upstreams[upstream];
             let addr = u.balancer.addr(host);
             u.balancer.acquire(host);
             let attempt = TcpStream::connect(addr).and_then(|mut stream| {
@@ -756,13 +783,16 @@ impl Proxy {
                     ));
                 }
                 Err(e) => {
+                    let u = &mut self.upstreams[upstream];
                     u.balancer.release(host);
                     if net::is_resource_exhaustion(&e) {
                         warn!("`{}`: cannot open a socket to {addr}: {e}", u.name);
                         return Err(Refusal::Overloaded);
                     }
                     warn!("`{}`: connect to {addr} failed: {e}", u.name);
+                    u.hosts[host].connect_failures += 1;
                     tried.push(host);
+                    self.host_result(upstream, host, false, "connect failed", now);
                 }
             }
         }
@@ -777,8 +807,10 @@ impl Proxy {
             return;
         };
         let (host, mut tried) = (*host, std::mem::take(tried));
-        let u = &mut self.upstreams[pair.upstream];
+        let upstream = pair.upstream;
+        let u = &mut self.upstreams[upstream];
         u.balancer.release(host);
+        u.hosts[host].connect_failures += 1;
         warn!(
             "`{}`: connect to {} failed: {e}",
             u.name,
@@ -786,7 +818,7 @@ impl Proxy {
         );
         tried.push(host);
         pair.host = None;
-        let upstream = pair.upstream;
+        self.host_result(upstream, host, false, "connect failed", now);
         let next = self.start_connect(upstream, key, tried, now);
         let pair = &mut self.pairs[key];
         match next {
@@ -826,7 +858,7 @@ impl Proxy {
         // A fresh socket can take a short line: try now rather than a turn later.
         pair.client.assume_writable();
         self.refusing += 1;
-        self.count_refusal(upstream, refusal.code());
+        self.upstreams[upstream].count_refusal(refusal.code());
         if self.refusing > REFUSING_CAP {
             // Too many lingering refusals already: say it once and close.
             let _ = self.pairs[key].refuse();
@@ -842,8 +874,14 @@ impl Proxy {
         let mut pair = self.pairs.remove(key);
         let u = &mut self.upstreams[pair.upstream];
         let host = match pair.phase {
-            Phase::Connecting { host, .. } | Phase::Relaying { host } => {
+            Phase::Connecting { host, .. } => {
                 u.balancer.release(host);
+                u.balancer.addr(host).to_string()
+            }
+            Phase::Relaying { host } => {
+                u.balancer.release(host);
+                u.durations
+                    .observe(now.saturating_duration_since(pair.started));
                 u.balancer.addr(host).to_string()
             }
             Phase::Refusing { .. } => {
@@ -864,7 +902,7 @@ impl Proxy {
         let abort = match end {
             End::Reset(side) => [side == Side::Upstream, side == Side::Client],
             End::IdleTimeout | End::HalfCloseTimeout => [pair.holds_bytes(); 2],
-            End::Shutdown => [true, true],
+            End::Shutdown | End::HostDown | End::Removed => [true, true],
             End::Closed | End::Refused(_) | End::HandshakeFailed | End::HandshakeTimeout => {
                 [false, false]
             }
@@ -889,80 +927,47 @@ impl Proxy {
             end
         );
     }
+}
 
-    fn on_signals(&mut self, now: Instant) {
-        let Some(signals) = self.signals.as_mut() else {
-            return;
-        };
-        let count = signals.pending().count();
-        for _ in 0..count {
-            self.shutdown(now);
-        }
-    }
+/// Binds upstream `index`'s listen address and registers it in `listeners`;
+/// returns the listener's key and the address actually bound.
+fn bind_listener(
+    poll: &Poll,
+    listeners: &mut Slab<Listener>,
+    index: usize,
+    u: &UpstreamConfig,
+    backlog: u32,
+) -> Result<(usize, SocketAddr), Error> {
+    let bind_error = |source| Error::Bind {
+        upstream: u.name.clone(),
+        addr: u.listen,
+        source,
+    };
+    let mut socket = listen(u.listen, backlog).map_err(bind_error)?;
+    let local = socket.local_addr().map_err(bind_error)?;
+    let entry = listeners.vacant_entry();
+    poll.registry()
+        .register(
+            &mut socket,
+            Source::Listener(entry.key()).token(),
+            Interest::READABLE,
+        )
+        .map_err(bind_error)?;
+    let key = entry.key();
+    entry.insert(Listener {
+        socket,
+        upstream: index,
+        pending: false,
+    });
+    Ok((key, local))
+}
 
-    fn on_commands(&mut self, now: Instant) {
-        while let Ok(command) = self.commands.try_recv() {
-            match command {
-                Command::Shutdown => self.shutdown(now),
-                Command::Stats(reply) => {
-                    let _ = reply.send(self.stats());
-                }
-            }
-        }
-    }
-
-    /// First call: stop accepting and start the drain period. Second call: stop now.
-    fn shutdown(&mut self, now: Instant) {
-        if self.drain_deadline.is_some() {
-            info!("second shutdown request: stopping now");
-            self.stop_now = true;
-            return;
-        }
-        for mut listener in self.listeners.drain(..) {
-            let _ = self.poll.registry().deregister(&mut listener.socket);
-        }
-        self.drain_deadline = Some(now + self.settings.drain_timeout);
-        info!(
-            "shutting down: no longer accepting; draining {} connections for up to {:?}",
-            self.pairs.len(),
-            self.settings.drain_timeout
-        );
-    }
-
-    fn stats(&self) -> Stats {
-        Stats {
-            pairs: self.pairs.len(),
-            refusing: self.refusing,
-            buffers_in_use: self.pool.in_use(),
-            handshakes: self.handshaking,
-            clients: self
-                .access
-                .active()
-                .map(|(id, n)| (id.to_string(), n))
-                .collect(),
-            upstreams: self
-                .upstreams
-                .iter()
-                .enumerate()
-                .map(|(index, u)| UpstreamStats {
-                    name: u.name.clone(),
-                    listen: u.listen,
-                    refused: self
-                        .refused
-                        .range((index, "")..)
-                        .take_while(|((i, _), _)| *i == index)
-                        .map(|((_, reason), n)| (reason.to_string(), *n))
-                        .collect(),
-                    hosts: (0..u.balancer.len())
-                        .map(|h| HostStats {
-                            addr: u.balancer.addr(h),
-                            active: u.balancer.active(h),
-                        })
-                        .collect(),
-                })
-                .collect(),
-        }
-    }
+/// A seed for check-interval jitter; any value that differs between runs will do.
+fn jitter_seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    (u64::from(nanos) << 32 | u64::from(std::process::id())) | 1
 }
 
 /// A non-blocking listening socket with the configured backlog.

@@ -1,0 +1,396 @@
+//! What the loop reports: a [`Stats`] snapshot of its plain counters, and
+//! its renderings as Prometheus text (`GET /metrics`) and JSON (`GET
+//! /status`). Rendering works on the snapshot, so it is pure and testable.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::upstream::{DURATION_BUCKETS, Histogram};
+
+/// A snapshot of the loop's counters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stats {
+    /// Pairs that exist, in any phase.
+    pub pairs: usize,
+    /// Pairs refusing a client (not counted against `max_connections`).
+    pub refusing: usize,
+    /// Relay buffers currently held by pairs.
+    pub buffers_in_use: usize,
+    /// TLS handshakes in progress.
+    pub handshakes: usize,
+    pub uptime: Duration,
+    /// Successful reloads since start.
+    pub reloads: u64,
+    pub upstreams: Vec<UpstreamStats>,
+    /// Open connections per `[[client]]` identity.
+    pub clients: Vec<(String, u32)>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamStats {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub tls: bool,
+    /// Removed by a reload; its connections are draining.
+    pub removed: bool,
+    pub hosts: Vec<HostStats>,
+    /// Clients turned away, per reason (refusal code, `handshake_failed`,
+    /// `handshake_timeout`, `source_rate_limited`, `handshake_capacity`).
+    pub refused: Vec<(String, u64)>,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub durations: Histogram,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostStats {
+    pub addr: SocketAddr,
+    /// Connections counted against the host (connecting or relaying).
+    pub active: u32,
+    pub up: bool,
+    /// Removed by a reload; its connections are draining.
+    pub removed: bool,
+    pub connections: u64,
+    pub connect_failures: u64,
+    pub checks_passed: u64,
+    pub checks_failed: u64,
+}
+
+/// The Prometheus text exposition format (version 0.0.4).
+pub fn prometheus(stats: &Stats) -> String {
+    let mut out = String::with_capacity(4096 + stats.upstreams.len() * 1024);
+    let family = |out: &mut String, name: &str, kind: &str, help: &str| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+    let hosts = || {
+        stats.upstreams.iter().flat_map(|u| {
+            u.hosts
+                .iter()
+                .filter(|h| !h.removed || h.active > 0)
+                .map(move |h| (label(&u.name), label(&h.addr.to_string()), h))
+        })
+    };
+
+    family(
+        &mut out,
+        "tcplb_connections_active",
+        "gauge",
+        "Connections a host is handling (connecting or relaying).",
+    );
+    for (u, h, host) in hosts() {
+        let _ = writeln!(
+            out,
+            "tcplb_connections_active{{upstream=\"{u}\",host=\"{h}\"}} {}",
+            host.active
+        );
+    }
+    family(
+        &mut out,
+        "tcplb_connections_total",
+        "counter",
+        "Connections established to a host.",
+    );
+    for (u, h, host) in hosts() {
+        let _ = writeln!(
+            out,
+            "tcplb_connections_total{{upstream=\"{u}\",host=\"{h}\"}} {}",
+            host.connections
+        );
+    }
+    family(
+        &mut out,
+        "tcplb_connect_failures_total",
+        "counter",
+        "Connects to a host that failed or timed out.",
+    );
+    for (u, h, host) in hosts() {
+        let _ = writeln!(
+            out,
+            "tcplb_connect_failures_total{{upstream=\"{u}\",host=\"{h}\"}} {}",
+            host.connect_failures
+        );
+    }
+    family(
+        &mut out,
+        "tcplb_host_up",
+        "gauge",
+        "1 when a host is up, 0 when health checks took it down.",
+    );
+    for (u, h, host) in hosts() {
+        let _ = writeln!(
+            out,
+            "tcplb_host_up{{upstream=\"{u}\",host=\"{h}\"}} {}",
+            u8::from(host.up)
+        );
+    }
+    family(
+        &mut out,
+        "tcplb_health_checks_total",
+        "counter",
+        "Active health checks, by result.",
+    );
+    for (u, h, host) in hosts() {
+        for (result, n) in [
+            ("passed", host.checks_passed),
+            ("failed", host.checks_failed),
+        ] {
+            let _ = writeln!(
+                out,
+                "tcplb_health_checks_total{{upstream=\"{u}\",host=\"{h}\",result=\"{result}\"}} {n}"
+            );
+        }
+    }
+    family(
+        &mut out,
+        "tcplb_bytes_total",
+        "counter",
+        "Bytes relayed, by direction (up: client to host).",
+    );
+    for up in &stats.upstreams {
+        let u = label(&up.name);
+        for (direction, n) in [("up", up.bytes_up), ("down", up.bytes_down)] {
+            let _ = writeln!(
+                out,
+                "tcplb_bytes_total{{upstream=\"{u}\",direction=\"{direction}\"}} {n}"
+            );
+        }
+    }
+    family(
+        &mut out,
+        "tcplb_refused_total",
+        "counter",
+        "Clients turned away, by reason.",
+    );
+    for up in &stats.upstreams {
+        let u = label(&up.name);
+        for (reason, n) in &up.refused {
+            let _ = writeln!(
+                out,
+                "tcplb_refused_total{{upstream=\"{u}\",reason=\"{}\"}} {n}",
+                label(reason)
+            );
+        }
+    }
+    family(
+        &mut out,
+        "tcplb_connection_duration_seconds",
+        "histogram",
+        "Durations of connections that reached a host.",
+    );
+    for up in &stats.upstreams {
+        let u = label(&up.name);
+        let mut cumulative = 0;
+        for (i, count) in up.durations.counts.iter().enumerate() {
+            cumulative += count;
+            let le = DURATION_BUCKETS
+                .get(i)
+                .map_or("+Inf".to_string(), |b| b.to_string());
+            let _ = writeln!(
+                out,
+                "tcplb_connection_duration_seconds_bucket{{upstream=\"{u}\",le=\"{le}\"}} {cumulative}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "tcplb_connection_duration_seconds_sum{{upstream=\"{u}\"}} {}",
+            up.durations.sum
+        );
+        let _ = writeln!(
+            out,
+            "tcplb_connection_duration_seconds_count{{upstream=\"{u}\"}} {}",
+            up.durations.count
+        );
+    }
+    family(
+        &mut out,
+        "tcplb_client_connections_active",
+        "gauge",
+        "Open connections per mTLS client identity.",
+    );
+    for (identity, n) in &stats.clients {
+        let _ = writeln!(
+            out,
+            "tcplb_client_connections_active{{identity=\"{}\"}} {n}",
+            label(identity)
+        );
+    }
+    for (name, kind, help, value) in [
+        (
+            "tcplb_pairs",
+            "gauge",
+            "Connection pairs in any phase.",
+            stats.pairs as f64,
+        ),
+        (
+            "tcplb_tls_handshakes_active",
+            "gauge",
+            "TLS handshakes in progress.",
+            stats.handshakes as f64,
+        ),
+        (
+            "tcplb_buffers_in_use",
+            "gauge",
+            "Relay buffers held by pairs.",
+            stats.buffers_in_use as f64,
+        ),
+        (
+            "tcplb_reloads_total",
+            "counter",
+            "Successful configuration reloads.",
+            stats.reloads as f64,
+        ),
+        (
+            "tcplb_uptime_seconds",
+            "gauge",
+            "Seconds since start.",
+            stats.uptime.as_secs_f64(),
+        ),
+    ] {
+        family(&mut out, name, kind, help);
+        let _ = writeln!(out, "{name} {value}");
+    }
+    out
+}
+
+/// Escapes a label value (backslash, quote, newline).
+fn label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The `/status` document.
+pub fn status_json(stats: &Stats) -> String {
+    let mut out = String::with_capacity(1024 + stats.upstreams.len() * 512);
+    let _ = write!(
+        out,
+        "{{\"uptime_seconds\":{},\"pairs\":{},\"handshakes\":{},\"reloads\":{},\"upstreams\":[",
+        stats.uptime.as_secs(),
+        stats.pairs,
+        stats.handshakes,
+        stats.reloads
+    );
+    for (i, u) in stats.upstreams.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let active: u32 = u.hosts.iter().map(|h| h.active).sum();
+        let _ = write!(
+            out,
+            "{{\"name\":{},\"listen\":{},\"tls\":{},\"removed\":{},\"active_connections\":{active},\"hosts\":[",
+            json(&u.name),
+            json(&u.listen.to_string()),
+            u.tls,
+            u.removed
+        );
+        for (j, h) in u.hosts.iter().enumerate() {
+            if j > 0 {
+                out.push(',');
+            }
+            let _ = write!(
+                out,
+                "{{\"address\":{},\"up\":{},\"removed\":{},\"active_connections\":{},\"connections_total\":{},\"connect_failures_total\":{}}}",
+                json(&h.addr.to_string()),
+                h.up,
+                h.removed,
+                h.active,
+                h.connections,
+                h.connect_failures
+            );
+        }
+        out.push_str("]}");
+    }
+    out.push_str("]}");
+    out
+}
+
+/// A JSON string literal.
+fn json(value: &str) -> String {
+    let mut out = String::with_capacity(value.len() + 2);
+    out.push('"');
+    for c in value.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Stats {
+        let mut durations = Histogram::default();
+        durations.observe(Duration::from_millis(20));
+        Stats {
+            pairs: 1,
+            refusing: 0,
+            buffers_in_use: 0,
+            handshakes: 0,
+            uptime: Duration::from_secs(5),
+            reloads: 0,
+            clients: vec![("spiffe://x/\"q\"".into(), 1)],
+            upstreams: vec![UpstreamStats {
+                name: "app".into(),
+                listen: "127.0.0.1:7000".parse().unwrap(),
+                tls: false,
+                removed: false,
+                hosts: vec![HostStats {
+                    addr: "127.0.0.1:9001".parse().unwrap(),
+                    active: 1,
+                    up: true,
+                    removed: false,
+                    connections: 3,
+                    connect_failures: 1,
+                    checks_passed: 7,
+                    checks_failed: 0,
+                }],
+                refused: vec![("overloaded".into(), 2)],
+                bytes_up: 10,
+                bytes_down: 20,
+                durations,
+            }],
+        }
+    }
+
+    #[test]
+    fn prometheus_lines_and_escaping() {
+        let text = prometheus(&sample());
+        assert!(
+            text.contains("tcplb_connections_active{upstream=\"app\",host=\"127.0.0.1:9001\"} 1\n")
+        );
+        assert!(text.contains("tcplb_refused_total{upstream=\"app\",reason=\"overloaded\"} 2\n"));
+        assert!(text.contains(
+            "tcplb_connection_duration_seconds_bucket{upstream=\"app\",le=\"0.05\"} 1\n"
+        ));
+        assert!(text.contains(
+            "tcplb_connection_duration_seconds_bucket{upstream=\"app\",le=\"0.01\"} 0\n"
+        ));
+        assert!(text.contains(
+            "tcplb_connection_duration_seconds_bucket{upstream=\"app\",le=\"+Inf\"} 1\n"
+        ));
+        assert!(text.contains("identity=\"spiffe://x/\\\"q\\\"\"} 1"));
+        // Every sample line is `name{labels} value` or `name value`.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let value = line.rsplit(' ').next().unwrap();
+            assert!(value.parse::<f64>().is_ok(), "{line}");
+        }
+    }
+
+    #[test]
+    fn status_is_escaped_json() {
+        let json = status_json(&sample());
+        assert!(json.starts_with("{\"uptime_seconds\":5,"));
+        assert!(json.contains("\"hosts\":[{\"address\":\"127.0.0.1:9001\",\"up\":true"));
+        assert_eq!(super::json("a\"b\\c\n"), "\"a\\\"b\\\\c\\u000a\"");
+    }
+}

@@ -1,0 +1,139 @@
+//! One active health check of one host: a non-blocking connect, then
+//! optionally `send` and wait for an answer containing `expect`, all within
+//! the check timeout (the loop owns the deadline). Driven by the same
+//! readiness events as pairs.
+
+use std::io;
+use std::net::SocketAddr;
+
+use mio::event::Event;
+use mio::net::TcpStream;
+use mio::{Interest, Registry, Token};
+
+use crate::balance::HostId;
+use crate::endpoint::{ERROR, Endpoint, READABLE, WRITABLE};
+use crate::net::{self, Io};
+
+/// Bytes of a host's answer kept while looking for `expect`.
+const ANSWER_LIMIT: usize = 8 * 1024;
+
+/// What a probe step found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Pending,
+    Passed,
+    Failed(String),
+}
+
+#[derive(Debug)]
+pub struct Probe {
+    pub upstream: usize,
+    pub host: HostId,
+    /// Tells this probe's timer entry from a later probe's in the same slot.
+    pub id: u64,
+    endpoint: Endpoint,
+    connected: bool,
+    sent: usize,
+    answer: Vec<u8>,
+}
+
+impl Probe {
+    /// Starts the connect and registers the socket under `token`.
+    pub fn start(
+        addr: SocketAddr,
+        upstream: usize,
+        host: HostId,
+        id: u64,
+        registry: &Registry,
+        token: Token,
+    ) -> io::Result<Probe> {
+        let mut stream = TcpStream::connect(addr)?;
+        registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)?;
+        Ok(Probe {
+            upstream,
+            host,
+            id,
+            endpoint: Endpoint::new(stream),
+            connected: false,
+            sent: 0,
+            answer: Vec::new(),
+        })
+    }
+
+    pub fn on_event(&mut self, event: &Event) {
+        self.endpoint.on_event(event);
+    }
+
+    /// Moves the check on as far as readiness allows.
+    pub fn advance(&mut self, send: Option<&[u8]>, expect: Option<&[u8]>) -> Outcome {
+        let ep = &mut self.endpoint;
+        if !self.connected {
+            if !ep.is(WRITABLE | ERROR) {
+                return Outcome::Pending;
+            }
+            match ep.stream.take_error() {
+                Ok(Some(e)) | Err(e) => return Outcome::Failed(format!("connect: {e}")),
+                Ok(None) if !ep.is(WRITABLE) => {
+                    ep.clear(ERROR);
+                    return Outcome::Pending;
+                }
+                Ok(None) => self.connected = true,
+            }
+        }
+        if let Some(send) = send {
+            while self.sent < send.len() && ep.is(WRITABLE) {
+                match net::write(&mut ep.stream, &send[self.sent..]) {
+                    Io::Done(n) => self.sent += n,
+                    Io::WouldBlock => ep.clear(WRITABLE),
+                    Io::Eof | Io::Failed(_) => return Outcome::Failed("send failed".into()),
+                }
+            }
+            if self.sent < send.len() {
+                return Outcome::Pending;
+            }
+        }
+        let Some(expect) = expect else {
+            return Outcome::Passed;
+        };
+        let mut chunk = [0u8; 1024];
+        while ep.is(READABLE) {
+            match net::read(&mut ep.stream, &mut chunk) {
+                Io::Done(n) => {
+                    self.answer.extend_from_slice(&chunk[..n]);
+                    if contains(&self.answer, expect) {
+                        return Outcome::Passed;
+                    }
+                    if self.answer.len() > ANSWER_LIMIT {
+                        return Outcome::Failed("answer does not match".into());
+                    }
+                }
+                Io::WouldBlock => ep.clear(READABLE),
+                Io::Eof => return Outcome::Failed("closed before the expected answer".into()),
+                Io::Failed(e) => return Outcome::Failed(format!("read: {e}")),
+            }
+        }
+        Outcome::Pending
+    }
+
+    /// Closes with RST: a check leaves no TIME_WAIT behind on either side.
+    pub fn close(self) {
+        net::set_abortive_close(&self.endpoint.stream);
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    needle.is_empty() || haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::contains;
+
+    #[test]
+    fn answer_matching() {
+        assert!(contains(b"+PONG\r\n", b"+PONG"));
+        assert!(contains(b"xx+PONG", b"+PONG"));
+        assert!(!contains(b"-ERR", b"+PONG"));
+        assert!(!contains(b"+PON", b"+PONG"));
+    }
+}

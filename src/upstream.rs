@@ -1,0 +1,149 @@
+//! An upstream as the loop serves it: its listener, its hosts (balancer
+//! plus health and counters per host), and the counters metrics report.
+//!
+//! Upstreams and hosts keep their index for the life of the process, even
+//! when a reload removes them (they are marked removed and drain), because
+//! pairs, probes and timer entries refer to them by index.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::balance::LoadBalancer;
+use crate::health::{Health, HealthSettings};
+
+/// Upper bounds (seconds) of the connection-duration histogram buckets.
+pub const DURATION_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0, 3600.0,
+];
+
+/// A Prometheus-style histogram: counts per bucket (not cumulative; the
+/// last count is for values above every bound), plus sum and count.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Histogram {
+    pub counts: Vec<u64>,
+    pub sum: f64,
+    pub count: u64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram {
+            counts: vec![0; DURATION_BUCKETS.len() + 1],
+            sum: 0.0,
+            count: 0,
+        }
+    }
+}
+
+impl Histogram {
+    pub fn observe(&mut self, value: Duration) {
+        let secs = value.as_secs_f64();
+        let bucket = DURATION_BUCKETS
+            .iter()
+            .position(|&bound| secs <= bound)
+            .unwrap_or(DURATION_BUCKETS.len());
+        self.counts[bucket] += 1;
+        self.sum += secs;
+        self.count += 1;
+    }
+}
+
+/// Health and counters of one host (parallel to the balancer's slots).
+#[derive(Debug, Clone, Default)]
+pub struct HostInfo {
+    pub health: Health,
+    /// When the next check is due (matches its timer entry), if scheduled.
+    pub next_check: Option<std::time::Instant>,
+    /// A probe of this host is in flight.
+    pub probing: bool,
+    /// Connections established to the host.
+    pub connections: u64,
+    pub connect_failures: u64,
+    pub checks_passed: u64,
+    pub checks_failed: u64,
+}
+
+#[derive(Debug)]
+pub struct Upstream {
+    pub name: String,
+    /// The address as configured (port 0 stays 0), to tell listen changes on reload.
+    pub configured_listen: SocketAddr,
+    /// The address actually bound.
+    pub listen: SocketAddr,
+    /// Key of its listener in the loop's listener slab, while it listens.
+    pub listener: Option<usize>,
+    pub balancer: LoadBalancer,
+    pub hosts: Vec<HostInfo>,
+    /// Clients must complete an mTLS handshake and be admitted by the rules.
+    pub tls: bool,
+    pub health: HealthSettings,
+    /// Removed by a reload: no longer listening; its pairs drain.
+    pub removed: bool,
+    /// Bytes relayed client to host and host to client.
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    /// Clients turned away, per reason.
+    pub refused: BTreeMap<&'static str, u64>,
+    /// Durations of connections that reached a host.
+    pub durations: Histogram,
+}
+
+impl Upstream {
+    pub fn new(
+        name: String,
+        configured_listen: SocketAddr,
+        listen: SocketAddr,
+        hosts: Vec<SocketAddr>,
+        tls: bool,
+        health: HealthSettings,
+    ) -> Upstream {
+        let infos = vec![HostInfo::default(); hosts.len()];
+        Upstream {
+            name,
+            configured_listen,
+            listen,
+            listener: None,
+            balancer: LoadBalancer::new(hosts),
+            hosts: infos,
+            tls,
+            health,
+            removed: false,
+            bytes_up: 0,
+            bytes_down: 0,
+            refused: BTreeMap::new(),
+            durations: Histogram::default(),
+        }
+    }
+
+    /// Adds (or brings back) a host; keeps `hosts` parallel to the balancer.
+    pub fn add_host(&mut self, addr: SocketAddr) -> usize {
+        let id = self.balancer.add(addr);
+        if id == self.hosts.len() {
+            self.hosts.push(HostInfo::default());
+        }
+        id
+    }
+
+    pub fn count_refusal(&mut self, reason: &'static str) {
+        *self.refused.entry(reason).or_default() += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_upper_bounds() {
+        let mut h = Histogram::default();
+        h.observe(Duration::from_millis(5));
+        h.observe(Duration::from_millis(7));
+        h.observe(Duration::from_secs(7200));
+        assert_eq!(h.counts[0], 1, "5 ms is in the 0.005 bucket");
+        assert_eq!(h.counts[1], 1);
+        assert_eq!(h.counts[DURATION_BUCKETS.len()], 1, "above every bound");
+        assert_eq!(h.count, 3);
+        assert!((h.sum - 7200.012).abs() < 1e-9);
+    }
+}
