@@ -1413,6 +1413,61 @@ rate = 1
     }
 
     #[test]
+    fn health_tables_turn_active_checks_on() {
+        let config = Config::parse(
+            r#"
+[admin]
+listen = "127.0.0.1:9900"
+
+[[upstream]]
+name = "redis"
+listen = "127.0.0.1:7000"
+hosts = ["127.0.0.1:6379"]
+
+[upstream.health]
+interval = "500ms"
+timeout = "200ms"
+rise = 1
+fall = 2
+send = "PING\r\n"
+expect = "+PONG"
+close_on_down = true
+slow_start = "30s"
+
+[[upstream]]
+name = "plain"
+listen = "127.0.0.1:7001"
+hosts = ["127.0.0.1:6380"]
+"#,
+            "lb.toml",
+        )
+        .unwrap();
+        assert_eq!(config.admin, Some("127.0.0.1:9900".parse().unwrap()));
+        let h = &config.upstreams[0].health;
+        assert!(h.active && h.close_on_down);
+        assert_eq!(
+            (h.interval, h.timeout, h.rise, h.fall),
+            (Duration::from_millis(500), Duration::from_millis(200), 1, 2)
+        );
+        assert_eq!(h.send.as_deref(), Some(&b"PING\r\n"[..]));
+        assert_eq!(h.slow_start, Some(Duration::from_secs(30)));
+        assert!(!config.upstreams[1].health.active);
+        let found = problems(
+            "[[upstream]]\nname=\"a\"\nlisten=\"127.0.0.1:0\"\nhosts=[\"127.0.0.1:1\"]\n[upstream.health]\nrise = 0\nsend = \"\"\nwhatever = 1\n",
+        );
+        let text = found.join("\n");
+        assert!(
+            text.contains("6:8: `rise` must be between 1 and 1000, not 0"),
+            "{text}"
+        );
+        assert!(text.contains("7:8: `send` is empty"), "{text}");
+        assert!(
+            text.contains("8:1: unknown key `whatever` in the health table of upstream `a`"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn invalid_toml_names_the_place() {
         let found = problems("[[upstream]\n");
         assert_eq!(found.len(), 1);

@@ -1,0 +1,677 @@
+//! Operations through the real reactor: active and passive health checks,
+//! `no_healthy_host`, the admin endpoint's metrics and status (parsed, and
+//! checked against the traffic sent), and reloads that keep established
+//! connections relaying byte-exactly.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use common::*;
+use tcplb::health::HealthSettings;
+use tcplb::{Config, Proxy, Settings, UpstreamConfig};
+
+/// A greeting echo host that can be stopped (its port then refuses) and
+/// started again on the same port.
+struct ToggleHost {
+    addr: SocketAddr,
+    name: String,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    accepted: Arc<AtomicUsize>,
+}
+
+impl ToggleHost {
+    fn new(name: &str) -> ToggleHost {
+        let mut host = ToggleHost {
+            addr: dead_addr(),
+            name: name.to_string(),
+            stop: Arc::new(AtomicBool::new(false)),
+            thread: None,
+            accepted: Arc::new(AtomicUsize::new(0)),
+        };
+        host.start();
+        host
+    }
+
+    fn start(&mut self) {
+        let listener = TcpListener::bind(self.addr).unwrap();
+        self.stop.store(false, Ordering::SeqCst);
+        let (stop, accepted, name) = (self.stop.clone(), self.accepted.clone(), self.name.clone());
+        self.thread = Some(thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(mut conn) = conn else { continue };
+                accepted.fetch_add(1, Ordering::SeqCst);
+                let name = name.clone();
+                thread::spawn(move || {
+                    let _ = conn.write_all(format!("{name}\n").as_bytes());
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = conn.read(&mut buf) {
+                        if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        }));
+    }
+
+    /// Returns once the port is closed.
+    fn stop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(self.addr);
+        if let Some(thread) = self.thread.take() {
+            thread.join().unwrap();
+        }
+    }
+}
+
+impl Drop for ToggleHost {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn upstream(name: &str, hosts: &[SocketAddr], health: HealthSettings) -> UpstreamConfig {
+    UpstreamConfig {
+        name: name.to_string(),
+        listen: localhost(),
+        hosts: hosts.to_vec(),
+        tls: false,
+        health,
+    }
+}
+
+fn fast_checks() -> HealthSettings {
+    HealthSettings {
+        active: true,
+        interval: Duration::from_millis(100),
+        timeout: Duration::from_millis(100),
+        rise: 2,
+        fall: 3,
+        ..HealthSettings::default()
+    }
+}
+
+fn config_with(upstreams: Vec<UpstreamConfig>) -> Config {
+    Config {
+        settings: Settings::default(),
+        upstreams,
+        tls: None,
+        clients: Vec::new(),
+        admin: Some(localhost()),
+    }
+}
+
+fn host_up(stats: &tcplb::Stats, addr: SocketAddr) -> bool {
+    stats.upstreams[0]
+        .hosts
+        .iter()
+        .any(|h| h.addr == addr && h.up)
+}
+
+fn greeting(proxy: &Running) -> (TcpStream, String) {
+    let mut c = proxy.connect();
+    let name = read_line(&mut c);
+    (c, name)
+}
+
+#[test]
+fn a_killed_host_goes_down_gets_nothing_and_comes_back() {
+    let mut a = ToggleHost::new("a");
+    let b = ToggleHost::new("b");
+    let proxy = start(config_with(vec![upstream(
+        "test",
+        &[a.addr, b.addr],
+        fast_checks(),
+    )]));
+    proxy.wait_until("saw both hosts up", |s| {
+        host_up(s, a.addr) && host_up(s, b.addr)
+    });
+
+    a.stop();
+    let killed = Instant::now();
+    proxy.wait_until("took the killed host down", |s| !host_up(s, a.addr));
+    let took = killed.elapsed();
+    // fall × interval + one timeout, with room for jitter and a busy machine.
+    assert!(
+        took < Duration::from_millis(3 * 110 + 100 + 700),
+        "down after {took:?}"
+    );
+    let before = a.accepted.load(Ordering::SeqCst);
+    for _ in 0..6 {
+        let (c, name) = greeting(&proxy);
+        assert_eq!(name, "b");
+        finish(c);
+    }
+
+    a.start();
+    proxy.wait_until("brought the host back", |s| host_up(s, a.addr));
+    let names: Vec<String> = (0..4)
+        .map(|_| {
+            let (c, name) = greeting(&proxy);
+            finish(c);
+            name
+        })
+        .collect();
+    assert!(names.iter().any(|n| n == "a"), "{names:?}");
+    assert!(a.accepted.load(Ordering::SeqCst) > before);
+    let stats = proxy.stats();
+    let host = &stats.upstreams[0].hosts[0];
+    assert!(
+        host.checks_failed >= 3 && host.checks_passed >= 2,
+        "{host:?}"
+    );
+}
+
+#[test]
+fn a_host_failing_one_check_in_three_never_flaps() {
+    // Answers +PONG to two probes out of three, -ERR to the third.
+    let listener = TcpListener::bind(localhost()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let probes = Arc::new(AtomicUsize::new(0));
+    let seen = probes.clone();
+    thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let n = seen.fetch_add(1, Ordering::SeqCst);
+            let mut buf = [0u8; 64];
+            let _ = conn.read(&mut buf);
+            let answer: &[u8] = if n % 3 == 2 {
+                b"-ERR\r\n"
+            } else {
+                b"+PONG\r\n"
+            };
+            let _ = conn.write_all(answer);
+        }
+    });
+    let health = HealthSettings {
+        send: Some(b"PING\r\n".to_vec()),
+        expect: Some(b"+PONG".to_vec()),
+        interval: Duration::from_millis(50),
+        ..fast_checks()
+    };
+    let proxy = start(config_with(vec![upstream("test", &[addr], health)]));
+    proxy.wait_until("ran 18 checks", |s| {
+        let h = &s.upstreams[0].hosts[0];
+        h.checks_passed + h.checks_failed >= 18
+    });
+    let stats = proxy.stats();
+    let host = &stats.upstreams[0].hosts[0];
+    assert!(host.up, "{host:?}");
+    assert!(
+        host.checks_failed >= 5,
+        "the host did fail checks: {host:?}"
+    );
+}
+
+#[test]
+fn every_host_down_gives_no_healthy_host_at_once() {
+    let proxy = start(config_with(vec![upstream(
+        "test",
+        &[dead_addr(), dead_addr()],
+        fast_checks(),
+    )]));
+    proxy.wait_until("took both hosts down", |s| {
+        s.upstreams[0].hosts.iter().all(|h| !h.up)
+    });
+    let started = Instant::now();
+    let mut c = proxy.connect();
+    let reply = String::from_utf8(read_to_end(&mut c).unwrap()).unwrap();
+    assert!(reply.starts_with("ERROR no_healthy_host: "), "{reply}");
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        started.elapsed()
+    );
+    let refused = &proxy.stats().upstreams[0].refused;
+    assert!(
+        refused.contains(&("no_healthy_host".to_string(), 1)),
+        "{refused:?}"
+    );
+}
+
+#[test]
+fn passive_failures_take_a_refusing_host_out_before_any_probe() {
+    // No active checks: real connects that fail take the host down.
+    let dead = dead_addr();
+    let live = spawn_host("live", Behavior::Named);
+    let proxy = start(config_with(vec![upstream(
+        "test",
+        &[dead, live.addr],
+        HealthSettings::default(),
+    )]));
+    for _ in 0..4 {
+        let (c, name) = greeting(&proxy);
+        assert_eq!(name, "live");
+        finish(c);
+    }
+    let stats = proxy.stats();
+    let dead_host = &stats.upstreams[0].hosts[0];
+    assert!(!dead_host.up, "{dead_host:?}");
+    assert_eq!(
+        dead_host.connect_failures, 3,
+        "fall is 3: no attempts after it went down"
+    );
+}
+
+/// One HTTP request to the admin listener; (status, body).
+fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: tcplb\r\n\r\n").unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    let status = response[9..12].parse().unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    (status, body)
+}
+
+/// Prometheus text as `name{labels}` -> value, checking every line's shape.
+fn parse_metrics(text: &str) -> HashMap<String, f64> {
+    let mut out = HashMap::new();
+    for line in text.lines() {
+        if line.starts_with("# HELP ") || line.starts_with("# TYPE ") {
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad line {line:?}"));
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in {line:?}"));
+        if let Some(open) = series.find('{') {
+            assert!(series.ends_with('}'), "bad labels in {line:?}");
+            assert!(
+                series[..open]
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                "{line:?}"
+            );
+        }
+        assert!(
+            out.insert(series.to_string(), value).is_none(),
+            "duplicate series {series}"
+        );
+    }
+    out
+}
+
+struct Served {
+    proxy: Proxy,
+}
+
+fn bind(config: &Config) -> (Served, SocketAddr, SocketAddr) {
+    let proxy = Proxy::bind(config).unwrap();
+    let addr = proxy.listen_addr(&config.upstreams[0].name).unwrap();
+    let admin = proxy.admin_addr().unwrap();
+    (Served { proxy }, addr, admin)
+}
+
+#[test]
+fn metrics_and_status_match_the_traffic() {
+    let host = spawn_host("h", Behavior::Echo);
+    let config = config_with(vec![upstream(
+        "app",
+        &[host.addr],
+        HealthSettings::default(),
+    )]);
+    let (served, addr, admin) = bind(&config);
+    let handle = served.proxy.handle();
+    let thread = thread::spawn(move || served.proxy.run());
+    let mut sent = 0;
+    for i in 0..5 {
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        let msg = format!("message number {i}\n");
+        c.write_all(msg.as_bytes()).unwrap();
+        assert_eq!(read_line(&mut c), msg.trim_end());
+        sent += msg.len();
+        finish(c);
+    }
+    let (status, body) = http(admin, "GET", "/metrics");
+    assert_eq!(status, 200);
+    let m = parse_metrics(&body);
+    let host_label = format!("upstream=\"app\",host=\"{}\"", host.addr);
+    assert_eq!(m[&format!("tcplb_connections_total{{{host_label}}}")], 5.0);
+    assert_eq!(m[&format!("tcplb_connections_active{{{host_label}}}")], 0.0);
+    assert_eq!(m[&format!("tcplb_host_up{{{host_label}}}")], 1.0);
+    assert_eq!(
+        m[&format!("tcplb_connect_failures_total{{{host_label}}}")],
+        0.0
+    );
+    assert_eq!(
+        m["tcplb_bytes_total{upstream=\"app\",direction=\"up\"}"],
+        sent as f64
+    );
+    assert_eq!(
+        m["tcplb_bytes_total{upstream=\"app\",direction=\"down\"}"],
+        sent as f64
+    );
+    assert_eq!(
+        m["tcplb_connection_duration_seconds_count{upstream=\"app\"}"],
+        5.0
+    );
+    assert_eq!(
+        m["tcplb_connection_duration_seconds_bucket{upstream=\"app\",le=\"+Inf\"}"],
+        5.0
+    );
+
+    let (status, body) = http(admin, "GET", "/status");
+    assert_eq!(status, 200);
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let up = &json["upstreams"][0];
+    assert_eq!(up["name"], "app");
+    assert_eq!(up["hosts"][0]["address"], host.addr.to_string());
+    assert_eq!(up["hosts"][0]["up"], true);
+    assert_eq!(up["hosts"][0]["connections_total"], 5);
+    assert!(json["uptime_seconds"].is_u64());
+
+    assert_eq!(http(admin, "GET", "/nope").0, 404);
+    assert_eq!(http(admin, "DELETE", "/metrics").0, 405);
+    assert_eq!(
+        http(admin, "POST", "/reload").0,
+        400,
+        "no config file to reload"
+    );
+    handle.shutdown();
+    handle.shutdown();
+    thread.join().unwrap().unwrap();
+}
+
+#[test]
+fn a_scrape_of_a_thousand_hosts_parses() {
+    let hosts: Vec<SocketAddr> = (0..1000u16)
+        .map(|i| SocketAddr::from(([127, 0, 0, 1], 20000 + i)))
+        .collect();
+    let config = config_with(vec![upstream("big", &hosts, HealthSettings::default())]);
+    let (served, _addr, admin) = bind(&config);
+    let handle = served.proxy.handle();
+    let thread = thread::spawn(move || served.proxy.run());
+    let (status, body) = http(admin, "GET", "/metrics");
+    assert_eq!(status, 200);
+    let m = parse_metrics(&body);
+    let up = m.keys().filter(|k| k.starts_with("tcplb_host_up{")).count();
+    assert_eq!(up, 1000);
+    handle.shutdown();
+    handle.shutdown();
+    thread.join().unwrap().unwrap();
+}
+
+/// A config file in a temporary directory, rewritten by the test.
+struct ConfigFile(PathBuf);
+
+impl ConfigFile {
+    fn new(name: &str) -> ConfigFile {
+        let dir = std::env::temp_dir().join(format!("tcplb-ops-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        ConfigFile(dir.join("lb.toml"))
+    }
+
+    fn write(&self, text: &str) {
+        std::fs::write(&self.0, text).unwrap();
+    }
+}
+
+impl Drop for ConfigFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(self.0.parent().unwrap());
+    }
+}
+
+fn upstream_toml(name: &str, hosts: &[SocketAddr]) -> String {
+    let hosts: Vec<String> = hosts.iter().map(|h| format!("\"{h}\"")).collect();
+    format!(
+        "[[upstream]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\nhosts = [{}]\n\n",
+        hosts.join(", ")
+    )
+}
+
+/// Streams `rounds` random messages through `c` and checks each echo.
+fn echo_rounds(c: &mut TcpStream, rng: &mut Rng, rounds: usize) {
+    for _ in 0..rounds {
+        let len = 1 + rng.below(32 * 1024);
+        let data = rng.bytes(len);
+        c.write_all(&data).unwrap();
+        let mut back = vec![0u8; len];
+        c.read_exact(&mut back).unwrap();
+        assert!(back == data, "echo differs");
+    }
+}
+
+#[test]
+fn reload_adds_and_removes_without_dropping_connections() {
+    let h1 = spawn_host("h1", Behavior::Echo);
+    let h2 = spawn_host("h2", Behavior::Echo);
+    let h3 = spawn_host("h3", Behavior::Named);
+    let file = ConfigFile::new("reload");
+    file.write(&format!(
+        "[defaults]\ndrain_timeout = \"1h\"\n\n{}",
+        upstream_toml("app", &[h1.addr, h2.addr])
+    ));
+    let config = Config::load(&file.0).unwrap();
+    let mut proxy = Proxy::bind(&config).unwrap();
+    proxy.set_config_path(file.0.clone());
+    let app = proxy.listen_addr("app").unwrap();
+    let handle = proxy.handle();
+    let thread = thread::spawn(move || proxy.run());
+
+    // Established connections on both hosts, relaying.
+    let mut rng = Rng::new(99);
+    let mut conns: Vec<TcpStream> = (0..4)
+        .map(|_| {
+            let c = TcpStream::connect(app).unwrap();
+            c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+            c
+        })
+        .collect();
+    for c in &mut conns {
+        echo_rounds(c, &mut rng, 3);
+    }
+    let counts = |s: &tcplb::Stats| {
+        s.upstreams[0]
+            .hosts
+            .iter()
+            .map(|h| h.active)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(counts(&handle.stats().unwrap()), [2, 2]);
+
+    // Remove h2, add h3, add an upstream.
+    let h4 = spawn_host("h4", Behavior::Named);
+    file.write(&format!(
+        "[defaults]\ndrain_timeout = \"1h\"\n\n{}{}",
+        upstream_toml("app", &[h1.addr, h3.addr]),
+        upstream_toml("extra", &[h4.addr])
+    ));
+    handle.reload().unwrap();
+    let stats = handle.stats().unwrap();
+    assert_eq!(stats.reloads, 1);
+    let extra = stats
+        .upstreams
+        .iter()
+        .find(|u| u.name == "extra")
+        .unwrap()
+        .listen;
+
+    // Every established connection still relays byte-exactly, the one on
+    // the removed host included (it drains).
+    for c in &mut conns {
+        echo_rounds(c, &mut rng, 3);
+    }
+    // New connections: never h2; h3 gets them (fewest connections).
+    for _ in 0..2 {
+        let mut c = TcpStream::connect(app).unwrap();
+        c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        assert_eq!(read_line(&mut c), "h3");
+    }
+    let mut c = TcpStream::connect(extra).unwrap();
+    c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    assert_eq!(read_line(&mut c), "h4");
+    let stats = handle.stats().unwrap();
+    let h2_stats = stats.upstreams[0]
+        .hosts
+        .iter()
+        .find(|h| h.addr == h2.addr)
+        .unwrap();
+    assert!(h2_stats.removed && h2_stats.active == 2, "{h2_stats:?}");
+
+    for c in conns {
+        finish(c);
+    }
+    handle.shutdown();
+    handle.shutdown();
+    thread.join().unwrap().unwrap();
+}
+
+#[test]
+fn connections_of_a_removed_host_close_when_the_drain_period_ends() {
+    let h1 = spawn_host("h1", Behavior::Named);
+    let h2 = spawn_host("h2", Behavior::Named);
+    let file = ConfigFile::new("drain");
+    let header = "[defaults]\ndrain_timeout = \"300ms\"\n\n";
+    file.write(&format!(
+        "{header}{}",
+        upstream_toml("app", &[h1.addr, h2.addr])
+    ));
+    let config = Config::load(&file.0).unwrap();
+    let mut proxy = Proxy::bind(&config).unwrap();
+    proxy.set_config_path(file.0.clone());
+    let app = proxy.listen_addr("app").unwrap();
+    let handle = proxy.handle();
+    let thread = thread::spawn(move || proxy.run());
+    let mut on: HashMap<String, TcpStream> = HashMap::new();
+    for _ in 0..2 {
+        let mut c = TcpStream::connect(app).unwrap();
+        c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        on.insert(read_line(&mut c), c);
+    }
+    file.write(&format!("{header}{}", upstream_toml("app", &[h1.addr])));
+    let reloaded = Instant::now();
+    handle.reload().unwrap();
+    let mut removed = on.remove("h2").unwrap();
+    let mut buf = [0u8; 8];
+    let end = removed.read(&mut buf);
+    assert!(matches!(end, Ok(0) | Err(_)), "{end:?}");
+    assert!(reloaded.elapsed() >= Duration::from_millis(300));
+    // The connection on the host that stayed is untouched.
+    let mut kept = on.remove("h1").unwrap();
+    kept.write_all(b"still here\n").unwrap();
+    assert_eq!(read_line(&mut kept), "still here");
+    handle.shutdown();
+    handle.shutdown();
+    thread.join().unwrap().unwrap();
+}
+
+#[test]
+fn an_invalid_reload_keeps_the_running_config() {
+    let h1 = spawn_host("h1", Behavior::Named);
+    let file = ConfigFile::new("invalid");
+    file.write(&upstream_toml("app", &[h1.addr]));
+    let config = Config::load(&file.0).unwrap();
+    let mut proxy = Proxy::bind(&config).unwrap();
+    proxy.set_config_path(file.0.clone());
+    let app = proxy.listen_addr("app").unwrap();
+    let handle = proxy.handle();
+    let thread = thread::spawn(move || proxy.run());
+    file.write("[[upstream]]\nname = \"app\"\nlisten = \"127.0.0.1:0\"\nhosts = []\nbogus = 1\n");
+    let err = handle.reload().unwrap_err();
+    assert!(
+        err.contains("lb.toml:4:9: upstream `app` has no hosts"),
+        "{err}"
+    );
+    assert!(err.contains("lb.toml:5:1: unknown key `bogus`"), "{err}");
+    // A port already in use is rejected as a whole, too.
+    let taken = TcpListener::bind(localhost()).unwrap();
+    let busy = taken.local_addr().unwrap();
+    file.write(&format!(
+        "{}[[upstream]]\nname = \"two\"\nlisten = \"{busy}\"\nhosts = [\"{}\"]\n",
+        upstream_toml("app", &[h1.addr]),
+        h1.addr
+    ));
+    let err = handle.reload().unwrap_err();
+    assert!(err.contains(&format!("cannot listen on {busy}")), "{err}");
+    let stats = handle.stats().unwrap();
+    assert_eq!(stats.reloads, 0);
+    assert_eq!(stats.upstreams.len(), 1);
+    let mut c = TcpStream::connect(app).unwrap();
+    c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    assert_eq!(read_line(&mut c), "h1");
+    handle.shutdown();
+    handle.shutdown();
+    thread.join().unwrap().unwrap();
+}
+
+#[test]
+fn sighup_and_post_reload_reload_the_binary() {
+    let h1 = spawn_host("h1", Behavior::Named);
+    let h2 = spawn_host("h2", Behavior::Named);
+    let file = ConfigFile::new("sighup");
+    file.write(&format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n\n{}",
+        upstream_toml("app", &[h1.addr])
+    ));
+    let bin = Binary::start(&["--config", file.0.to_str().unwrap()]);
+    let app = bin.listen_addr_of("app");
+    let admin: SocketAddr = bin
+        .wait_for_log("admin listening on ")
+        .split("admin listening on ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    file.write(&format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n\n{}",
+        upstream_toml("app", &[h2.addr])
+    ));
+    bin.signal("HUP");
+    bin.wait_for_log("configuration reloaded");
+    let mut c = TcpStream::connect(app).unwrap();
+    c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    assert_eq!(read_line(&mut c), "h2");
+    file.write(&format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n\n{}",
+        upstream_toml("app", &[h1.addr])
+    ));
+    let (status, body) = http(admin, "POST", "/reload");
+    assert_eq!((status, body.as_str()), (200, "reloaded\n"));
+    let mut c = TcpStream::connect(app).unwrap();
+    c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    assert_eq!(read_line(&mut c), "h1");
+}
+
+#[test]
+fn close_on_down_closes_the_connections_of_a_down_host() {
+    let mut a = ToggleHost::new("a");
+    let health = HealthSettings {
+        close_on_down: true,
+        ..fast_checks()
+    };
+    let proxy = start(config_with(vec![upstream("test", &[a.addr], health)]));
+    let (mut c, name) = greeting(&proxy);
+    assert_eq!(name, "a");
+    a.stop();
+    // The established connection is cut when the checks take the host down.
+    let mut buf = [0u8; 8];
+    let end = c.read(&mut buf);
+    assert!(matches!(end, Ok(0) | Err(_)), "{end:?}");
+    let stats = proxy.stats();
+    assert!(!stats.upstreams[0].hosts[0].up);
+    assert_eq!(stats.pairs, 0);
+}
