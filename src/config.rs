@@ -168,6 +168,7 @@ const TLS_KEYS: &[&str] = &[
     "crl",
     "handshake_timeout",
     "max_handshakes",
+    "max_handshakes_per_source",
 ];
 const CLIENT_KEYS: &[&str] = &["identity", "upstreams", "rate", "burst", "max_connections"];
 
@@ -604,6 +605,12 @@ impl Walker<'_> {
                 .map(|n| n as usize),
             None => Some(TlsSettings::DEFAULT_MAX_HANDSHAKES),
         };
+        let max_handshakes_per_source = match find(table, "max_handshakes_per_source") {
+            Some(v) => self
+                .integer(v, "max_handshakes_per_source", 1, 1_000_000)
+                .map(|n| n as usize),
+            None => Some(TlsSettings::DEFAULT_MAX_HANDSHAKES_PER_SOURCE),
+        };
         if !ok {
             return None;
         }
@@ -614,6 +621,7 @@ impl Walker<'_> {
             crl,
             handshake_timeout: handshake_timeout?,
             max_handshakes: max_handshakes?,
+            max_handshakes_per_source: max_handshakes_per_source?,
         })
     }
 
@@ -654,13 +662,13 @@ impl Walker<'_> {
         };
         let rate = match find(table, "rate") {
             Some(v) => self.number(v, "rate").and_then(|r| {
-                if r > 0.0 && r <= 1e6 {
+                if (Limit::MIN_RATE..=1e6).contains(&r) {
                     Some(r)
                 } else {
-                    self.problem(
-                        v.span(),
-                        format!("`rate` must be above 0 and at most 1000000, not {r}"),
+                    let message = format!(
+                        "`rate` must be between 1/86400 (one a day) and 1000000 per second, not {r}"
                     );
+                    self.problem(v.span(), message);
                     None
                 }
             }),
@@ -869,12 +877,12 @@ impl Walker<'_> {
         }
         let source_rate = find(table, "source_rate").map(|v| {
             self.number(v, "source_rate").filter(|r| {
-                let fine = *r > 0.0 && *r <= 1e6;
+                let fine = (Limit::MIN_RATE..=1e6).contains(r);
                 if !fine {
-                    self.problem(
-                        v.span(),
-                        format!("`source_rate` must be above 0 and at most 1000000, not {r}"),
+                    let message = format!(
+                        "`source_rate` must be between 1/86400 (one a day) and 1000000 per second, not {r}"
                     );
+                    self.problem(v.span(), message);
                 }
                 fine
             })
@@ -1393,7 +1401,7 @@ rate = 1
         assert!(text.contains("lb.toml:1:1: [tls] has no `key`"), "{text}");
         assert!(text.contains("no upstream is named `nope`"), "{text}");
         assert!(text.contains("upstream `p` is plain TCP"), "{text}");
-        assert!(text.contains("`rate` must be above 0"), "{text}");
+        assert!(text.contains("`rate` must be between 1/86400"), "{text}");
         assert!(
             text.contains("22:12: duplicate client identity `alice`"),
             "{text}"

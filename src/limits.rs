@@ -24,18 +24,30 @@ pub struct Limit {
 }
 
 impl Limit {
-    /// `rate` per second (must be positive and finite) with a bucket of `burst` (at least 1).
+    /// Slowest rate a limit can have: one per day.
+    pub const MIN_RATE: f64 = 1.0 / 86_400.0;
+    /// Largest bucket.
+    pub const MAX_BURST: u32 = 1_000_000;
+
+    /// `rate` per second with a bucket of `burst`, both brought into range
+    /// ([`MIN_RATE`](Self::MIN_RATE) to a million per second, 1 to
+    /// [`MAX_BURST`](Self::MAX_BURST)); config validation rejects values
+    /// outside it before they get here.
     pub fn new(rate: f64, burst: u32) -> Limit {
-        assert!(rate > 0.0 && rate.is_finite(), "rate must be positive");
+        let rate = if rate.is_finite() {
+            rate.clamp(Self::MIN_RATE, 1e6)
+        } else {
+            1e6
+        };
         Limit {
             interval: Duration::from_secs_f64(1.0 / rate),
-            burst: burst.max(1),
+            burst: burst.clamp(1, Self::MAX_BURST),
         }
     }
 
     /// `rate` per second with a bucket of the same size (at least 1).
     pub fn per_second(rate: f64) -> Limit {
-        Limit::new(rate, rate.ceil().min(u32::MAX as f64) as u32)
+        Limit::new(rate, rate.ceil().clamp(1.0, Self::MAX_BURST as f64) as u32)
     }
 
     pub fn burst(&self) -> u32 {
@@ -45,8 +57,12 @@ impl Limit {
     /// Takes a token from the bucket whose state is `tat`; on refusal,
     /// returns how long until a token is available.
     fn take(&self, tat: &mut Instant, now: Instant) -> Result<(), Duration> {
-        let next = (*tat).max(now) + self.interval;
-        let allowance = self.interval * self.burst;
+        // In range by construction (a day × a million fits a Duration and
+        // an Instant), but a limit must never be able to panic the loop.
+        let Some(next) = (*tat).max(now).checked_add(self.interval) else {
+            return Err(self.interval);
+        };
+        let allowance = self.interval.saturating_mul(self.burst);
         let ahead = next.duration_since(now);
         if ahead > allowance {
             return Err(ahead - allowance);
@@ -112,6 +128,7 @@ pub struct SourceLimiter {
     limit: Limit,
     buckets: HashMap<IpAddr, Instant>,
     capacity: usize,
+    last_sweep: Option<Instant>,
 }
 
 /// Largest number of source buckets kept at once.
@@ -123,6 +140,7 @@ impl SourceLimiter {
             limit,
             buckets: HashMap::new(),
             capacity: SOURCE_CAPACITY,
+            last_sweep: None,
         }
     }
 
@@ -130,13 +148,21 @@ impl SourceLimiter {
     pub fn check(&mut self, source: IpAddr, now: Instant) -> Verdict {
         let key = source_key(source);
         if !self.buckets.contains_key(&key) && self.buckets.len() >= self.capacity {
-            self.sweep(now);
+            // Sweeping is a pass over the table: at most once a second.
+            if self
+                .last_sweep
+                .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+            {
+                self.last_sweep = Some(now);
+                self.sweep(now);
+            }
             if self.buckets.len() >= self.capacity {
-                // Every tracked source is busy: more sources than this are a
-                // flood the handshake cap has to absorb, not this table.
-                return Verdict::Limited {
-                    retry_after: self.limit.interval,
-                };
+                // More busy sources than the table holds: forget one so a
+                // new source is never locked out (a flood that wide is for
+                // the handshake caps to absorb).
+                if let Some(&victim) = self.buckets.keys().next() {
+                    self.buckets.remove(&victim);
+                }
             }
         }
         let tat = self.buckets.entry(key).or_insert(now);
@@ -161,7 +187,9 @@ impl SourceLimiter {
     }
 }
 
-fn source_key(source: IpAddr) -> IpAddr {
+/// The key a source address is limited under: itself for IPv4 (and
+/// IPv4-mapped IPv6), its /64 prefix for IPv6.
+pub fn source_key(source: IpAddr) -> IpAddr {
     match source {
         IpAddr::V4(_) => source,
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
@@ -296,25 +324,38 @@ mod tests {
     }
 
     #[test]
-    fn source_table_is_bounded() {
+    fn source_table_is_bounded_and_never_locks_a_new_source_out() {
         let t0 = Instant::now();
         let mut sl = SourceLimiter::new(Limit::new(1.0, 1));
         sl.capacity = 3;
         for i in 1..=3u8 {
             assert_eq!(sl.check(IpAddr::from([10, 0, 0, i]), t0), Verdict::Allowed);
         }
-        // Full of busy sources: a new one is turned away, the table stays bounded.
-        assert!(matches!(
-            sl.check(IpAddr::from([10, 0, 0, 9]), t0),
-            Verdict::Limited { .. }
-        ));
+        // Full of busy sources: one is forgotten, the new one gets a bucket.
+        assert_eq!(sl.check(IpAddr::from([10, 0, 0, 9]), t0), Verdict::Allowed);
         assert_eq!(sl.len(), 3);
         // Once they have filled up again they are swept to make room.
         let later = t0 + Duration::from_secs(5);
         assert_eq!(
-            sl.check(IpAddr::from([10, 0, 0, 9]), later),
+            sl.check(IpAddr::from([10, 0, 0, 10]), later),
             Verdict::Allowed
         );
         assert_eq!(sl.len(), 1);
+    }
+
+    #[test]
+    fn extreme_limits_never_panic() {
+        let t0 = Instant::now();
+        let mut rl = RateLimiter::new(HashMap::from([
+            (1, Limit::new(1e-30, u32::MAX)),
+            (2, Limit::new(f64::INFINITY, 0)),
+            (3, Limit::new(f64::NAN, 5)),
+        ]));
+        for key in [1, 2, 3] {
+            for i in 0..3 {
+                let _ = rl.check(&key, t0 + Duration::from_secs(i));
+            }
+        }
+        assert_eq!(Limit::new(1e-30, u32::MAX).burst(), Limit::MAX_BURST);
     }
 }

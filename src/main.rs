@@ -310,6 +310,7 @@ fn run_demo(listen: &str, tls_listen: &str, args: &SettingsArgs) -> Result<(), E
         crl: Vec::new(),
         handshake_timeout: TlsSettings::DEFAULT_HANDSHAKE_TIMEOUT,
         max_handshakes: TlsSettings::DEFAULT_MAX_HANDSHAKES,
+        max_handshakes_per_source: TlsSettings::DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
     });
     config.clients = vec![ClientRule {
         identity: "alice".to_string(),

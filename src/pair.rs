@@ -362,10 +362,14 @@ impl Pair {
                 if tls.flush(client).is_err() {
                     return Step::Finish(End::Reset(Side::Client));
                 }
-                (
-                    pump(&mut tls.side(client), host, &mut self.up, pool, budget),
-                    pump(host, &mut tls.side(client), &mut self.down, pool, budget),
-                )
+                let up = pump(&mut tls.side(client), host, &mut self.up, pool, budget);
+                let down = pump(host, &mut tls.side(client), &mut self.down, pool, budget);
+                // Reading may have queued records of its own (alerts, key
+                // updates) that no later event would send.
+                if tls.flush(client).is_err() {
+                    return Step::Finish(End::Reset(Side::Client));
+                }
+                (up, down)
             }
         };
         let (up, down) = match (up, down) {

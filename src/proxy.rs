@@ -28,9 +28,9 @@ mod control;
 pub use control::Handle;
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashMap};
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver};
@@ -51,7 +51,7 @@ use crate::buffer::BufferPool;
 use crate::config::{Config, Settings, UpstreamConfig};
 use crate::endpoint::Endpoint;
 use crate::error::Error;
-use crate::limits::{SourceLimiter, Verdict};
+use crate::limits::{SourceLimiter, Verdict, source_key};
 use crate::net;
 use crate::pair::{Connect, End, Pair, Phase, Refusal, Step};
 use crate::probe::Probe;
@@ -129,8 +129,11 @@ pub struct Proxy {
     exhaustion_log: Throttle,
     /// TLS material, when any upstream speaks TLS.
     tls: Option<(Arc<rustls::ServerConfig>, TlsSettings)>,
-    /// Pairs in the handshake phase.
+    /// Pairs in the handshake phase, in all and per source (`source_key`).
     handshaking: usize,
+    handshakes_by_source: HashMap<IpAddr, usize>,
+    /// Failed handshakes, logged at most once a second.
+    handshake_log: Throttle,
     access: Access,
     sources: Option<SourceLimiter>,
     /// Connections closed at accept (source rate, handshake capacity).
@@ -245,6 +248,8 @@ impl Proxy {
             exhaustion_log: Throttle::default(),
             tls,
             handshaking: 0,
+            handshakes_by_source: HashMap::new(),
+            handshake_log: Throttle::default(),
             access: Access::new(config.clients.clone()),
             sources: settings.source_limit.map(SourceLimiter::new),
             drop_log: Throttle::default(),
@@ -441,10 +446,13 @@ impl Proxy {
                 Handshake::Done => return self.handshake_done(key, now),
                 Handshake::Failed(reason) => {
                     let u = &mut self.upstreams[pair.upstream];
-                    info!(
-                        "{} `{}` refused: handshake_failed ({reason})",
-                        pair.client_addr, u.name
-                    );
+                    // Anyone can fail a handshake: throttled, not one line each.
+                    if let Some(more) = self.handshake_log.allow(now) {
+                        info!(
+                            "{} `{}` refused: handshake_failed ({reason}) ({more} more since the last report)",
+                            pair.client_addr, u.name
+                        );
+                    }
                     u.count_refusal("handshake_failed");
                     Step::Finish(End::HandshakeFailed)
                 }
@@ -632,7 +640,7 @@ impl Proxy {
             let mut pair = Pair::new(id, upstream, stream, addr, phase, now);
             pair.tls = Some(session);
             self.pairs.insert(pair);
-            self.handshaking += 1;
+            self.handshake_started(addr);
             return self.schedule(key);
         }
         match self.place(upstream, key, now) {
@@ -664,14 +672,35 @@ impl Proxy {
                 return Some("source_rate_limited");
             }
         }
-        let max_handshakes = self
-            .tls
-            .as_ref()
-            .map_or(usize::MAX, |(_, s)| s.max_handshakes);
-        if self.upstreams[upstream].tls && self.handshaking >= max_handshakes {
-            return Some("handshake_capacity");
+        if let (true, Some((_, tls))) = (self.upstreams[upstream].tls, &self.tls) {
+            if self.handshaking >= tls.max_handshakes {
+                return Some("handshake_capacity");
+            }
+            let from_source = self.handshakes_by_source.get(&source_key(addr.ip()));
+            if from_source.is_some_and(|&n| n >= tls.max_handshakes_per_source) {
+                return Some("source_handshake_capacity");
+            }
         }
         None
+    }
+
+    fn handshake_started(&mut self, client: SocketAddr) {
+        self.handshaking += 1;
+        *self
+            .handshakes_by_source
+            .entry(source_key(client.ip()))
+            .or_default() += 1;
+    }
+
+    fn handshake_ended(&mut self, client: SocketAddr) {
+        self.handshaking -= 1;
+        let key = source_key(client.ip());
+        if let Some(n) = self.handshakes_by_source.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                self.handshakes_by_source.remove(&key);
+            }
+        }
     }
 
     /// Pairs that count against `max_connections`: connecting or relaying.
@@ -703,7 +732,7 @@ impl Proxy {
     /// The TLS handshake of pair `key` is done: identify the client, apply
     /// its rules, then connect it to a host or refuse it.
     fn handshake_done(&mut self, key: usize, now: Instant) {
-        self.handshaking -= 1;
+        self.handshake_ended(self.pairs[key].client_addr);
         let pair = &mut self.pairs[key];
         let upstream = pair.upstream;
         let names = pair
@@ -888,11 +917,12 @@ impl Proxy {
                 self.refusing -= 1;
                 "-".to_string()
             }
-            Phase::Handshaking { .. } => {
-                self.handshaking -= 1;
-                "-".to_string()
-            }
+            Phase::Handshaking { .. } => "-".to_string(),
         };
+        if let Phase::Handshaking { .. } = pair.phase {
+            self.handshake_ended(pair.client_addr);
+        }
+        let u = &self.upstreams[pair.upstream];
         if let Some(client) = pair.client_id.take() {
             self.access.release(client);
         }

@@ -9,7 +9,8 @@
 //! outgoing buffer is capped (`set_buffer_limit`), so a slow client stops
 //! the relay from taking more from its host. A client's `close_notify` is
 //! its FIN; ending the host-to-client direction sends `close_notify`, then
-//! FIN. A TCP FIN without `close_notify` is taken as an end too.
+//! FIN. A TCP FIN without `close_notify` may be a truncation, so it is
+//! passed on as a reset.
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
@@ -199,8 +200,8 @@ impl Source for TlsSide<'_> {
                     return Io::Done(n);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.tls.plaintext = false,
-                // TCP FIN without close_notify: the client ended all the same.
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Io::Eof,
+                // TCP FIN without close_notify: the stream may have been cut
+                // short, so the host gets a reset, not a clean end.
                 Err(e) => return Io::Failed(e),
             }
             if !self.ep.is(READABLE) {

@@ -31,11 +31,15 @@ pub struct TlsSettings {
     pub handshake_timeout: Duration,
     /// Handshakes in progress at once; new connections beyond are closed.
     pub max_handshakes: usize,
+    /// Handshakes in progress at once from one source address (IPv6: /64),
+    /// so one source cannot take every handshake slot.
+    pub max_handshakes_per_source: usize,
 }
 
 impl TlsSettings {
     pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
     pub const DEFAULT_MAX_HANDSHAKES: usize = 1000;
+    pub const DEFAULT_MAX_HANDSHAKES_PER_SOURCE: usize = 100;
 
     /// Makes relative paths relative to `dir` (the config file's folder).
     pub fn resolve_paths(&mut self, dir: &Path) {
@@ -72,7 +76,7 @@ impl TlsSettings {
                     let at = self.crl.first().unwrap_or(&self.client_ca);
                     problem(at, format!("cannot build the client verifier: {e}"))
                 })?;
-        let config = ServerConfig::builder_with_provider(provider)
+        let mut config = ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| problem(&self.cert, format!("no usable TLS version: {e}")))?
             .with_client_cert_verifier(verifier)
@@ -87,6 +91,11 @@ impl TlsSettings {
                 ),
                 e => problem(&self.key, format!("unusable certificate or key: {e}")),
             })?;
+        // No session resumption: a resumed session skips the client
+        // certificate checks (validity dates, revocation) that every
+        // connection must pass.
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
         Ok(Arc::new(config))
     }
 }

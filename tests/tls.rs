@@ -517,3 +517,149 @@ fn host_reset_reaches_a_tls_client_as_reset() {
         .expect_err("a reset, not data or a clean close");
     assert_eq!(err.kind(), ErrorKind::ConnectionReset);
 }
+
+#[test]
+fn sessions_are_never_resumed_so_every_connection_is_verified() {
+    // A resumed session would skip the certificate checks (an expired or
+    // revoked certificate would get back in on an old session).
+    let pki = Pki::new("resume");
+    let host = spawn_host("h", Behavior::Echo);
+    let proxy = start(tls_config(&pki, &[host.addr], alice_rules(), vec![]));
+    let alice = pki.client("alice");
+    let config = pki.client_config(Some(&alice));
+    for round in 0..3 {
+        let mut s = pki::connect(proxy.addr, config.clone()).unwrap();
+        s.write_all(b"x\n").unwrap();
+        assert_eq!(pki::read_line(&mut s).unwrap(), "x");
+        assert_eq!(
+            s.conn.handshake_kind(),
+            Some(rustls::HandshakeKind::Full),
+            "round {round}"
+        );
+        pki::close_write(&mut s);
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).unwrap();
+    }
+}
+
+#[test]
+fn tls_records_queued_while_reading_are_sent_at_once() {
+    // A TLS 1.2 renegotiation request is answered with an alert that
+    // rustls queues while reading; it must go out without waiting for
+    // the host to send something.
+    let pki = Pki::new("reneg");
+    let listener = std::net::TcpListener::bind(localhost()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut b = [0u8; 64];
+        let _ = conn.read(&mut b);
+        conn.write_all(b"hi\n").unwrap();
+        // Silent from now on, until the test is over.
+        let _ = released.recv_timeout(IO_TIMEOUT);
+    });
+    let proxy = start(tls_config(&pki, &[addr], alice_rules(), vec![]));
+    let alice = pki.client("alice");
+    let mut child = Command::new("openssl")
+        .args(["s_client", "-tls1_2", "-msg", "-connect"])
+        .arg(proxy.addr.to_string())
+        .arg("-cert")
+        .arg(&alice.cert_path)
+        .arg("-key")
+        .arg(&alice.key_path)
+        .arg("-CAfile")
+        .arg(&pki.ca_path)
+        .args(["-servername", "localhost"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("openssl is installed (.ci/run installs it)");
+    let mut stdin = child.stdin.take().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    stdin.write_all(b"hello\n").unwrap();
+    while lines.recv_timeout(IO_TIMEOUT).unwrap().trim() != "hi" {}
+    stdin.write_all(b"R\n").unwrap();
+    // The alert arrives while the host stays silent.
+    let alert = loop {
+        let line = lines
+            .recv_timeout(Duration::from_secs(5))
+            .expect("no alert from tcplb");
+        if line.contains("<<<") && line.contains("Alert") {
+            break line;
+        }
+    };
+    assert!(alert.contains("Alert"), "{alert}");
+    let _ = child.kill();
+    let _ = child.wait();
+    release.send(()).unwrap();
+}
+
+#[test]
+fn a_fin_without_close_notify_reaches_the_host_as_a_reset() {
+    let pki = Pki::new("truncated");
+    let listener = std::net::TcpListener::bind(localhost()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, outcome) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        conn.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        let mut got = Vec::new();
+        let end = conn.read_to_end(&mut got).map_err(|e| e.kind());
+        tx.send((got, end)).unwrap();
+    });
+    let proxy = start(tls_config(&pki, &[addr], alice_rules(), vec![]));
+    let alice = pki.client("alice");
+    let mut s = pki::connect(proxy.addr, pki.client_config(Some(&alice))).unwrap();
+    s.write_all(b"partial").unwrap();
+    s.flush().unwrap();
+    // TCP FIN with no close_notify: the stream may have been cut short.
+    s.sock.shutdown(std::net::Shutdown::Write).unwrap();
+    let (got, end) = outcome.recv_timeout(IO_TIMEOUT).unwrap();
+    assert_eq!(
+        end,
+        Err(ErrorKind::ConnectionReset),
+        "got {:?}",
+        String::from_utf8_lossy(&got)
+    );
+}
+
+#[test]
+fn one_source_cannot_take_every_handshake_slot() {
+    let pki = Pki::new("persource");
+    let host = spawn_host("h", Behavior::Echo);
+    let mut config = tls_config(&pki, &[host.addr], alice_rules(), vec![]);
+    config.tls.as_mut().unwrap().max_handshakes_per_source = 2;
+    let proxy = start(config);
+    let stalled: Vec<TcpStream> = (0..2)
+        .map(|_| TcpStream::connect(proxy.addr).unwrap())
+        .collect();
+    proxy.wait_until("started two handshakes", |s| s.handshakes == 2);
+    // A third from the same source is closed at accept.
+    let alice = pki.client("alice");
+    assert!(pki::connect(proxy.addr, pki.client_config(Some(&alice))).is_err());
+    // Another source still gets in.
+    let other: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+    let mut s = pki::connect_from(other, proxy.addr, pki.client_config(Some(&alice))).unwrap();
+    s.write_all(b"ok\n").unwrap();
+    assert_eq!(pki::read_line(&mut s).unwrap(), "ok");
+    let stats = proxy.stats();
+    assert!(
+        stats.upstreams[0]
+            .refused
+            .contains(&("source_handshake_capacity".to_string(), 1)),
+        "{stats:?}"
+    );
+    drop(stalled);
+}

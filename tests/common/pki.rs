@@ -171,6 +171,7 @@ impl Pki {
             crl,
             handshake_timeout,
             max_handshakes: TlsSettings::DEFAULT_MAX_HANDSHAKES,
+            max_handshakes_per_source: TlsSettings::DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
         }
     }
 
@@ -201,7 +202,22 @@ pub type TlsStream = StreamOwned<ClientConnection, TcpStream>;
 /// Connects to `addr` as a TLS client (server name "localhost") and
 /// completes the handshake; the error if the server refused it.
 pub fn connect(addr: SocketAddr, config: Arc<ClientConfig>) -> std::io::Result<TlsStream> {
-    let tcp = TcpStream::connect(addr)?;
+    handshake(TcpStream::connect(addr)?, config)
+}
+
+/// Like [`connect`], from a chosen loopback source address (127.0.0.0/8).
+pub fn connect_from(
+    source: std::net::IpAddr,
+    addr: SocketAddr,
+    config: Arc<ClientConfig>,
+) -> std::io::Result<TlsStream> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.bind(&SocketAddr::new(source, 0).into())?;
+    socket.connect(&addr.into())?;
+    handshake(socket.into(), config)
+}
+
+fn handshake(tcp: TcpStream, config: Arc<ClientConfig>) -> std::io::Result<TlsStream> {
     tcp.set_read_timeout(Some(super::IO_TIMEOUT))?;
     tcp.set_write_timeout(Some(super::IO_TIMEOUT))?;
     let conn = ClientConnection::new(config, ServerName::try_from("localhost").unwrap()).unwrap();
