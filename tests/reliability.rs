@@ -1,0 +1,1026 @@
+//! The reliability suite: fault, load and hostile-input scenarios against
+//! the real binary, each measured and judged by a number.
+//!
+//! `cargo test --test reliability` runs the short version of every
+//! scenario (what CI runs). The full suite:
+//!
+//! ```sh
+//! cargo test --release --test reliability -- --ignored --nocapture --test-threads=1
+//! TCPLB_SOAK_SECS=600 cargo test --release --test reliability full_soak -- --ignored --nocapture
+//! ```
+//!
+//! Each scenario prints one line: its name, the figures measured, and
+//! PASS or FAIL. File descriptors come from `/proc/<pid>/fd`, memory from
+//! `/proc/<pid>/status`, CPU from `/proc/<pid>/stat`, live pairs from the
+//! admin `/status` and `/metrics`.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::pki::{self, Pki};
+use common::*;
+use ring::digest::SHA256;
+
+/// Prints the scenario's line and fails the test if it did not pass.
+fn report(name: &str, figures: String, pass: bool) {
+    println!(
+        "{name:<26} {figures} ... {}",
+        if pass { "PASS" } else { "FAIL" }
+    );
+    assert!(pass, "{name}: {figures}");
+}
+
+/// The binary with a config file, and what it reports about itself.
+struct Tcplb {
+    bin: Binary,
+    dir: PathBuf,
+    admin: SocketAddr,
+    listen: HashMap<String, SocketAddr>,
+}
+
+impl Drop for Tcplb {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+static SEQUENCE: AtomicU64 = AtomicU64::new(0);
+
+impl Tcplb {
+    /// Starts `tcplb --config` with `body` (upstreams etc.) plus an admin
+    /// listener; `nofile` limits its descriptors.
+    fn start(body: &str, nofile: Option<usize>) -> Tcplb {
+        let n = SEQUENCE.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("tcplb-rel-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("lb.toml");
+        std::fs::write(
+            &path,
+            format!("[admin]\nlisten = \"127.0.0.1:0\"\n\n{body}"),
+        )
+        .unwrap();
+        let args = ["--config", path.to_str().unwrap()];
+        let bin = match nofile {
+            Some(n) => Binary::start_limited(n, &args),
+            None => Binary::start(&args),
+        };
+        let mut listen = HashMap::new();
+        let admin = loop {
+            let line = bin.wait_for_log("listening on ");
+            let addr: SocketAddr = line
+                .split("listening on ")
+                .nth(1)
+                .unwrap()
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            if line.contains("admin listening") {
+                break addr;
+            }
+            let name = line.split('`').nth(1).unwrap().to_string();
+            listen.insert(name, addr);
+        };
+        Tcplb {
+            bin,
+            dir,
+            admin,
+            listen,
+        }
+    }
+
+    fn addr(&self, upstream: &str) -> SocketAddr {
+        self.listen[upstream]
+    }
+
+    fn pid(&self) -> u32 {
+        self.bin.pid()
+    }
+
+    fn metrics(&self) -> HashMap<String, f64> {
+        let body = http_get(self.admin, "/metrics");
+        body.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.rsplit_once(' '))
+            .map(|(k, v)| (k.to_string(), v.parse().unwrap()))
+            .collect()
+    }
+
+    fn refused(&self, reason: &str) -> f64 {
+        self.metrics()
+            .iter()
+            .filter(|(k, _)| {
+                k.starts_with("tcplb_refused_total{") && k.contains(&format!("reason=\"{reason}\""))
+            })
+            .map(|(_, v)| v)
+            .sum()
+    }
+
+    fn pairs(&self) -> u64 {
+        let status: serde_json::Value =
+            serde_json::from_str(&http_get(self.admin, "/status")).unwrap();
+        status["pairs"].as_u64().unwrap()
+    }
+
+    /// Waits (up to `within`) until fds are back to `baseline` and no pair
+    /// is left; returns how long it took.
+    fn settles(&self, baseline: usize, within: Duration) -> Option<Duration> {
+        let started = Instant::now();
+        loop {
+            // The admin request itself holds a descriptor while it is served.
+            if self.pairs() == 0 && self.bin.fd_count() <= baseline {
+                return Some(started.elapsed());
+            }
+            if started.elapsed() > within {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\n\r\n").unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    response.split_once("\r\n\r\n").unwrap().1.to_string()
+}
+
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
+}
+
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    ticks as f64 / 100.0
+}
+
+fn upstream(name: &str, hosts: &[SocketAddr]) -> String {
+    let hosts: Vec<String> = hosts.iter().map(|h| format!("\"{h}\"")).collect();
+    format!(
+        "[[upstream]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\nhosts = [{}]\n\n",
+        hosts.join(", ")
+    )
+}
+
+fn sha256(data: &[u8]) -> Vec<u8> {
+    ring::digest::digest(&SHA256, data).as_ref().to_vec()
+}
+
+// ---------------------------------------------------------------------------
+// 1. Integrity under chaos
+
+/// A host that speaks a one-byte mode first: `E` echoes everything; `H`
+/// reads a seed and a length, streams that many seeded bytes, half-closes,
+/// then reads the client's seeded stream to EOF and checks it.
+fn spawn_chaos_host(ok: Arc<AtomicU64>, bad: Arc<AtomicU64>) -> SocketAddr {
+    let listener = TcpListener::bind(localhost()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let (ok, bad) = (ok.clone(), bad.clone());
+            thread::spawn(move || {
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(120)));
+                let mut mode = [0u8; 1];
+                if conn.read_exact(&mut mode).is_err() {
+                    return;
+                }
+                if mode[0] == b'H' {
+                    let mut head = [0u8; 16];
+                    if conn.read_exact(&mut head).is_err() {
+                        return;
+                    }
+                    let seed = u64::from_le_bytes(head[..8].try_into().unwrap());
+                    let len = u64::from_le_bytes(head[8..].try_into().unwrap()) as usize;
+                    if conn.write_all(&Rng::new(seed).bytes(len)).is_err() {
+                        return;
+                    }
+                    let _ = conn.shutdown(Shutdown::Write);
+                    let mut got = Vec::new();
+                    if conn.read_to_end(&mut got).is_ok() {
+                        let counter = if got == Rng::new(seed + 1).bytes(len) {
+                            &ok
+                        } else {
+                            &bad
+                        };
+                        counter.fetch_add(1, Ordering::SeqCst);
+                    }
+                    return;
+                }
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    match conn.read(&mut buf) {
+                        Ok(0) => {
+                            let _ = conn.shutdown(Shutdown::Write);
+                            return;
+                        }
+                        Ok(n) => {
+                            if conn.write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                        }
+                        Err(_) => return,
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Writes `data` in random sizes (1 B to 64 KiB).
+fn write_randomly(s: &mut TcpStream, data: &[u8], rng: &mut Rng) -> std::io::Result<()> {
+    let mut at = 0;
+    while at < data.len() {
+        let n = (1 + rng.below(64 * 1024)).min(data.len() - at);
+        s.write_all(&data[at..at + n])?;
+        at += n;
+    }
+    Ok(())
+}
+
+/// One chaos client; returns whether its transfer was checked and correct
+/// (`None` for the clients that reset on purpose).
+fn chaos_client(addr: SocketAddr, i: usize, bytes: usize) -> Option<bool> {
+    let mut rng = Rng::new(i as u64 * 7 + 1);
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    match i % 4 {
+        // Client half-closes first; the echo must match.
+        0 | 1 => {
+            let data = rng.bytes(bytes);
+            let mut writer = s.try_clone().unwrap();
+            let to_send = data.clone();
+            let send = thread::spawn(move || {
+                let mut rng = Rng::new(i as u64 * 11 + 3);
+                writer.write_all(b"E").unwrap();
+                write_randomly(&mut writer, &to_send, &mut rng).unwrap();
+                writer.shutdown(Shutdown::Write).unwrap();
+            });
+            let mut got = Vec::with_capacity(bytes);
+            s.read_to_end(&mut got).unwrap();
+            send.join().unwrap();
+            Some(sha256(&got) == sha256(&data))
+        }
+        // Host half-closes first; both directions are checked.
+        2 => {
+            let seed = i as u64 * 1000;
+            s.write_all(b"H").unwrap();
+            s.write_all(&seed.to_le_bytes()).unwrap();
+            s.write_all(&(bytes as u64).to_le_bytes()).unwrap();
+            let mut got = Vec::with_capacity(bytes);
+            s.read_to_end(&mut got).unwrap();
+            let down_ok = sha256(&got) == sha256(&Rng::new(seed).bytes(bytes));
+            write_randomly(&mut s, &Rng::new(seed + 1).bytes(bytes), &mut rng).unwrap();
+            s.shutdown(Shutdown::Write).unwrap();
+            Some(down_ok)
+        }
+        // Resets in the middle of the transfer.
+        _ => {
+            s.write_all(b"E").unwrap();
+            let data = rng.bytes(bytes / 2 + 1);
+            let _ = write_randomly(&mut s, &data, &mut rng);
+            socket2::SockRef::from(&s)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
+            None
+        }
+    }
+}
+
+fn integrity(clients: usize, bytes: usize) {
+    let ok = Arc::new(AtomicU64::new(0));
+    let bad = Arc::new(AtomicU64::new(0));
+    let hosts = [
+        spawn_chaos_host(ok.clone(), bad.clone()),
+        spawn_chaos_host(ok.clone(), bad.clone()),
+    ];
+    let lb = Tcplb::start(&upstream("chaos", &hosts), None);
+    let baseline = lb.bin.fd_count();
+    let addr = lb.addr("chaos");
+    let started = Instant::now();
+    let workers: Vec<_> = (0..clients)
+        .map(|i| thread::spawn(move || chaos_client(addr, i, bytes)))
+        .collect();
+    let results: Vec<Option<bool>> = workers.into_iter().map(|w| w.join().unwrap()).collect();
+    let checked = results.iter().filter(|r| r.is_some()).count();
+    let wrong = results.iter().filter(|r| **r == Some(false)).count();
+    let settled = lb.settles(baseline, Duration::from_secs(2));
+    // Host-side checks of the host-half-closes-first clients.
+    let host_checked = ok.load(Ordering::SeqCst);
+    let host_wrong = bad.load(Ordering::SeqCst);
+    let pass = wrong == 0
+        && host_wrong == 0
+        && settled.is_some()
+        && host_checked as usize == clients.div_ceil(4);
+    report(
+        "1 integrity under chaos",
+        format!(
+            "{clients} clients x {} KiB in {:.1?}: {checked}+{host_checked} checked, {} mismatches, fds/pairs back in {:?}",
+            bytes / 1024,
+            started.elapsed(),
+            wrong as u64 + host_wrong,
+            settled
+        ),
+        pass,
+    );
+}
+
+#[test]
+fn integrity_under_chaos() {
+    integrity(40, 256 * 1024);
+}
+
+#[test]
+#[ignore]
+fn full_integrity_under_chaos() {
+    integrity(1000, 16 << 20);
+}
+
+// ---------------------------------------------------------------------------
+// 2. Backpressure
+
+fn backpressure(clients: usize, bytes: usize, hold: Duration) {
+    let host = spawn_host("echo", Behavior::Echo);
+    let lb = Tcplb::start(&upstream("bp", &[host.addr]), None);
+    let addr = lb.addr("bp");
+    let before = rss(lb.pid());
+    // Each client pushes its bytes and reads nothing until told to.
+    let read_now = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for i in 0..clients {
+        let read_now = read_now.clone();
+        workers.push(thread::spawn(move || {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
+            let data = Rng::new(i as u64 + 5).bytes(bytes);
+            let mut writer = s.try_clone().unwrap();
+            let to_send = data.clone();
+            let send = thread::spawn(move || writer.write_all(&to_send));
+            while !read_now.load(Ordering::SeqCst) {
+                thread::park_timeout(Duration::from_millis(50));
+            }
+            let mut got = vec![0u8; bytes];
+            s.read_exact(&mut got).unwrap();
+            send.join().unwrap().unwrap();
+            sha256(&got) == sha256(&data)
+        }));
+    }
+    // Let the pipes fill, then watch memory while nobody reads.
+    thread::sleep(Duration::from_secs(1));
+    let mut samples = Vec::new();
+    let watch = Instant::now();
+    while watch.elapsed() < hold {
+        samples.push(rss(lb.pid()));
+        thread::sleep(Duration::from_millis(250));
+    }
+    read_now.store(true, Ordering::SeqCst);
+    let intact = workers
+        .into_iter()
+        .map(|w| w.join().unwrap())
+        .filter(|ok| *ok)
+        .count();
+    let peak = *samples.iter().max().unwrap();
+    let per_pair = peak.saturating_sub(before) / clients as u64;
+    // Each direction holds at most one bulk buffer (64 KiB by default).
+    let bound = 2 * 64 * 1024 + 4096;
+    let (first, last) = (samples[0], *samples.last().unwrap());
+    let flat = last <= first + first / 20;
+    let pass = per_pair <= bound && flat && intact == clients;
+    report(
+        "2 backpressure",
+        format!(
+            "{clients} clients x {} MiB unread for {hold:?}: {} B/pair peak (bound {bound}), RSS {} -> {} KiB, {intact}/{clients} intact",
+            bytes >> 20,
+            per_pair,
+            first / 1024,
+            last / 1024
+        ),
+        pass,
+    );
+}
+
+#[test]
+fn backpressure_holds_memory_flat() {
+    backpressure(50, 1 << 20, Duration::from_secs(2));
+}
+
+#[test]
+#[ignore]
+fn full_backpressure() {
+    backpressure(1000, 4 << 20, Duration::from_secs(60));
+}
+
+// ---------------------------------------------------------------------------
+// 3. Descriptor exhaustion
+
+fn fd_exhaustion(pairs: usize, offered: usize) {
+    let host = spawn_host("h", Behavior::Named);
+    let body = upstream("fd", &[host.addr]);
+    // Descriptors in use before any pair, on an unlimited twin.
+    let base = {
+        let twin = Tcplb::start(&body, None);
+        let fds = twin.bin.fds().into_iter().filter(|&fd| fd < 64).count();
+        drop(twin);
+        fds
+    };
+    let lb = Tcplb::start(&body, Some(base + 2 * pairs));
+    let addr = lb.addr("fd");
+    let mut clients: Vec<TcpStream> = Vec::new();
+    for _ in 0..offered {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        clients.push(s);
+    }
+    // The first `pairs` clients are served; the rest wait in the queue.
+    let mut served = 0;
+    for c in clients.iter_mut().take(pairs) {
+        if read_line(c) == "h" {
+            served += 1;
+        }
+    }
+    lb.bin.wait_for_log("out of descriptors");
+    let (cpu0, t0) = (cpu_seconds(lb.pid()), Instant::now());
+    let lines_before = count_lines(&lb.bin, "out of descriptors", Duration::from_secs(2));
+    let cpu = (cpu_seconds(lb.pid()) - cpu0) / t0.elapsed().as_secs_f64();
+    // Existing pairs still relay.
+    let mut relaying = 0;
+    for c in clients.iter_mut().take(pairs) {
+        c.write_all(b"ping\n").unwrap();
+        if read_line(c) == "ping" {
+            relaying += 1;
+        }
+    }
+    // Free one pair: the oldest waiting client must be served quickly.
+    let waiting_index = pairs;
+    let freed = clients.remove(0);
+    let freed_at = Instant::now();
+    finish(freed);
+    let greeting = read_line(&mut clients[waiting_index - 1]);
+    let resumed = freed_at.elapsed();
+    let pass = served == pairs
+        && relaying == pairs
+        && cpu < 0.05
+        && lines_before <= 3
+        && greeting == "h"
+        && resumed < Duration::from_millis(200);
+    report(
+        "3 descriptor exhaustion",
+        format!(
+            "{pairs} pairs fit, {offered} offered: {relaying} kept relaying, {:.1}% CPU at the limit, {lines_before} log lines in 2 s, accepted again {resumed:.0?} after a pair ended",
+            cpu * 100.0
+        ),
+        pass,
+    );
+}
+
+/// Counts stderr lines containing `needle` that arrive within `window`.
+fn count_lines(bin: &Binary, needle: &str, window: Duration) -> usize {
+    let end = Instant::now() + window;
+    let mut n = 0;
+    while let Some(left) = end.checked_duration_since(Instant::now()) {
+        match bin.stderr.recv_timeout(left) {
+            Ok(line) if line.contains(needle) => n += 1,
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    n
+}
+
+#[test]
+fn descriptor_exhaustion_is_survived() {
+    fd_exhaustion(20, 100);
+}
+
+#[test]
+#[ignore]
+fn full_descriptor_exhaustion() {
+    fd_exhaustion(120, 1000);
+}
+
+// ---------------------------------------------------------------------------
+// 4. Connection cap
+
+fn connection_cap(cap: usize) {
+    let host = spawn_host("h", Behavior::Named);
+    let body = format!(
+        "[defaults]\nmax_connections = {cap}\n\n{}",
+        upstream("cap", &[host.addr])
+    );
+    let lb = Tcplb::start(&body, None);
+    let addr = lb.addr("cap");
+    let offered = cap + cap / 10;
+    let mut relayed = Vec::new();
+    let mut overloaded = 0;
+    for _ in 0..offered {
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        let line = read_line(&mut c);
+        if line == "h" {
+            relayed.push(c);
+        } else if line.starts_with("ERROR overloaded:") {
+            overloaded += 1;
+        }
+    }
+    let counted = lb.refused("overloaded") as usize;
+    let pass = relayed.len() == cap && overloaded == offered - cap && counted == overloaded;
+    report(
+        "4 connection cap",
+        format!(
+            "max {cap}, offered {offered}: {} relayed, {overloaded} refused overloaded, {counted} counted",
+            relayed.len()
+        ),
+        pass,
+    );
+}
+
+#[test]
+fn connection_cap_is_exact() {
+    connection_cap(50);
+}
+
+#[test]
+#[ignore]
+fn full_connection_cap() {
+    connection_cap(1000);
+}
+
+// ---------------------------------------------------------------------------
+// 5. Dead and black-holed hosts
+
+#[test]
+fn dead_and_black_holed_hosts() {
+    let live = spawn_host("live", Behavior::Named);
+    let dead = dead_addr();
+    let hole = black_hole();
+    let body = format!(
+        "[defaults]\nconnect_timeout = \"1s\"\n\n{}{}",
+        upstream("dead", &[dead, live.addr]),
+        upstream("hole", &[hole.addr, live.addr])
+    );
+    let lb = Tcplb::start(&body, None);
+    let baseline = lb.bin.fd_count();
+    let timed = |addr: SocketAddr| {
+        let started = Instant::now();
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        let name = read_line(&mut c);
+        let took = started.elapsed();
+        finish(c);
+        (name, took)
+    };
+    // The refused host is first in line for the first client, and skipped.
+    let dead_times: Vec<Duration> = (0..5)
+        .map(|_| timed(lb.addr("dead")))
+        .map(|(n, t)| if n == "live" { t } else { Duration::MAX })
+        .collect();
+    let worst_dead = *dead_times.iter().max().unwrap();
+    // The black hole costs the first client the connect timeout.
+    let (name, hole_time) = timed(lb.addr("hole"));
+    let settled = lb.settles(baseline, Duration::from_secs(2));
+    let pass = worst_dead < Duration::from_millis(50)
+        && name == "live"
+        && hole_time >= Duration::from_millis(900)
+        && hole_time <= Duration::from_millis(1100)
+        && settled.is_some();
+    report(
+        "5 dead and black-holed",
+        format!(
+            "refused host skipped in {worst_dead:.1?} at worst, black hole cost {hole_time:.0?} (timeout 1 s), fds back: {}",
+            settled.is_some()
+        ),
+        pass,
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 6. Idle and half-closed reaping
+
+#[test]
+fn idle_and_half_closed_pairs_are_reaped_and_trickles_are_not() {
+    let host = spawn_host("h", Behavior::Echo);
+    let silent = TcpListener::bind(localhost()).unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    // A host that takes the client's FIN and never finishes its own side.
+    let (hold_tx, hold_rx) = mpsc::channel::<TcpStream>();
+    thread::spawn(move || {
+        for conn in silent.incoming().flatten() {
+            let _ = hold_tx.send(conn);
+        }
+    });
+    let body = format!(
+        "[defaults]\nidle_timeout = \"1500ms\"\nhalf_close_timeout = \"1s\"\n\n{}{}",
+        upstream("echo", &[host.addr]),
+        upstream("silent", &[silent_addr])
+    );
+    let lb = Tcplb::start(&body, None);
+    // Idle pairs: closed at the idle timeout ± 10 %.
+    let idle: Vec<(TcpStream, Instant)> = (0..5)
+        .map(|_| {
+            let mut c = TcpStream::connect(lb.addr("echo")).unwrap();
+            c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+            c.write_all(b"x").unwrap();
+            let mut b = [0u8; 1];
+            c.read_exact(&mut b).unwrap();
+            (c, Instant::now())
+        })
+        .collect();
+    // A trickle: one byte a second for 4 s, past the 1.5 s idle timeout.
+    let trickler = thread::spawn({
+        let addr = lb.addr("echo");
+        move || {
+            let mut c = TcpStream::connect(addr).unwrap();
+            c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+            for _ in 0..4 {
+                c.write_all(b"t").unwrap();
+                let mut b = [0u8; 1];
+                if c.read_exact(&mut b).is_err() {
+                    return false;
+                }
+                thread::sleep(Duration::from_secs(1));
+            }
+            true
+        }
+    });
+    // A half-closed pair whose host never finishes.
+    let half = TcpStream::connect(lb.addr("silent")).unwrap();
+    half.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    half.shutdown(Shutdown::Write).unwrap();
+    let half_since = Instant::now();
+    let _held = hold_rx.recv_timeout(IO_TIMEOUT).unwrap();
+    // Each connection is watched on its own thread, so every close is
+    // timed when it happens.
+    let watch = |mut c: TcpStream, since: Instant| {
+        thread::spawn(move || {
+            let mut rest = Vec::new();
+            let _ = c.read_to_end(&mut rest);
+            since.elapsed()
+        })
+    };
+    let half_watch = watch(half, half_since);
+    let idle_watches: Vec<_> = idle.into_iter().map(|(c, since)| watch(c, since)).collect();
+    let idle_closes: Vec<Duration> = idle_watches
+        .into_iter()
+        .map(|w| w.join().unwrap())
+        .collect();
+    let half_close = half_watch.join().unwrap();
+    let trickle_survived = trickler.join().unwrap();
+    let idle_ok = idle_closes
+        .iter()
+        .all(|t| *t >= Duration::from_millis(1350) && *t <= Duration::from_millis(1650));
+    let half_ok =
+        half_close >= Duration::from_millis(900) && half_close <= Duration::from_millis(1100);
+    report(
+        "6 idle and half-closed",
+        format!(
+            "idle closed after {:?} ms (timeout 1500), half-closed after {} ms (bound 1000), 1 B/s trickle kept: {trickle_survived}",
+            idle_closes
+                .iter()
+                .map(|t| t.as_millis())
+                .collect::<Vec<_>>(),
+            half_close.as_millis()
+        ),
+        idle_ok && half_ok && trickle_survived,
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 7. Slow handshakes
+
+fn tls_body(pki: &Pki, host: SocketAddr, extra_tls: &str, extra_defaults: &str) -> String {
+    format!(
+        "[defaults]\n{extra_defaults}\n[tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\n{extra_tls}\n\n{}[[client]]\nidentity = \"alice\"\nupstreams = [\"secure\"]\nrate = 1000\n",
+        pki.server_cert.display(),
+        pki.server_key.display(),
+        pki.ca_path.display(),
+        upstream("secure", &[host])
+    )
+}
+
+/// A real ClientHello, to dribble out one byte at a time.
+fn client_hello(pki: &Pki) -> Vec<u8> {
+    let mut conn =
+        rustls::ClientConnection::new(pki.client_config(None), "localhost".try_into().unwrap())
+            .unwrap();
+    let mut hello = Vec::new();
+    conn.write_tls(&mut hello).unwrap();
+    hello
+}
+
+fn slow_handshakes(sockets: usize, timeout_secs: u64) {
+    let pki = Pki::new("slow");
+    let host = spawn_host("h", Behavior::Echo);
+    let caps = format!(
+        "handshake_timeout = \"{timeout_secs}s\"\nmax_handshakes = {}\nmax_handshakes_per_source = {}",
+        sockets * 2,
+        sockets * 2
+    );
+    let lb = Tcplb::start(&tls_body(&pki, host.addr, &caps, ""), None);
+    let addr = lb.addr("secure");
+    let hello = Arc::new(client_hello(&pki));
+    let started = Instant::now();
+    // Half send nothing, half dribble a ClientHello a byte every 2 s.
+    let attackers: Vec<_> = (0..sockets)
+        .map(|i| {
+            let hello = hello.clone();
+            thread::spawn(move || {
+                let mut s = TcpStream::connect(addr).unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(500)))
+                    .unwrap();
+                let mut sent = 0;
+                let mut buf = [0u8; 64];
+                loop {
+                    if i % 2 == 1 && sent < hello.len() {
+                        if s.write_all(&hello[sent..sent + 1]).is_err() {
+                            return started.elapsed();
+                        }
+                        sent += 1;
+                    }
+                    let wait_until = Instant::now() + Duration::from_secs(2);
+                    while Instant::now() < wait_until {
+                        match s.read(&mut buf) {
+                            Ok(0) => return started.elapsed(),
+                            Ok(_) => {}
+                            Err(e)
+                                if matches!(
+                                    e.kind(),
+                                    ErrorKind::WouldBlock | ErrorKind::TimedOut
+                                ) => {}
+                            Err(_) => return started.elapsed(),
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    // Meanwhile a legitimate client keeps connecting.
+    let alice = pki.client("alice");
+    let config = pki.client_config(Some(&alice));
+    let (mut ok, mut failed) = (0, 0);
+    while started.elapsed() < Duration::from_secs(timeout_secs) {
+        let result =
+            pki::connect_from("127.0.0.2".parse::<IpAddr>().unwrap(), addr, config.clone())
+                .and_then(|mut s| {
+                    s.write_all(b"legit\n")?;
+                    pki::read_line(&mut s)
+                });
+        match result {
+            Ok(line) if line == "legit" => ok += 1,
+            _ => failed += 1,
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    let closes: Vec<Duration> = attackers.into_iter().map(|a| a.join().unwrap()).collect();
+    let timeout = Duration::from_secs(timeout_secs);
+    let (earliest, latest) = (closes.iter().min().unwrap(), closes.iter().max().unwrap());
+    let in_window = closes.iter().all(|t| {
+        *t + Duration::from_secs(1) >= timeout && *t <= timeout + Duration::from_millis(2500)
+    });
+    report(
+        "7 slow handshakes",
+        format!(
+            "{sockets} slow sockets closed between {earliest:.1?} and {latest:.1?} (timeout {timeout:?}); legitimate client {ok} ok, {failed} failed"
+        ),
+        in_window && failed == 0 && ok > 0,
+    );
+}
+
+#[test]
+fn slow_handshakes_are_cut_at_the_timeout() {
+    slow_handshakes(100, 3);
+}
+
+#[test]
+#[ignore]
+fn full_slow_handshakes() {
+    slow_handshakes(2000, 10);
+}
+
+// ---------------------------------------------------------------------------
+// 8. Handshake and rate floods
+
+fn floods(seconds: u64, rate: u32) {
+    let pki = Pki::new("flood");
+    let host = spawn_host("h", Behavior::Echo);
+    let defaults = format!("source_rate = {rate}\nsource_burst = {rate}");
+    let lb = Tcplb::start(&tls_body(&pki, host.addr, "", &defaults), None);
+    let addr = lb.addr("secure");
+    let hello = client_hello(&pki);
+    let stop = Arc::new(AtomicBool::new(false));
+    let cpu0 = cpu_seconds(lb.pid());
+    let started = Instant::now();
+    // The flooder: 1,000 connections a second from 127.0.0.3, each a ClientHello.
+    let flooder = thread::spawn({
+        let stop = stop.clone();
+        move || {
+            let mut opened = 0u64;
+            let source: IpAddr = "127.0.0.3".parse().unwrap();
+            while !stop.load(Ordering::SeqCst) {
+                let tick = Instant::now();
+                let socket =
+                    socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                        .unwrap();
+                socket.bind(&SocketAddr::new(source, 0).into()).unwrap();
+                if socket.connect(&addr.into()).is_ok() {
+                    let mut s: TcpStream = socket.into();
+                    let _ = s.write_all(&hello);
+                    let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+                    opened += 1;
+                }
+                if let Some(rest) = Duration::from_millis(1).checked_sub(tick.elapsed()) {
+                    thread::sleep(rest);
+                }
+            }
+            opened
+        }
+    });
+    // A normal client from another source, every 100 ms.
+    let alice = pki.client("alice");
+    let config = pki.client_config(Some(&alice));
+    let (mut ok, mut failed) = (0, 0);
+    while started.elapsed() < Duration::from_secs(seconds) {
+        let result = pki::connect_from("127.0.0.2".parse().unwrap(), addr, config.clone())
+            .and_then(|mut s| {
+                s.write_all(b"normal\n")?;
+                pki::read_line(&mut s)
+            });
+        match result {
+            Ok(line) if line == "normal" => ok += 1,
+            _ => failed += 1,
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, Ordering::SeqCst);
+    let opened = flooder.join().unwrap();
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = (cpu_seconds(lb.pid()) - cpu0) / elapsed;
+    let limited = lb.refused("source_rate_limited");
+    let admitted = opened as f64 - limited;
+    let allowed = f64::from(rate) * elapsed + f64::from(rate) + 2.0;
+    report(
+        "8 handshake and rate flood",
+        format!(
+            "flooder opened {opened} in {elapsed:.1} s, {admitted:.0} admitted (allowed {allowed:.0}); normal client {ok} ok, {failed} failed; tcplb CPU {:.0}%",
+            cpu * 100.0
+        ),
+        admitted <= allowed && failed == 0 && ok > 0 && cpu < 0.8,
+    );
+}
+
+#[test]
+fn floods_are_held_to_their_rate() {
+    floods(3, 20);
+}
+
+#[test]
+#[ignore]
+fn full_floods() {
+    floods(20, 50);
+}
+
+// ---------------------------------------------------------------------------
+// 9. Soak
+
+/// Sockets of `pid` in CLOSE_WAIT (peer closed, tcplb has not).
+fn close_wait(pid: u32) -> usize {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().to_string();
+            l.strip_prefix("socket:[")?
+                .strip_suffix(']')
+                .map(str::to_string)
+        })
+        .collect();
+    let mut n = 0;
+    for table in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() > 9 && fields[3] == "08" && inodes.iter().any(|i| i == fields[9]) {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+fn soak(seconds: u64) {
+    let hosts = [
+        spawn_host("a", Behavior::Echo),
+        spawn_host("b", Behavior::Echo),
+    ];
+    let addrs: Vec<SocketAddr> = hosts.iter().map(|h| h.addr).collect();
+    let lb = Tcplb::start(&upstream("soak", &addrs), None);
+    let addr = lb.addr("soak");
+    let baseline = lb.bin.fd_count();
+    let stop = Arc::new(AtomicBool::new(false));
+    let transfers = Arc::new(AtomicU64::new(0));
+    let mut workers = Vec::new();
+    // Churn: a new connection per request.
+    for i in 0..8 {
+        let (stop, done) = (stop.clone(), transfers.clone());
+        workers.push(thread::spawn(move || {
+            let mut rng = Rng::new(i + 100);
+            while !stop.load(Ordering::SeqCst) {
+                let mut c = TcpStream::connect(addr).unwrap();
+                c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+                let len = 1 + rng.below(512);
+                let data = rng.bytes(len);
+                c.write_all(&data).unwrap();
+                let mut back = vec![0u8; data.len()];
+                c.read_exact(&mut back).unwrap();
+                assert!(back == data);
+                finish(c);
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    // Long transfers: 4 MiB streams, back to back.
+    for i in 0..4 {
+        let (stop, done) = (stop.clone(), transfers.clone());
+        workers.push(thread::spawn(move || {
+            let mut rng = Rng::new(i + 200);
+            while !stop.load(Ordering::SeqCst) {
+                let mut c = TcpStream::connect(addr).unwrap();
+                c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+                let data = rng.bytes(4 << 20);
+                let mut writer = c.try_clone().unwrap();
+                let sent = data.clone();
+                let send = thread::spawn(move || {
+                    writer.write_all(&sent).unwrap();
+                    writer.shutdown(Shutdown::Write).unwrap();
+                });
+                let mut back = Vec::with_capacity(data.len());
+                c.read_to_end(&mut back).unwrap();
+                send.join().unwrap();
+                assert!(back == data);
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    let total = Duration::from_secs(seconds);
+    thread::sleep(total / 4);
+    let warm = rss(lb.pid());
+    thread::sleep(total - total / 4);
+    let end = rss(lb.pid());
+    stop.store(true, Ordering::SeqCst);
+    for w in workers {
+        w.join().unwrap();
+    }
+    let settled = lb.settles(baseline, Duration::from_secs(5));
+    let waiting = close_wait(lb.pid());
+    let growth = end as f64 / warm as f64 - 1.0;
+    report(
+        "9 soak",
+        format!(
+            "{seconds} s, {} transfers: RSS {} KiB after warm-up, {} KiB at the end ({:+.1}%), fds/pairs back in {settled:?}, {waiting} CLOSE_WAIT",
+            transfers.load(Ordering::Relaxed),
+            warm / 1024,
+            end / 1024,
+            growth * 100.0
+        ),
+        growth <= 0.05 && settled.is_some() && waiting == 0,
+    );
+}
+
+#[test]
+fn soak_short() {
+    soak(20);
+}
+
+#[test]
+#[ignore]
+fn full_soak() {
+    let seconds = std::env::var("TCPLB_SOAK_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(600);
+    soak(seconds);
+}
