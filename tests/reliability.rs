@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use common::pki::{self, Pki};
 use common::*;
-use ring::digest::SHA256;
+use ring::digest::{Context, SHA256};
 
 /// Prints the scenario's line and fails the test if it did not pass.
 fn report(name: &str, figures: String, pass: bool) {
@@ -186,12 +186,71 @@ fn upstream(name: &str, hosts: &[SocketAddr]) -> String {
     )
 }
 
-fn sha256(data: &[u8]) -> Vec<u8> {
-    ring::digest::digest(&SHA256, data).as_ref().to_vec()
-}
-
 // ---------------------------------------------------------------------------
 // 1. Integrity under chaos
+
+/// A seeded byte stream produced in chunks, so multi-MiB transfers never
+/// sit in memory whole.
+struct Stream {
+    rng: Rng,
+    left: usize,
+}
+
+impl Stream {
+    fn new(seed: u64, len: usize) -> Stream {
+        Stream {
+            rng: Rng::new(seed),
+            left: len,
+        }
+    }
+
+    /// The next chunk, of at most `max` bytes; empty at the end.
+    fn next(&mut self, max: usize) -> Vec<u8> {
+        let n = max.min(self.left);
+        self.left -= n;
+        self.rng.bytes(n)
+    }
+
+    /// SHA-256 of the whole stream.
+    fn digest(seed: u64, len: usize) -> Vec<u8> {
+        let mut stream = Stream::new(seed, len);
+        let mut ctx = Context::new(&SHA256);
+        loop {
+            let chunk = stream.next(64 * 1024);
+            if chunk.is_empty() {
+                return ctx.finish().as_ref().to_vec();
+            }
+            ctx.update(&chunk);
+        }
+    }
+}
+
+/// Writes a seeded stream in random write sizes (1 B to 64 KiB).
+fn send_stream(s: &mut TcpStream, seed: u64, len: usize, rng: &mut Rng) -> std::io::Result<()> {
+    let mut stream = Stream::new(seed, len);
+    loop {
+        let chunk = stream.next(1 + rng.below(64 * 1024));
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        s.write_all(&chunk)?;
+    }
+}
+
+/// SHA-256 of everything read until EOF, and its length.
+fn digest_until_eof(s: &mut TcpStream) -> std::io::Result<(Vec<u8>, usize)> {
+    let mut ctx = Context::new(&SHA256);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0;
+    loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            return Ok((ctx.finish().as_ref().to_vec(), total));
+        }
+        ctx.update(&buf[..n]);
+        total += n;
+    }
+}
 
 /// A host that speaks a one-byte mode first: `E` echoes everything; `H`
 /// reads a seed and a length, streams that many seeded bytes, half-closes,
@@ -204,7 +263,7 @@ fn spawn_chaos_host(ok: Arc<AtomicU64>, bad: Arc<AtomicU64>) -> SocketAddr {
             let Ok(mut conn) = conn else { continue };
             let (ok, bad) = (ok.clone(), bad.clone());
             thread::spawn(move || {
-                let _ = conn.set_read_timeout(Some(Duration::from_secs(120)));
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(300)));
                 let mut mode = [0u8; 1];
                 if conn.read_exact(&mut mode).is_err() {
                     return;
@@ -216,13 +275,13 @@ fn spawn_chaos_host(ok: Arc<AtomicU64>, bad: Arc<AtomicU64>) -> SocketAddr {
                     }
                     let seed = u64::from_le_bytes(head[..8].try_into().unwrap());
                     let len = u64::from_le_bytes(head[8..].try_into().unwrap()) as usize;
-                    if conn.write_all(&Rng::new(seed).bytes(len)).is_err() {
+                    let mut rng = Rng::new(seed ^ 0xabcd);
+                    if send_stream(&mut conn, seed, len, &mut rng).is_err() {
                         return;
                     }
                     let _ = conn.shutdown(Shutdown::Write);
-                    let mut got = Vec::new();
-                    if conn.read_to_end(&mut got).is_ok() {
-                        let counter = if got == Rng::new(seed + 1).bytes(len) {
+                    if let Ok((digest, _)) = digest_until_eof(&mut conn) {
+                        let counter = if digest == Stream::digest(seed + 1, len) {
                             &ok
                         } else {
                             &bad
@@ -252,58 +311,42 @@ fn spawn_chaos_host(ok: Arc<AtomicU64>, bad: Arc<AtomicU64>) -> SocketAddr {
     addr
 }
 
-/// Writes `data` in random sizes (1 B to 64 KiB).
-fn write_randomly(s: &mut TcpStream, data: &[u8], rng: &mut Rng) -> std::io::Result<()> {
-    let mut at = 0;
-    while at < data.len() {
-        let n = (1 + rng.below(64 * 1024)).min(data.len() - at);
-        s.write_all(&data[at..at + n])?;
-        at += n;
-    }
-    Ok(())
-}
-
 /// One chaos client; returns whether its transfer was checked and correct
 /// (`None` for the clients that reset on purpose).
 fn chaos_client(addr: SocketAddr, i: usize, bytes: usize) -> Option<bool> {
     let mut rng = Rng::new(i as u64 * 7 + 1);
+    let seed = i as u64 * 1000;
     let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
     match i % 4 {
         // Client half-closes first; the echo must match.
         0 | 1 => {
-            let data = rng.bytes(bytes);
             let mut writer = s.try_clone().unwrap();
-            let to_send = data.clone();
             let send = thread::spawn(move || {
-                let mut rng = Rng::new(i as u64 * 11 + 3);
+                let mut rng = Rng::new(seed ^ 0x1234);
                 writer.write_all(b"E").unwrap();
-                write_randomly(&mut writer, &to_send, &mut rng).unwrap();
+                send_stream(&mut writer, seed, bytes, &mut rng).unwrap();
                 writer.shutdown(Shutdown::Write).unwrap();
             });
-            let mut got = Vec::with_capacity(bytes);
-            s.read_to_end(&mut got).unwrap();
+            let (digest, len) = digest_until_eof(&mut s).unwrap();
             send.join().unwrap();
-            Some(sha256(&got) == sha256(&data))
+            Some(len == bytes && digest == Stream::digest(seed, bytes))
         }
         // Host half-closes first; both directions are checked.
         2 => {
-            let seed = i as u64 * 1000;
             s.write_all(b"H").unwrap();
             s.write_all(&seed.to_le_bytes()).unwrap();
             s.write_all(&(bytes as u64).to_le_bytes()).unwrap();
-            let mut got = Vec::with_capacity(bytes);
-            s.read_to_end(&mut got).unwrap();
-            let down_ok = sha256(&got) == sha256(&Rng::new(seed).bytes(bytes));
-            write_randomly(&mut s, &Rng::new(seed + 1).bytes(bytes), &mut rng).unwrap();
+            let (digest, len) = digest_until_eof(&mut s).unwrap();
+            let down_ok = len == bytes && digest == Stream::digest(seed, bytes);
+            send_stream(&mut s, seed + 1, bytes, &mut rng).unwrap();
             s.shutdown(Shutdown::Write).unwrap();
             Some(down_ok)
         }
         // Resets in the middle of the transfer.
         _ => {
             s.write_all(b"E").unwrap();
-            let data = rng.bytes(bytes / 2 + 1);
-            let _ = write_randomly(&mut s, &data, &mut rng);
+            let _ = send_stream(&mut s, seed, bytes / 2 + 1, &mut rng);
             socket2::SockRef::from(&s)
                 .set_linger(Some(Duration::ZERO))
                 .unwrap();
@@ -330,13 +373,18 @@ fn integrity(clients: usize, bytes: usize) {
     let checked = results.iter().filter(|r| r.is_some()).count();
     let wrong = results.iter().filter(|r| **r == Some(false)).count();
     let settled = lb.settles(baseline, Duration::from_secs(2));
-    // Host-side checks of the host-half-closes-first clients.
+    // Host-side checks of the host-half-closes-first clients finish on the
+    // hosts' threads, a moment after the clients are done.
+    let expected = clients.div_ceil(4) as u64;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ok.load(Ordering::SeqCst) + bad.load(Ordering::SeqCst) < expected
+        && Instant::now() < deadline
+    {
+        thread::sleep(Duration::from_millis(10));
+    }
     let host_checked = ok.load(Ordering::SeqCst);
     let host_wrong = bad.load(Ordering::SeqCst);
-    let pass = wrong == 0
-        && host_wrong == 0
-        && settled.is_some()
-        && host_checked as usize == clients.div_ceil(4);
+    let pass = wrong == 0 && host_wrong == 0 && settled.is_some() && host_checked == expected;
     report(
         "1 integrity under chaos",
         format!(
@@ -377,17 +425,19 @@ fn backpressure(clients: usize, bytes: usize, hold: Duration) {
         workers.push(thread::spawn(move || {
             let mut s = TcpStream::connect(addr).unwrap();
             s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
-            let data = Rng::new(i as u64 + 5).bytes(bytes);
+            let seed = i as u64 + 5;
             let mut writer = s.try_clone().unwrap();
-            let to_send = data.clone();
-            let send = thread::spawn(move || writer.write_all(&to_send));
+            let send = thread::spawn(move || {
+                let mut rng = Rng::new(seed);
+                send_stream(&mut writer, seed, bytes, &mut rng)?;
+                writer.shutdown(Shutdown::Write)
+            });
             while !read_now.load(Ordering::SeqCst) {
                 thread::park_timeout(Duration::from_millis(50));
             }
-            let mut got = vec![0u8; bytes];
-            s.read_exact(&mut got).unwrap();
+            let (digest, len) = digest_until_eof(&mut s).unwrap();
             send.join().unwrap().unwrap();
-            sha256(&got) == sha256(&data)
+            len == bytes && digest == Stream::digest(seed, bytes)
         }));
     }
     // Let the pipes fill, then watch memory while nobody reads.
