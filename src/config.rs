@@ -47,6 +47,10 @@ pub struct Settings {
     pub bulk_buffer_size: usize,
     /// Accept queue length requested from the kernel for each listener.
     pub backlog: u32,
+    /// `SO_RCVBUF` and `SO_SNDBUF` of every relayed socket, client and host
+    /// side; `None` leaves them to the kernel's autotuning, which can grow a
+    /// stalled connection's kernel buffers to several MiB.
+    pub socket_buffer: Option<usize>,
     /// New connections allowed per source address (IPv6: per /64), checked
     /// at accept before any TLS work; `None` for no limit.
     pub source_limit: Option<Limit>,
@@ -70,6 +74,7 @@ impl Default for Settings {
             buffer_size: 16 * 1024,
             bulk_buffer_size: 64 * 1024,
             backlog: 1024,
+            socket_buffer: None,
             source_limit: None,
         }
     }
@@ -147,6 +152,7 @@ const DEFAULTS_KEYS: &[&str] = &[
     "buffer_size",
     "bulk_buffer_size",
     "backlog",
+    "socket_buffer",
     "source_rate",
     "source_burst",
 ];
@@ -380,9 +386,11 @@ pub fn check_settings(settings: &Settings) -> Vec<String> {
     }
     let (lo, hi) = BUFFER_SIZE_RANGE;
     for (name, value) in [
-        ("buffer_size", settings.buffer_size),
-        ("bulk_buffer_size", settings.bulk_buffer_size),
+        ("buffer_size", Some(settings.buffer_size)),
+        ("bulk_buffer_size", Some(settings.bulk_buffer_size)),
+        ("socket_buffer", settings.socket_buffer),
     ] {
+        let Some(value) = value else { continue };
         if !(lo..=hi).contains(&value) {
             out.push(format!(
                 "{name} must be between {lo} and {hi} bytes, not {value}"
@@ -913,6 +921,12 @@ impl Walker<'_> {
                 }
             }
         }
+        if let Some(v) = find(table, "socket_buffer") {
+            match self.size(v, "socket_buffer") {
+                Some(n) => s.socket_buffer = Some(n),
+                None => ok = false,
+            }
+        }
         ok.then_some(s)
     }
 
@@ -1291,6 +1305,31 @@ hosts = ["127.0.0.1:1", "nope"]
         assert_eq!(
             found,
             ["lb.toml:2:19: `max_connections` must be between 1 and 4294967295, not 0"]
+        );
+    }
+
+    #[test]
+    fn socket_buffer_is_optional_and_checked() {
+        let base = "[[upstream]]\nname=\"x\"\nlisten=\"127.0.0.1:0\"\nhosts=[\"127.0.0.1:1\"]\n";
+        assert_eq!(
+            Config::parse(base, "x").unwrap().settings.socket_buffer,
+            None
+        );
+        let text = format!("[defaults]\nsocket_buffer = \"64KiB\"\n{base}");
+        let config = Config::parse(&text, "x").unwrap();
+        assert_eq!(config.settings.socket_buffer, Some(64 * 1024));
+        let found = problems(&format!("[defaults]\nsocket_buffer = 100\n{base}"));
+        assert_eq!(
+            found,
+            ["lb.toml:2:17: `socket_buffer` must be between 1024 and 67108864, not 100"]
+        );
+        let flags = Settings {
+            socket_buffer: Some(1 << 30),
+            ..Settings::default()
+        };
+        assert_eq!(
+            check_settings(&flags),
+            ["socket_buffer must be between 1024 and 67108864 bytes, not 1073741824"]
         );
     }
 

@@ -115,6 +115,9 @@ struct SettingsArgs {
     /// Buffer a direction moves up to once it streams in bulk [default: 64KiB].
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     bulk_buffer_size: Option<usize>,
+    /// Fixed kernel send and receive buffer of every relayed socket [default: autotuned].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    socket_buffer: Option<usize>,
 }
 
 impl SettingsArgs {
@@ -126,6 +129,7 @@ impl SettingsArgs {
         s.max_connections = self.max_connections.unwrap_or(s.max_connections);
         s.buffer_size = self.buffer_size.unwrap_or(s.buffer_size);
         s.bulk_buffer_size = self.bulk_buffer_size.unwrap_or(s.bulk_buffer_size);
+        s.socket_buffer = self.socket_buffer.or(s.socket_buffer);
         s
     }
 }

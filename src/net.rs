@@ -6,10 +6,11 @@
 //! into the loop: a failure belongs to one connection.
 
 use std::io::{self, Read, Write};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use mio::net::TcpStream;
-use socket2::SockRef;
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
 /// The outcome of one read or write.
 #[derive(Debug)]
@@ -48,6 +49,35 @@ pub fn write(stream: &mut TcpStream, data: &[u8]) -> Io {
             Err(e) => Io::Failed(e),
         };
     }
+}
+
+/// Starts a non-blocking connect to `addr`. With `buffer` (the
+/// `socket_buffer` setting) the socket's kernel buffers are fixed first,
+/// before the SYN, so the window offered to the host follows them.
+pub fn connect(addr: SocketAddr, buffer: Option<usize>) -> io::Result<TcpStream> {
+    let Some(size) = buffer else {
+        return TcpStream::connect(addr);
+    };
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )?;
+    set_buffers(SockRef::from(&socket), size)?;
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(TcpStream::from_std(socket.into()))
+}
+
+/// Fixes a socket's send and receive buffers to `size` bytes each, which
+/// turns the kernel's autotuning off for it. Linux doubles the figure for
+/// its bookkeeping and caps it at `net.core.wmem_max`/`rmem_max`.
+pub fn set_buffers(socket: SockRef<'_>, size: usize) -> io::Result<()> {
+    socket.set_send_buffer_size(size)?;
+    socket.set_recv_buffer_size(size)
 }
 
 /// Socket options for both sockets of a pair: no Nagle delay, since tcplb

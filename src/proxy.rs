@@ -192,8 +192,7 @@ impl Proxy {
         let mut upstreams = Vec::with_capacity(config.upstreams.len());
         let mut listeners = Slab::with_capacity(config.upstreams.len());
         for (index, u) in config.upstreams.iter().enumerate() {
-            let (listener, local) =
-                bind_listener(&poll, &mut listeners, index, u, settings.backlog)?;
+            let (listener, local) = bind_listener(&poll, &mut listeners, index, u, &settings)?;
             let mut upstream = Upstream::new(
                 u.name.clone(),
                 u.listen,
@@ -207,7 +206,7 @@ impl Proxy {
         }
         let admin = match config.admin {
             Some(addr) => {
-                let mut socket = listen(addr, 64).map_err(|source| Error::Bind {
+                let mut socket = listen(addr, 64, None).map_err(|source| Error::Bind {
                     upstream: "admin".to_string(),
                     addr,
                     source,
@@ -790,7 +789,7 @@ impl Proxy {
             let u = &mut self.upstreams[upstream];
             let addr = u.balancer.addr(host);
             u.balancer.acquire(host);
-            let attempt = TcpStream::connect(addr).and_then(|mut stream| {
+            let attempt = net::connect(addr, self.settings.socket_buffer).and_then(|mut stream| {
                 net::prepare(&stream);
                 self.poll.registry().register(
                     &mut stream,
@@ -966,14 +965,15 @@ fn bind_listener(
     listeners: &mut Slab<Listener>,
     index: usize,
     u: &UpstreamConfig,
-    backlog: u32,
+    settings: &Settings,
 ) -> Result<(usize, SocketAddr), Error> {
     let bind_error = |source| Error::Bind {
         upstream: u.name.clone(),
         addr: u.listen,
         source,
     };
-    let mut socket = listen(u.listen, backlog).map_err(bind_error)?;
+    let mut socket =
+        listen(u.listen, settings.backlog, settings.socket_buffer).map_err(bind_error)?;
     let local = socket.local_addr().map_err(bind_error)?;
     let entry = listeners.vacant_entry();
     poll.registry()
@@ -1000,11 +1000,15 @@ fn jitter_seed() -> u64 {
     (u64::from(nanos) << 32 | u64::from(std::process::id())) | 1
 }
 
-/// A non-blocking listening socket with the configured backlog.
-fn listen(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+/// A non-blocking listening socket. Accepted sockets inherit its buffer
+/// sizes, so `socket_buffer` costs no syscall per client connection.
+fn listen(addr: SocketAddr, backlog: u32, buffer: Option<usize>) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
+    if let Some(size) = buffer {
+        net::set_buffers(socket2::SockRef::from(&socket), size)?;
+    }
     socket.bind(&addr.into())?;
     socket.listen(backlog.min(i32::MAX as u32) as i32)?;
     Ok(TcpListener::from_std(socket.into()))

@@ -615,6 +615,60 @@ fn an_invalid_reload_keeps_the_running_config() {
     thread.join().unwrap().unwrap();
 }
 
+/// A reload that sets `socket_buffer` applies it to the listener kept from
+/// before and to new connects to hosts; established pairs keep relaying.
+#[test]
+fn a_reload_applies_socket_buffer_to_kept_listeners() {
+    let h1 = spawn_host("h1", Behavior::Echo);
+    let file = ConfigFile::new("sockbuf");
+    file.write(&upstream_toml("app", &[h1.addr]));
+    let config = Config::load(&file.0).unwrap();
+    let mut proxy = Proxy::bind(&config).unwrap();
+    proxy.set_config_path(file.0.clone());
+    let app = proxy.listen_addr("app").unwrap();
+    let handle = proxy.handle();
+    let thread = thread::spawn(move || proxy.run());
+    let mut rng = Rng::new(5);
+    let mut before = TcpStream::connect(app).unwrap();
+    before.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    echo_rounds(&mut before, &mut rng, 2);
+
+    file.write(&format!(
+        "[defaults]\nsocket_buffer = 12000\n\n{}",
+        upstream_toml("app", &[h1.addr])
+    ));
+    handle.reload().unwrap();
+    let mut after = TcpStream::connect(app).unwrap();
+    after.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    echo_rounds(&mut after, &mut rng, 2);
+    echo_rounds(&mut before, &mut rng, 2);
+
+    let port = |s: &TcpStream| s.local_addr().unwrap().port();
+    let fixed = [(24_000, 24_000)];
+    // tcplb's accepted socket of the new client, and its socket to the host
+    // for that client (the one whose port pair is not the old pair's).
+    let accepted = kernel_buffers(&format!(
+        "sport = :{} and dport = :{}",
+        app.port(),
+        port(&after)
+    ));
+    assert_eq!(accepted, fixed);
+    let to_host = kernel_buffers(&format!("dport = :{}", h1.addr.port()));
+    assert_eq!(to_host.len(), 2);
+    assert!(to_host.contains(&fixed[0]), "{to_host:?}");
+    let old = kernel_buffers(&format!(
+        "sport = :{} and dport = :{}",
+        app.port(),
+        port(&before)
+    ));
+    assert_eq!(old.len(), 1);
+    assert_ne!(old, fixed, "established pairs keep their buffers");
+    finish(before);
+    finish(after);
+    handle.shutdown();
+    thread.join().unwrap().unwrap();
+}
+
 #[test]
 fn sighup_and_post_reload_reload_the_binary() {
     let h1 = spawn_host("h1", Behavior::Named);

@@ -336,3 +336,37 @@ fn idle_timeout_with_undelivered_bytes_resets_instead_of_faking_eof() {
         "a cut stream must not end in EOF"
     );
 }
+
+/// `socket_buffer` fixes the kernel buffers of both of tcplb's sockets of
+/// a pair (read back with `ss`; Linux reports twice the figure set), and a
+/// MiB still crosses them byte-exactly both ways.
+#[test]
+fn socket_buffer_fixes_the_kernel_buffers_of_both_sockets() {
+    const SIZE: usize = 10_000;
+    let host = spawn_host("h", Behavior::Echo);
+    let proxy = start(config(
+        &[host.addr],
+        Settings {
+            socket_buffer: Some(SIZE),
+            ..Settings::default()
+        },
+    ));
+    let mut client = proxy.connect();
+    let data = Rng::new(7).bytes(1 << 20);
+    let mut writer = client.try_clone().unwrap();
+    let sent = data.clone();
+    let send = thread::spawn(move || writer.write_all(&sent));
+    let mut back = vec![0u8; data.len()];
+    client.read_exact(&mut back).unwrap();
+    send.join().unwrap().unwrap();
+    assert!(back == data, "echo differs");
+
+    let fixed = (2 * SIZE as u64, 2 * SIZE as u64);
+    // tcplb's accepted socket (its local port is the listener's) and its
+    // socket to the host (the host's port is the remote one).
+    let client_side = kernel_buffers(&format!("sport = :{}", proxy.addr.port()));
+    let host_side = kernel_buffers(&format!("dport = :{}", host.addr.port()));
+    assert_eq!(client_side, [fixed]);
+    assert_eq!(host_side, [fixed]);
+    finish(client);
+}

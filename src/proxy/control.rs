@@ -17,6 +17,7 @@ use std::time::Instant;
 use log::{error, info, warn};
 use mio::{Interest, Waker};
 use signal_hook::consts::SIGHUP;
+use socket2::SockRef;
 
 use super::{Proxy, bind_listener};
 use crate::admin::{self, AdminConn, AdminStep, Method, Request};
@@ -299,6 +300,24 @@ impl Proxy {
         Ok(())
     }
 
+    /// Applies a changed `socket_buffer` to the listeners kept across a
+    /// reload, so connections they accept from now on get it (connects to
+    /// hosts read the setting each time). The kernel cannot give a fixed
+    /// buffer back to autotuning, so unsetting it waits for a restart.
+    fn resize_listener_buffers(&mut self, size: Option<usize>) {
+        let Some(size) = size else {
+            warn!(
+                "reload: listeners kept from before keep their fixed socket buffers until the next start"
+            );
+            return;
+        };
+        for (_, listener) in &self.listeners {
+            if let Err(e) = net::set_buffers(SockRef::from(&listener.socket), size) {
+                warn!("reload: cannot set socket buffers of a listener: {e}");
+            }
+        }
+    }
+
     /// Binds the listeners the new config needs that do not exist yet. All
     /// or nothing: on any failure, the ones just bound are dropped.
     fn bind_new_listeners(&mut self, config: &Config) -> Result<(), String> {
@@ -328,7 +347,7 @@ impl Proxy {
                 &mut self.listeners,
                 usize::MAX,
                 u,
-                self.settings.backlog,
+                &config.settings,
             ) {
                 Ok((key, local)) => bound.push((u.name.clone(), key, local)),
                 Err(e) => {
@@ -364,6 +383,9 @@ impl Proxy {
         }
         if config.settings.source_limit != self.settings.source_limit {
             self.sources = config.settings.source_limit.map(SourceLimiter::new);
+        }
+        if config.settings.socket_buffer != self.settings.socket_buffer {
+            self.resize_listener_buffers(config.settings.socket_buffer);
         }
         if config.admin != self.config_admin {
             warn!("reload: a change of [admin] takes effect at the next start");

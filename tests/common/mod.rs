@@ -41,6 +41,30 @@ pub struct TestHost {
 }
 
 pub fn spawn_host(name: &str, behavior: Behavior) -> TestHost {
+    spawn_host_with(name, behavior, HostSockets::default())
+}
+
+/// How a test host sets up its connections.
+#[derive(Clone, Copy, Debug)]
+pub struct HostSockets {
+    /// How long a read may wait (a host's threads end by themselves once a
+    /// test leaves them idle).
+    pub read_timeout: Duration,
+    /// `SO_SNDBUF` and `SO_RCVBUF` of each connection, instead of the
+    /// kernel's autotuning.
+    pub buffer: Option<usize>,
+}
+
+impl Default for HostSockets {
+    fn default() -> Self {
+        HostSockets {
+            read_timeout: IO_TIMEOUT,
+            buffer: None,
+        }
+    }
+}
+
+pub fn spawn_host_with(name: &str, behavior: Behavior, sockets: HostSockets) -> TestHost {
     let listener = TcpListener::bind(localhost()).unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, accepted) = mpsc::channel();
@@ -51,7 +75,7 @@ pub fn spawn_host(name: &str, behavior: Behavior) -> TestHost {
             let _ = tx.send(());
             let name = host_name.clone();
             thread::spawn(move || {
-                let _ = serve(conn, &name, behavior);
+                let _ = serve(conn, &name, behavior, sockets);
             });
         }
     });
@@ -62,8 +86,18 @@ pub fn spawn_host(name: &str, behavior: Behavior) -> TestHost {
     }
 }
 
-fn serve(mut conn: TcpStream, name: &str, behavior: Behavior) -> io::Result<()> {
-    conn.set_read_timeout(Some(IO_TIMEOUT))?;
+fn serve(
+    mut conn: TcpStream,
+    name: &str,
+    behavior: Behavior,
+    sockets: HostSockets,
+) -> io::Result<()> {
+    conn.set_read_timeout(Some(sockets.read_timeout))?;
+    if let Some(size) = sockets.buffer {
+        let socket = socket2::SockRef::from(&conn);
+        socket.set_send_buffer_size(size)?;
+        socket.set_recv_buffer_size(size)?;
+    }
     if let Behavior::Named = behavior {
         conn.write_all(format!("{name}\n").as_bytes())?;
     }
@@ -382,3 +416,28 @@ impl Drop for Binary {
 }
 
 pub mod pki;
+
+/// The kernel's receive and send buffer sizes (`rb`, `tb` in bytes) of each
+/// established TCP socket an `ss` filter matches, e.g. `sport = :8080`.
+pub fn kernel_buffers(filter: &str) -> Vec<(u64, u64)> {
+    let out = Command::new("ss")
+        .args(["-tmnH", "state", "established"])
+        .args(filter.split_whitespace())
+        .output()
+        .expect("`ss` (from iproute2) runs");
+    assert!(out.status.success(), "ss {filter}: {out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    text.split("skmem:(")
+        .skip(1)
+        .map(|rest| {
+            let fields = rest.split(')').next().unwrap();
+            let field = |name: &str| {
+                fields
+                    .split(',')
+                    .find_map(|f| f.strip_prefix(name)?.parse().ok())
+                    .unwrap_or_else(|| panic!("no {name} in skmem:({fields})"))
+            };
+            (field("rb"), field("tb"))
+        })
+        .collect()
+}
