@@ -432,6 +432,23 @@ impl Drop for ConfigFile {
     }
 }
 
+/// Runs the reactor on `file`'s config, reloadable from the file; returns
+/// the address of its upstream `app`, its handle and its thread.
+fn run_reloadable(
+    file: &ConfigFile,
+) -> (
+    SocketAddr,
+    tcplb::Handle,
+    thread::JoinHandle<Result<(), tcplb::Error>>,
+) {
+    let config = Config::load(&file.0).unwrap();
+    let mut proxy = Proxy::bind(&config).unwrap();
+    proxy.set_config_path(file.0.clone());
+    let app = proxy.listen_addr("app").unwrap();
+    let handle = proxy.handle();
+    (app, handle, thread::spawn(move || proxy.run()))
+}
+
 fn upstream_toml(name: &str, hosts: &[SocketAddr]) -> String {
     let hosts: Vec<String> = hosts.iter().map(|h| format!("\"{h}\"")).collect();
     format!(
@@ -462,12 +479,7 @@ fn reload_adds_and_removes_without_dropping_connections() {
         "[defaults]\ndrain_timeout = \"1h\"\n\n{}",
         upstream_toml("app", &[h1.addr, h2.addr])
     ));
-    let config = Config::load(&file.0).unwrap();
-    let mut proxy = Proxy::bind(&config).unwrap();
-    proxy.set_config_path(file.0.clone());
-    let app = proxy.listen_addr("app").unwrap();
-    let handle = proxy.handle();
-    let thread = thread::spawn(move || proxy.run());
+    let (app, handle, thread) = run_reloadable(&file);
 
     // Established connections on both hosts, relaying.
     let mut rng = Rng::new(99);
@@ -547,12 +559,7 @@ fn connections_of_a_removed_host_close_when_the_drain_period_ends() {
         "{header}{}",
         upstream_toml("app", &[h1.addr, h2.addr])
     ));
-    let config = Config::load(&file.0).unwrap();
-    let mut proxy = Proxy::bind(&config).unwrap();
-    proxy.set_config_path(file.0.clone());
-    let app = proxy.listen_addr("app").unwrap();
-    let handle = proxy.handle();
-    let thread = thread::spawn(move || proxy.run());
+    let (app, handle, thread) = run_reloadable(&file);
     let mut on: HashMap<String, TcpStream> = HashMap::new();
     for _ in 0..2 {
         let mut c = TcpStream::connect(app).unwrap();
@@ -581,12 +588,7 @@ fn an_invalid_reload_keeps_the_running_config() {
     let h1 = spawn_host("h1", Behavior::Named);
     let file = ConfigFile::new("invalid");
     file.write(&upstream_toml("app", &[h1.addr]));
-    let config = Config::load(&file.0).unwrap();
-    let mut proxy = Proxy::bind(&config).unwrap();
-    proxy.set_config_path(file.0.clone());
-    let app = proxy.listen_addr("app").unwrap();
-    let handle = proxy.handle();
-    let thread = thread::spawn(move || proxy.run());
+    let (app, handle, thread) = run_reloadable(&file);
     file.write("[[upstream]]\nname = \"app\"\nlisten = \"127.0.0.1:0\"\nhosts = []\nbogus = 1\n");
     let err = handle.reload().unwrap_err();
     assert!(
@@ -622,12 +624,7 @@ fn a_reload_applies_socket_buffer_to_kept_listeners() {
     let h1 = spawn_host("h1", Behavior::Echo);
     let file = ConfigFile::new("sockbuf");
     file.write(&upstream_toml("app", &[h1.addr]));
-    let config = Config::load(&file.0).unwrap();
-    let mut proxy = Proxy::bind(&config).unwrap();
-    proxy.set_config_path(file.0.clone());
-    let app = proxy.listen_addr("app").unwrap();
-    let handle = proxy.handle();
-    let thread = thread::spawn(move || proxy.run());
+    let (app, handle, thread) = run_reloadable(&file);
     let mut rng = Rng::new(5);
     let mut before = TcpStream::connect(app).unwrap();
     before.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
@@ -680,16 +677,7 @@ fn sighup_and_post_reload_reload_the_binary() {
     ));
     let bin = Binary::start(&["--config", file.0.to_str().unwrap()]);
     let app = bin.listen_addr_of("app");
-    let admin: SocketAddr = bin
-        .wait_for_log("admin listening on ")
-        .split("admin listening on ")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let admin = bin.admin_addr();
     file.write(&format!(
         "[admin]\nlisten = \"127.0.0.1:0\"\n\n{}",
         upstream_toml("app", &[h2.addr])

@@ -76,15 +76,7 @@ impl Tcplb {
         let mut listen = HashMap::new();
         let admin = loop {
             let line = bin.wait_for_log("listening on ");
-            let addr: SocketAddr = line
-                .split("listening on ")
-                .nth(1)
-                .unwrap()
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .parse()
-                .unwrap();
+            let addr = addr_after(&line, "listening on ");
             if line.contains("admin listening") {
                 break addr;
             }

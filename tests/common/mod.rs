@@ -363,8 +363,12 @@ impl Binary {
     /// Waits for the start-up line of upstream `name` and returns its address.
     pub fn listen_addr_of(&self, name: &str) -> SocketAddr {
         let line = self.wait_for_log(&format!("upstream `{name}` listening on "));
-        let rest = line.split("listening on ").nth(1).unwrap();
-        rest.split_whitespace().next().unwrap().parse().unwrap()
+        addr_after(&line, "listening on ")
+    }
+
+    /// The admin listener's address, once it is logged.
+    pub fn admin_addr(&self) -> SocketAddr {
+        addr_after(&self.wait_for_log("admin listening on "), "listening on ")
     }
 
     pub fn pid(&self) -> u32 {
@@ -416,6 +420,12 @@ impl Drop for Binary {
 }
 
 pub mod pki;
+
+/// The address that follows `marker` in a log line.
+pub fn addr_after(line: &str, marker: &str) -> SocketAddr {
+    let rest = line.split(marker).nth(1).unwrap();
+    rest.split_whitespace().next().unwrap().parse().unwrap()
+}
 
 /// The kernel's receive and send buffer sizes (`rb`, `tb` in bytes) of each
 /// established TCP socket an `ss` filter matches, e.g. `sport = :8080`.
