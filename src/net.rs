@@ -1,14 +1,17 @@
-//! Socket operations with their `io::Error`s mapped in one place.
+//! Socket operations with their `io::Error`s mapped in one place, and the
+//! socket options tcplb sets.
 //!
 //! Every read and write of the data path goes through [`read`] and
 //! [`write`], which retry `Interrupted` and turn the outcome into an [`Io`]
 //! the state machine can match on. Nothing here returns an error with `?`
-//! into the loop: a failure belongs to one connection.
+//! into the loop: a failure belongs to one connection. Connects to hosts
+//! start in [`connect`], which applies `socket_buffer` before the SYN.
 
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use log::warn;
 use mio::net::TcpStream;
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
@@ -58,12 +61,9 @@ pub fn connect(addr: SocketAddr, buffer: Option<usize>) -> io::Result<TcpStream>
     let Some(size) = buffer else {
         return TcpStream::connect(addr);
     };
-    let socket = Socket::new(
-        Domain::for_address(addr),
-        Type::STREAM.nonblocking(),
-        Some(Protocol::TCP),
-    )?;
-    set_buffers(SockRef::from(&socket), size)?;
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_nonblocking(true)?;
+    set_buffers(&socket, size)?;
     match socket.connect(&addr.into()) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
@@ -75,9 +75,23 @@ pub fn connect(addr: SocketAddr, buffer: Option<usize>) -> io::Result<TcpStream>
 /// Fixes a socket's send and receive buffers to `size` bytes each, which
 /// turns the kernel's autotuning off for it. Linux doubles the figure for
 /// its bookkeeping and caps it at `net.core.wmem_max`/`rmem_max`.
-pub fn set_buffers(socket: SockRef<'_>, size: usize) -> io::Result<()> {
+pub fn set_buffers(socket: &Socket, size: usize) -> io::Result<()> {
     socket.set_send_buffer_size(size)?;
     socket.set_recv_buffer_size(size)
+}
+
+/// [`set_buffers`] for a listener (whose accepted sockets inherit the
+/// sizes), warning when the kernel's caps gave less than asked for.
+pub fn set_listener_buffers(socket: &Socket, size: usize, addr: SocketAddr) -> io::Result<()> {
+    set_buffers(socket, size)?;
+    let (sent, received) = (socket.send_buffer_size()?, socket.recv_buffer_size()?);
+    if sent.min(received) < size {
+        warn!(
+            "{addr}: socket_buffer {size} is capped by the kernel to {} (net.core.wmem_max/rmem_max)",
+            sent.min(received) / 2
+        );
+    }
+    Ok(())
 }
 
 /// Socket options for both sockets of a pair: no Nagle delay, since tcplb

@@ -1007,7 +1007,7 @@ fn listen(addr: SocketAddr, backlog: u32, buffer: Option<usize>) -> io::Result<T
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
     if let Some(size) = buffer {
-        net::set_buffers(socket2::SockRef::from(&socket), size)?;
+        net::set_listener_buffers(&socket, size, addr)?;
     }
     socket.bind(&addr.into())?;
     socket.listen(backlog.min(i32::MAX as u32) as i32)?;

@@ -166,6 +166,20 @@ fn bad_flags_are_named() {
     ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("lots"), "{}", stderr(&out));
+    let out = tcplb(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--host",
+        "127.0.0.1:9",
+        "--socket-buffer",
+        "100",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("socket_buffer must be between 1024 and 67108864 bytes, not 100"),
+        "{}",
+        stderr(&out)
+    );
     let out = tcplb(&[]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("tcplb demo"), "{}", stderr(&out));
@@ -187,6 +201,7 @@ fn help_explains_every_flag() {
         "--max-connections",
         "--buffer-size",
         "--bulk-buffer-size",
+        "--socket-buffer",
     ] {
         let lines: Vec<&str> = help.lines().collect();
         let at = lines

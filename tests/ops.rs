@@ -642,22 +642,15 @@ fn a_reload_applies_socket_buffer_to_kept_listeners() {
 
     let port = |s: &TcpStream| s.local_addr().unwrap().port();
     let fixed = [(24_000, 24_000)];
-    // tcplb's accepted socket of the new client, and its socket to the host
-    // for that client (the one whose port pair is not the old pair's).
-    let accepted = kernel_buffers(&format!(
-        "sport = :{} and dport = :{}",
-        app.port(),
-        port(&after)
-    ));
+    // tcplb's accepted socket of the new client; of its two sockets to the
+    // host, exactly one (the new pair's) is fixed.
+    let accepted = kernel_buffers(&format!("src {app} and dport = :{}", port(&after)));
     assert_eq!(accepted, fixed);
-    let to_host = kernel_buffers(&format!("dport = :{}", h1.addr.port()));
+    let to_host = kernel_buffers(&format!("dst {}", h1.addr));
     assert_eq!(to_host.len(), 2);
-    assert!(to_host.contains(&fixed[0]), "{to_host:?}");
-    let old = kernel_buffers(&format!(
-        "sport = :{} and dport = :{}",
-        app.port(),
-        port(&before)
-    ));
+    let fixed_to_host = to_host.iter().filter(|b| **b == fixed[0]).count();
+    assert_eq!(fixed_to_host, 1, "{to_host:?}");
+    let old = kernel_buffers(&format!("src {app} and dport = :{}", port(&before)));
     assert_eq!(old.len(), 1);
     assert_ne!(old, fixed, "established pairs keep their buffers");
     finish(before);

@@ -364,8 +364,8 @@ fn socket_buffer_fixes_the_kernel_buffers_of_both_sockets() {
     let fixed = (2 * SIZE as u64, 2 * SIZE as u64);
     // tcplb's accepted socket (its local port is the listener's) and its
     // socket to the host (the host's port is the remote one).
-    let client_side = kernel_buffers(&format!("sport = :{}", proxy.addr.port()));
-    let host_side = kernel_buffers(&format!("dport = :{}", host.addr.port()));
+    let client_side = kernel_buffers(&format!("src {}", proxy.addr));
+    let host_side = kernel_buffers(&format!("dst {}", host.addr));
     assert_eq!(client_side, [fixed]);
     assert_eq!(host_side, [fixed]);
     finish(client);

@@ -302,8 +302,9 @@ impl Proxy {
 
     /// Applies a changed `socket_buffer` to the listeners kept across a
     /// reload, so connections they accept from now on get it (connects to
-    /// hosts read the setting each time). The kernel cannot give a fixed
-    /// buffer back to autotuning, so unsetting it waits for a restart.
+    /// hosts read the setting each time). Handing a fixed buffer back to
+    /// autotuning needs `SO_BUF_LOCK` (Linux 5.16), which socket2 does not
+    /// offer, so unsetting it waits for a restart.
     fn resize_listener_buffers(&mut self, size: Option<usize>) {
         let Some(size) = size else {
             warn!(
@@ -312,8 +313,13 @@ impl Proxy {
             return;
         };
         for (_, listener) in &self.listeners {
-            if let Err(e) = net::set_buffers(SockRef::from(&listener.socket), size) {
-                warn!("reload: cannot set socket buffers of a listener: {e}");
+            // A bound listener always has its address.
+            let Ok(addr) = listener.socket.local_addr() else {
+                continue;
+            };
+            if let Err(e) = net::set_listener_buffers(&SockRef::from(&listener.socket), size, addr)
+            {
+                warn!("reload: listener {addr}: cannot set its socket buffers: {e}");
             }
         }
     }

@@ -428,7 +428,7 @@ pub fn addr_after(line: &str, marker: &str) -> SocketAddr {
 }
 
 /// The kernel's receive and send buffer sizes (`rb`, `tb` in bytes) of each
-/// established TCP socket an `ss` filter matches, e.g. `sport = :8080`.
+/// established TCP socket an `ss` filter matches, e.g. `src 127.0.0.1:8080`.
 pub fn kernel_buffers(filter: &str) -> Vec<(u64, u64)> {
     let out = Command::new("ss")
         .args(["-tmnH", "state", "established"])
@@ -437,6 +437,10 @@ pub fn kernel_buffers(filter: &str) -> Vec<(u64, u64)> {
         .expect("`ss` (from iproute2) runs");
     assert!(out.status.success(), "ss {filter}: {out:?}");
     let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.trim().is_empty() || text.contains("skmem:("),
+        "ss printed sockets without their memory (is inet_diag missing?):\n{text}"
+    );
     text.split("skmem:(")
         .skip(1)
         .map(|rest| {
