@@ -5,7 +5,7 @@
 //! scenario (what CI runs). The full suite:
 //!
 //! ```sh
-//! cargo test --release --test reliability -- --ignored --nocapture --test-threads=1
+//! cargo test --release --test reliability -- --include-ignored --nocapture --test-threads=1
 //! TCPLB_SOAK_SECS=600 cargo test --release --test reliability full_soak -- --ignored --nocapture
 //! ```
 //!
