@@ -92,7 +92,7 @@ struct ServeArgs {
 }
 
 /// Flags that override `[defaults]` (in every mode).
-#[derive(Debug, Args)]
+#[derive(Clone, Debug, Args)]
 struct SettingsArgs {
     /// Time allowed for a connect to one host before trying the next [default: 5s].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
@@ -221,16 +221,25 @@ fn serve(args: &ServeArgs) -> Result<(), Error> {
             std::process::exit(2);
         }
     };
-    let mut config = with_overrides(config, &args.settings)?;
-    if let Some(admin) = &args.admin {
-        config.admin = Some(
+    let admin = match &args.admin {
+        Some(admin) => Some(
             config::resolve(admin)
                 .map_err(|why| command_line_error(format!("--admin {admin}: {why}")))?,
-        );
-    }
+        ),
+        None => None,
+    };
+    // The flags override the file at start and at every reload alike.
+    let settings = args.settings.clone();
+    let adjust = move |config: Config| {
+        let mut config = with_overrides(config, &settings)?;
+        config.admin = admin.or(config.admin);
+        Ok(config)
+    };
+    let config = adjust(config)?;
     let mut proxy = Proxy::bind(&config)?;
     if let Some(path) = &args.config {
         proxy.set_config_path(path.clone());
+        proxy.set_config_adjust(adjust);
     }
     proxy.handle_signals()?;
     proxy.run()

@@ -27,6 +27,9 @@ mod control;
 
 pub use control::Handle;
 
+/// See [`Proxy::set_config_adjust`].
+type AdjustConfig = Box<dyn Fn(Config) -> Result<Config, Error> + Send>;
+
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::io;
@@ -152,6 +155,9 @@ pub struct Proxy {
     admin_timers: Timers,
     /// The config file, re-read on SIGHUP and `POST /reload`.
     config_path: Option<PathBuf>,
+    /// What the embedder changes in every config read from the file (the
+    /// binary: its command-line overrides).
+    adjust_config: Option<AdjustConfig>,
     /// The admin address in force (changing it needs a restart).
     config_admin: Option<SocketAddr>,
     /// Listeners a reload bound, by upstream name, until `apply` places them.
@@ -261,6 +267,7 @@ impl Proxy {
             admin_conns: Slab::new(),
             admin_timers: Timers::default(),
             config_path: None,
+            adjust_config: None,
             config_admin: config.admin,
             fresh_listeners: Vec::new(),
             started: now,
@@ -277,6 +284,17 @@ impl Proxy {
     /// The file to re-read on SIGHUP or `POST /reload`.
     pub fn set_config_path(&mut self, path: PathBuf) {
         self.config_path = Some(path);
+    }
+
+    /// Has every config a reload reads from the file pass through `adjust`
+    /// before it is checked and applied, as the one given to [`Proxy::bind`]
+    /// did: the binary re-applies its command-line overrides this way. An
+    /// error rejects the reload.
+    pub fn set_config_adjust(
+        &mut self,
+        adjust: impl Fn(Config) -> Result<Config, Error> + Send + 'static,
+    ) {
+        self.adjust_config = Some(Box::new(adjust));
     }
 
     /// The admin listener's address, if there is one.

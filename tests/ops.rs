@@ -659,6 +659,44 @@ fn a_reload_applies_socket_buffer_to_kept_listeners() {
     thread.join().unwrap().unwrap();
 }
 
+/// Command-line flags override the file at every reload, not only at start.
+#[test]
+fn flags_still_override_the_file_after_a_reload() {
+    let h1 = spawn_host("h1", Behavior::Named);
+    let file = ConfigFile::new("flags");
+    file.write(&upstream_toml("app", &[h1.addr]));
+    let bin = Binary::start(&[
+        "--config",
+        file.0.to_str().unwrap(),
+        "--idle-timeout",
+        "300ms",
+        "--admin",
+        "127.0.0.1:0",
+    ]);
+    let app = bin.listen_addr_of("app");
+    let admin = bin.admin_addr();
+    let (status, body) = http(admin, "POST", "/reload");
+    assert_eq!((status, body.as_str()), (200, "reloaded\n"));
+    // The file says nothing of [admin]; the flag's admin listener stays,
+    // which is no change, so there is nothing to restart for.
+    let reload_log = bin.log_until("configuration reloaded");
+    assert!(
+        !reload_log.iter().any(|l| l.contains("[admin]")),
+        "{reload_log:#?}"
+    );
+    let mut c = TcpStream::connect(app).unwrap();
+    c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    assert_eq!(read_line(&mut c), "h1");
+    let idle = Instant::now();
+    let mut rest = Vec::new();
+    let _ = c.read_to_end(&mut rest);
+    let closed_after = idle.elapsed();
+    assert!(
+        closed_after >= Duration::from_millis(250) && closed_after < Duration::from_secs(5),
+        "closed after {closed_after:?}, not at the flag's 300 ms idle timeout"
+    );
+}
+
 #[test]
 fn sighup_and_post_reload_reload_the_binary() {
     let h1 = spawn_host("h1", Behavior::Named);

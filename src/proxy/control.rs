@@ -287,7 +287,10 @@ impl Proxy {
         if self.drain_deadline.is_some() {
             return Err("shutting down".to_string());
         }
-        let config = Config::load(path).map_err(|e| e.to_string())?;
+        let mut config = Config::load(path).map_err(|e| e.to_string())?;
+        if let Some(adjust) = &self.adjust_config {
+            config = adjust(config).map_err(|e| e.to_string())?;
+        }
         let tls = match &config.tls {
             Some(settings) => Some((
                 settings.server_config().map_err(|e| e.to_string())?,

@@ -344,10 +344,22 @@ impl Binary {
 
     /// Waits for a stderr line containing `needle` and returns it.
     pub fn wait_for_log(&self, needle: &str) -> String {
+        self.log_until(needle).pop().unwrap()
+    }
+
+    /// Waits for a stderr line containing `needle`; returns the lines up to
+    /// and including it.
+    pub fn log_until(&self, needle: &str) -> Vec<String> {
+        let mut lines = Vec::new();
         loop {
             match self.stderr.recv_timeout(IO_TIMEOUT) {
-                Ok(line) if line.contains(needle) => return line,
-                Ok(_) => {}
+                Ok(line) => {
+                    let found = line.contains(needle);
+                    lines.push(line);
+                    if found {
+                        return lines;
+                    }
+                }
                 Err(e) => panic!("no log line containing {needle:?}: {e}"),
             }
         }
@@ -355,9 +367,7 @@ impl Binary {
 
     /// Waits for the start-up line of the upstream and returns its listen address.
     pub fn listen_addr(&self) -> SocketAddr {
-        let line = self.wait_for_log("listening on ");
-        let rest = line.split("listening on ").nth(1).unwrap();
-        rest.split_whitespace().next().unwrap().parse().unwrap()
+        addr_after(&self.wait_for_log("listening on "), "listening on ")
     }
 
     /// Waits for the start-up line of upstream `name` and returns its address.
