@@ -57,6 +57,14 @@ pub struct HostStats {
     pub checks_failed: u64,
 }
 
+/// A per-host metric family: name, type, help, and the host's value.
+type HostFamily = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&HostStats) -> u64,
+);
+
 /// The Prometheus text exposition format (version 0.0.4).
 pub fn prometheus(stats: &Stats) -> String {
     let mut out = String::with_capacity(4096 + stats.upstreams.len() * 1024);
@@ -72,57 +80,41 @@ pub fn prometheus(stats: &Stats) -> String {
         })
     };
 
-    family(
-        &mut out,
-        "tcplb_connections_active",
-        "gauge",
-        "Connections a host is handling (connecting or relaying).",
-    );
-    for (u, h, host) in hosts() {
-        let _ = writeln!(
-            out,
-            "tcplb_connections_active{{upstream=\"{u}\",host=\"{h}\"}} {}",
-            host.active
-        );
-    }
-    family(
-        &mut out,
-        "tcplb_connections_total",
-        "counter",
-        "Connections established to a host.",
-    );
-    for (u, h, host) in hosts() {
-        let _ = writeln!(
-            out,
-            "tcplb_connections_total{{upstream=\"{u}\",host=\"{h}\"}} {}",
-            host.connections
-        );
-    }
-    family(
-        &mut out,
-        "tcplb_connect_failures_total",
-        "counter",
-        "Connects to a host that failed or timed out.",
-    );
-    for (u, h, host) in hosts() {
-        let _ = writeln!(
-            out,
-            "tcplb_connect_failures_total{{upstream=\"{u}\",host=\"{h}\"}} {}",
-            host.connect_failures
-        );
-    }
-    family(
-        &mut out,
-        "tcplb_host_up",
-        "gauge",
-        "1 when a host is up, 0 when health checks took it down.",
-    );
-    for (u, h, host) in hosts() {
-        let _ = writeln!(
-            out,
-            "tcplb_host_up{{upstream=\"{u}\",host=\"{h}\"}} {}",
-            u8::from(host.up)
-        );
+    let per_host: [HostFamily; 4] = [
+        (
+            "tcplb_connections_active",
+            "gauge",
+            "Connections a host is handling (connecting or relaying).",
+            |h| u64::from(h.active),
+        ),
+        (
+            "tcplb_connections_total",
+            "counter",
+            "Connections established to a host.",
+            |h| h.connections,
+        ),
+        (
+            "tcplb_connect_failures_total",
+            "counter",
+            "Connects to a host that failed or timed out.",
+            |h| h.connect_failures,
+        ),
+        (
+            "tcplb_host_up",
+            "gauge",
+            "1 when a host is up, 0 when health checks took it down.",
+            |h| u64::from(h.up),
+        ),
+    ];
+    for (name, kind, help, value) in per_host {
+        family(&mut out, name, kind, help);
+        for (u, h, host) in hosts() {
+            let _ = writeln!(
+                out,
+                "{name}{{upstream=\"{u}\",host=\"{h}\"}} {}",
+                value(host)
+            );
+        }
     }
     family(
         &mut out,

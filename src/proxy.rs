@@ -333,10 +333,12 @@ impl Proxy {
         Ok(())
     }
 
-    /// Serves until a shutdown (signal or [`Handle::shutdown`]) has drained.
-    pub fn run(mut self) -> Result<(), Error> {
-        for u in &self.upstreams {
+    /// Logs each live upstream's listen address and hosts (at start and
+    /// after a reload).
+    fn log_listening(&self) {
+        for u in self.upstreams.iter().filter(|u| !u.removed) {
             let hosts: Vec<String> = (0..u.balancer.len())
+                .filter(|&h| !u.balancer.is_removed(h))
                 .map(|h| u.balancer.addr(h).to_string())
                 .collect();
             info!(
@@ -346,6 +348,11 @@ impl Proxy {
                 hosts.join(", ")
             );
         }
+    }
+
+    /// Serves until a shutdown (signal or [`Handle::shutdown`]) has drained.
+    pub fn run(mut self) -> Result<(), Error> {
+        self.log_listening();
         info!(
             "tcplb {} ready: max_connections={} buffer_size={} bulk_buffer_size={} connect_timeout={:?} idle_timeout={:?}",
             env!("CARGO_PKG_VERSION"),

@@ -480,18 +480,7 @@ impl Proxy {
             self.schedule(key);
         }
         self.config_admin = config.admin;
-        for u in self.upstreams.iter().filter(|u| !u.removed) {
-            let hosts: Vec<String> = (0..u.balancer.len())
-                .filter(|&h| !u.balancer.is_removed(h))
-                .map(|h| u.balancer.addr(h).to_string())
-                .collect();
-            info!(
-                "upstream `{}` listening on {} -> {}",
-                u.name,
-                u.listen,
-                hosts.join(", ")
-            );
-        }
+        self.log_listening();
     }
 
     /// Points upstream `index` at the listener for `listen`: its own if the
