@@ -198,6 +198,24 @@ impl Running {
         self.handle.stats().expect("proxy is running")
     }
 
+    /// Reads `total` bytes of a one-way download from `s` in small reads,
+    /// checking every 4 MiB that the proxy holds at most one buffer (only
+    /// one direction moves, and a slow reader must not make it buffer more).
+    pub fn read_one_way(&self, s: &mut impl Read, total: usize) -> Vec<u8> {
+        let mut got = Vec::with_capacity(total);
+        let mut chunk = [0u8; 4096];
+        while got.len() < total {
+            if got.len() % (4 << 20) < chunk.len() {
+                let stats = self.stats();
+                assert!(stats.buffers_in_use <= 1, "one direction moves: {stats:?}");
+            }
+            let n = s.read(&mut chunk).unwrap();
+            assert!(n > 0, "EOF after {} bytes", got.len());
+            got.extend_from_slice(&chunk[..n]);
+        }
+        got
+    }
+
     /// Active connection count per host, in config order.
     pub fn host_counts(&self) -> Vec<u32> {
         self.stats().upstreams[0]
