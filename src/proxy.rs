@@ -765,12 +765,10 @@ impl Proxy {
             .and_then(|t| t.peer_certificate())
             .map(tls::peer_names)
             .unwrap_or_default();
-        let identity = self
-            .access
-            .identify(&names)
-            .or(names.first().map(String::as_str));
-        pair.identity = identity.map(Into::into);
         let known = self.access.identify(&names);
+        // An unknown client is logged under its first name.
+        let identity = known.or(names.first().map(String::as_str));
+        pair.identity = identity.map(Into::into);
         let verdict = self
             .access
             .admit(known, &self.upstreams[upstream].name, now);
