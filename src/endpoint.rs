@@ -12,6 +12,14 @@ use mio::net::TcpStream;
 
 use crate::net;
 
+/// Result of checking a connect in progress.
+#[derive(Debug)]
+pub enum Connect {
+    Pending,
+    Established,
+    Failed(io::Error),
+}
+
 pub(crate) const READABLE: u8 = 1;
 pub(crate) const WRITABLE: u8 = 2;
 /// A short read does not mean the socket is drained: read on until
@@ -71,6 +79,26 @@ impl Endpoint {
 
     pub(crate) fn clear(&mut self, bits: u8) {
         self.ready &= !bits;
+    }
+
+    /// Checks a non-blocking connect after an event. It is complete once
+    /// the socket is writable with no pending error (`SO_ERROR`).
+    pub(crate) fn connect_result(&mut self) -> Connect {
+        if !self.is(WRITABLE | ERROR) {
+            return Connect::Pending;
+        }
+        match self.stream.take_error() {
+            Ok(Some(e)) | Err(e) => return Connect::Failed(e),
+            Ok(None) => {}
+        }
+        self.clear(ERROR);
+        // Linux reports a connecting socket writable only once the
+        // handshake is done; an error-only wake-up with no error is spurious.
+        if self.is(WRITABLE) {
+            Connect::Established
+        } else {
+            Connect::Pending
+        }
     }
 
     /// The pending socket error, if the kernel flagged one.

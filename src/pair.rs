@@ -25,7 +25,8 @@ use crate::access::ClientId;
 use crate::balance::HostId;
 use crate::buffer::BufferPool;
 use crate::config::Settings;
-use crate::endpoint::{ERROR, Endpoint, READ_ALL, READABLE, WRITABLE};
+use crate::endpoint::Connect;
+use crate::endpoint::{Endpoint, READ_ALL, READABLE, WRITABLE};
 use crate::flow::{Fault, Flow, pump};
 use crate::net::{self, Io};
 use crate::secure::{ClientTls, Discarded, Handshake};
@@ -175,14 +176,6 @@ pub enum Step {
 /// Bytes one pair may move per loop turn before others get their turn.
 pub const RELAY_BUDGET: usize = 256 * 1024;
 
-/// Result of checking a connect in progress.
-#[derive(Debug)]
-pub enum Connect {
-    Pending,
-    Established,
-    Failed(io::Error),
-}
-
 /// A client connection and its upstream connection.
 #[derive(Debug)]
 pub struct Pair {
@@ -299,27 +292,11 @@ impl Pair {
         }
     }
 
-    /// Checks the connect in flight after an event on the host socket. A
-    /// non-blocking connect is complete once the socket is writable with no
-    /// pending error (`SO_ERROR`).
+    /// Checks the connect in flight after an event on the host socket.
     pub fn check_connect(&mut self) -> Connect {
-        let Some(host) = self.host.as_mut() else {
-            return Connect::Failed(io::ErrorKind::NotConnected.into());
-        };
-        if !host.is(WRITABLE | ERROR) {
-            return Connect::Pending;
-        }
-        match host.stream.take_error() {
-            Ok(Some(e)) | Err(e) => return Connect::Failed(e),
-            Ok(None) => {}
-        }
-        host.clear(ERROR);
-        // Linux reports a connecting socket writable only once the
-        // handshake is done; an error-only wake-up with no error is spurious.
-        if host.is(WRITABLE) {
-            Connect::Established
-        } else {
-            Connect::Pending
+        match self.host.as_mut() {
+            Some(host) => host.connect_result(),
+            None => Connect::Failed(io::ErrorKind::NotConnected.into()),
         }
     }
 

@@ -11,7 +11,7 @@ use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
 use crate::balance::HostId;
-use crate::endpoint::{ERROR, Endpoint, READABLE, WRITABLE};
+use crate::endpoint::{Connect, Endpoint, READABLE, WRITABLE};
 use crate::net::{self, Io};
 
 /// Bytes of a host's answer kept while looking for `expect`.
@@ -68,16 +68,10 @@ impl Probe {
     pub fn advance(&mut self, send: Option<&[u8]>, expect: Option<&[u8]>) -> Outcome {
         let ep = &mut self.endpoint;
         if !self.connected {
-            if !ep.is(WRITABLE | ERROR) {
-                return Outcome::Pending;
-            }
-            match ep.stream.take_error() {
-                Ok(Some(e)) | Err(e) => return Outcome::Failed(format!("connect: {e}")),
-                Ok(None) if !ep.is(WRITABLE) => {
-                    ep.clear(ERROR);
-                    return Outcome::Pending;
-                }
-                Ok(None) => self.connected = true,
+            match ep.connect_result() {
+                Connect::Pending => return Outcome::Pending,
+                Connect::Failed(e) => return Outcome::Failed(format!("connect: {e}")),
+                Connect::Established => self.connected = true,
             }
         }
         if let Some(send) = send {
