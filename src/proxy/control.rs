@@ -303,6 +303,13 @@ impl Proxy {
         Ok(())
     }
 
+    /// Stops listening on listener `key`, if it is still open.
+    fn close_listener(&mut self, key: usize) {
+        if let Some(mut listener) = self.listeners.try_remove(key) {
+            let _ = self.poll.registry().deregister(&mut listener.socket);
+        }
+    }
+
     /// Applies a changed `socket_buffer` to the listeners kept across a
     /// reload, so connections they accept from now on get it (connects to
     /// hosts read the setting each time). Handing a fixed buffer back to
@@ -361,8 +368,7 @@ impl Proxy {
                 Ok((key, local)) => bound.push((u.name.clone(), key, local)),
                 Err(e) => {
                     for (_, key, _) in bound {
-                        let mut listener = self.listeners.remove(key);
-                        let _ = self.poll.registry().deregister(&mut listener.socket);
+                        self.close_listener(key);
                     }
                     return Err(e.to_string());
                 }
@@ -457,10 +463,7 @@ impl Proxy {
         for index in 0..self.upstreams.len() {
             if self.upstreams[index].removed {
                 if let Some(key) = self.upstreams[index].listener.take() {
-                    if self.listeners.contains(key) {
-                        let mut listener = self.listeners.remove(key);
-                        let _ = self.poll.registry().deregister(&mut listener.socket);
-                    }
+                    self.close_listener(key);
                 }
             }
         }
@@ -514,10 +517,7 @@ impl Proxy {
             return;
         };
         if let Some(old) = current.filter(|&old| old != key) {
-            if self.listeners.contains(old) {
-                let mut listener = self.listeners.remove(old);
-                let _ = self.poll.registry().deregister(&mut listener.socket);
-            }
+            self.close_listener(old);
         }
         self.listeners[key].upstream = index;
         let u = &mut self.upstreams[index];
