@@ -160,8 +160,6 @@ pub struct Proxy {
     adjust_config: Option<AdjustConfig>,
     /// The admin address in force (changing it needs a restart).
     config_admin: Option<SocketAddr>,
-    /// Listeners a reload bound, by upstream name, until `apply` places them.
-    fresh_listeners: Vec<(String, usize, SocketAddr)>,
     started: Instant,
     reloads: u64,
     drain_deadline: Option<Instant>,
@@ -269,7 +267,6 @@ impl Proxy {
             config_path: None,
             adjust_config: None,
             config_admin: config.admin,
-            fresh_listeners: Vec::new(),
             started: now,
             reloads: 0,
             settings,

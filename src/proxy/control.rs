@@ -29,6 +29,9 @@ use crate::net;
 use crate::token::Source;
 use crate::upstream::Upstream;
 
+/// A listener bound for a reload: upstream name, listener key, address.
+type FreshListener = (String, usize, std::net::SocketAddr);
+
 /// A request to the loop from another thread.
 #[derive(Debug)]
 pub(super) enum Command {
@@ -298,8 +301,8 @@ impl Proxy {
             )),
             None => None,
         };
-        self.bind_new_listeners(&config)?;
-        self.apply(config, tls, now);
+        let fresh = self.bind_new_listeners(&config)?;
+        self.apply(config, tls, fresh, now);
         Ok(())
     }
 
@@ -334,9 +337,10 @@ impl Proxy {
         }
     }
 
-    /// Binds the listeners the new config needs that do not exist yet. All
+    /// Binds the listeners the new config needs that do not exist yet, and
+    /// returns them for `apply` to place. All
     /// or nothing: on any failure, the ones just bound are dropped.
-    fn bind_new_listeners(&mut self, config: &Config) -> Result<(), String> {
+    fn bind_new_listeners(&mut self, config: &Config) -> Result<Vec<FreshListener>, String> {
         let mut bound = Vec::new();
         for u in &config.upstreams {
             let existing = self
@@ -374,17 +378,16 @@ impl Proxy {
                 }
             }
         }
-        self.fresh_listeners = bound;
-        Ok(())
+        Ok(bound)
     }
 
     fn apply(
         &mut self,
         config: Config,
         tls: Option<(Arc<rustls::ServerConfig>, crate::tls::TlsSettings)>,
+        fresh: Vec<FreshListener>,
         now: Instant,
     ) {
-        let fresh = std::mem::take(&mut self.fresh_listeners);
         if (config.settings.buffer_size, config.settings.bulk_buffer())
             != (self.settings.buffer_size, self.settings.bulk_buffer())
         {
@@ -489,12 +492,7 @@ impl Proxy {
     /// Points upstream `index` at the listener for `listen`: its own if the
     /// address is unchanged, one bound for this reload, or one handed over
     /// from another upstream that had the same address.
-    fn relisten(
-        &mut self,
-        index: usize,
-        listen: std::net::SocketAddr,
-        fresh: &[(String, usize, std::net::SocketAddr)],
-    ) {
+    fn relisten(&mut self, index: usize, listen: std::net::SocketAddr, fresh: &[FreshListener]) {
         let name = self.upstreams[index].name.clone();
         let current = self.upstreams[index].listener;
         if current.is_some() && self.upstreams[index].configured_listen == listen {
