@@ -195,17 +195,7 @@ fn with_overrides(mut config: Config, args: &SettingsArgs) -> Result<Config, Err
     if problems.is_empty() {
         return Ok(config);
     }
-    Err(Error::Config(config::ConfigError {
-        origin: "command line".to_string(),
-        problems: problems
-            .into_iter()
-            .map(|message| config::Problem {
-                line: 0,
-                column: 0,
-                message,
-            })
-            .collect(),
-    }))
+    Err(command_line_errors(problems))
 }
 
 fn serve(args: &ServeArgs) -> Result<(), Error> {
@@ -246,13 +236,20 @@ fn serve(args: &ServeArgs) -> Result<(), Error> {
 }
 
 fn command_line_error(message: String) -> Error {
+    command_line_errors([message])
+}
+
+fn command_line_errors(messages: impl IntoIterator<Item = String>) -> Error {
     Error::Config(config::ConfigError {
         origin: "command line".to_string(),
-        problems: vec![config::Problem {
-            line: 0,
-            column: 0,
-            message,
-        }],
+        problems: messages
+            .into_iter()
+            .map(|message| config::Problem {
+                line: 0,
+                column: 0,
+                message,
+            })
+            .collect(),
     })
 }
 
