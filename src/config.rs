@@ -834,10 +834,13 @@ impl Walker<'_> {
             DeValue::Float(f) => f.as_str().replace('_', "").parse::<f64>().ok(),
             _ => None,
         };
-        if parsed.is_none() {
-            self.problem(v.span(), format!("`{key}` must be a number"));
+        match parsed {
+            Some(n) if n.is_finite() => Some(n),
+            _ => {
+                self.problem(v.span(), format!("`{key}` must be a finite number"));
+                None
+            }
         }
-        parsed.filter(|n| n.is_finite())
     }
 
     fn unknown_keys(&mut self, table: &DeTable<'_>, allowed: &[&str], place: &str) {
@@ -1306,6 +1309,19 @@ hosts = ["127.0.0.1:1", "nope"]
             found,
             ["lb.toml:2:19: `max_connections` must be between 1 and 4294967295, not 0"]
         );
+    }
+
+    #[test]
+    fn rates_must_be_finite_numbers() {
+        let base = "[[upstream]]\nname=\"x\"\nlisten=\"127.0.0.1:0\"\nhosts=[\"127.0.0.1:1\"]\n";
+        for value in ["inf", "nan", "\"fast\""] {
+            let found = problems(&format!("[defaults]\nsource_rate = {value}\n{base}"));
+            assert_eq!(
+                found,
+                ["lb.toml:2:15: `source_rate` must be a finite number"],
+                "{value}"
+            );
+        }
     }
 
     #[test]
