@@ -36,6 +36,10 @@ pub struct Endpoint {
     ready: u8,
     /// SO_OOBINLINE is set (done on the first urgent-data event).
     urgent_inline: bool,
+    /// The connection is broken: the peer reset it, or an operation failed.
+    /// Bytes that arrived before a reset stay readable, and are read first;
+    /// an end of stream read after this is the reset's, not a FIN.
+    broken: bool,
 }
 
 impl Endpoint {
@@ -44,6 +48,7 @@ impl Endpoint {
             stream,
             ready: 0,
             urgent_inline: false,
+            broken: false,
         }
     }
 
@@ -101,15 +106,26 @@ impl Endpoint {
         }
     }
 
-    /// The pending socket error, if the kernel flagged one.
-    pub(crate) fn pending_error(&mut self) -> Option<io::Error> {
+    /// Takes note of an error the kernel flagged (`SO_ERROR`) without
+    /// acting on it yet: what arrived before a reset is still to be read.
+    pub(crate) fn note_error(&mut self) {
         if !self.is(ERROR) {
-            return None;
+            return;
         }
         self.clear(ERROR);
-        match self.stream.take_error() {
-            Ok(None) => None,
-            Ok(Some(e)) | Err(e) => Some(e),
+        if let Ok(Some(_)) | Err(_) = self.stream.take_error() {
+            self.set_broken();
         }
+    }
+
+    /// Marks the connection broken. The next read is tried whatever the
+    /// readiness bits say: it returns what is left, then the failure.
+    pub(crate) fn set_broken(&mut self) {
+        self.broken = true;
+        self.ready |= READABLE | READ_ALL;
+    }
+
+    pub(crate) fn is_broken(&self) -> bool {
+        self.broken
     }
 }

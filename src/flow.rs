@@ -6,7 +6,10 @@
 //! backpressure resumes on the sink's next writable edge without waiting
 //! for a new readable one. When the source has ended and every byte is
 //! delivered, the sink is finished (FIN, or `close_notify` then FIN over
-//! TLS); the direction is then done.
+//! TLS); the direction is then done. A source that fails (a reset) ends
+//! the direction the same way, except that the sink is not finished: once
+//! every byte read before the failure is delivered, the pair passes the
+//! reset on.
 
 use std::io;
 use std::net::Shutdown;
@@ -25,6 +28,8 @@ pub(crate) trait Source {
 
 /// Where a direction's bytes go.
 pub(crate) trait Sink {
+    /// The destination's connection is broken: nothing can reach it any more.
+    fn is_broken(&self) -> bool;
     fn can_write(&self) -> bool;
     /// Writes a prefix of `data`; `WouldBlock` when nothing fits now.
     fn write(&mut self, data: &[u8]) -> Io;
@@ -40,12 +45,18 @@ impl Source for Endpoint {
 
     fn read(&mut self, buf: &mut [u8]) -> Io {
         let wanted = buf.len();
-        let outcome = net::read(&mut self.stream, buf);
+        let outcome = match net::read(&mut self.stream, buf) {
+            // The reset's error was taken (`SO_ERROR`, or by a write): the
+            // kernel then ends the stream as if by FIN.
+            Io::Eof if self.is_broken() => Io::Failed(io::ErrorKind::ConnectionReset.into()),
+            outcome => outcome,
+        };
         match outcome {
             // A short read drained the socket: epoll reports the next
             // arrival as a new edge, so no WouldBlock probe is needed.
             Io::Done(n) if n < wanted && !self.is(READ_ALL) => self.clear(READABLE),
             Io::WouldBlock => self.clear(READABLE | READ_ALL),
+            Io::Failed(_) => self.set_broken(),
             _ => {}
         }
         outcome
@@ -53,6 +64,10 @@ impl Source for Endpoint {
 }
 
 impl Sink for Endpoint {
+    fn is_broken(&self) -> bool {
+        Endpoint::is_broken(self)
+    }
+
     fn can_write(&self) -> bool {
         self.is(WRITABLE)
     }
@@ -62,6 +77,7 @@ impl Sink for Endpoint {
         match outcome {
             Io::Done(n) if n < data.len() => self.clear(WRITABLE),
             Io::WouldBlock => self.clear(WRITABLE),
+            Io::Eof | Io::Failed(_) => self.set_broken(),
             _ => {}
         }
         outcome
@@ -69,7 +85,11 @@ impl Sink for Endpoint {
 
     fn finish(&mut self) -> io::Result<bool> {
         // ENOTCONN here means the destination was reset meanwhile: an error.
-        self.stream.shutdown(Shutdown::Write).map(|()| true)
+        let done = self.stream.shutdown(Shutdown::Write).map(|()| true);
+        if done.is_err() {
+            self.set_broken();
+        }
+        done
     }
 }
 
@@ -81,8 +101,11 @@ pub(crate) struct Flow {
     /// Reads have filled whole buffers: this direction streams, and takes
     /// bulk-size buffers from now on.
     bulk: bool,
-    /// The source ended (FIN, or `close_notify`).
+    /// The source ended (FIN, `close_notify`, or a failure).
     pub eof: bool,
+    /// The source ended by failing (a reset, a TLS error): the sink is to
+    /// be reset, not finished, once the bytes read before are delivered.
+    pub failed: bool,
     /// Everything is delivered and the sink is finished.
     pub done: bool,
     /// Bytes written to the sink.
@@ -90,6 +113,11 @@ pub(crate) struct Flow {
 }
 
 impl Flow {
+    /// The source has ended and every byte it sent is handed to the sink.
+    pub fn delivered(&self) -> bool {
+        self.eof && self.buf.is_none()
+    }
+
     pub fn release(&mut self, pool: &mut BufferPool) {
         if let Some(buf) = self.buf.take() {
             pool.give(buf);
@@ -97,11 +125,30 @@ impl Flow {
     }
 }
 
-/// Which end of a pump failed.
+/// The sink failed: the direction's bytes can no longer be delivered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Fault {
-    Source,
-    Sink,
+pub(crate) struct SinkFailed;
+
+/// The sink of a direction whose destination is still connecting: it takes
+/// nothing yet, so the source is read only into the buffer.
+pub(crate) struct NotConnected;
+
+impl Sink for NotConnected {
+    fn is_broken(&self) -> bool {
+        false
+    }
+
+    fn can_write(&self) -> bool {
+        false
+    }
+
+    fn write(&mut self, _: &[u8]) -> Io {
+        Io::WouldBlock
+    }
+
+    fn finish(&mut self) -> io::Result<bool> {
+        Ok(false)
+    }
 }
 
 /// What one call of [`pump`] did.
@@ -112,15 +159,28 @@ pub(crate) struct Pumped {
     pub exhausted: bool,
 }
 
+impl Pumped {
+    /// A direction that could not move (its sink failed).
+    pub const NOTHING: Pumped = Pumped {
+        moved: false,
+        exhausted: false,
+    };
+}
+
 /// Moves one direction's bytes until nothing more can move or `budget`
-/// bytes have been written.
+/// bytes have been written. A failing source ends the direction (see
+/// [`Flow::failed`]); only a failing sink is an error. Toward a sink that
+/// is already broken, the source is drained instead (see [`drain`]).
 pub(crate) fn pump(
     src: &mut impl Source,
     dst: &mut impl Sink,
     flow: &mut Flow,
     pool: &mut BufferPool,
     mut budget: usize,
-) -> Result<Pumped, Fault> {
+) -> Result<Pumped, SinkFailed> {
+    if dst.is_broken() {
+        return Ok(drain(src, flow, pool, budget));
+    }
     let mut moved = false;
     loop {
         let mut progress = false;
@@ -144,7 +204,9 @@ pub(crate) fn pump(
                     Io::WouldBlock => {}
                     Io::Failed(e) => {
                         log::debug!("read failed: {e}");
-                        return Err(Fault::Source);
+                        flow.eof = true;
+                        flow.failed = true;
+                        progress = true;
                     }
                 }
             }
@@ -159,15 +221,15 @@ pub(crate) fn pump(
                         progress = true;
                     }
                     Io::WouldBlock => {}
-                    Io::Eof | Io::Failed(_) => return Err(Fault::Sink),
+                    Io::Eof | Io::Failed(_) => return Err(SinkFailed),
                 }
             }
             if buf.is_empty() {
                 flow.release(pool);
             }
         }
-        if flow.eof && flow.buf.is_none() && !flow.done {
-            flow.done = dst.finish().map_err(|_| Fault::Sink)?;
+        if flow.delivered() && !flow.failed && !flow.done {
+            flow.done = dst.finish().map_err(|_| SinkFailed)?;
             progress |= flow.done;
         }
         moved |= progress;
@@ -177,5 +239,33 @@ pub(crate) fn pump(
                 exhausted: progress,
             });
         }
+    }
+}
+
+/// Reads and drops what `src` sends, for a direction whose destination
+/// reset: its bytes can no longer arrive, and a source left unread would
+/// stop reading in turn (its writes blocked on a full window) while the
+/// other direction still delivers to it. Dropped bytes are not counted
+/// as relayed, and they are not progress.
+fn drain(src: &mut impl Source, flow: &mut Flow, pool: &mut BufferPool, budget: usize) -> Pumped {
+    let mut dropped = 0;
+    if !flow.eof && src.can_read() {
+        let buf = flow.buf.get_or_insert_with(|| pool.take(Size::Normal));
+        buf.consumed(buf.len());
+        while dropped < budget && src.can_read() {
+            match src.read(buf.room()) {
+                Io::Done(n) => dropped += n,
+                Io::WouldBlock => break,
+                Io::Eof | Io::Failed(_) => {
+                    flow.eof = true;
+                    break;
+                }
+            }
+        }
+    }
+    flow.release(pool);
+    Pumped {
+        moved: false,
+        exhausted: dropped >= budget,
     }
 }

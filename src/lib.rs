@@ -30,6 +30,7 @@ mod pair;
 mod probe;
 pub mod proxy;
 mod secure;
+mod send_queue;
 mod timers;
 pub mod tls;
 mod token;

@@ -41,6 +41,10 @@ pub struct UpstreamStats {
     pub bytes_up: u64,
     pub bytes_down: u64,
     pub durations: Histogram,
+    /// Resets passed on at the half-close bound before the receiver had
+    /// acknowledged every byte the reset side sent, and those bytes.
+    pub undelivered_resets: u64,
+    pub undelivered_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -145,6 +149,28 @@ pub fn prometheus(stats: &Stats) -> String {
             let _ = writeln!(
                 out,
                 "tcplb_bytes_total{{upstream=\"{u}\",direction=\"{direction}\"}} {n}"
+            );
+        }
+    }
+    for (name, help, value) in [
+        (
+            "tcplb_undelivered_resets_total",
+            "Resets passed on before the receiver had every byte the reset side sent (it did not read within half_close_timeout).",
+            (|u| u.undelivered_resets) as fn(&UpstreamStats) -> u64,
+        ),
+        (
+            "tcplb_undelivered_bytes_total",
+            "Bytes the receiver had not acknowledged when such a reset was passed on.",
+            |u| u.undelivered_bytes,
+        ),
+    ] {
+        family(&mut out, name, "counter", help);
+        for up in &stats.upstreams {
+            let _ = writeln!(
+                out,
+                "{name}{{upstream=\"{}\"}} {}",
+                label(&up.name),
+                value(up)
             );
         }
     }
@@ -350,6 +376,8 @@ mod tests {
                 bytes_up: 10,
                 bytes_down: 20,
                 durations,
+                undelivered_resets: 1,
+                undelivered_bytes: 4096,
             }],
         }
     }
@@ -361,6 +389,8 @@ mod tests {
             text.contains("tcplb_connections_active{upstream=\"app\",host=\"127.0.0.1:9001\"} 1\n")
         );
         assert!(text.contains("tcplb_refused_total{upstream=\"app\",reason=\"overloaded\"} 2\n"));
+        assert!(text.contains("tcplb_undelivered_resets_total{upstream=\"app\"} 1\n"));
+        assert!(text.contains("tcplb_undelivered_bytes_total{upstream=\"app\"} 4096\n"));
         assert!(text.contains(
             "tcplb_connection_duration_seconds_bucket{upstream=\"app\",le=\"0.05\"} 1\n"
         ));

@@ -27,7 +27,7 @@ use crate::buffer::BufferPool;
 use crate::config::Settings;
 use crate::endpoint::Connect;
 use crate::endpoint::{Endpoint, READ_ALL, READABLE, WRITABLE};
-use crate::flow::{Fault, Flow, pump};
+use crate::flow::{Flow, NotConnected, Pumped, pump};
 use crate::net::{self, Io};
 use crate::secure::{ClientTls, Discarded, Handshake};
 use crate::token::Side;
@@ -138,6 +138,21 @@ pub enum Phase {
     },
     /// Bytes flow both ways between the client and `host`.
     Relaying { host: HostId },
+    /// `reset` reset (or failed), and every byte it sent is in the other
+    /// side's kernel. That side gets the reset once its peer acknowledged
+    /// those bytes (a close with `SO_LINGER` 0 throws away what is still
+    /// queued), or at `until`. The host's count is already released.
+    Resetting {
+        host: HostId,
+        reset: Side,
+        /// Bytes the receiver had not acknowledged at the last check.
+        unacked: u32,
+        /// When to check again, and the interval after that (it doubles).
+        check: Instant,
+        every: Duration,
+        /// When to give up; pushed back while `unacked` falls.
+        until: Instant,
+    },
     /// Sending the refusal line, then waiting for the client's FIN.
     Refusing {
         refusal: Refusal,
@@ -195,6 +210,8 @@ pub struct Pair {
     /// The socket to the host; `None` while refusing.
     pub host: Option<Endpoint>,
     pub phase: Phase,
+    /// The side whose reset (or failure) was noticed first.
+    failed: Option<Side>,
     /// Client to host.
     up: Flow,
     /// Host to client.
@@ -227,6 +244,7 @@ impl Pair {
             identity: None,
             host: None,
             phase,
+            failed: None,
             up: Flow::default(),
             down: Flow::default(),
             started: now,
@@ -247,7 +265,7 @@ impl Pair {
     pub fn host_id(&self) -> Option<HostId> {
         match self.phase {
             Phase::Connecting { host, .. } | Phase::Relaying { host } => Some(host),
-            Phase::Handshaking { .. } | Phase::Refusing { .. } => None,
+            Phase::Handshaking { .. } | Phase::Refusing { .. } | Phase::Resetting { .. } => None,
         }
     }
 
@@ -256,10 +274,37 @@ impl Pair {
         (self.up.bytes, self.down.bytes)
     }
 
-    /// Whether the client socket reported an error (e.g. it reset while
-    /// the connect to its host was still in flight).
-    pub fn client_failed(&mut self) -> bool {
-        self.client.pending_error().is_some()
+    /// While the connect to its host is in flight: a client that reset has
+    /// what it sent before read into the buffer, to be delivered once the
+    /// host is connected. A client that sent nothing is done with at once.
+    pub fn while_connecting(&mut self, pool: &mut BufferPool) -> Step {
+        self.client.note_error();
+        if !self.client.is_broken() {
+            return Step::Continue;
+        }
+        self.failed.get_or_insert(Side::Client);
+        let budget = RELAY_BUDGET.max(2 * pool.bulk_size());
+        let _ = match self.tls.as_deref_mut() {
+            None => pump(
+                &mut self.client,
+                &mut NotConnected,
+                &mut self.up,
+                pool,
+                budget,
+            ),
+            Some(tls) => pump(
+                &mut tls.side(&mut self.client),
+                &mut NotConnected,
+                &mut self.up,
+                pool,
+                budget,
+            ),
+        };
+        if self.up.delivered() {
+            Step::Finish(End::Reset(Side::Client))
+        } else {
+            Step::Continue
+        }
     }
 
     /// When the loop must look at this pair again if nothing happens.
@@ -273,9 +318,10 @@ impl Pair {
             Phase::Handshaking { deadline }
             | Phase::Connecting { deadline, .. }
             | Phase::Refusing { deadline, .. } => *deadline,
+            Phase::Resetting { check, until, .. } => (*check).min(*until),
             Phase::Relaying { .. } => {
                 let mut quiet = settings.idle_timeout;
-                if self.up.eof || self.down.eof {
+                if self.up.eof || self.down.eof || self.failed.is_some() {
                     quiet = quiet.min(settings.half_close_timeout);
                 }
                 self.last_active + quiet
@@ -283,9 +329,12 @@ impl Pair {
         }
     }
 
-    /// What a deadline that has passed means for this pair.
+    /// What a deadline that has passed means for a relaying pair.
     pub fn expiry(&self) -> End {
-        if self.up.eof || self.down.eof {
+        if let Some(side) = self.failed {
+            // Its last bytes could not all be delivered in time.
+            End::Reset(side)
+        } else if self.up.eof || self.down.eof {
             End::HalfCloseTimeout
         } else {
             End::IdleTimeout
@@ -313,19 +362,71 @@ impl Pair {
 
     /// Moves bytes both ways as far as readiness, buffer room and the
     /// per-turn budget allow.
+    ///
+    /// A side that resets is not passed on at once: the kernel still holds
+    /// what that side sent before, readable ahead of the error. The
+    /// direction toward the broken side is over (its bytes cannot arrive),
+    /// the direction from it goes on until everything it sent is handed to
+    /// the other side, and only then does the pair end with the reset.
     pub fn relay(&mut self, pool: &mut BufferPool, now: Instant) -> Step {
         let Some(host) = self.host.as_mut() else {
             return Step::Finish(End::Reset(Side::Upstream));
         };
-        for (side, endpoint) in [
-            (Side::Client, &mut self.client),
-            (Side::Upstream, &mut *host),
-        ] {
-            if let Some(e) = endpoint.pending_error() {
-                log::debug!("pair #{}: {side:?} socket error: {e}", self.id);
-                return Step::Finish(End::Reset(side));
+        self.client.note_error();
+        host.note_error();
+        let broken_before = (self.client.is_broken(), host.is_broken());
+        let (up, down) = self.pump_both(pool);
+        if up.moved || down.moved {
+            self.last_active = now;
+        }
+        let broken = (
+            self.client.is_broken(),
+            self.host.as_ref().is_some_and(Endpoint::is_broken),
+        );
+        for (side, failed) in [(Side::Client, broken.0), (Side::Upstream, broken.1)] {
+            if failed {
+                self.failed.get_or_insert(side);
             }
         }
+        let tls_flushed = self.tls.as_ref().is_none_or(|t| !t.wants_write());
+        let finished = match broken {
+            (false, false) => self.up.done && self.down.done,
+            (true, true) => true,
+            (true, false) => self.up.delivered(),
+            (false, true) => self.down.delivered() && tls_flushed,
+        };
+        if finished {
+            Step::Finish(self.failed.map_or(End::Closed, End::Reset))
+        } else if up.exhausted
+            || down.exhausted
+            // A failure found by one direction's pump after the other had
+            // run: that one must look again, and no event may come for it.
+            || broken_before != broken
+        {
+            Step::Again
+        } else {
+            Step::Continue
+        }
+    }
+
+    /// While the pair waits to pass a reset on ([`Phase::Resetting`]):
+    /// drops what the receiver still sends, so that it keeps reading (and
+    /// acknowledging) what it was sent.
+    pub fn drain_while_resetting(&mut self, pool: &mut BufferPool) -> Step {
+        let (up, down) = self.pump_both(pool);
+        if up.exhausted || down.exhausted {
+            Step::Again
+        } else {
+            Step::Continue
+        }
+    }
+
+    /// One pump each way, within the per-turn budget. A failing sink marks
+    /// its endpoint broken, which the caller reads.
+    fn pump_both(&mut self, pool: &mut BufferPool) -> (Pumped, Pumped) {
+        let Some(host) = self.host.as_mut() else {
+            return (Pumped::NOTHING, Pumped::NOTHING);
+        };
         let budget = RELAY_BUDGET.max(2 * pool.bulk_size());
         let client = &mut self.client;
         let (up, down) = match self.tls.as_deref_mut() {
@@ -335,39 +436,21 @@ impl Pair {
             ),
             Some(tls) => {
                 // Records may wait regardless of the flows (handshake tail,
-                // alerts, a close_notify whose FIN is still to come).
-                if tls.flush(client).is_err() {
-                    return Step::Finish(End::Reset(Side::Client));
-                }
+                // alerts, a close_notify whose FIN is still to come). A
+                // failure marks the client broken, which the flows see.
+                let _ = tls.flush(client);
                 let up = pump(&mut tls.side(client), host, &mut self.up, pool, budget);
                 let down = pump(host, &mut tls.side(client), &mut self.down, pool, budget);
                 // Reading may have queued records of its own (alerts, key
                 // updates) that no later event would send.
-                if tls.flush(client).is_err() {
-                    return Step::Finish(End::Reset(Side::Client));
-                }
+                let _ = tls.flush(client);
                 (up, down)
             }
         };
-        let (up, down) = match (up, down) {
-            (Ok(a), Ok(b)) => (a, b),
-            (Err(Fault::Source), _) | (_, Err(Fault::Sink)) => {
-                return Step::Finish(End::Reset(Side::Client));
-            }
-            (Err(Fault::Sink), _) | (_, Err(Fault::Source)) => {
-                return Step::Finish(End::Reset(Side::Upstream));
-            }
-        };
-        if up.moved || down.moved {
-            self.last_active = now;
-        }
-        if self.up.done && self.down.done {
-            Step::Finish(End::Closed)
-        } else if up.exhausted || down.exhausted {
-            Step::Again
-        } else {
-            Step::Continue
-        }
+        (
+            up.unwrap_or(Pumped::NOTHING),
+            down.unwrap_or(Pumped::NOTHING),
+        )
     }
 
     /// Advances the TLS handshake (TLS pairs in [`Phase::Handshaking`]).

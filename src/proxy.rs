@@ -59,6 +59,7 @@ use crate::net;
 use crate::pair::{End, Pair, Phase, Refusal, Step};
 use crate::probe::Probe;
 use crate::secure::{ClientTls, Handshake};
+use crate::send_queue::SendQueues;
 use crate::timers::Timers;
 use crate::tls::{self, TlsSettings};
 use crate::token::{Side, Source};
@@ -72,6 +73,12 @@ const EXHAUSTION_BACKOFF: Duration = Duration::from_millis(100);
 /// Refused clients that may linger (reading their error line) at once;
 /// beyond this, refusals are written best-effort and closed at once.
 const REFUSING_CAP: usize = 1024;
+/// How soon a pair passing a reset on first looks again at what the
+/// receiver has not acknowledged, and the longest interval between looks
+/// (the interval doubles): an ACK on loopback takes microseconds, a
+/// delayed one 40 ms, one across a network a round trip.
+const RESET_CHECK_FIRST: Duration = Duration::from_millis(1);
+const RESET_CHECK_MAX: Duration = Duration::from_millis(50);
 /// Free buffers kept for reuse, in bytes.
 const POOL_KEEP_BYTES: usize = 4 * 1024 * 1024;
 /// Every socket of a pair is registered once, for all it will ever need;
@@ -137,6 +144,9 @@ pub struct Proxy {
     handshakes_by_source: HashMap<IpAddr, usize>,
     /// Failed handshakes, logged at most once a second.
     handshake_log: Throttle,
+    /// Reads what peers have not acknowledged, before a reset is passed on.
+    send_queues: SendQueues,
+    send_queue_log: Throttle,
     access: Access,
     sources: Option<SourceLimiter>,
     /// Connections closed at accept (source rate, handshake capacity).
@@ -253,6 +263,8 @@ impl Proxy {
             handshaking: 0,
             handshakes_by_source: HashMap::new(),
             handshake_log: Throttle::default(),
+            send_queues: SendQueues::new(),
+            send_queue_log: Throttle::default(),
             access: Access::new(config.clients.clone()),
             sources: settings.source_limit.map(SourceLimiter::new),
             drop_log: Throttle::default(),
@@ -457,10 +469,6 @@ impl Proxy {
     fn drive(&mut self, key: usize, now: Instant) {
         let pair = &mut self.pairs[key];
         let (up_before, down_before) = pair.bytes();
-        let connecting = matches!(pair.phase, Phase::Connecting { .. });
-        if connecting && pair.client_failed() {
-            return self.close(key, End::Reset(Side::Client), now);
-        }
         let step = match pair.phase {
             Phase::Handshaking { .. } => match pair.handshake() {
                 Handshake::Pending => Step::Continue,
@@ -480,7 +488,7 @@ impl Proxy {
                 Handshake::Gone => Step::Finish(End::Reset(Side::Client)),
             },
             Phase::Connecting { host, .. } => match pair.check_connect() {
-                Connect::Pending => Step::Continue,
+                Connect::Pending => pair.while_connecting(&mut self.pool),
                 Connect::Failed(e) => return self.connect_failed(key, e, now),
                 Connect::Established => {
                     let upstream = pair.upstream;
@@ -492,6 +500,8 @@ impl Proxy {
             },
             Phase::Relaying { .. } => pair.relay(&mut self.pool, now),
             Phase::Refusing { .. } => pair.refuse(),
+            // Only its timer moves it on (see `check_reset`).
+            Phase::Resetting { .. } => pair.drain_while_resetting(&mut self.pool),
         };
         let pair = &self.pairs[key];
         let (up, down) = pair.bytes();
@@ -563,6 +573,7 @@ impl Proxy {
                     self.close(key, end, now);
                 }
                 Phase::Refusing { refusal, .. } => self.close(key, End::Refused(refusal), now),
+                Phase::Resetting { reset, .. } => self.check_reset(key, reset, now),
                 Phase::Handshaking { .. } => {
                     debug!("{} handshake timed out", pair.client_addr);
                     self.upstreams[pair.upstream].count_refusal("handshake_timeout");
@@ -915,12 +926,104 @@ impl Proxy {
         self.drive(key, now);
     }
 
+    /// Before a relaying pair passes `reset`'s reset on: while the other
+    /// side's peer has not acknowledged everything written to it, the pair
+    /// waits in [`Phase::Resetting`] (returns true) instead of closing,
+    /// with its host's count and its buffers already given back.
+    fn wait_before_reset(&mut self, key: usize, reset: Side, now: Instant) -> bool {
+        let pair = &mut self.pairs[key];
+        let Phase::Relaying { host } = pair.phase else {
+            return false;
+        };
+        let receiver = match reset {
+            Side::Client => pair.host.as_ref(),
+            Side::Upstream => Some(&pair.client),
+        };
+        let Some(receiver) = receiver.filter(|r| !r.is_broken()) else {
+            return false;
+        };
+        let unacked = match self.send_queues.unacked(&receiver.stream) {
+            Ok(n) => n,
+            Err(e) => {
+                if let Some(more) = self.send_queue_log.allow(now) {
+                    warn!(
+                        "cannot read a socket's send queue ({e}): resets are passed on at once, \
+                         which may cut off bytes in flight ({more} more since the last report)"
+                    );
+                }
+                0
+            }
+        };
+        if unacked == 0 {
+            return false;
+        }
+        let every = RESET_CHECK_FIRST;
+        pair.phase = Phase::Resetting {
+            host,
+            reset,
+            unacked,
+            check: now + every,
+            every,
+            until: now + self.settings.half_close_timeout,
+        };
+        pair.release_buffers(&mut self.pool);
+        if let Some(client) = pair.client_id.take() {
+            self.access.release(client);
+        }
+        self.upstreams[pair.upstream].balancer.release(host);
+        self.schedule(key);
+        true
+    }
+
+    /// A pair in [`Phase::Resetting`] is due: pass the reset on once the
+    /// receiver has acknowledged everything, or when its time is up.
+    fn check_reset(&mut self, key: usize, reset: Side, now: Instant) {
+        let pair = &mut self.pairs[key];
+        let receiver = match reset {
+            Side::Client => pair.host.as_ref(),
+            Side::Upstream => Some(&pair.client),
+        };
+        let left = receiver.map_or(Ok(0), |r| self.send_queues.unacked(&r.stream));
+        let half_close = self.settings.half_close_timeout;
+        let Phase::Resetting {
+            unacked,
+            check,
+            every,
+            until,
+            ..
+        } = &mut pair.phase
+        else {
+            return;
+        };
+        let left = left.unwrap_or(0);
+        if left < *unacked {
+            *until = now + half_close;
+        }
+        *unacked = left;
+        if left == 0 || now >= *until {
+            return self.close(key, End::Reset(reset), now);
+        }
+        *every = (*every * 2).min(RESET_CHECK_MAX);
+        *check = now + *every;
+        self.schedule(key);
+    }
+
     /// Ends a pair: releases its host exactly once, returns its buffers, logs
     /// the access line and closes both sockets (with RST toward the other
     /// side when one side reset).
     fn close(&mut self, key: usize, end: End, now: Instant) {
+        if let End::Reset(side) = end {
+            if self.wait_before_reset(key, side, now) {
+                return;
+            }
+        }
         let mut pair = self.pairs.remove(key);
         let u = &mut self.upstreams[pair.upstream];
+        // However it is cut short, a pair that was passing a reset on ends with it.
+        let end = match pair.phase {
+            Phase::Resetting { reset, .. } => End::Reset(reset),
+            _ => end,
+        };
         let host = match pair.phase {
             Phase::Connecting { host, .. } => {
                 u.balancer.release(host);
@@ -928,6 +1031,15 @@ impl Proxy {
             }
             Phase::Relaying { host } => {
                 u.balancer.release(host);
+                u.durations
+                    .observe(now.saturating_duration_since(pair.started));
+                u.balancer.addr(host).to_string()
+            }
+            Phase::Resetting { host, unacked, .. } => {
+                if unacked > 0 {
+                    u.undelivered_resets += 1;
+                    u.undelivered_bytes += u64::from(unacked);
+                }
                 u.durations
                     .observe(now.saturating_duration_since(pair.started));
                 u.balancer.addr(host).to_string()

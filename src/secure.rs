@@ -10,7 +10,8 @@
 //! the relay from taking more from its host. A client's `close_notify` is
 //! its FIN; ending the host-to-client direction sends `close_notify`, then
 //! FIN. A TCP FIN without `close_notify` may be a truncation, so it is
-//! passed on as a reset.
+//! passed on as a reset. Socket errors mark the endpoint broken, as plain
+//! reads and writes do, so the relay sees a reset the same way for both.
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
@@ -69,9 +70,10 @@ impl ClientTls {
     /// Advances the handshake as far as the socket allows.
     pub fn handshake(&mut self, ep: &mut Endpoint) -> Handshake {
         loop {
-            if self.flush(ep).is_err() {
-                return Handshake::Gone;
-            }
+            // A failed write marks the socket broken, but what the client
+            // sent before it reset is still to be read: it may complete the
+            // handshake and carry data, which the relay then delivers.
+            let _ = self.flush(ep);
             if !self.conn.is_handshaking() {
                 return Handshake::Done;
             }
@@ -104,12 +106,15 @@ impl ClientTls {
     /// whether anything was written.
     pub fn flush(&mut self, ep: &mut Endpoint) -> io::Result<bool> {
         let mut wrote = false;
-        while self.conn.wants_write() && ep.is(WRITABLE) {
+        while self.conn.wants_write() && ep.is(WRITABLE) && !ep.is_broken() {
             match self.conn.write_tls(&mut ep.stream) {
                 Ok(_) => wrote = true,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => ep.clear(WRITABLE),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+                Err(e) => {
+                    ep.set_broken();
+                    return Err(e);
+                }
             }
         }
         Ok(wrote)
@@ -202,7 +207,10 @@ impl Source for TlsSide<'_> {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.tls.plaintext = false,
                 // TCP FIN without close_notify: the stream may have been cut
                 // short, so the host gets a reset, not a clean end.
-                Err(e) => return Io::Failed(e),
+                Err(e) => {
+                    self.ep.set_broken();
+                    return Io::Failed(e);
+                }
             }
             if !self.ep.is(READABLE) {
                 return Io::WouldBlock;
@@ -211,6 +219,9 @@ impl Source for TlsSide<'_> {
             match self.tls.conn.read_tls(&mut self.ep.stream) {
                 Ok(_) => {
                     if let Err(e) = self.tls.process() {
+                        // The alert rustls queued is not sent: the client
+                        // broke the protocol, and is reset.
+                        self.ep.set_broken();
                         return Io::Failed(io::Error::new(io::ErrorKind::InvalidData, e));
                     }
                 }
@@ -219,13 +230,20 @@ impl Source for TlsSide<'_> {
                     return Io::WouldBlock;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Io::Failed(e),
+                Err(e) => {
+                    self.ep.set_broken();
+                    return Io::Failed(e);
+                }
             }
         }
     }
 }
 
 impl Sink for TlsSide<'_> {
+    fn is_broken(&self) -> bool {
+        self.ep.is_broken()
+    }
+
     fn can_write(&self) -> bool {
         true
     }
@@ -251,7 +269,10 @@ impl Sink for TlsSide<'_> {
         if self.tls.conn.wants_write() {
             return Ok(false);
         }
-        self.ep.stream.shutdown(Shutdown::Write)?;
+        if let Err(e) = self.ep.stream.shutdown(Shutdown::Write) {
+            self.ep.set_broken();
+            return Err(e);
+        }
         Ok(true)
     }
 }

@@ -87,6 +87,10 @@ pub struct Upstream {
     pub refused: BTreeMap<&'static str, u64>,
     /// Durations of connections that reached a host.
     pub durations: Histogram,
+    /// Resets passed on at the half-close bound while the receiver had not
+    /// acknowledged every byte the reset side sent, and those bytes.
+    pub undelivered_resets: u64,
+    pub undelivered_bytes: u64,
 }
 
 impl Upstream {
@@ -113,6 +117,8 @@ impl Upstream {
             bytes_down: 0,
             refused: BTreeMap::new(),
             durations: Histogram::default(),
+            undelivered_resets: 0,
+            undelivered_bytes: 0,
         }
     }
 

@@ -161,6 +161,8 @@ impl Proxy {
                     bytes_up: u.bytes_up,
                     bytes_down: u.bytes_down,
                     durations: u.durations.clone(),
+                    undelivered_resets: u.undelivered_resets,
+                    undelivered_bytes: u.undelivered_bytes,
                     hosts: u
                         .hosts
                         .iter()
