@@ -41,3 +41,4 @@ pub use config::{Config, Settings, UpstreamConfig};
 pub use error::Error;
 pub use metrics::{HostStats, Stats, UpstreamStats};
 pub use proxy::{Handle, Proxy};
+pub use send_queue::SendQueues;

@@ -21,14 +21,22 @@ use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP};
 use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId, StateFlags};
 use netlink_sys::{Socket, protocols::NETLINK_SOCK_DIAG};
 
-/// The loop's sock_diag socket.
+/// A sock_diag socket for send-queue queries (the loop keeps one; tests
+/// use one to reset only once their own bytes have left).
 #[derive(Debug)]
-pub(crate) struct SendQueues {
+pub struct SendQueues {
     socket: Option<Socket>,
     sequence: u32,
 }
 
+impl Default for SendQueues {
+    fn default() -> Self {
+        SendQueues::new()
+    }
+}
+
 impl SendQueues {
+    /// Opens the netlink socket now (a failure is reported by the first query).
     pub fn new() -> SendQueues {
         SendQueues {
             socket: open().ok(),
@@ -38,8 +46,12 @@ impl SendQueues {
 
     /// Bytes written to `stream` that its peer has not acknowledged. A
     /// socket the kernel no longer knows (it was reset too) holds none.
-    pub fn unacked(&mut self, stream: &TcpStream) -> io::Result<u32> {
-        let (local, peer) = (stream.local_addr()?, stream.peer_addr()?);
+    pub(crate) fn unacked(&mut self, stream: &TcpStream) -> io::Result<u32> {
+        self.unacked_between(stream.local_addr()?, stream.peer_addr()?)
+    }
+
+    /// [`unacked`](Self::unacked) for the TCP socket from `local` to `peer`.
+    pub fn unacked_between(&mut self, local: SocketAddr, peer: SocketAddr) -> io::Result<u32> {
         if self.socket.is_none() {
             self.socket = Some(open()?);
         }
