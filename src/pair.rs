@@ -355,6 +355,17 @@ impl Pair {
         self.last_active = now;
     }
 
+    /// Bytes that the side which failed sent and that still wait in the
+    /// pair's buffer for the other side.
+    pub fn undelivered(&self) -> u64 {
+        let toward_other = match self.failed {
+            Some(Side::Client) => &self.up,
+            Some(Side::Upstream) => &self.down,
+            None => return 0,
+        };
+        toward_other.buf.as_ref().map_or(0, |b| b.len() as u64)
+    }
+
     /// Whether bytes read from one side wait in a buffer for the other.
     pub fn holds_bytes(&self) -> bool {
         self.up.buf.is_some() || self.down.buf.is_some()

@@ -514,6 +514,7 @@ impl Proxy {
                 self.schedule(key);
                 self.runnable.push((key, self.pairs[key].id));
             }
+            Step::Finish(End::Reset(side)) if self.wait_before_reset(key, side, now) => {}
             Step::Finish(end) => self.close(key, end, now),
         }
     }
@@ -570,6 +571,16 @@ impl Proxy {
                 }
                 Phase::Relaying { .. } => {
                     let end = pair.expiry();
+                    if let End::Reset(side) = end {
+                        // A side reset, and what it sent did not all reach
+                        // the other within the half-close timeout.
+                        let receiver = pair.endpoint(side.other());
+                        let queued = receiver
+                            .filter(|r| !r.is_broken())
+                            .map_or(0, |r| self.send_queues.unacked(&r.stream).unwrap_or(0));
+                        let lost = pair.undelivered() + u64::from(queued);
+                        self.upstreams[pair.upstream].count_undelivered(lost);
+                    }
                     self.close(key, end, now);
                 }
                 Phase::Refusing { refusal, .. } => self.close(key, End::Refused(refusal), now),
@@ -935,11 +946,7 @@ impl Proxy {
         let Phase::Relaying { host } = pair.phase else {
             return false;
         };
-        let receiver = match reset {
-            Side::Client => pair.host.as_ref(),
-            Side::Upstream => Some(&pair.client),
-        };
-        let Some(receiver) = receiver.filter(|r| !r.is_broken()) else {
+        let Some(receiver) = pair.endpoint(reset.other()).filter(|r| !r.is_broken()) else {
             return false;
         };
         let unacked = match self.send_queues.unacked(&receiver.stream) {
@@ -979,11 +986,9 @@ impl Proxy {
     /// receiver has acknowledged everything, or when its time is up.
     fn check_reset(&mut self, key: usize, reset: Side, now: Instant) {
         let pair = &mut self.pairs[key];
-        let receiver = match reset {
-            Side::Client => pair.host.as_ref(),
-            Side::Upstream => Some(&pair.client),
-        };
-        let left = receiver.map_or(Ok(0), |r| self.send_queues.unacked(&r.stream));
+        let left = pair
+            .endpoint(reset.other())
+            .map_or(Ok(0), |r| self.send_queues.unacked(&r.stream));
         let half_close = self.settings.half_close_timeout;
         let Phase::Resetting {
             unacked,
@@ -1012,11 +1017,6 @@ impl Proxy {
     /// the access line and closes both sockets (with RST toward the other
     /// side when one side reset).
     fn close(&mut self, key: usize, end: End, now: Instant) {
-        if let End::Reset(side) = end {
-            if self.wait_before_reset(key, side, now) {
-                return;
-            }
-        }
         let mut pair = self.pairs.remove(key);
         let u = &mut self.upstreams[pair.upstream];
         // However it is cut short, a pair that was passing a reset on ends with it.
@@ -1037,8 +1037,7 @@ impl Proxy {
             }
             Phase::Resetting { host, unacked, .. } => {
                 if unacked > 0 {
-                    u.undelivered_resets += 1;
-                    u.undelivered_bytes += u64::from(unacked);
+                    u.count_undelivered(u64::from(unacked));
                 }
                 u.durations
                     .observe(now.saturating_duration_since(pair.started));

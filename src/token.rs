@@ -21,6 +21,16 @@ pub enum Side {
     Upstream,
 }
 
+impl Side {
+    /// The other socket of the pair.
+    pub fn other(self) -> Side {
+        match self {
+            Side::Client => Side::Upstream,
+            Side::Upstream => Side::Client,
+        }
+    }
+}
+
 /// What a token identifies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {

@@ -87,8 +87,9 @@ pub struct Upstream {
     pub refused: BTreeMap<&'static str, u64>,
     /// Durations of connections that reached a host.
     pub durations: Histogram,
-    /// Resets passed on at the half-close bound while the receiver had not
-    /// acknowledged every byte the reset side sent, and those bytes.
+    /// Resets passed on at the half-close bound before the receiver had
+    /// every byte the reset side sent, and those bytes (tcplb's buffer
+    /// and what the receiver had not acknowledged).
     pub undelivered_resets: u64,
     pub undelivered_bytes: u64,
 }
@@ -129,6 +130,12 @@ impl Upstream {
             self.hosts.push(HostInfo::default());
         }
         id
+    }
+
+    /// A reset passed on with `bytes` of what the reset side sent not delivered.
+    pub fn count_undelivered(&mut self, bytes: u64) {
+        self.undelivered_resets += 1;
+        self.undelivered_bytes += bytes;
     }
 
     pub fn count_refusal(&mut self, reason: &'static str) {

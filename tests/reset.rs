@@ -329,3 +329,64 @@ fn tls_client_bytes_before_its_reset_reach_the_host() {
         assert_eq!(proxy.host_counts(), [0]);
     }
 }
+
+/// A receiver that never reads cannot hold a pair forever: the reset
+/// reaches it at the half-close bound, and the bytes it never took are
+/// counted in the metrics. What it did take is a correct prefix.
+#[test]
+fn a_receiver_that_never_reads_gets_the_reset_at_the_half_close_bound() {
+    const SENT: usize = 48 * 1024;
+    let half_close = Duration::from_millis(400);
+    let listener = TcpListener::bind(localhost()).unwrap();
+    let host = listener.local_addr().unwrap();
+    let (reset_at, reset_done) = mpsc::channel();
+    thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut request = [0u8; 8];
+        conn.read_exact(&mut request).unwrap();
+        conn.write_all(&line(0, SENT)).unwrap();
+        // Reset only once tcplb's kernel has everything, as the bytes
+        // would otherwise be lost in this host's own kernel.
+        let (local, peer) = (conn.local_addr().unwrap(), conn.peer_addr().unwrap());
+        let mut queues = tcplb::SendQueues::new();
+        while queues.unacked_between(local, peer).unwrap() > 0 {
+            thread::yield_now();
+        }
+        reset(&conn);
+        drop(conn);
+        reset_at.send(std::time::Instant::now()).unwrap();
+    });
+    let proxy = start(config(
+        &[host],
+        Settings {
+            half_close_timeout: half_close,
+            ..Settings::default()
+        },
+    ));
+    // A small receive window that fills at once, and no reading until the end.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&proxy.addr.into()).unwrap();
+    let mut client = TcpStream::from(socket);
+    client.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    client.write_all(&0u64.to_be_bytes()).unwrap();
+    let reset_at = reset_done.recv_timeout(IO_TIMEOUT).unwrap();
+    proxy.wait_until("passed the reset on", |s| s.pairs == 0);
+    let waited = reset_at.elapsed();
+    assert!(waited >= half_close, "gave up after {waited:?}");
+    let u = &proxy.stats().upstreams[0];
+    assert_eq!(u.undelivered_resets, 1);
+    let got = receive(&mut client);
+    assert_eq!(got.end, ErrorKind::ConnectionReset);
+    assert!(got.bytes.len() < SENT, "the client read none of it yet");
+    assert_eq!(got.bytes, line(0, SENT)[..got.bytes.len()], "a prefix");
+    let lost = (SENT - got.bytes.len()) as u64;
+    // Counted: what tcplb's kernel still held (the client's kernel may have
+    // taken a little more than it acknowledged, and tcplb's buffer).
+    assert!(
+        u.undelivered_bytes > 0 && u.undelivered_bytes <= lost,
+        "{} undelivered counted, {lost} not read",
+        u.undelivered_bytes
+    );
+    assert_eq!(proxy.host_counts(), [0]);
+}
