@@ -269,3 +269,150 @@ fn drain(src: &mut impl Source, flow: &mut Flow, pool: &mut BufferPool, budget: 
         exhausted: dropped >= budget,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+
+    /// A source that plays back a script of read outcomes, then blocks.
+    struct Script(VecDeque<Io>);
+
+    impl Script {
+        fn new(steps: impl IntoIterator<Item = Io>) -> Script {
+            Script(steps.into_iter().collect())
+        }
+    }
+
+    impl Source for Script {
+        fn can_read(&self) -> bool {
+            !self.0.is_empty()
+        }
+
+        fn read(&mut self, buf: &mut [u8]) -> Io {
+            match self.0.pop_front() {
+                Some(Io::Done(n)) => {
+                    buf[..n].fill(b'x');
+                    Io::Done(n)
+                }
+                Some(other) => other,
+                None => Io::WouldBlock,
+            }
+        }
+    }
+
+    /// A sink that takes at most `room` bytes per write, and records them.
+    #[derive(Default)]
+    struct Taken {
+        bytes: usize,
+        room: usize,
+        broken: bool,
+        finished: bool,
+    }
+
+    impl Sink for Taken {
+        fn is_broken(&self) -> bool {
+            self.broken
+        }
+
+        fn can_write(&self) -> bool {
+            self.room > 0
+        }
+
+        fn write(&mut self, data: &[u8]) -> Io {
+            let n = data.len().min(self.room);
+            self.bytes += n;
+            Io::Done(n)
+        }
+
+        fn finish(&mut self) -> io::Result<bool> {
+            self.finished = true;
+            Ok(true)
+        }
+    }
+
+    fn reset() -> Io {
+        Io::Failed(io::ErrorKind::ConnectionReset.into())
+    }
+
+    #[test]
+    fn bytes_read_before_a_reset_are_delivered_and_the_sink_is_not_finished() {
+        let mut pool = BufferPool::new(16, 64, 1024);
+        let mut src = Script::new([Io::Done(10), Io::Done(6), reset()]);
+        let mut dst = Taken {
+            room: 4,
+            ..Taken::default()
+        };
+        let mut flow = Flow::default();
+        let pumped = pump(&mut src, &mut dst, &mut flow, &mut pool, 1 << 20).unwrap();
+        assert!(pumped.moved);
+        assert_eq!(dst.bytes, 16, "every byte read before the reset");
+        assert_eq!(flow.bytes, 16);
+        assert!(flow.eof && flow.failed && flow.delivered());
+        assert!(!dst.finished, "a reset is passed on as a reset, not as FIN");
+        assert!(!flow.done);
+        assert_eq!(pool.in_use(), 0, "the buffer went back once empty");
+    }
+
+    #[test]
+    fn a_reset_with_bytes_still_buffered_waits_for_the_sink() {
+        let mut pool = BufferPool::new(16, 64, 1024);
+        let mut src = Script::new([Io::Done(16), reset()]);
+        let mut dst = Taken::default();
+        let mut flow = Flow::default();
+        pump(&mut src, &mut dst, &mut flow, &mut pool, 1 << 20).unwrap();
+        // The buffer was full, so the reset is not read yet; then the sink
+        // opens and the bytes go out before it.
+        assert!(!flow.eof);
+        dst.room = 1024;
+        pump(&mut src, &mut dst, &mut flow, &mut pool, 1 << 20).unwrap();
+        assert_eq!(dst.bytes, 16);
+        assert!(flow.failed && flow.delivered() && !dst.finished);
+    }
+
+    #[test]
+    fn a_clean_end_finishes_the_sink_after_the_last_byte() {
+        let mut pool = BufferPool::new(16, 64, 1024);
+        let mut src = Script::new([Io::Done(5), Io::Eof]);
+        let mut dst = Taken {
+            room: 1024,
+            ..Taken::default()
+        };
+        let mut flow = Flow::default();
+        pump(&mut src, &mut dst, &mut flow, &mut pool, 1 << 20).unwrap();
+        assert_eq!(dst.bytes, 5);
+        assert!(dst.finished && flow.done && !flow.failed);
+    }
+
+    #[test]
+    fn toward_a_broken_sink_the_source_is_drained_and_nothing_counted() {
+        let mut pool = BufferPool::new(16, 64, 1024);
+        let mut src = Script::new([Io::Done(16), Io::Done(16), Io::Done(3)]);
+        let mut dst = Taken {
+            room: 1024,
+            broken: true,
+            ..Taken::default()
+        };
+        let mut flow = Flow::default();
+        let pumped = pump(&mut src, &mut dst, &mut flow, &mut pool, 1 << 20).unwrap();
+        assert!(!src.can_read(), "everything was read");
+        assert_eq!(dst.bytes, 0);
+        assert_eq!(flow.bytes, 0, "dropped bytes are not relayed bytes");
+        assert!(!pumped.moved, "and not progress");
+        assert_eq!(pool.in_use(), 0);
+    }
+
+    #[test]
+    fn draining_stops_at_the_budget() {
+        let mut pool = BufferPool::new(16, 64, 1024);
+        let mut src = Script::new((0..10).map(|_| Io::Done(16)));
+        let mut dst = Taken {
+            broken: true,
+            ..Taken::default()
+        };
+        let mut flow = Flow::default();
+        let pumped = pump(&mut src, &mut dst, &mut flow, &mut pool, 32).unwrap();
+        assert!(pumped.exhausted, "more is readable: drive it again");
+        assert!(src.can_read());
+    }
+}
