@@ -3,14 +3,14 @@
 //! per connection, then close. The parser is a pure function over bytes
 //! (fuzzed); requests are bounded in size and time, and connections in number.
 
-use std::net::Shutdown;
 use std::time::{Duration, Instant};
 
 use mio::event::Event;
 use mio::net::TcpStream;
+use mio::{Interest, Registry, Token};
 
-use crate::endpoint::{Endpoint, READ_ALL, READABLE, WRITABLE};
-use crate::net::{self, Io};
+use crate::io::Io;
+use crate::io::endpoint::{Discarded, Endpoint};
 
 /// Largest request head accepted.
 pub const MAX_REQUEST: usize = 8 * 1024;
@@ -118,6 +118,8 @@ pub struct AdminConn {
     input: Vec<u8>,
     output: Option<Vec<u8>>,
     written: usize,
+    /// The write side is shut, after the answer.
+    shut: bool,
     pub deadline: Instant,
 }
 
@@ -131,19 +133,30 @@ pub enum AdminStep {
 }
 
 impl AdminConn {
-    pub fn new(stream: TcpStream, id: u64, now: Instant) -> AdminConn {
-        AdminConn {
+    /// A connection just accepted, registered under `token`.
+    pub fn new(
+        stream: TcpStream,
+        id: u64,
+        now: Instant,
+        registry: &Registry,
+        token: Token,
+    ) -> std::io::Result<AdminConn> {
+        let mut endpoint = Endpoint::new(stream);
+        endpoint.register(registry, token, Interest::READABLE | Interest::WRITABLE)?;
+        Ok(AdminConn {
             id,
-            endpoint: Endpoint::new(stream),
+            endpoint,
             input: Vec::new(),
             output: None,
             written: 0,
+            shut: false,
             deadline: now + TIMEOUT,
-        }
+        })
     }
 
-    pub fn stream(&self) -> &TcpStream {
-        &self.endpoint.stream
+    /// Makes the coming close send RST (a connection that overstayed).
+    pub fn abort(&self) {
+        self.endpoint.abort();
     }
 
     pub fn on_event(&mut self, event: &Event) {
@@ -154,42 +167,31 @@ impl AdminConn {
     pub fn advance(&mut self) -> AdminStep {
         let ep = &mut self.endpoint;
         if let Some(output) = &self.output {
-            while self.written < output.len() && ep.is(WRITABLE) {
-                match net::write(&mut ep.stream, &output[self.written..]) {
-                    Io::Done(n) => self.written += n,
-                    Io::WouldBlock => ep.clear(WRITABLE),
-                    Io::Eof | Io::Failed(_) => return AdminStep::Close,
-                }
+            match ep.write_out(output, &mut self.written) {
+                Ok(true) => {}
+                Ok(false) => return AdminStep::Wait,
+                Err(_) => return AdminStep::Close,
             }
-            if self.written < output.len() {
-                return AdminStep::Wait;
+            if !self.shut {
+                self.shut = true;
+                let _ = ep.shutdown_write();
             }
-            let _ = ep.stream.shutdown(Shutdown::Write);
             // Drop what the client still sends until it closes, so the
             // answer is not destroyed by a reset.
-            let mut sink = [0u8; 1024];
-            while ep.is(READABLE) {
-                match net::read(&mut ep.stream, &mut sink) {
-                    Io::Done(_) => {}
-                    Io::WouldBlock => ep.clear(READABLE | READ_ALL),
-                    Io::Eof | Io::Failed(_) => return AdminStep::Close,
-                }
-            }
-            return AdminStep::Wait;
+            return match ep.discard() {
+                Discarded::End => AdminStep::Close,
+                Discarded::Bytes(_) | Discarded::WouldBlock => AdminStep::Wait,
+            };
         }
-        let mut chunk = [0u8; 1024];
         let mut bad = None;
-        while ep.is(READABLE) && bad.is_none() {
-            match net::read(&mut ep.stream, &mut chunk) {
-                Io::Done(n) => {
-                    self.input.extend_from_slice(&chunk[..n]);
-                    match parse_request(&self.input) {
-                        Parse::Incomplete => {}
-                        Parse::Done(request) => return AdminStep::Request(request),
-                        Parse::Bad(why) => bad = Some(why),
-                    }
-                }
-                Io::WouldBlock => ep.clear(READABLE | READ_ALL),
+        while ep.can_read() && bad.is_none() {
+            match ep.read_onto(&mut self.input, 1024) {
+                Io::Done(_) => match parse_request(&self.input) {
+                    Parse::Incomplete => {}
+                    Parse::Done(request) => return AdminStep::Request(request),
+                    Parse::Bad(why) => bad = Some(why),
+                },
+                Io::WouldBlock => {}
                 Io::Eof | Io::Failed(_) => return AdminStep::Close,
             }
         }

@@ -16,10 +16,10 @@ use std::time::Duration;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
-use crate::access::ClientRule;
 use crate::error::Error;
-use crate::health::HealthSettings;
-use crate::limits::Limit;
+use crate::policy::access::ClientRule;
+use crate::policy::health::HealthSettings;
+use crate::policy::limits::Limit;
 use crate::tls::TlsSettings;
 
 /// Loop-wide settings; the `[defaults]` table.

@@ -2,43 +2,39 @@
 //! `mio::Poll` loop.
 //!
 //! A client connects to an upstream's listen address; tcplb picks the host
-//! with the fewest active connections ([`LoadBalancer`]), connects to it
-//! (moving on to the next-best host when a connect fails), and relays bytes
-//! both ways until both directions have finished. Where to look:
+//! with the fewest active connections, connects to it (moving on to the
+//! next-best host when a connect fails), and relays bytes both ways until
+//! both directions have finished. Where to look:
 //!
-//! - [`proxy`]: the event loop, the only owner of all state;
-//! - `pair`: the life of one connection pair (connect, relay, half-close, refusal);
-//! - [`balance`]: the least-connections policy, free of I/O;
-//! - [`config`]: the TOML schema and its validation;
-//! - [`buffer`]: relay buffers, pooled so that idle pairs hold none.
+//! - `proxy`: the event loop, which dispatches events and deadlines;
+//! - `pair`: the life of one connection pair, as a state machine;
+//! - `io`: sockets with their readiness, one direction's flow, relay
+//!   buffers (pooled so that idle pairs hold none), TLS sessions;
+//! - `policy`: balancing, health, client rules and rate limits, free of I/O;
+//! - [`config`]: the TOML schema and its validation.
+//!
+//! The binary (`src/main.rs`) parses the command line into a [`Config`],
+//! [`Proxy::bind`]s it and [`Proxy::run`]s it.
 
-pub mod access;
 pub mod admin;
-pub mod balance;
-pub mod buffer;
 pub mod certs;
 pub mod config;
 pub mod demo;
-mod endpoint;
 pub mod error;
-mod flow;
-pub mod health;
-pub mod limits;
+mod io;
+mod logs;
 pub mod metrics;
-mod net;
 mod pair;
-mod probe;
-pub mod proxy;
-mod secure;
-mod send_queue;
-mod timers;
+mod policy;
+mod proxy;
 pub mod tls;
-mod token;
 mod upstream;
 
-pub use balance::LoadBalancer;
 pub use config::{Config, Settings, UpstreamConfig};
 pub use error::Error;
+pub use io::send_queue::SendQueues;
 pub use metrics::{HostStats, Stats, UpstreamStats};
+pub use policy::access::ClientRule;
+pub use policy::health::HealthSettings;
+pub use policy::limits::Limit;
 pub use proxy::{Handle, Proxy};
-pub use send_queue::SendQueues;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use tcplb::access::ClientRule;
+use tcplb::ClientRule;
 use tcplb::config::{self, check_settings, parse_duration, parse_size};
 use tcplb::tls::TlsSettings;
 use tcplb::{Config, Error, Proxy, Settings, certs, demo};

@@ -1,5 +1,5 @@
-//! An upstream as the loop serves it: its listener, its hosts (balancer
-//! plus health and counters per host), and the counters metrics report.
+//! An upstream as the loop serves it: its listener, its hosts (one record
+//! each, in the balancer), and the counters metrics report.
 //!
 //! Upstreams and hosts keep their index for the life of the process, even
 //! when a reload removes them (they are marked removed and drain), because
@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::balance::LoadBalancer;
-use crate::health::{Health, HealthSettings};
+use crate::policy::balance::LoadBalancer;
+use crate::policy::health::HealthSettings;
 
 /// Upper bounds (seconds) of the connection-duration histogram buckets.
 pub const DURATION_BUCKETS: &[f64] = &[
@@ -49,23 +49,8 @@ impl Histogram {
     }
 }
 
-/// Health and counters of one host (parallel to the balancer's slots).
-#[derive(Debug, Clone, Default)]
-pub struct HostInfo {
-    pub health: Health,
-    /// When the next check is due (matches its timer entry), if scheduled.
-    pub next_check: Option<std::time::Instant>,
-    /// A probe of this host is in flight.
-    pub probing: bool,
-    /// Connections established to the host.
-    pub connections: u64,
-    pub connect_failures: u64,
-    pub checks_passed: u64,
-    pub checks_failed: u64,
-}
-
 #[derive(Debug)]
-pub struct Upstream {
+pub(crate) struct Upstream {
     pub name: String,
     /// The address as configured (port 0 stays 0), to tell listen changes on reload.
     pub configured_listen: SocketAddr,
@@ -73,8 +58,8 @@ pub struct Upstream {
     pub listen: SocketAddr,
     /// Key of its listener in the loop's listener slab, while it listens.
     pub listener: Option<usize>,
+    /// Its hosts, each with its health, count and counters.
     pub balancer: LoadBalancer,
-    pub hosts: Vec<HostInfo>,
     /// Clients must complete an mTLS handshake and be admitted by the rules.
     pub tls: bool,
     pub health: HealthSettings,
@@ -103,14 +88,12 @@ impl Upstream {
         tls: bool,
         health: HealthSettings,
     ) -> Upstream {
-        let infos = vec![HostInfo::default(); hosts.len()];
         Upstream {
             name,
             configured_listen,
             listen,
             listener: None,
             balancer: LoadBalancer::new(hosts),
-            hosts: infos,
             tls,
             health,
             removed: false,
@@ -121,15 +104,6 @@ impl Upstream {
             undelivered_resets: 0,
             undelivered_bytes: 0,
         }
-    }
-
-    /// Adds (or brings back) a host; keeps `hosts` parallel to the balancer.
-    pub fn add_host(&mut self, addr: SocketAddr) -> usize {
-        let id = self.balancer.add(addr);
-        if id == self.hosts.len() {
-            self.hosts.push(HostInfo::default());
-        }
-        id
     }
 
     /// A reset passed on with `bytes` of what the reset side sent not delivered.

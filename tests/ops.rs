@@ -15,7 +15,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use common::*;
-use tcplb::health::HealthSettings;
+use tcplb::HealthSettings;
 use tcplb::{Config, Proxy, Settings, UpstreamConfig};
 
 /// A greeting echo host that can be stopped (its port then refuses) and

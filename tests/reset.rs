@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use common::pki::{self, Pki};
 use common::*;
-use tcplb::access::ClientRule;
+use tcplb::ClientRule;
 use tcplb::{Config, Settings, UpstreamConfig};
 
 /// Tries per scenario.

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use common::pki::{self, Pki};
 use common::*;
-use tcplb::access::ClientRule;
-use tcplb::limits::Limit;
+use tcplb::ClientRule;
+use tcplb::Limit;
 use tcplb::{Config, Settings, UpstreamConfig};
 
 fn rule(identity: &str, upstreams: &[&str], rate: f64, burst: u32, max: Option<u32>) -> ClientRule {

@@ -1,45 +1,98 @@
-//! Health checks inside the loop: probes scheduled per host with a little
-//! jitter, run as non-blocking connects, and their results (with those of
-//! real connects) turned into up/down transitions, each logged once.
+//! Health checks: one prober for the process. Probes are scheduled per
+//! host with a little jitter and run as non-blocking connects in the loop;
+//! their results, with those of real connects, feed each host's health
+//! record, and every up/down transition is logged once.
 //!
 //! Without `[upstream.health]`, only hosts that real traffic took down are
 //! probed, until they come back; with it, every host is probed every interval.
 
 use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::time::{Duration, Instant};
 
 use log::{info, warn};
+use slab::Slab;
 
 use super::Proxy;
+use super::probe::{Outcome, Probe};
+use super::timers::Timers;
+use super::token::Registration;
 use crate::pair::End;
-use crate::probe::{Outcome, Probe};
-use crate::token::Source;
+use crate::policy::balance::HostId;
+use crate::upstream::Upstream;
 
-impl Proxy {
+/// The prober's state: checks due, probes in flight, hosts gone down.
+#[derive(Debug)]
+pub(super) struct HealthChecks {
+    /// Health probes in flight, and their deadlines.
+    probes: Slab<Probe>,
+    probe_timers: Timers,
+    /// When each host's next check is due: (when, upstream, host). An entry
+    /// is live while it matches the host's `check.next`.
+    due: BinaryHeap<Reverse<(Instant, usize, HostId)>>,
+    /// Hosts that went down this turn, whose pairs `close_on_down` closes.
+    gone_down: Vec<(usize, HostId)>,
+    /// State of the jitter generator for check intervals.
+    jitter: u64,
+    next_id: u64,
+}
+
+impl HealthChecks {
+    pub fn new() -> HealthChecks {
+        HealthChecks {
+            probes: Slab::new(),
+            probe_timers: Timers::default(),
+            due: BinaryHeap::new(),
+            gone_down: Vec::new(),
+            jitter: jitter_seed(),
+            next_id: 1,
+        }
+    }
+
+    /// The earliest check or probe deadline.
+    pub fn next_due(&self) -> Option<Instant> {
+        let check = self.due.peek().map(|Reverse((at, _, _))| *at);
+        match (check, self.probe_timers.next()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
     /// Spreads the first checks of an upstream's hosts over one interval.
-    pub(super) fn schedule_upstream_checks(&mut self, upstream: usize, now: Instant) {
-        let u = &self.upstreams[upstream];
+    pub fn schedule_upstream(&mut self, u: &mut Upstream, upstream: usize, now: Instant) {
         if !u.health.active || u.removed {
             return;
         }
         let interval = u.health.interval;
-        for host in 0..u.hosts.len() {
-            if self.upstreams[upstream].balancer.is_removed(host) {
-                continue;
-            }
+        let ids: Vec<HostId> = u
+            .balancer
+            .hosts()
+            .filter(|(_, h)| !h.removed)
+            .map(|(id, _)| id)
+            .collect();
+        for host in ids {
             let offset = interval.mul_f64(self.random_fraction());
-            self.schedule_check(upstream, host, now + offset);
+            self.schedule(u, upstream, host, now + offset);
         }
     }
 
     /// Makes the host's next check due at `at` (unless one is due sooner).
-    pub(super) fn schedule_check(&mut self, upstream: usize, host: usize, at: Instant) {
-        let info = &mut self.upstreams[upstream].hosts[host];
-        if info.next_check.is_some_and(|due| due <= at) {
+    fn schedule(&mut self, u: &mut Upstream, upstream: usize, host: HostId, at: Instant) {
+        let check = &mut u.balancer.host_mut(host).check;
+        if check.next.is_some_and(|due| due <= at) {
             return;
         }
-        info.next_check = Some(at);
-        self.checks.push(Reverse((at, upstream, host)));
+        check.next = Some(at);
+        self.due.push(Reverse((at, upstream, host)));
+    }
+
+    /// Schedules the next check after one interval (with jitter), if the
+    /// host still needs checks: active checks, or down with passive ones.
+    fn schedule_next(&mut self, u: &mut Upstream, upstream: usize, host: HostId, now: Instant) {
+        if needs_checks(u, host) {
+            let at = now + self.jittered(u.health.interval);
+            self.schedule(u, upstream, host, at);
+        }
     }
 
     /// A number in [0, 1) from a xorshift generator (jitter needs no more).
@@ -56,60 +109,68 @@ impl Proxy {
     fn jittered(&mut self, interval: Duration) -> Duration {
         interval.mul_f64(0.9 + 0.2 * self.random_fraction())
     }
+}
 
+/// Whether a host is to be checked at all: active checks of a live host,
+/// or passive ones of a host that real traffic took down.
+fn needs_checks(u: &Upstream, host: HostId) -> bool {
+    let h = u.balancer.host(host);
+    !u.removed && !h.removed && (u.health.active || !h.is_up())
+}
+
+impl Proxy {
     /// Starts the checks that are due and times out probes that are late.
     pub(super) fn run_checks(&mut self, now: Instant) {
-        while let Some(&Reverse((due, upstream, host))) = self.checks.peek() {
+        while let Some(&Reverse((due, upstream, host))) = self.checks.due.peek() {
             if due > now {
                 break;
             }
-            self.checks.pop();
-            let u = &mut self.upstreams[upstream];
-            let info = &mut u.hosts[host];
-            if info.next_check != Some(due) {
+            self.checks.due.pop();
+            let u = &mut self.shared.upstreams[upstream];
+            let check = &mut u.balancer.host_mut(host).check;
+            if check.next != Some(due) {
                 continue;
             }
-            info.next_check = None;
-            let wanted = !u.removed
-                && !u.balancer.is_removed(host)
-                && (u.health.active || !info.health.is_up());
-            if wanted && !info.probing {
+            check.next = None;
+            if needs_checks(u, host) && !u.balancer.host(host).check.probing {
                 self.start_probe(upstream, host, now);
             }
         }
-        while let Some((_, key, id)) = self.probe_timers.pop_due(now) {
-            if self.probes.get(key).is_some_and(|p| p.id == id) {
+        while let Some((_, key, id)) = self.checks.probe_timers.pop_due(now) {
+            if self.checks.probes.get(key).is_some_and(|p| p.id == id) {
                 self.finish_probe(key, Outcome::Failed("timed out".into()), now);
             }
         }
         self.close_on_down(now);
     }
 
-    fn start_probe(&mut self, upstream: usize, host: usize, now: Instant) {
-        let u = &self.upstreams[upstream];
-        let addr = u.balancer.addr(host);
+    fn start_probe(&mut self, upstream: usize, host: HostId, now: Instant) {
+        let u = &self.shared.upstreams[upstream];
+        let addr = u.balancer.host(host).addr;
         let deadline = now + u.health.timeout;
-        let entry = self.probes.vacant_entry();
+        let checks = &mut self.checks;
+        let entry = checks.probes.vacant_entry();
         let key = entry.key();
-        let id = self.next_id;
-        self.next_id += 1;
-        let token = Source::Probe(key).token();
-        match Probe::start(addr, upstream, host, id, self.poll.registry(), token) {
+        let id = checks.next_id;
+        checks.next_id += 1;
+        let token = Registration::Probe(key).token();
+        match Probe::start(addr, upstream, host, id, self.worker.poll.registry(), token) {
             Ok(probe) => {
                 entry.insert(probe);
-                self.upstreams[upstream].hosts[host].probing = true;
-                self.probe_timers.push(deadline, key, id);
+                let u = &mut self.shared.upstreams[upstream];
+                u.balancer.host_mut(host).check.probing = true;
+                checks.probe_timers.push(deadline, key, id);
             }
             Err(e) => self.check_done(upstream, host, false, &format!("connect: {e}"), now),
         }
     }
 
     pub(super) fn on_probe_event(&mut self, key: usize, event: &mio::event::Event, now: Instant) {
-        let Some(probe) = self.probes.get_mut(key) else {
+        let Some(probe) = self.checks.probes.get_mut(key) else {
             return;
         };
         probe.on_event(event);
-        let health = &self.upstreams[probe.upstream].health;
+        let health = &self.shared.upstreams[probe.upstream].health;
         let outcome = probe.advance(health.send.as_deref(), health.expect.as_deref());
         if outcome != Outcome::Pending {
             self.finish_probe(key, outcome, now);
@@ -117,10 +178,11 @@ impl Proxy {
     }
 
     fn finish_probe(&mut self, key: usize, outcome: Outcome, now: Instant) {
-        let probe = self.probes.remove(key);
+        let probe = self.checks.probes.remove(key);
         let (upstream, host) = (probe.upstream, probe.host);
         probe.close();
-        self.upstreams[upstream].hosts[host].probing = false;
+        let u = &mut self.shared.upstreams[upstream];
+        u.balancer.host_mut(host).check.probing = false;
         match outcome {
             Outcome::Passed => self.check_done(upstream, host, true, "", now),
             Outcome::Failed(why) => self.check_done(upstream, host, false, &why, now),
@@ -129,38 +191,40 @@ impl Proxy {
     }
 
     /// Counts a check result, applies it, and schedules the next check.
-    fn check_done(&mut self, upstream: usize, host: usize, ok: bool, why: &str, now: Instant) {
-        let info = &mut self.upstreams[upstream].hosts[host];
+    fn check_done(&mut self, upstream: usize, host: HostId, ok: bool, why: &str, now: Instant) {
+        let counters = &mut self.shared.upstreams[upstream]
+            .balancer
+            .host_mut(host)
+            .counters;
         if ok {
-            info.checks_passed += 1;
+            counters.checks_passed += 1;
         } else {
-            info.checks_failed += 1;
+            counters.checks_failed += 1;
         }
         self.host_result(upstream, host, ok, why, now);
-        let u = &self.upstreams[upstream];
-        if !u.removed && (u.health.active || !u.hosts[host].health.is_up()) {
-            let at = now + self.jittered(self.upstreams[upstream].health.interval);
-            self.schedule_check(upstream, host, at);
-        }
+        let u = &mut self.shared.upstreams[upstream];
+        self.checks.schedule_next(u, upstream, host, now);
     }
 
     /// Feeds a check or real-connect result into the host's health; on a
-    /// transition, tells the balancer, logs it once, and acts on it.
+    /// transition, logs it once and acts on it.
     pub(super) fn host_result(
         &mut self,
         upstream: usize,
-        host: usize,
+        host: HostId,
         ok: bool,
         why: &str,
         now: Instant,
     ) {
-        let u = &mut self.upstreams[upstream];
+        let u = &mut self.shared.upstreams[upstream];
         let (rise, fall) = (u.health.rise, u.health.fall);
-        let Some(up) = u.hosts[host].health.record(ok, rise, fall) else {
+        let Some(up) = u
+            .balancer
+            .record(host, ok, (rise, fall), u.health.slow_start, now)
+        else {
             return;
         };
-        u.balancer.set_up(host, up, u.health.slow_start, now);
-        let addr = u.balancer.addr(host);
+        let addr = u.balancer.host(host).addr;
         if up {
             info!("`{}`: host {addr} is up", u.name);
             return;
@@ -168,22 +232,22 @@ impl Proxy {
         warn!("`{}`: host {addr} is down ({why})", u.name);
         if !u.health.active {
             // Only probes can bring it back: no real traffic goes to it now.
-            let at = now + self.jittered(self.upstreams[upstream].health.interval);
-            self.schedule_check(upstream, host, at);
+            self.checks.schedule_next(u, upstream, host, now);
         }
-        if self.upstreams[upstream].health.close_on_down {
+        if u.health.close_on_down {
             // Closed at the end of the turn, when no pair is mid-transition.
-            self.gone_down.push((upstream, host));
+            self.checks.gone_down.push((upstream, host));
         }
     }
 
     /// Closes the connections of hosts that went down (with `close_on_down`).
-    pub(super) fn close_on_down(&mut self, now: Instant) {
-        while let Some((upstream, host)) = self.gone_down.pop() {
-            if self.upstreams[upstream].balancer.is_up(host) {
+    fn close_on_down(&mut self, now: Instant) {
+        while let Some((upstream, host)) = self.checks.gone_down.pop() {
+            if self.shared.upstreams[upstream].balancer.host(host).is_up() {
                 continue;
             }
             let doomed: Vec<usize> = self
+                .worker
                 .pairs
                 .iter()
                 .filter(|(_, p)| p.upstream == upstream && p.host_id() == Some(host))
@@ -194,4 +258,19 @@ impl Proxy {
             }
         }
     }
+
+    /// Schedules the checks of an upstream (at start, or when a reload
+    /// changed them).
+    pub(super) fn schedule_upstream_checks(&mut self, upstream: usize, now: Instant) {
+        let u = &mut self.shared.upstreams[upstream];
+        self.checks.schedule_upstream(u, upstream, now);
+    }
+}
+
+/// A seed for check-interval jitter; any value that differs between runs will do.
+fn jitter_seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    (u64::from(nanos) << 32 | u64::from(std::process::id())) | 1
 }

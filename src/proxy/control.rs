@@ -1,36 +1,20 @@
 //! Everything that steers the loop rather than relaying: signals, commands
 //! from a [`Handle`], the admin endpoint (`/metrics`, `/status`,
-//! `/reload`), the counters snapshot, graceful shutdown, and reload.
-//!
-//! A reload applies a valid new config in place: new upstreams start
-//! listening (all binds succeed, or none is kept and the reload is
-//! rejected), removed ones stop; added hosts take traffic; removed hosts
-//! and upstreams take no new connections and their pairs drain for the
-//! drain period, then are closed; client rules, TLS material and settings
-//! apply to new connections. No other established connection is touched.
+//! `/reload`), the counters snapshot, and graceful shutdown. Reload is in
+//! `reload.rs`.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::mpsc::{self, Sender};
 use std::time::Instant;
 
-use log::{error, info, warn};
-use mio::{Interest, Waker};
+use log::info;
+use mio::Waker;
 use signal_hook::consts::SIGHUP;
-use socket2::SockRef;
 
-use super::{Proxy, bind_listener};
+use super::Proxy;
+use super::token::Registration;
 use crate::admin::{self, AdminConn, AdminStep, Method, Request};
-use crate::buffer::BufferPool;
-use crate::config::Config;
-use crate::limits::SourceLimiter;
 use crate::metrics::{self, HostStats, Stats, UpstreamStats};
-use crate::net;
-use crate::token::Source;
-use crate::upstream::Upstream;
-
-/// A listener bound for a reload: upstream name, listener key, address.
-type FreshListener = (String, usize, std::net::SocketAddr);
 
 /// A request to the loop from another thread.
 #[derive(Debug)]
@@ -81,7 +65,7 @@ impl Handle {
 
 impl Proxy {
     pub(super) fn on_signals(&mut self, now: Instant) {
-        let Some(signals) = self.signals.as_mut() else {
+        let Some(signals) = self.control.signals.as_mut() else {
             return;
         };
         let pending: Vec<i32> = signals.pending().collect();
@@ -95,7 +79,7 @@ impl Proxy {
     }
 
     pub(super) fn on_commands(&mut self, now: Instant) {
-        while let Ok(command) = self.commands.try_recv() {
+        while let Ok(command) = self.control.commands.try_recv() {
             match command {
                 Command::Shutdown => self.shutdown(now),
                 Command::Stats(reply) => {
@@ -110,48 +94,44 @@ impl Proxy {
 
     /// First call: stop accepting and start the drain period. Second call: stop now.
     pub(super) fn shutdown(&mut self, now: Instant) {
-        if self.drain_deadline.is_some() {
+        if self.control.drain_deadline.is_some() {
             info!("second shutdown request: stopping now");
-            self.stop_now = true;
+            self.control.stop_now = true;
             return;
         }
-        for mut listener in self.listeners.drain() {
-            let _ = self.poll.registry().deregister(&mut listener.socket);
+        let w = &mut self.worker;
+        for mut listener in w.listeners.drain() {
+            let _ = w.poll.registry().deregister(&mut listener.socket);
         }
-        for u in &mut self.upstreams {
+        for u in &mut self.shared.upstreams {
             u.listener = None;
         }
-        self.drain_deadline = Some(now + self.settings.drain_timeout);
+        let drain = self.shared.settings.drain_timeout;
+        self.control.drain_deadline = Some(now + drain);
         info!(
-            "shutting down: no longer accepting; draining {} connections for up to {:?}",
-            self.pairs.len(),
-            self.settings.drain_timeout
+            "shutting down: no longer accepting; draining {} connections for up to {drain:?}",
+            w.pairs.len(),
         );
     }
 
     pub(super) fn stats(&self, now: Instant) -> Stats {
+        let (w, shared) = (&self.worker, &self.shared);
         Stats {
-            pairs: self.pairs.len(),
-            refusing: self.refusing,
-            buffers_in_use: self.pool.in_use(),
-            handshakes: self.handshaking,
-            uptime: now.saturating_duration_since(self.started),
-            reloads: self.reloads,
-            clients: self
+            pairs: w.pairs.len(),
+            refusing: w.support.census.refusing(),
+            buffers_in_use: w.support.pool.in_use(),
+            handshakes: w.support.census.handshakes(),
+            uptime: now.saturating_duration_since(shared.started),
+            reloads: shared.reloads,
+            clients: shared
                 .access
                 .active()
                 .map(|(id, n)| (id.to_string(), n))
                 .collect(),
-            upstreams: self
+            upstreams: shared
                 .upstreams
                 .iter()
-                .filter(|u| {
-                    !u.removed
-                        || u.hosts
-                            .iter()
-                            .enumerate()
-                            .any(|(h, _)| u.balancer.active(h) > 0)
-                })
+                .filter(|u| !u.removed || u.balancer.hosts().any(|(_, h)| h.active() > 0))
                 .map(|u| UpstreamStats {
                     name: u.name.clone(),
                     listen: u.listen,
@@ -164,18 +144,17 @@ impl Proxy {
                     undelivered_resets: u.undelivered_resets,
                     undelivered_bytes: u.undelivered_bytes,
                     hosts: u
-                        .hosts
-                        .iter()
-                        .enumerate()
-                        .map(|(h, info)| HostStats {
-                            addr: u.balancer.addr(h),
-                            active: u.balancer.active(h),
-                            up: u.balancer.is_up(h),
-                            removed: u.balancer.is_removed(h),
-                            connections: info.connections,
-                            connect_failures: info.connect_failures,
-                            checks_passed: info.checks_passed,
-                            checks_failed: info.checks_failed,
+                        .balancer
+                        .hosts()
+                        .map(|(_, h)| HostStats {
+                            addr: h.addr,
+                            active: h.active(),
+                            up: h.is_up(),
+                            removed: h.removed,
+                            connections: h.counters.connections,
+                            connect_failures: h.counters.connect_failures,
+                            checks_passed: h.counters.checks_passed,
+                            checks_failed: h.counters.checks_failed,
                         })
                         .collect(),
                 })
@@ -184,61 +163,58 @@ impl Proxy {
     }
 
     pub(super) fn accept_admin(&mut self, now: Instant) {
-        let Some(listener) = self.admin.as_ref() else {
+        let c = &mut self.control;
+        let Some(listener) = c.admin.as_ref() else {
             return;
         };
         loop {
-            let (mut stream, _) = match listener.accept() {
+            let (stream, _) = match listener.accept() {
                 Ok(accepted) => accepted,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(_) => return,
             };
-            if self.admin_conns.len() >= admin::MAX_CONNECTIONS {
+            if c.admin_conns.len() >= admin::MAX_CONNECTIONS {
                 continue;
             }
-            let entry = self.admin_conns.vacant_entry();
+            let entry = c.admin_conns.vacant_entry();
             let key = entry.key();
-            let token = Source::Admin(key).token();
-            if self
-                .poll
-                .registry()
-                .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
-                .is_err()
-            {
+            let token = Registration::Admin(key).token();
+            let id = self.worker.next_id;
+            self.worker.next_id += 1;
+            let Ok(conn) = AdminConn::new(stream, id, now, self.worker.poll.registry(), token)
+            else {
                 continue;
-            }
-            let conn = AdminConn::new(stream, self.next_id, now);
-            self.admin_timers.push(conn.deadline, key, self.next_id);
-            self.next_id += 1;
+            };
+            c.admin_timers.push(conn.deadline, key, id);
             entry.insert(conn);
         }
     }
 
     pub(super) fn on_admin_event(&mut self, key: usize, event: &mio::event::Event, now: Instant) {
-        let Some(conn) = self.admin_conns.get_mut(key) else {
+        let Some(conn) = self.control.admin_conns.get_mut(key) else {
             return;
         };
         conn.on_event(event);
         loop {
-            match self.admin_conns[key].advance() {
+            match self.control.admin_conns[key].advance() {
                 AdminStep::Wait => return,
                 AdminStep::Close => {
-                    self.admin_conns.remove(key);
+                    self.control.admin_conns.remove(key);
                     return;
                 }
                 AdminStep::Request(request) => {
                     let answer = self.answer(&request, now);
-                    self.admin_conns[key].answer(answer);
+                    self.control.admin_conns[key].answer(answer);
                 }
             }
         }
     }
 
     pub(super) fn expire_admin(&mut self, now: Instant) {
-        while let Some((_, key, id)) = self.admin_timers.pop_due(now) {
-            if self.admin_conns.get(key).is_some_and(|c| c.id == id) {
-                let conn = self.admin_conns.remove(key);
-                net::set_abortive_close(conn.stream());
+        let c = &mut self.control;
+        while let Some((_, key, id)) = c.admin_timers.pop_due(now) {
+            if c.admin_conns.get(key).is_some_and(|conn| conn.id == id) {
+                c.admin_conns.remove(key).abort();
             }
         }
     }
@@ -269,260 +245,5 @@ impl Proxy {
                 head,
             ),
         }
-    }
-
-    /// Re-reads the config file and applies it, or keeps the running config
-    /// and says why (the messages of `tcplb check`).
-    pub(super) fn reload(&mut self, now: Instant) -> Result<(), String> {
-        let result = match self.config_path.clone() {
-            None => Err("tcplb runs without --config: there is no file to reload".to_string()),
-            Some(path) => self.reload_from(&path, now),
-        };
-        match &result {
-            Ok(()) => {
-                self.reloads += 1;
-                info!("configuration reloaded");
-            }
-            Err(e) => error!("reload rejected, the running configuration stays in force:\n{e}"),
-        }
-        result
-    }
-
-    fn reload_from(&mut self, path: &Path, now: Instant) -> Result<(), String> {
-        if self.drain_deadline.is_some() {
-            return Err("shutting down".to_string());
-        }
-        let mut config = Config::load(path).map_err(|e| e.to_string())?;
-        if let Some(adjust) = &self.adjust_config {
-            config = adjust(config).map_err(|e| e.to_string())?;
-        }
-        let tls = match &config.tls {
-            Some(settings) => Some((
-                settings.server_config().map_err(|e| e.to_string())?,
-                settings.clone(),
-            )),
-            None => None,
-        };
-        let fresh = self.bind_new_listeners(&config)?;
-        self.apply(config, tls, fresh, now);
-        Ok(())
-    }
-
-    /// Stops listening on listener `key`, if it is still open.
-    fn close_listener(&mut self, key: usize) {
-        if let Some(mut listener) = self.listeners.try_remove(key) {
-            let _ = self.poll.registry().deregister(&mut listener.socket);
-        }
-    }
-
-    /// Applies a changed `socket_buffer` to the listeners kept across a
-    /// reload, so connections they accept from now on get it (connects to
-    /// hosts read the setting each time). Handing a fixed buffer back to
-    /// autotuning needs `SO_BUF_LOCK` (Linux 5.16), which socket2 does not
-    /// offer, so unsetting it waits for a restart.
-    fn resize_listener_buffers(&mut self, size: Option<usize>) {
-        let Some(size) = size else {
-            warn!(
-                "reload: listeners kept from before keep their fixed socket buffers until the next start"
-            );
-            return;
-        };
-        for (_, listener) in &self.listeners {
-            // A bound listener always has its address.
-            let Ok(addr) = listener.socket.local_addr() else {
-                continue;
-            };
-            if let Err(e) = net::set_listener_buffers(&SockRef::from(&listener.socket), size, addr)
-            {
-                warn!("reload: listener {addr}: cannot set its socket buffers: {e}");
-            }
-        }
-    }
-
-    /// Binds the listeners the new config needs that do not exist yet, and
-    /// returns them for `apply` to place. All
-    /// or nothing: on any failure, the ones just bound are dropped.
-    fn bind_new_listeners(&mut self, config: &Config) -> Result<Vec<FreshListener>, String> {
-        let mut bound = Vec::new();
-        for u in &config.upstreams {
-            let existing = self
-                .upstreams
-                .iter()
-                .position(|o| o.name == u.name && !o.removed);
-            let keeps = existing.is_some_and(|i| {
-                self.upstreams[i].configured_listen == u.listen
-                    && self.upstreams[i].listener.is_some()
-            });
-            // Another live upstream may hold this address (a rename): it is handed over in `apply`.
-            let handed_over = self.upstreams.iter().any(|o| {
-                !o.removed
-                    && o.configured_listen == u.listen
-                    && u.listen.port() != 0
-                    && o.listener.is_some()
-            });
-            if keeps || handed_over {
-                continue;
-            }
-            // The listener's upstream index is set when `apply` hands it over.
-            match bind_listener(
-                &self.poll,
-                &mut self.listeners,
-                usize::MAX,
-                u,
-                &config.settings,
-            ) {
-                Ok((key, local)) => bound.push((u.name.clone(), key, local)),
-                Err(e) => {
-                    for (_, key, _) in bound {
-                        self.close_listener(key);
-                    }
-                    return Err(e.to_string());
-                }
-            }
-        }
-        Ok(bound)
-    }
-
-    fn apply(
-        &mut self,
-        config: Config,
-        tls: Option<(Arc<rustls::ServerConfig>, crate::tls::TlsSettings)>,
-        fresh: Vec<FreshListener>,
-        now: Instant,
-    ) {
-        if (config.settings.buffer_size, config.settings.bulk_buffer())
-            != (self.settings.buffer_size, self.settings.bulk_buffer())
-        {
-            let in_use = self.pool.in_use();
-            self.pool = BufferPool::new(
-                config.settings.buffer_size,
-                config.settings.bulk_buffer(),
-                super::POOL_KEEP_BYTES,
-            );
-            self.pool.adopt(in_use);
-        }
-        if config.settings.source_limit != self.settings.source_limit {
-            self.sources = config.settings.source_limit.map(SourceLimiter::new);
-        }
-        if config.settings.socket_buffer != self.settings.socket_buffer {
-            self.resize_listener_buffers(config.settings.socket_buffer);
-        }
-        if config.admin != self.config_admin {
-            warn!("reload: a change of [admin] takes effect at the next start");
-        }
-        self.settings = config.settings.clone();
-        self.tls = tls;
-        self.access.reload(config.clients.clone());
-
-        let drain_by = now + self.settings.drain_timeout;
-        let mut draining = Vec::new();
-        // Upstreams gone from the config: stop listening, drain.
-        for (index, u) in self.upstreams.iter_mut().enumerate() {
-            if !u.removed && !config.upstreams.iter().any(|n| n.name == u.name) {
-                u.removed = true;
-                draining.push((index, None));
-            }
-        }
-        for new in &config.upstreams {
-            let index = match self.upstreams.iter().position(|o| o.name == new.name) {
-                Some(index) => index,
-                None => {
-                    let u = Upstream::new(
-                        new.name.clone(),
-                        new.listen,
-                        new.listen,
-                        new.hosts.clone(),
-                        new.tls,
-                        new.health.clone(),
-                    );
-                    self.upstreams.push(u);
-                    self.upstreams.len() - 1
-                }
-            };
-            let u = &mut self.upstreams[index];
-            let was_removed = std::mem::replace(&mut u.removed, false);
-            u.tls = new.tls;
-            let checks_changed =
-                u.health.active != new.health.active || u.health.interval != new.health.interval;
-            u.health = new.health.clone();
-            // Hosts: add the new ones, remove the ones gone (they drain).
-            for &addr in &new.hosts {
-                u.add_host(addr);
-            }
-            for host in 0..u.balancer.len() {
-                if !u.balancer.is_removed(host) && !new.hosts.contains(&u.balancer.addr(host)) {
-                    u.balancer.remove(host);
-                    draining.push((index, Some(host)));
-                }
-            }
-            if was_removed
-                || checks_changed
-                || u.configured_listen != new.listen
-                || u.listener.is_none()
-            {
-                self.schedule_upstream_checks(index, now);
-            }
-            self.relisten(index, new.listen, &fresh);
-        }
-        // Listeners of removed upstreams.
-        for index in 0..self.upstreams.len() {
-            if self.upstreams[index].removed {
-                if let Some(key) = self.upstreams[index].listener.take() {
-                    self.close_listener(key);
-                }
-            }
-        }
-        // Pairs of removed hosts and upstreams get the drain period.
-        let keys: Vec<usize> = self
-            .pairs
-            .iter()
-            .filter(|(_, p)| {
-                draining
-                    .iter()
-                    .any(|&(u, h)| p.upstream == u && (h.is_none() || p.host_id() == h))
-            })
-            .map(|(key, _)| key)
-            .collect();
-        for key in keys {
-            self.pairs[key].drain_by = Some(drain_by);
-            self.schedule(key);
-        }
-        self.config_admin = config.admin;
-        self.log_listening();
-    }
-
-    /// Points upstream `index` at the listener for `listen`: its own if the
-    /// address is unchanged, one bound for this reload, or one handed over
-    /// from another upstream that had the same address.
-    fn relisten(&mut self, index: usize, listen: std::net::SocketAddr, fresh: &[FreshListener]) {
-        let name = self.upstreams[index].name.clone();
-        let current = self.upstreams[index].listener;
-        if current.is_some() && self.upstreams[index].configured_listen == listen {
-            return;
-        }
-        let (key, local) = if let Some((_, key, local)) = fresh.iter().find(|(n, _, _)| *n == name)
-        {
-            (*key, *local)
-        } else if let Some(other) = (0..self.upstreams.len()).find(|&o| {
-            o != index
-                && self.upstreams[o].configured_listen == listen
-                && self.upstreams[o].listener.is_some()
-        }) {
-            let key = self.upstreams[other]
-                .listener
-                .take()
-                .expect("checked above");
-            (key, self.upstreams[other].listen)
-        } else {
-            return;
-        };
-        if let Some(old) = current.filter(|&old| old != key) {
-            self.close_listener(old);
-        }
-        self.listeners[key].upstream = index;
-        let u = &mut self.upstreams[index];
-        u.listener = Some(key);
-        u.configured_listen = listen;
-        u.listen = local;
     }
 }

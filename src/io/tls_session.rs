@@ -1,33 +1,34 @@
 //! A client's TLS session, driven by the same readiness events as a plain
 //! socket: rustls is sans-IO, so the loop moves TLS records between the
-//! socket and the session ([`ClientTls::handshake`], [`ClientTls::flush`])
-//! and the relay reads and writes plaintext through [`TlsSide`], which is a
-//! [`Source`] and a [`Sink`] like a plain socket.
+//! client's [`Endpoint`] and the session ([`TlsSession::handshake`],
+//! [`TlsSession::flush`]) and the relay reads and writes plaintext through
+//! [`TlsSide`], which is a [`Source`] and a [`Sink`] like a plain socket.
+//! Records go through the endpoint's own reads and writes, so readiness is
+//! kept in one place for plain and TLS alike.
 //!
 //! Backpressure holds over TLS: records are read from the socket only when
 //! the session has no plaintext left for the relay, and the session's
 //! outgoing buffer is capped (`set_buffer_limit`), so a slow client stops
 //! the relay from taking more from its host. A client's `close_notify` is
 //! its FIN; ending the host-to-client direction sends `close_notify`, then
-//! FIN. A TCP FIN without `close_notify` may be a truncation, so it is
-//! passed on as a reset. Socket errors mark the endpoint broken, as plain
-//! reads and writes do, so the relay sees a reset the same way for both.
+//! FIN. A TCP FIN without `close_notify` may be a truncation, and a
+//! protocol error breaks the stream: both mark the endpoint broken, so
+//! the relay passes them on as a reset, as it does a socket's reset.
 
 use std::io::{self, Read, Write};
-use std::net::Shutdown;
 use std::sync::Arc;
 
 use rustls::ServerConnection;
 use rustls::server::ServerConfig;
 use rustls_pki_types::CertificateDer;
 
-use crate::endpoint::{Endpoint, READ_ALL, READABLE, WRITABLE};
-use crate::flow::{Sink, Source};
-use crate::net::Io;
+use super::Io;
+use super::endpoint::{Discarded, Endpoint};
+use super::flow::{Sink, Source};
 
 /// How a handshake step ended.
 #[derive(Debug)]
-pub enum Handshake {
+pub(crate) enum Handshake {
     /// Waiting for the client.
     Pending,
     /// Done: the client's certificate chain is verified.
@@ -38,29 +39,21 @@ pub enum Handshake {
     Gone,
 }
 
-/// What one attempt to read and drop a refused client's input found.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Discarded {
-    Bytes(usize),
-    WouldBlock,
-    /// The client finished (or broke) its side.
-    End,
-}
-
+/// A server-side TLS session with one client.
 #[derive(Debug)]
-pub struct ClientTls {
+pub(crate) struct TlsSession {
     conn: ServerConnection,
     /// The session holds plaintext (or a pending `close_notify`) for the relay.
     plaintext: bool,
     close_notify_queued: bool,
 }
 
-impl ClientTls {
+impl TlsSession {
     /// A server session whose buffers of outgoing data hold at most `limit` bytes.
-    pub fn new(config: Arc<ServerConfig>, limit: usize) -> Result<Box<ClientTls>, rustls::Error> {
+    pub fn new(config: Arc<ServerConfig>, limit: usize) -> Result<Box<TlsSession>, rustls::Error> {
         let mut conn = ServerConnection::new(config)?;
         conn.set_buffer_limit(Some(limit));
-        Ok(Box::new(ClientTls {
+        Ok(Box::new(TlsSession {
             conn,
             plaintext: false,
             close_notify_queued: false,
@@ -77,44 +70,49 @@ impl ClientTls {
             if !self.conn.is_handshaking() {
                 return Handshake::Done;
             }
-            if !ep.is(READABLE) {
+            if !ep.can_read() {
                 return Handshake::Pending;
             }
-            match self.conn.read_tls(&mut ep.stream) {
-                Ok(0) => return Handshake::Gone,
-                Ok(_) => {
-                    if let Err(e) = self.process() {
-                        // rustls queued an alert saying why; send it if we can.
-                        let _ = self.flush(ep);
-                        return Handshake::Failed(e.to_string());
-                    }
+            match self.read_records(ep) {
+                Ok(Io::Done(_) | Io::WouldBlock) => {}
+                Ok(Io::Eof | Io::Failed(_)) => return Handshake::Gone,
+                Err(e) => {
+                    // rustls queued an alert saying why; send it if we can.
+                    let _ = self.flush(ep);
+                    return Handshake::Failed(e.to_string());
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => ep.clear(READABLE | READ_ALL),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return Handshake::Gone,
             }
         }
     }
 
-    fn process(&mut self) -> Result<(), rustls::Error> {
-        let state = self.conn.process_new_packets()?;
-        self.plaintext = state.plaintext_bytes_to_read() > 0 || state.peer_has_closed();
-        Ok(())
+    /// One read of TLS records from the socket, processed at once. A
+    /// protocol error is the `Err`; what the socket did is the `Io`.
+    fn read_records(&mut self, ep: &mut Endpoint) -> Result<Io, rustls::Error> {
+        let outcome = match self.conn.read_tls(ep) {
+            Ok(0) => Io::Eof,
+            Ok(n) => Io::Done(n),
+            // The endpoint kept the bookkeeping; its error is all there is.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Io::WouldBlock,
+            Err(e) => Io::Failed(e),
+        };
+        // EOF is processed too: rustls then tells a clean close from a cut.
+        if let Io::Done(_) | Io::Eof = outcome {
+            let state = self.conn.process_new_packets()?;
+            self.plaintext = state.plaintext_bytes_to_read() > 0 || state.peer_has_closed();
+        }
+        Ok(outcome)
     }
 
     /// Writes queued TLS records while the socket takes them; returns
-    /// whether anything was written.
+    /// whether anything was written. Nothing is written to a broken socket.
     pub fn flush(&mut self, ep: &mut Endpoint) -> io::Result<bool> {
         let mut wrote = false;
-        while self.conn.wants_write() && ep.is(WRITABLE) && !ep.is_broken() {
-            match self.conn.write_tls(&mut ep.stream) {
+        while self.conn.wants_write() && ep.can_write() && !ep.is_broken() {
+            match self.conn.write_tls(ep) {
                 Ok(_) => wrote = true,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => ep.clear(WRITABLE),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    ep.set_broken();
-                    return Err(e);
-                }
+                // The endpoint cleared its writable bit: the loop ends.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
             }
         }
         Ok(wrote)
@@ -147,35 +145,18 @@ impl ClientTls {
     pub fn discard(&mut self, ep: &mut Endpoint) -> Discarded {
         let mut scratch = [0u8; 2048];
         let mut total = 0;
-        loop {
-            match self.conn.reader().read(&mut scratch) {
-                Ok(0) => return Discarded::End,
-                Ok(n) => {
-                    total += n;
-                    continue;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(_) => return Discarded::End,
+        let mut side = self.side(ep);
+        while side.can_read() {
+            match side.read(&mut scratch) {
+                Io::Done(n) => total += n,
+                Io::WouldBlock => break,
+                Io::Eof | Io::Failed(_) => return Discarded::End,
             }
-            if !ep.is(READABLE) {
-                return if total > 0 {
-                    Discarded::Bytes(total)
-                } else {
-                    Discarded::WouldBlock
-                };
-            }
-            match self.conn.read_tls(&mut ep.stream) {
-                Ok(0) => return Discarded::End,
-                Ok(n) => {
-                    total += n;
-                    if self.process().is_err() {
-                        return Discarded::End;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => ep.clear(READABLE | READ_ALL),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return Discarded::End,
-            }
+        }
+        if total > 0 {
+            Discarded::Bytes(total)
+        } else {
+            Discarded::WouldBlock
         }
     }
 
@@ -186,14 +167,14 @@ impl ClientTls {
 }
 
 /// A client's TLS session together with its socket.
-pub struct TlsSide<'a> {
-    tls: &'a mut ClientTls,
+pub(crate) struct TlsSide<'a> {
+    tls: &'a mut TlsSession,
     ep: &'a mut Endpoint,
 }
 
 impl Source for TlsSide<'_> {
     fn can_read(&self) -> bool {
-        self.tls.plaintext || self.ep.is(READABLE)
+        self.tls.plaintext || self.ep.can_read()
     }
 
     fn read(&mut self, buf: &mut [u8]) -> Io {
@@ -212,27 +193,19 @@ impl Source for TlsSide<'_> {
                     return Io::Failed(e);
                 }
             }
-            if !self.ep.is(READABLE) {
+            if !self.ep.can_read() {
                 return Io::WouldBlock;
             }
             // Only now, with no plaintext left, take more records in.
-            match self.tls.conn.read_tls(&mut self.ep.stream) {
-                Ok(_) => {
-                    if let Err(e) = self.tls.process() {
-                        // The alert rustls queued is not sent: the client
-                        // broke the protocol, and is reset.
-                        self.ep.set_broken();
-                        return Io::Failed(io::Error::new(io::ErrorKind::InvalidData, e));
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.ep.clear(READABLE | READ_ALL);
-                    return Io::WouldBlock;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            match self.tls.read_records(self.ep) {
+                Ok(Io::Done(_) | Io::Eof) => {}
+                Ok(Io::WouldBlock) => return Io::WouldBlock,
+                Ok(Io::Failed(e)) => return Io::Failed(e),
                 Err(e) => {
+                    // The alert rustls queued is not sent: the client
+                    // broke the protocol, and is reset.
                     self.ep.set_broken();
-                    return Io::Failed(e);
+                    return Io::Failed(io::Error::new(io::ErrorKind::InvalidData, e));
                 }
             }
         }
@@ -269,10 +242,6 @@ impl Sink for TlsSide<'_> {
         if self.tls.conn.wants_write() {
             return Ok(false);
         }
-        if let Err(e) = self.ep.stream.shutdown(Shutdown::Write) {
-            self.ep.set_broken();
-            return Err(e);
-        }
-        Ok(true)
+        self.ep.shutdown_write().map(|()| true)
     }
 }

@@ -89,6 +89,8 @@ pub struct BufferPool {
     normal: Class,
     bulk: Class,
     in_use: usize,
+    /// Free bytes kept per size, at most.
+    keep_bytes: usize,
 }
 
 impl BufferPool {
@@ -104,6 +106,7 @@ impl BufferPool {
             normal: class(normal),
             bulk: class(bulk.max(normal)),
             in_use: 0,
+            keep_bytes,
         }
     }
 
@@ -112,6 +115,7 @@ impl BufferPool {
     }
 
     /// Free buffers held for reuse.
+    #[cfg(test)]
     pub fn idle(&self) -> usize {
         self.normal.free.len() + self.bulk.free.len()
     }
@@ -152,10 +156,16 @@ impl BufferPool {
         }
     }
 
-    /// Takes over the count of buffers handed out by the pool this one
-    /// replaces; they come back here.
-    pub fn adopt(&mut self, in_use: usize) {
-        self.in_use += in_use;
+    /// Hands out `normal`- and `bulk`-byte buffers from now on (a reload
+    /// changed the sizes). Free buffers of the old sizes are dropped; those
+    /// in use come back later and, fitting neither size, are freed.
+    pub fn resize(&mut self, normal: usize, bulk: usize) {
+        if (normal, bulk.max(normal)) == (self.normal.size, self.bulk.size) {
+            return;
+        }
+        let in_use = self.in_use;
+        *self = BufferPool::new(normal, bulk, self.keep_bytes);
+        self.in_use = in_use;
     }
 }
 

@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use crate::limits::{Limit, RateLimiter, Verdict};
+use super::limits::{Bucket, Limit};
 
 /// One `[[client]]` rule.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,69 +31,107 @@ pub struct ClientRule {
     pub max_connections: Option<u32>,
 }
 
-/// Index of an admitted client's rule, to release it later.
-pub type ClientId = usize;
+/// An identity known to the process (configured now or earlier).
+type ClientId = usize;
 
 /// Why a client with a valid certificate is turned away.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Denial {
-    /// Unknown identity, or not allowed on this upstream (told apart only in logs).
+    /// Unknown identity (`known: false`), or a known one not allowed on
+    /// this upstream. The client is told the same for both; the log says which.
     Unauthorized {
+        /// The identity has a rule, for other upstreams.
         known: bool,
     },
+    /// Over its connection rate; a token is there after `retry_after`.
     RateLimited {
+        /// Time until the next connection would be allowed.
         retry_after: Duration,
     },
+    /// At its `max_connections`.
     TooManyConnections,
 }
 
+/// An admitted client's place in its concurrency count. Cannot be cloned;
+/// [`Access::release`] consumes it.
+#[must_use = "a client lease must be given back with Access::release"]
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct ClientLease {
+    id: ClientId,
+}
+
+impl Drop for ClientLease {
+    fn drop(&mut self) {
+        super::lease_dropped("client");
+    }
+}
+
+/// One identity: the rule in force (if any), its bucket and its count.
+#[derive(Debug)]
+struct Client {
+    identity: String,
+    rule: Option<ClientRule>,
+    /// Its rate limit: kept across reloads while the identity keeps a rule.
+    bucket: Bucket,
+    /// Open connections admitted under this identity.
+    active: u32,
+}
+
+/// The `[[client]]` rules in force, and the state each keeps.
 #[derive(Debug)]
 pub struct Access {
-    /// Every identity ever configured; a `ClientId` indexes this.
-    identities: Vec<String>,
+    /// Every identity ever configured: a [`ClientLease`] of a connection
+    /// admitted under an old rule still finds its count after a reload.
+    clients: Vec<Client>,
     by_identity: HashMap<String, ClientId>,
-    /// The rule in force per identity (`None`: no longer configured).
-    rules: Vec<Option<ClientRule>>,
-    active: Vec<u32>,
-    limiter: RateLimiter<ClientId>,
 }
 
 impl Access {
+    /// The rules of a config.
     pub fn new(rules: Vec<ClientRule>) -> Access {
         let mut access = Access {
-            identities: Vec::new(),
+            clients: Vec::new(),
             by_identity: HashMap::new(),
-            rules: Vec::new(),
-            active: Vec::new(),
-            limiter: RateLimiter::new(HashMap::new()),
         };
         access.reload(rules);
         access
     }
 
     /// Puts `rules` in force for new connections; open connections keep
-    /// counting against their identity.
+    /// counting against their identity, and an identity that keeps a rule
+    /// keeps its bucket.
     pub fn reload(&mut self, rules: Vec<ClientRule>) {
-        for rule in &mut self.rules {
-            *rule = None;
-        }
-        let mut limits = HashMap::new();
+        let mut kept = vec![false; self.clients.len()];
         for rule in rules {
-            let id = match self.by_identity.get(&rule.identity) {
-                Some(&id) => id,
-                None => {
-                    self.identities.push(rule.identity.clone());
-                    self.rules.push(None);
-                    self.active.push(0);
-                    let id = self.identities.len() - 1;
-                    self.by_identity.insert(rule.identity.clone(), id);
-                    id
+            let limit = Limit::new(rule.rate, rule.burst);
+            match self.by_identity.get(&rule.identity) {
+                Some(&id) => {
+                    let client = &mut self.clients[id];
+                    if client.rule.is_some() {
+                        client.bucket.set_limit(limit);
+                    } else {
+                        client.bucket = Bucket::new(limit);
+                    }
+                    client.rule = Some(rule);
+                    kept[id] = true;
                 }
-            };
-            limits.insert(id, Limit::new(rule.rate, rule.burst));
-            self.rules[id] = Some(rule);
+                None => {
+                    self.by_identity
+                        .insert(rule.identity.clone(), self.clients.len());
+                    self.clients.push(Client {
+                        identity: rule.identity.clone(),
+                        rule: Some(rule),
+                        bucket: Bucket::new(limit),
+                        active: 0,
+                    });
+                }
+            }
         }
-        self.limiter.set_limits(limits);
+        for (client, kept) in self.clients.iter_mut().zip(kept) {
+            if !kept {
+                client.rule = None;
+            }
+        }
     }
 
     /// The identity among a certificate's `names` that a rule knows: the
@@ -105,51 +143,51 @@ impl Access {
             .map(String::as_str)
     }
 
-    fn rule_of(&self, identity: &str) -> Option<(ClientId, &ClientRule)> {
+    fn rule_of(&self, identity: &str) -> Option<ClientId> {
         let &id = self.by_identity.get(identity)?;
-        Some((id, self.rules[id].as_ref()?))
+        self.clients[id].rule.as_ref().map(|_| id)
     }
 
     /// Admits `identity` to `upstream` at `now`, or says why not.
-    pub fn admit(
+    pub(crate) fn admit(
         &mut self,
         identity: Option<&str>,
         upstream: &str,
         now: Instant,
-    ) -> Result<ClientId, Denial> {
-        let Some((id, rule)) = identity.and_then(|i| self.rule_of(i)) else {
+    ) -> Result<ClientLease, Denial> {
+        let Some(id) = identity.and_then(|i| self.rule_of(i)) else {
             return Err(Denial::Unauthorized { known: false });
         };
+        let client = &mut self.clients[id];
+        let rule = client.rule.as_ref().expect("rule_of found it");
         if !rule.upstreams.iter().any(|u| u == upstream) {
             return Err(Denial::Unauthorized { known: true });
         }
         let max_connections = rule.max_connections;
-        match self.limiter.check(&id, now) {
-            Verdict::Allowed => {}
-            Verdict::Limited { retry_after } => return Err(Denial::RateLimited { retry_after }),
-            Verdict::Unknown => return Err(Denial::Unauthorized { known: false }),
-        }
-        if max_connections.is_some_and(|max| self.active[id] >= max) {
+        client
+            .bucket
+            .take(now)
+            .map_err(|retry_after| Denial::RateLimited { retry_after })?;
+        if max_connections.is_some_and(|max| client.active >= max) {
             return Err(Denial::TooManyConnections);
         }
-        self.active[id] += 1;
-        Ok(id)
+        client.active += 1;
+        Ok(ClientLease { id })
     }
 
     /// Ends a connection admitted by [`admit`](Self::admit).
-    pub fn release(&mut self, id: ClientId) {
-        debug_assert!(self.active[id] > 0);
-        self.active[id] = self.active[id].saturating_sub(1);
+    pub(crate) fn release(&mut self, lease: ClientLease) {
+        let client = &mut self.clients[lease.id];
+        client.active = client.active.saturating_sub(1);
+        std::mem::forget(lease);
     }
 
     /// Connections open per client identity (configured, or still connected).
     pub fn active(&self) -> impl Iterator<Item = (&str, u32)> {
-        self.identities
+        self.clients
             .iter()
-            .zip(&self.rules)
-            .zip(&self.active)
-            .filter(|((_, rule), n)| rule.is_some() || **n > 0)
-            .map(|((identity, _), &n)| (identity.as_str(), n))
+            .filter(|c| c.rule.is_some() || c.active > 0)
+            .map(|c| (c.identity.as_str(), c.active))
     }
 }
 
@@ -204,13 +242,13 @@ mod tests {
             a.admit(Some("alice"), "app-b", t0),
             Err(Denial::Unauthorized { known: true })
         );
-        let id = a.admit(Some("alice"), "app-a", t0).unwrap();
+        let lease = a.admit(Some("alice"), "app-a", t0).unwrap();
         // Within rate (burst 2) but over the concurrency cap of 1.
         assert_eq!(
             a.admit(Some("alice"), "app-a", t0),
             Err(Denial::TooManyConnections)
         );
-        a.release(id);
+        a.release(lease);
         // The bucket is now empty: rate-limited before concurrency is looked at.
         assert_eq!(
             a.admit(Some("alice"), "app-a", t0),
@@ -218,17 +256,15 @@ mod tests {
                 retry_after: Duration::from_millis(100)
             })
         );
-        assert!(
-            a.admit(Some("alice"), "app-a", t0 + Duration::from_millis(100))
-                .is_ok()
-        );
+        let lease = a.admit(Some("alice"), "app-a", t0 + Duration::from_millis(100));
+        a.release(lease.unwrap());
     }
 
     #[test]
     fn reload_keeps_counts_and_applies_new_rules() {
         let t0 = Instant::now();
         let mut a = access();
-        let id = a.admit(Some("alice"), "app-a", t0).unwrap();
+        let old = a.admit(Some("alice"), "app-a", t0).unwrap();
         // alice moves to app-b only, with no cap; carol is new; bob is gone.
         a.reload(vec![
             ClientRule {
@@ -250,8 +286,8 @@ mod tests {
             a.admit(Some("alice"), "app-a", t0),
             Err(Denial::Unauthorized { known: true })
         );
-        assert!(a.admit(Some("alice"), "app-b", t0).is_ok());
-        assert!(a.admit(Some("carol"), "app-a", t0).is_ok());
+        let alice = a.admit(Some("alice"), "app-b", t0).unwrap();
+        let carol = a.admit(Some("carol"), "app-a", t0).unwrap();
         let bob = Some("spiffe://example.org/bob");
         assert_eq!(
             a.admit(bob, "app-a", t0),
@@ -261,8 +297,10 @@ mod tests {
         let counts: HashMap<&str, u32> = a.active().collect();
         assert_eq!(counts["alice"], 2);
         assert!(!counts.contains_key("spiffe://example.org/bob"));
-        a.release(id);
+        a.release(old);
         assert_eq!(a.active().find(|(i, _)| *i == "alice").unwrap().1, 1);
+        a.release(alice);
+        a.release(carol);
     }
 
     #[test]
@@ -270,11 +308,11 @@ mod tests {
         let t0 = Instant::now();
         let mut a = access();
         let bob = Some("spiffe://example.org/bob");
-        let ids: Vec<_> = (0..3).map(|_| a.admit(bob, "app-b", t0).unwrap()).collect();
+        let leases: Vec<_> = (0..3).map(|_| a.admit(bob, "app-b", t0).unwrap()).collect();
         let counts: HashMap<&str, u32> = a.active().collect();
         assert_eq!(counts["spiffe://example.org/bob"], 3);
-        for id in ids {
-            a.release(id);
+        for lease in leases {
+            a.release(lease);
         }
         assert!(a.active().all(|(_, n)| n == 0));
     }

@@ -10,9 +10,8 @@ use mio::event::Event;
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
-use crate::balance::HostId;
-use crate::endpoint::{Connect, Endpoint, READABLE, WRITABLE};
-use crate::net::{self, Io};
+use crate::io::{Connect, Endpoint, Io};
+use crate::policy::balance::HostId;
 
 /// Bytes of a host's answer kept while looking for `expect`.
 const ANSWER_LIMIT: usize = 8 * 1024;
@@ -47,13 +46,13 @@ impl Probe {
         registry: &Registry,
         token: Token,
     ) -> io::Result<Probe> {
-        let mut stream = TcpStream::connect(addr)?;
-        registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)?;
+        let mut endpoint = Endpoint::new(TcpStream::connect(addr)?);
+        endpoint.register(registry, token, Interest::READABLE | Interest::WRITABLE)?;
         Ok(Probe {
             upstream,
             host,
             id,
-            endpoint: Endpoint::new(stream),
+            endpoint,
             connected: false,
             sent: 0,
             answer: Vec::new(),
@@ -75,25 +74,18 @@ impl Probe {
             }
         }
         if let Some(send) = send {
-            while self.sent < send.len() && ep.is(WRITABLE) {
-                match net::write(&mut ep.stream, &send[self.sent..]) {
-                    Io::Done(n) => self.sent += n,
-                    Io::WouldBlock => ep.clear(WRITABLE),
-                    Io::Eof | Io::Failed(_) => return Outcome::Failed("send failed".into()),
-                }
-            }
-            if self.sent < send.len() {
-                return Outcome::Pending;
+            match ep.write_out(send, &mut self.sent) {
+                Ok(true) => {}
+                Ok(false) => return Outcome::Pending,
+                Err(_) => return Outcome::Failed("send failed".into()),
             }
         }
         let Some(expect) = expect else {
             return Outcome::Passed;
         };
-        let mut chunk = [0u8; 1024];
-        while ep.is(READABLE) {
-            match net::read(&mut ep.stream, &mut chunk) {
-                Io::Done(n) => {
-                    self.answer.extend_from_slice(&chunk[..n]);
+        while ep.can_read() {
+            match ep.read_onto(&mut self.answer, 1024) {
+                Io::Done(_) => {
                     if contains(&self.answer, expect) {
                         return Outcome::Passed;
                     }
@@ -101,7 +93,7 @@ impl Probe {
                         return Outcome::Failed("answer does not match".into());
                     }
                 }
-                Io::WouldBlock => ep.clear(READABLE),
+                Io::WouldBlock => {}
                 Io::Eof => return Outcome::Failed("closed before the expected answer".into()),
                 Io::Failed(e) => return Outcome::Failed(format!("read: {e}")),
             }
@@ -111,7 +103,7 @@ impl Probe {
 
     /// Closes with RST: a check leaves no TIME_WAIT behind on either side.
     pub fn close(self) {
-        net::set_abortive_close(&self.endpoint.stream);
+        self.endpoint.abort();
     }
 }
 

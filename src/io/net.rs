@@ -1,58 +1,14 @@
-//! Socket operations with their `io::Error`s mapped in one place, and the
-//! socket options tcplb sets.
-//!
-//! Every read and write of the data path goes through [`read`] and
-//! [`write`], which retry `Interrupted` and turn the outcome into an [`Io`]
-//! the state machine can match on. Nothing here returns an error with `?`
-//! into the loop: a failure belongs to one connection. Connects to hosts
-//! start in [`connect`], which applies `socket_buffer` before the SYN.
+//! Creating sockets and setting their options: listeners, connects to
+//! hosts (which apply `socket_buffer` before the SYN), and the options of
+//! a pair's sockets. Reads and writes are the [`Endpoint`](super::Endpoint)'s.
 
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use log::warn;
-use mio::net::TcpStream;
+use mio::net::{TcpListener, TcpStream};
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
-
-/// The outcome of one read or write.
-#[derive(Debug)]
-pub enum Io {
-    /// Bytes moved (never 0).
-    Done(usize),
-    /// The socket has nothing more for now.
-    WouldBlock,
-    /// The peer finished sending (reads only).
-    Eof,
-    /// The connection is broken: reset, refused, timed out, or another error.
-    Failed(io::Error),
-}
-
-pub fn read(stream: &mut TcpStream, buf: &mut [u8]) -> Io {
-    debug_assert!(!buf.is_empty());
-    loop {
-        return match stream.read(buf) {
-            Ok(0) => Io::Eof,
-            Ok(n) => Io::Done(n),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Io::WouldBlock,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => Io::Failed(e),
-        };
-    }
-}
-
-pub fn write(stream: &mut TcpStream, data: &[u8]) -> Io {
-    debug_assert!(!data.is_empty());
-    loop {
-        return match stream.write(data) {
-            Ok(0) => Io::Failed(io::ErrorKind::WriteZero.into()),
-            Ok(n) => Io::Done(n),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Io::WouldBlock,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => Io::Failed(e),
-        };
-    }
-}
 
 /// Starts a non-blocking connect to `addr`. With `buffer` (the
 /// `socket_buffer` setting) the socket's kernel buffers are fixed first,
@@ -123,4 +79,18 @@ pub fn is_resource_exhaustion(e: &io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
     )
+}
+
+/// A non-blocking listening socket. Accepted sockets inherit its buffer
+/// sizes, so `socket_buffer` costs no syscall per client connection.
+pub fn listen(addr: SocketAddr, backlog: u32, buffer: Option<usize>) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    if let Some(size) = buffer {
+        set_listener_buffers(&socket, size, addr)?;
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(backlog.min(i32::MAX as u32) as i32)?;
+    Ok(TcpListener::from_std(socket.into()))
 }

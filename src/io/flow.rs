@@ -12,11 +12,10 @@
 //! reset on.
 
 use std::io;
-use std::net::Shutdown;
 
-use crate::buffer::{Buffer, BufferPool, Size};
-use crate::endpoint::{Endpoint, READ_ALL, READABLE, WRITABLE};
-use crate::net::{self, Io};
+use super::Io;
+use super::buffer::{Buffer, BufferPool, Size};
+use super::endpoint::Endpoint;
 
 /// Where a direction's bytes come from: a socket, or a TLS session's plaintext.
 pub(crate) trait Source {
@@ -40,26 +39,11 @@ pub(crate) trait Sink {
 
 impl Source for Endpoint {
     fn can_read(&self) -> bool {
-        self.is(READABLE)
+        Endpoint::can_read(self)
     }
 
     fn read(&mut self, buf: &mut [u8]) -> Io {
-        let wanted = buf.len();
-        let outcome = match net::read(&mut self.stream, buf) {
-            // The reset's error was taken (`SO_ERROR`, or by a write): the
-            // kernel then ends the stream as if by FIN.
-            Io::Eof if self.is_broken() => Io::Failed(io::ErrorKind::ConnectionReset.into()),
-            outcome => outcome,
-        };
-        match outcome {
-            // A short read drained the socket: epoll reports the next
-            // arrival as a new edge, so no WouldBlock probe is needed.
-            Io::Done(n) if n < wanted && !self.is(READ_ALL) => self.clear(READABLE),
-            Io::WouldBlock => self.clear(READABLE | READ_ALL),
-            Io::Failed(_) => self.set_broken(),
-            _ => {}
-        }
-        outcome
+        Endpoint::read(self, buf)
     }
 }
 
@@ -69,27 +53,15 @@ impl Sink for Endpoint {
     }
 
     fn can_write(&self) -> bool {
-        self.is(WRITABLE)
+        Endpoint::can_write(self)
     }
 
     fn write(&mut self, data: &[u8]) -> Io {
-        let outcome = net::write(&mut self.stream, data);
-        match outcome {
-            Io::Done(n) if n < data.len() => self.clear(WRITABLE),
-            Io::WouldBlock => self.clear(WRITABLE),
-            Io::Eof | Io::Failed(_) => self.set_broken(),
-            _ => {}
-        }
-        outcome
+        Endpoint::write(self, data)
     }
 
     fn finish(&mut self) -> io::Result<bool> {
-        // ENOTCONN here means the destination was reset meanwhile: an error.
-        let done = self.stream.shutdown(Shutdown::Write).map(|()| true);
-        if done.is_err() {
-            self.set_broken();
-        }
-        done
+        self.shutdown_write().map(|()| true)
     }
 }
 
@@ -113,6 +85,15 @@ pub(crate) struct Flow {
 }
 
 impl Flow {
+    /// A direction whose source failed and whose bytes are all delivered.
+    pub fn failed_and_delivered() -> Flow {
+        Flow {
+            eof: true,
+            failed: true,
+            ..Flow::default()
+        }
+    }
+
     /// The source has ended and every byte it sent is handed to the sink.
     pub fn delivered(&self) -> bool {
         self.eof && self.buf.is_none()

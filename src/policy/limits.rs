@@ -10,7 +10,6 @@
 //! second, in exact integer time, with one instant of state per key.
 
 use std::collections::HashMap;
-use std::hash::Hash;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
@@ -72,49 +71,30 @@ impl Limit {
     }
 }
 
-/// What a rate check says.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
-    Allowed,
-    /// Over the limit; a token will be there after `retry_after`.
-    Limited {
-        retry_after: Duration,
-    },
-    /// No limit is configured for this key: denied.
-    Unknown,
+/// One token bucket: a [`Limit`] and its state. A client rule holds its
+/// own, so the rule and its rate cannot disagree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bucket {
+    limit: Limit,
+    /// The theoretical arrival time; `None` while full and untouched.
+    tat: Option<Instant>,
 }
 
-/// Per-client token buckets, created from each client's limit.
-#[derive(Debug, Clone)]
-pub struct RateLimiter<K = String> {
-    limits: HashMap<K, Limit>,
-    buckets: HashMap<K, Instant>,
-}
-
-impl<K: Eq + Hash + Clone> RateLimiter<K> {
-    pub fn new(limits: HashMap<K, Limit>) -> Self {
-        RateLimiter {
-            limits,
-            buckets: HashMap::new(),
-        }
+impl Bucket {
+    /// A full bucket.
+    pub fn new(limit: Limit) -> Bucket {
+        Bucket { limit, tat: None }
     }
 
-    /// Replaces the limits; buckets of clients that keep a limit stay as they are.
-    pub fn set_limits(&mut self, limits: HashMap<K, Limit>) {
-        self.buckets.retain(|k, _| limits.contains_key(k));
-        self.limits = limits;
+    /// Keeps the state (how full the bucket is) under a new limit.
+    pub fn set_limit(&mut self, limit: Limit) {
+        self.limit = limit;
     }
 
-    /// Is a new connection by `client` allowed at `now`? Takes a token if so.
-    pub fn check(&mut self, client: &K, now: Instant) -> Verdict {
-        let Some(limit) = self.limits.get(client) else {
-            return Verdict::Unknown;
-        };
-        let tat = self.buckets.entry(client.clone()).or_insert(now);
-        match limit.take(tat, now) {
-            Ok(()) => Verdict::Allowed,
-            Err(retry_after) => Verdict::Limited { retry_after },
-        }
+    /// Takes a token at `now`; on refusal, how long until one is there.
+    pub fn take(&mut self, now: Instant) -> Result<(), Duration> {
+        let tat = self.tat.get_or_insert(now);
+        self.limit.take(tat, now)
     }
 }
 
@@ -144,8 +124,9 @@ impl SourceLimiter {
         }
     }
 
-    /// Is a new connection from `source` allowed at `now`? Takes a token if so.
-    pub fn check(&mut self, source: IpAddr, now: Instant) -> Verdict {
+    /// Is a new connection from `source` allowed at `now`? Takes a token
+    /// if so; otherwise says how long until one is there.
+    pub fn check(&mut self, source: IpAddr, now: Instant) -> Result<(), Duration> {
         let key = source_key(source);
         if !self.buckets.contains_key(&key) && self.buckets.len() >= self.capacity {
             // Sweeping is a pass over the table: at most once a second.
@@ -166,10 +147,7 @@ impl SourceLimiter {
             }
         }
         let tat = self.buckets.entry(key).or_insert(now);
-        match self.limit.take(tat, now) {
-            Ok(()) => Verdict::Allowed,
-            Err(retry_after) => Verdict::Limited { retry_after },
-        }
+        self.limit.take(tat, now)
     }
 
     /// Drops buckets that are full again (their TAT has passed).
@@ -178,10 +156,12 @@ impl SourceLimiter {
     }
 
     /// Sources currently tracked.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.buckets.len()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.buckets.is_empty()
     }
@@ -210,95 +190,70 @@ mod tests {
         Duration::from_millis(n)
     }
 
-    fn limiter(rate: f64, burst: u32) -> RateLimiter {
-        RateLimiter::new(HashMap::from([(
-            "alice".to_string(),
-            Limit::new(rate, burst),
-        )]))
+    fn limiter(rate: f64, burst: u32) -> Bucket {
+        Bucket::new(Limit::new(rate, burst))
     }
+
+    const ALLOWED: Result<(), Duration> = Ok(());
 
     #[test]
     fn a_full_bucket_allows_a_burst_then_refuses() {
         let t0 = Instant::now();
         let mut rl = limiter(10.0, 3);
-        let alice = "alice".to_string();
         for _ in 0..3 {
-            assert_eq!(rl.check(&alice, t0), Verdict::Allowed);
+            assert_eq!(rl.take(t0), ALLOWED);
         }
         // The fourth at the same instant waits for one token: 100 ms.
-        assert_eq!(
-            rl.check(&alice, t0),
-            Verdict::Limited {
-                retry_after: ms(100)
-            }
-        );
+        assert_eq!(rl.take(t0), Err(ms(100)));
     }
 
     #[test]
     fn tokens_refill_at_the_rate() {
         let t0 = Instant::now();
         let mut rl = limiter(10.0, 3);
-        let alice = "alice".to_string();
         for _ in 0..3 {
-            assert_eq!(rl.check(&alice, t0), Verdict::Allowed);
+            assert_eq!(rl.take(t0), ALLOWED);
         }
         // 250 ms later, 2.5 tokens have come back: two connections, not three.
         let t1 = t0 + ms(250);
-        assert_eq!(rl.check(&alice, t1), Verdict::Allowed);
-        assert_eq!(rl.check(&alice, t1), Verdict::Allowed);
-        assert_eq!(
-            rl.check(&alice, t1),
-            Verdict::Limited {
-                retry_after: ms(50)
-            }
-        );
-        assert_eq!(rl.check(&alice, t1 + ms(50)), Verdict::Allowed);
+        assert_eq!(rl.take(t1), ALLOWED);
+        assert_eq!(rl.take(t1), ALLOWED);
+        assert_eq!(rl.take(t1), Err(ms(50)));
+        assert_eq!(rl.take(t1 + ms(50)), ALLOWED);
     }
 
     #[test]
     fn refill_never_exceeds_the_burst() {
         let t0 = Instant::now();
         let mut rl = limiter(10.0, 2);
-        let alice = "alice".to_string();
         // After an hour of quiet, still only two at once.
         let later = t0 + Duration::from_secs(3600);
-        assert_eq!(rl.check(&alice, later), Verdict::Allowed);
-        assert_eq!(rl.check(&alice, later), Verdict::Allowed);
-        assert!(matches!(rl.check(&alice, later), Verdict::Limited { .. }));
+        assert_eq!(rl.take(later), ALLOWED);
+        assert_eq!(rl.take(later), ALLOWED);
+        assert!(rl.take(later).is_err());
     }
 
     #[test]
     fn steady_rate_is_sustained_exactly() {
         let t0 = Instant::now();
         let mut rl = limiter(4.0, 1);
-        let alice = "alice".to_string();
         for i in 0..100 {
-            assert_eq!(
-                rl.check(&alice, t0 + ms(250 * i)),
-                Verdict::Allowed,
-                "at {i}"
-            );
+            assert_eq!(rl.take(t0 + ms(250 * i)), ALLOWED, "at {i}");
         }
-        assert!(matches!(
-            rl.check(&alice, t0 + ms(250 * 99 + 1)),
-            Verdict::Limited { .. }
-        ));
+        assert!(rl.take(t0 + ms(250 * 99 + 1)).is_err());
     }
 
     #[test]
-    fn unknown_clients_are_denied_and_clients_are_independent() {
+    fn buckets_are_independent_and_keep_their_state_under_a_new_limit() {
         let t0 = Instant::now();
-        let mut rl = RateLimiter::new(HashMap::from([
-            ("alice".to_string(), Limit::per_second(1.0)),
-            ("bob".to_string(), Limit::per_second(1.0)),
-        ]));
-        assert_eq!(rl.check(&"mallory".to_string(), t0), Verdict::Unknown);
-        assert_eq!(rl.check(&"alice".to_string(), t0), Verdict::Allowed);
-        assert!(matches!(
-            rl.check(&"alice".to_string(), t0),
-            Verdict::Limited { .. }
-        ));
-        assert_eq!(rl.check(&"bob".to_string(), t0), Verdict::Allowed);
+        let (mut alice, mut bob) = (limiter(1.0, 1), limiter(1.0, 1));
+        assert_eq!(alice.take(t0), ALLOWED);
+        assert!(alice.take(t0).is_err());
+        assert_eq!(bob.take(t0), ALLOWED);
+        // A reload that raises the burst finds the bucket as it was.
+        alice.set_limit(Limit::new(1.0, 2));
+        assert_eq!(alice.take(t0), ALLOWED);
+        assert!(alice.take(t0).is_err());
     }
 
     #[test]
@@ -314,10 +269,10 @@ mod tests {
         let a: IpAddr = "2001:db8::1".parse().unwrap();
         let b: IpAddr = "2001:db8::ffff:2".parse().unwrap();
         let other: IpAddr = "2001:db8:0:1::1".parse().unwrap();
-        assert_eq!(sl.check(a, t0), Verdict::Allowed);
+        assert_eq!(sl.check(a, t0), ALLOWED);
         // Same /64: the same bucket.
-        assert!(matches!(sl.check(b, t0), Verdict::Limited { .. }));
-        assert_eq!(sl.check(other, t0), Verdict::Allowed);
+        assert!(sl.check(b, t0).is_err());
+        assert_eq!(sl.check(other, t0), ALLOWED);
         assert_eq!(sl.len(), 2);
         sl.sweep(t0 + Duration::from_secs(2));
         assert!(sl.is_empty());
@@ -329,31 +284,28 @@ mod tests {
         let mut sl = SourceLimiter::new(Limit::new(1.0, 1));
         sl.capacity = 3;
         for i in 1..=3u8 {
-            assert_eq!(sl.check(IpAddr::from([10, 0, 0, i]), t0), Verdict::Allowed);
+            assert_eq!(sl.check(IpAddr::from([10, 0, 0, i]), t0), ALLOWED);
         }
         // Full of busy sources: one is forgotten, the new one gets a bucket.
-        assert_eq!(sl.check(IpAddr::from([10, 0, 0, 9]), t0), Verdict::Allowed);
+        assert_eq!(sl.check(IpAddr::from([10, 0, 0, 9]), t0), ALLOWED);
         assert_eq!(sl.len(), 3);
         // Once they have filled up again they are swept to make room.
         let later = t0 + Duration::from_secs(5);
-        assert_eq!(
-            sl.check(IpAddr::from([10, 0, 0, 10]), later),
-            Verdict::Allowed
-        );
+        assert_eq!(sl.check(IpAddr::from([10, 0, 0, 10]), later), ALLOWED);
         assert_eq!(sl.len(), 1);
     }
 
     #[test]
     fn extreme_limits_never_panic() {
         let t0 = Instant::now();
-        let mut rl = RateLimiter::new(HashMap::from([
-            (1, Limit::new(1e-30, u32::MAX)),
-            (2, Limit::new(f64::INFINITY, 0)),
-            (3, Limit::new(f64::NAN, 5)),
-        ]));
-        for key in [1, 2, 3] {
+        for limit in [
+            Limit::new(1e-30, u32::MAX),
+            Limit::new(f64::INFINITY, 0),
+            Limit::new(f64::NAN, 5),
+        ] {
+            let mut bucket = Bucket::new(limit);
             for i in 0..3 {
-                let _ = rl.check(&key, t0 + Duration::from_secs(i));
+                let _ = bucket.take(t0 + Duration::from_secs(i));
             }
         }
         assert_eq!(Limit::new(1e-30, u32::MAX).burst(), Limit::MAX_BURST);

@@ -1,0 +1,281 @@
+//! One socket and what the kernel last said about it. Every operation on
+//! a socket of tcplb (relaying, TLS records, refusal lines, admin answers,
+//! health probes) goes through an [`Endpoint`], which is where readiness is
+//! kept: the stream itself is private.
+//!
+//! Readiness is remembered in user space: an event sets bits, and only an
+//! operation that shows the socket drained (WouldBlock, or a short read or
+//! write) clears them. Sockets are registered once, for everything, so
+//! nothing here ever re-registers.
+
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+
+use mio::event::Event;
+use mio::net::TcpStream;
+use mio::{Interest, Registry, Token};
+
+use super::send_queue::SendQueues;
+use super::{Io, net, retrying};
+
+/// Result of checking a connect in progress.
+#[derive(Debug)]
+pub(crate) enum Connect {
+    Pending,
+    Established,
+    Failed(io::Error),
+}
+
+/// What one attempt to read and drop a socket's input found.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Discarded {
+    Bytes(usize),
+    WouldBlock,
+    /// The peer finished (or broke) its side.
+    End,
+}
+
+const READABLE: u8 = 1;
+const WRITABLE: u8 = 2;
+/// A short read does not mean the socket is drained: read on until
+/// WouldBlock or EOF. Set when the peer's FIN or an error came with the
+/// readable edge (EOF is still to be read), and when urgent data arrived
+/// (Linux stops a read at the urgent mark even with more bytes queued).
+const READ_ALL: u8 = 4;
+/// The kernel reported an error condition; `take_error` will say which.
+const ERROR: u8 = 8;
+
+#[derive(Debug)]
+pub(crate) struct Endpoint {
+    stream: TcpStream,
+    ready: u8,
+    /// SO_OOBINLINE is set (done on the first urgent-data event).
+    urgent_inline: bool,
+    /// The connection is broken: the peer reset it, or an operation failed.
+    /// Bytes that arrived before a reset stay readable, and are read first;
+    /// an end of stream read after this is the reset's, not a FIN.
+    broken: bool,
+}
+
+impl Endpoint {
+    pub fn new(stream: TcpStream) -> Self {
+        Endpoint {
+            stream,
+            ready: 0,
+            urgent_inline: false,
+            broken: false,
+        }
+    }
+
+    /// Registers the socket, once, for everything it will need.
+    pub fn register(
+        &mut self,
+        registry: &Registry,
+        token: Token,
+        interest: Interest,
+    ) -> io::Result<()> {
+        registry.register(&mut self.stream, token, interest)
+    }
+
+    /// Remembers a readiness event. Closed and error conditions count as
+    /// readable and writable so that the next operation reports them.
+    pub fn on_event(&mut self, event: &Event) {
+        if event.is_readable() || event.is_read_closed() || event.is_error() {
+            self.ready |= READABLE;
+        }
+        if event.is_read_closed() || event.is_error() || event.is_priority() {
+            self.ready |= READABLE | READ_ALL;
+        }
+        if event.is_priority() && !self.urgent_inline {
+            net::keep_urgent_inline(&self.stream);
+            self.urgent_inline = true;
+        }
+        if event.is_writable() || event.is_write_closed() || event.is_error() {
+            self.ready |= WRITABLE;
+        }
+        if event.is_error() {
+            self.ready |= ERROR;
+        }
+    }
+
+    /// Lets the first write be tried before any event (a fresh socket has room).
+    pub fn assume_writable(&mut self) {
+        self.ready |= WRITABLE;
+    }
+
+    /// A read may produce something (bytes, EOF or an error).
+    pub fn can_read(&self) -> bool {
+        self.ready & READABLE != 0
+    }
+
+    /// A write may be taken.
+    pub fn can_write(&self) -> bool {
+        self.ready & WRITABLE != 0
+    }
+
+    /// One read into `buf`.
+    pub fn read(&mut self, buf: &mut [u8]) -> Io {
+        let wanted = buf.len();
+        let outcome = match Io::of(retrying(|| self.stream.read(buf)), false) {
+            // The reset's error was taken (`SO_ERROR`, or by a write): the
+            // kernel then ends the stream as if by FIN.
+            Io::Eof if self.broken => Io::Failed(io::ErrorKind::ConnectionReset.into()),
+            outcome => outcome,
+        };
+        match outcome {
+            // A short read drained the socket: epoll reports the next
+            // arrival as a new edge, so no WouldBlock probe is needed.
+            Io::Done(n) if n < wanted && self.ready & READ_ALL == 0 => self.ready &= !READABLE,
+            Io::WouldBlock => self.ready &= !(READABLE | READ_ALL),
+            Io::Failed(_) => self.set_broken(),
+            _ => {}
+        }
+        outcome
+    }
+
+    /// One write of a prefix of `data`.
+    pub fn write(&mut self, data: &[u8]) -> Io {
+        let outcome = Io::of(retrying(|| self.stream.write(data)), true);
+        match outcome {
+            Io::Done(n) if n < data.len() => self.ready &= !WRITABLE,
+            Io::WouldBlock => self.ready &= !WRITABLE,
+            Io::Eof | Io::Failed(_) => self.set_broken(),
+            Io::Done(_) => {}
+        }
+        outcome
+    }
+
+    /// Writes `data[*sent..]` while the socket takes it; `Ok(true)` once
+    /// all of `data` is out, `Ok(false)` while it waits for room.
+    pub fn write_out(&mut self, data: &[u8], sent: &mut usize) -> io::Result<bool> {
+        while *sent < data.len() && self.can_write() {
+            match self.write(&data[*sent..]) {
+                Io::Done(n) => *sent += n,
+                Io::WouldBlock => {}
+                Io::Eof => return Err(io::ErrorKind::WriteZero.into()),
+                Io::Failed(e) => return Err(e),
+            }
+        }
+        Ok(*sent == data.len())
+    }
+
+    /// Appends at most `max` bytes of one read to `out`.
+    pub fn read_onto(&mut self, out: &mut Vec<u8>, max: usize) -> Io {
+        let start = out.len();
+        out.resize(start + max, 0);
+        let outcome = self.read(&mut out[start..]);
+        let got = if let Io::Done(n) = outcome { n } else { 0 };
+        out.truncate(start + got);
+        outcome
+    }
+
+    /// Reads and drops what the peer sends, as far as it has sent it.
+    pub fn discard(&mut self) -> Discarded {
+        let mut scratch = [0u8; 2048];
+        let mut total = 0;
+        while self.can_read() {
+            match self.read(&mut scratch) {
+                Io::Done(n) => total += n,
+                Io::WouldBlock => break,
+                Io::Eof | Io::Failed(_) => return Discarded::End,
+            }
+        }
+        if total > 0 {
+            Discarded::Bytes(total)
+        } else {
+            Discarded::WouldBlock
+        }
+    }
+
+    /// Ends the write side (FIN after everything written).
+    pub fn shutdown_write(&mut self) -> io::Result<()> {
+        // ENOTCONN here means the peer reset meanwhile: an error.
+        let done = self.stream.shutdown(Shutdown::Write);
+        if done.is_err() {
+            self.set_broken();
+        }
+        done
+    }
+
+    /// Makes the coming close (the endpoint's drop) send RST instead of
+    /// FIN, so a reset or an abort is passed on as such.
+    pub fn abort(&self) {
+        net::set_abortive_close(&self.stream);
+    }
+
+    /// Checks a non-blocking connect after an event. It is complete once
+    /// the socket is writable with no pending error (`SO_ERROR`).
+    pub fn connect_result(&mut self) -> Connect {
+        if self.ready & (WRITABLE | ERROR) == 0 {
+            return Connect::Pending;
+        }
+        match self.stream.take_error() {
+            Ok(Some(e)) | Err(e) => return Connect::Failed(e),
+            Ok(None) => {}
+        }
+        self.ready &= !ERROR;
+        // Linux reports a connecting socket writable only once the
+        // handshake is done; an error-only wake-up with no error is spurious.
+        if self.can_write() {
+            Connect::Established
+        } else {
+            Connect::Pending
+        }
+    }
+
+    /// Takes note of an error the kernel flagged (`SO_ERROR`) without
+    /// acting on it yet: what arrived before a reset is still to be read.
+    pub fn note_error(&mut self) {
+        if self.ready & ERROR == 0 {
+            return;
+        }
+        self.ready &= !ERROR;
+        if let Ok(Some(_)) | Err(_) = self.stream.take_error() {
+            self.set_broken();
+        }
+    }
+
+    /// Marks the connection broken. The next read is tried whatever the
+    /// readiness bits say: it returns what is left, then the failure.
+    pub fn set_broken(&mut self) {
+        self.broken = true;
+        self.ready |= READABLE | READ_ALL;
+    }
+
+    pub fn is_broken(&self) -> bool {
+        self.broken
+    }
+
+    /// Bytes written to the socket that its peer has not acknowledged.
+    pub fn unacked(&self, queues: &mut SendQueues) -> io::Result<u32> {
+        queues.unacked(&self.stream)
+    }
+}
+
+/// For rustls' `read_tls`: the same read, with the same bookkeeping.
+impl Read for Endpoint {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match Endpoint::read(self, buf) {
+            Io::Done(n) => Ok(n),
+            Io::Eof => Ok(0),
+            Io::WouldBlock => Err(io::ErrorKind::WouldBlock.into()),
+            Io::Failed(e) => Err(e),
+        }
+    }
+}
+
+/// For rustls' `write_tls`: the same write, with the same bookkeeping.
+impl Write for Endpoint {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        match Endpoint::write(self, data) {
+            Io::Done(n) => Ok(n),
+            Io::WouldBlock => Err(io::ErrorKind::WouldBlock.into()),
+            Io::Eof => Err(io::ErrorKind::WriteZero.into()),
+            Io::Failed(e) => Err(e),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}

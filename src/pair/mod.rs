@@ -1,0 +1,577 @@
+//! The life of one connection pair, as one state machine whose states own
+//! their resources: the socket to a host and its count exist only while
+//! connecting or relaying, buffers only while relaying, and so on.
+//!
+//! ```text
+//!   accept ─┬─(TLS upstream)──> Handshaking ──(verified, admitted)──┐
+//!           │                        │                              │
+//!           │                  (TLS failure, timeout) ──> closed    │
+//!           └─(plain upstream)───────────────────────────────────── ┴──> Connecting
+//!                                                                          │  ▲ (connect failed:
+//!   Refusing <──(refused, or no host left)─────────────────────────────────┤  └── next candidate)
+//!      │                                                              (connected)
+//!      └──(line sent, client's FIN, or deadline)──> closed                 ▼
+//!                                                                       Relaying ──(both flows done)──> closed
+//!                                                                          │
+//!                                              (one side reset, its bytes delivered)
+//!                                                                          ▼
+//!                                 Resetting ──(receiver acknowledged, or bound)──> closed (RST passed on)
+//! ```
+//!
+//! The loop hands a pair readiness events and deadlines; the pair decides
+//! its next step with a narrow [`Context`] (buffer pool, registry, its
+//! upstream's hosts, the client rules, settings, `now`). Every change of
+//! state goes through [`Pair::transition`], which keeps the [`Census`] (how
+//! many pairs are in each state) and logs the change; [`Pair::close`] is
+//! the one way out, and gives back everything the last state held.
+
+mod connect;
+mod end;
+mod refuse;
+mod relay;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use log::{debug, info};
+use mio::{Registry, Token};
+
+pub(crate) use connect::PAIR_INTEREST;
+pub(crate) use end::{End, Refusal};
+use relay::ResetWait;
+
+use crate::config::Settings;
+use crate::io::Endpoint;
+use crate::io::buffer::BufferPool;
+use crate::io::flow::Flow;
+use crate::io::send_queue::SendQueues;
+use crate::io::tls_session::{Handshake, TlsSession};
+use crate::logs::Throttle;
+use crate::policy::access::{Access, ClientLease};
+use crate::policy::balance::{HostId, HostLease};
+use crate::policy::limits::source_key;
+use crate::upstream::Upstream;
+
+/// How long a refused client gets to read its error line and close.
+pub(crate) const REFUSAL_LINGER: Duration = Duration::from_secs(2);
+/// Bytes one pair may move per loop turn before others get their turn.
+pub(crate) const RELAY_BUDGET: usize = 256 * 1024;
+/// Refused clients that may linger (reading their error line) at once;
+/// beyond this, refusals are written best-effort and closed at once.
+pub(crate) const REFUSING_CAP: usize = 1024;
+
+/// Which socket of a pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Side {
+    Client,
+    Host,
+}
+
+impl Side {
+    /// The other socket of the pair.
+    pub(crate) fn other(self) -> Side {
+        match self {
+            Side::Client => Side::Host,
+            Side::Host => Side::Client,
+        }
+    }
+}
+
+/// What the loop should do with a pair after it moved.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// Wait for the next readiness event or deadline.
+    Continue,
+    /// The relay budget ran out with bytes still movable: drive the pair
+    /// again next turn, without waiting for an event (none may come).
+    Again,
+    /// Done: [`Pair::close`] it with this end.
+    Finish(End),
+}
+
+/// The client's side of a pair, in every state.
+#[derive(Debug)]
+struct Client {
+    endpoint: Endpoint,
+    /// Its TLS session, on a TLS upstream.
+    tls: Option<Box<TlsSession>>,
+    /// Its place in a `[[client]]` rule's count, once admitted.
+    lease: Option<ClientLease>,
+}
+
+/// A socket to a host and the count it holds against that host.
+#[derive(Debug)]
+struct HostConn {
+    endpoint: Endpoint,
+    lease: HostLease,
+}
+
+/// Where a pair is in its life, with what it holds there.
+#[derive(Debug)]
+enum State {
+    /// The TLS handshake of a client of a TLS upstream is in progress.
+    Handshaking { deadline: Instant },
+    /// A connect to a host is in flight; `tried` lists hosts that already
+    /// failed for this client (allocated only after a failure).
+    Connecting {
+        host: HostConn,
+        tried: Vec<HostId>,
+        deadline: Instant,
+        /// Client to host: filled only if the client reset meanwhile (what
+        /// it sent before is read, to be delivered once connected).
+        up: Flow,
+    },
+    /// Bytes flow both ways.
+    Relaying {
+        host: HostConn,
+        /// Client to host.
+        up: Flow,
+        /// Host to client.
+        down: Flow,
+        last_active: Instant,
+        /// The side whose reset (or failure) was noticed first.
+        failed: Option<Side>,
+    },
+    /// `reset` reset, every byte it sent is in the other side's kernel,
+    /// and the pair waits for those bytes to be acknowledged before it
+    /// passes the reset on. The host's count is already given back.
+    Resetting {
+        host: Endpoint,
+        host_id: HostId,
+        reset: Side,
+        wait: ResetWait,
+    },
+    /// Sending the refusal line, then waiting for the client's FIN.
+    Refusing {
+        refusal: Refusal,
+        progress: refuse::Progress,
+        deadline: Instant,
+    },
+    /// Only for the instant a transition moves the resources out.
+    Moving,
+}
+
+/// The states, as counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Handshaking,
+    Connecting,
+    Relaying,
+    Resetting,
+    Refusing,
+}
+
+impl State {
+    fn kind(&self) -> Option<Kind> {
+        Some(match self {
+            State::Handshaking { .. } => Kind::Handshaking,
+            State::Connecting { .. } => Kind::Connecting,
+            State::Relaying { .. } => Kind::Relaying,
+            State::Resetting { .. } => Kind::Resetting,
+            State::Refusing { .. } => Kind::Refusing,
+            State::Moving => return None,
+        })
+    }
+}
+
+/// How many pairs are in each state, and handshakes per source: kept by
+/// [`Pair::transition`] and [`Pair::close`], so it cannot drift from the
+/// states it counts.
+#[derive(Debug, Default)]
+pub(crate) struct Census {
+    counts: [usize; 5],
+    handshakes_by_source: HashMap<IpAddr, usize>,
+}
+
+impl Census {
+    fn moved(&mut self, from: Option<Kind>, to: Option<Kind>, client: SocketAddr) {
+        if from == to {
+            return;
+        }
+        if let Some(kind) = from {
+            self.count(kind, client, usize::wrapping_sub);
+        }
+        if let Some(kind) = to {
+            self.count(kind, client, usize::wrapping_add);
+        }
+    }
+
+    fn count(&mut self, kind: Kind, client: SocketAddr, change: fn(usize, usize) -> usize) {
+        self.counts[kind as usize] = change(self.counts[kind as usize], 1);
+        if kind == Kind::Handshaking {
+            let key = source_key(client.ip());
+            let n = self.handshakes_by_source.entry(key).or_default();
+            *n = change(*n, 1);
+            if *n == 0 {
+                self.handshakes_by_source.remove(&key);
+            }
+        }
+    }
+
+    /// Pairs that count against `max_connections`: those with a host.
+    pub fn active(&self) -> usize {
+        self.counts[Kind::Connecting as usize]
+            + self.counts[Kind::Relaying as usize]
+            + self.counts[Kind::Resetting as usize]
+    }
+
+    pub fn refusing(&self) -> usize {
+        self.counts[Kind::Refusing as usize]
+    }
+
+    pub fn handshakes(&self) -> usize {
+        self.counts[Kind::Handshaking as usize]
+    }
+
+    /// Handshakes in progress from `source`'s address (or IPv6 /64).
+    pub fn handshakes_from(&self, source: IpAddr) -> usize {
+        self.handshakes_by_source
+            .get(&source_key(source))
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+/// Log lines that anyone could make frequent: at most one a second each.
+#[derive(Debug, Default)]
+pub(crate) struct PairLogs {
+    pub handshake_failed: Throttle,
+    pub overloaded: Throttle,
+    pub send_queue: Throttle,
+}
+
+/// What a pair may use and change while it moves.
+pub(crate) struct Context<'a> {
+    pub now: Instant,
+    pub settings: &'a Settings,
+    pub pool: &'a mut BufferPool,
+    pub registry: &'a Registry,
+    /// The token a host socket of this pair is registered under.
+    pub host_token: Token,
+    /// The pair's upstream: its hosts and counters.
+    pub upstream: &'a mut Upstream,
+    pub access: &'a mut Access,
+    pub census: &'a mut Census,
+    pub send_queues: &'a mut SendQueues,
+    pub logs: &'a mut PairLogs,
+    /// Results of real connects, for passive health checks: the loop
+    /// feeds them to the hosts' health after the pair has moved.
+    pub host_results: &'a mut Vec<(HostId, bool)>,
+}
+
+/// A client connection and, once it has one, its host connection.
+#[derive(Debug)]
+pub(crate) struct Pair {
+    /// Process-unique number, for logs and to tell timer entries of a
+    /// reused slab slot apart.
+    pub id: u64,
+    /// Index of the upstream in the loop's table.
+    pub upstream: usize,
+    pub client_addr: SocketAddr,
+    pub started: Instant,
+    /// The deadline of this pair's live entry in the timer heap, if any.
+    pub scheduled: Option<Instant>,
+    /// A reload removed its host or upstream: closed at this instant
+    /// unless it finishes first.
+    pub drain_by: Option<Instant>,
+    /// The client's identity from its certificate, for logs.
+    identity: Option<Box<str>>,
+    client: Client,
+    state: State,
+}
+
+impl Pair {
+    /// A new TLS client: its handshake starts.
+    pub fn handshaking(
+        id: u64,
+        upstream: usize,
+        client: (Endpoint, SocketAddr),
+        tls: Box<TlsSession>,
+        deadline: Instant,
+        ctx: &mut Context<'_>,
+    ) -> Pair {
+        let mut pair = Pair::new(id, upstream, client, Some(tls), ctx.now);
+        pair.transition(ctx.census, |_| State::Handshaking { deadline });
+        pair
+    }
+
+    /// A new plain client: connected to a host, or refused.
+    pub fn connecting(
+        id: u64,
+        upstream: usize,
+        client: (Endpoint, SocketAddr),
+        ctx: &mut Context<'_>,
+    ) -> (Pair, Step) {
+        let mut pair = Pair::new(id, upstream, client, None, ctx.now);
+        let step = pair.place(ctx);
+        (pair, step)
+    }
+
+    fn new(
+        id: u64,
+        upstream: usize,
+        (endpoint, client_addr): (Endpoint, SocketAddr),
+        tls: Option<Box<TlsSession>>,
+        now: Instant,
+    ) -> Pair {
+        Pair {
+            id,
+            upstream,
+            client_addr,
+            started: now,
+            scheduled: None,
+            drain_by: None,
+            identity: None,
+            client: Client {
+                endpoint,
+                tls,
+                lease: None,
+            },
+            state: State::Moving,
+        }
+    }
+
+    /// The one place a pair changes state: `next` gets the old state (to
+    /// move its resources on) and returns the new one.
+    fn transition(&mut self, census: &mut Census, next: impl FnOnce(State) -> State) {
+        let old = std::mem::replace(&mut self.state, State::Moving);
+        let from = old.kind();
+        self.state = next(old);
+        let to = self.state.kind();
+        census.moved(from, to, self.client_addr);
+        if from != to {
+            debug!("pair #{}: {from:?} -> {to:?}", self.id);
+        }
+    }
+
+    /// The socket of `side`, while the pair has one.
+    pub fn endpoint(&mut self, side: Side) -> Option<&mut Endpoint> {
+        match (side, &mut self.state) {
+            (Side::Client, _) => Some(&mut self.client.endpoint),
+            (Side::Host, State::Connecting { host, .. } | State::Relaying { host, .. }) => {
+                Some(&mut host.endpoint)
+            }
+            (Side::Host, State::Resetting { host, .. }) => Some(host),
+            (Side::Host, _) => None,
+        }
+    }
+
+    /// The host this pair counts against, while connecting or relaying.
+    pub fn host_id(&self) -> Option<HostId> {
+        match &self.state {
+            State::Connecting { host, .. } | State::Relaying { host, .. } => {
+                Some(host.lease.host())
+            }
+            _ => None,
+        }
+    }
+
+    /// Bytes the relay has delivered each way (client to host, host to client).
+    pub fn bytes(&self) -> (u64, u64) {
+        match &self.state {
+            State::Relaying { up, down, .. } => (up.bytes, down.bytes),
+            State::Resetting { wait, .. } => wait.bytes,
+            _ => (0, 0),
+        }
+    }
+
+    /// When the loop must look at this pair again if nothing happens.
+    pub fn deadline(&self, settings: &Settings) -> Instant {
+        let own = match &self.state {
+            State::Handshaking { deadline }
+            | State::Connecting { deadline, .. }
+            | State::Refusing { deadline, .. } => *deadline,
+            State::Resetting { wait, .. } => wait.deadline(),
+            State::Relaying {
+                up,
+                down,
+                last_active,
+                failed,
+                ..
+            } => {
+                let mut quiet = settings.idle_timeout;
+                if up.eof || down.eof || failed.is_some() {
+                    quiet = quiet.min(settings.half_close_timeout);
+                }
+                *last_active + quiet
+            }
+            State::Moving => unreachable!("no pair rests while moving"),
+        };
+        self.drain_by.map_or(own, |d| d.min(own))
+    }
+
+    /// Moves the pair on after readiness changed on one of its sockets.
+    pub fn advance(&mut self, ctx: &mut Context<'_>) -> Step {
+        match self.state {
+            State::Handshaking { .. } => self.handshake(ctx),
+            State::Connecting { .. } => self.check_connect(ctx),
+            State::Relaying { .. } => self.relay(ctx),
+            State::Resetting { .. } => self.drain_while_resetting(ctx),
+            State::Refusing { .. } => self.refuse(ctx),
+            State::Moving => unreachable!("no pair rests while moving"),
+        }
+    }
+
+    /// Acts on the pair's own deadline, which has passed.
+    pub fn expire(&mut self, ctx: &mut Context<'_>) -> Step {
+        match self.state {
+            State::Handshaking { .. } => {
+                debug!("{} handshake timed out", self.client_addr);
+                ctx.upstream.count_refusal("handshake_timeout");
+                Step::Finish(End::HandshakeTimeout)
+            }
+            State::Connecting { .. } => {
+                let e = std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out");
+                self.connect_failed(ctx, e)
+            }
+            State::Relaying { .. } => self.relay_expired(ctx),
+            State::Resetting { .. } => self.check_reset(ctx),
+            State::Refusing { refusal, .. } => Step::Finish(End::Refused(refusal)),
+            State::Moving => unreachable!("no pair rests while moving"),
+        }
+    }
+
+    fn handshake(&mut self, ctx: &mut Context<'_>) -> Step {
+        let tls = self
+            .client
+            .tls
+            .as_deref_mut()
+            .expect("handshaking pairs are TLS pairs");
+        match tls.handshake(&mut self.client.endpoint) {
+            Handshake::Pending => Step::Continue,
+            Handshake::Done => self.admit(ctx),
+            Handshake::Failed(reason) => {
+                // Anyone can fail a handshake: throttled, not one line each.
+                if let Some(more) = ctx.logs.handshake_failed.allow(ctx.now) {
+                    info!(
+                        "{} `{}` refused: handshake_failed ({reason}) ({more} more since the last report)",
+                        self.client_addr, ctx.upstream.name
+                    );
+                }
+                ctx.upstream.count_refusal("handshake_failed");
+                Step::Finish(End::HandshakeFailed)
+            }
+            Handshake::Gone => Step::Finish(End::Reset(Side::Client)),
+        }
+    }
+
+    /// The TLS handshake is done: identify the client, apply its rules,
+    /// then connect it to a host or refuse it.
+    fn admit(&mut self, ctx: &mut Context<'_>) -> Step {
+        let names = self
+            .client
+            .tls
+            .as_ref()
+            .and_then(|t| t.peer_certificate())
+            .map(crate::tls::peer_names)
+            .unwrap_or_default();
+        let known = ctx.access.identify(&names);
+        // An unknown client is logged under its first name.
+        self.identity = known.or(names.first().map(String::as_str)).map(Into::into);
+        match ctx.access.admit(known, &ctx.upstream.name, ctx.now) {
+            Ok(lease) => {
+                self.client.lease = Some(lease);
+                match self.place(ctx) {
+                    // Application data may have come with the handshake.
+                    Step::Continue => self.advance(ctx),
+                    step => step,
+                }
+            }
+            Err(denial) => self.refuse_with(ctx, Refusal::from(denial)),
+        }
+    }
+
+    /// Ends the pair: gives back what its state held (host count, client
+    /// count, buffers), closes both sockets (with RST toward the other side
+    /// of a reset, and wherever a FIN would pass a cut stream off as
+    /// complete), and writes the access line.
+    pub fn close(mut self, ctx: &mut Context<'_>, end: End) {
+        let mut state = State::Moving;
+        self.transition(ctx.census, |old| {
+            state = old;
+            State::Moving
+        });
+        if let Some(lease) = self.client.lease.take() {
+            ctx.access.release(lease);
+        }
+        let u = &mut *ctx.upstream;
+        let duration = ctx.now.saturating_duration_since(self.started);
+        // A pair passing a reset on ends with it, however it is cut short.
+        let end = match &state {
+            State::Resetting { reset, .. } => End::Reset(*reset),
+            _ => end,
+        };
+        let abort = match end {
+            End::Reset(side) => [side == Side::Host, side == Side::Client],
+            End::Shutdown | End::HostDown | End::Removed => [true, true],
+            End::IdleTimeout | End::HalfCloseTimeout => {
+                let holds = matches!(&state, State::Relaying { up, down, .. }
+                    if up.buf.is_some() || down.buf.is_some());
+                [holds; 2]
+            }
+            End::Closed | End::Refused(_) | End::HandshakeFailed | End::HandshakeTimeout => {
+                [false, false]
+            }
+        };
+        if abort[0] {
+            self.client.endpoint.abort();
+        }
+        let (mut bytes, mut host_addr) = ((0, 0), None);
+        match state {
+            State::Connecting { host, mut up, .. } => {
+                up.release(ctx.pool);
+                host_addr = Some(u.balancer.host(host.lease.host()).addr);
+                u.balancer.release(host.lease);
+                if abort[1] {
+                    host.endpoint.abort();
+                }
+            }
+            State::Relaying {
+                host,
+                mut up,
+                mut down,
+                ..
+            } => {
+                bytes = (up.bytes, down.bytes);
+                up.release(ctx.pool);
+                down.release(ctx.pool);
+                host_addr = Some(u.balancer.host(host.lease.host()).addr);
+                u.balancer.release(host.lease);
+                u.durations.observe(duration);
+                if abort[1] {
+                    host.endpoint.abort();
+                }
+            }
+            State::Resetting {
+                host,
+                host_id,
+                wait,
+                ..
+            } => {
+                if wait.unacked > 0 {
+                    u.count_undelivered(u64::from(wait.unacked));
+                }
+                bytes = wait.bytes;
+                host_addr = Some(u.balancer.host(host_id).addr);
+                u.durations.observe(duration);
+                if abort[1] {
+                    host.abort();
+                }
+            }
+            State::Handshaking { .. } | State::Refusing { .. } | State::Moving => {}
+        }
+        info!(
+            target: "tcplb::access",
+            "{} `{}` identity={} host={} up={} down={} ms={} end={}",
+            self.client_addr,
+            u.name,
+            self.identity.as_deref().unwrap_or("-"),
+            host_addr.map_or("-".to_string(), |a| a.to_string()),
+            bytes.0,
+            bytes.1,
+            duration.as_millis(),
+            end
+        );
+    }
+}

@@ -1,0 +1,119 @@
+//! Turning a client away: one line saying why (over TLS: the line, then
+//! `close_notify`), FIN, then reading and dropping what the client still
+//! sends until it finishes, so that closing does not turn into a reset
+//! that could destroy the line before it is read.
+
+use log::info;
+
+use super::{Context, End, Pair, REFUSAL_LINGER, REFUSING_CAP, Refusal, State, Step};
+use crate::io::endpoint::Discarded;
+
+/// Bytes of a refused client's input read and dropped before giving up on a
+/// graceful close; reading them keeps the kernel from answering with RST
+/// (which could destroy the error line before the client reads it).
+const DISCARD_LIMIT: usize = 64 * 1024;
+
+/// How far a refusal has got.
+#[derive(Debug, Default)]
+pub(super) struct Progress {
+    /// Bytes of the line sent (over TLS: queued into the session).
+    written: usize,
+    /// The client's write side is shut (after the line, and `close_notify`).
+    shut: bool,
+    /// The client has finished sending: nothing more to read and drop.
+    input_done: bool,
+    discarded: usize,
+}
+
+impl Pair {
+    /// Refuses the client: logs and counts it once, gives back its client
+    /// count, and sends the line.
+    pub(super) fn refuse_with(&mut self, ctx: &mut Context<'_>, refusal: Refusal) -> Step {
+        let fingerprint = self
+            .client
+            .tls
+            .as_ref()
+            .and_then(|t| t.peer_certificate())
+            .map(crate::tls::fingerprint);
+        info!(
+            "{} `{}` refused: {} identity={} cert_sha256={}",
+            self.client_addr,
+            ctx.upstream.name,
+            refusal.code(),
+            self.identity.as_deref().unwrap_or("-"),
+            fingerprint.as_deref().unwrap_or("-"),
+        );
+        ctx.upstream.count_refusal(refusal.code());
+        if let Some(lease) = self.client.lease.take() {
+            ctx.access.release(lease);
+        }
+        let deadline = ctx.now + REFUSAL_LINGER;
+        self.transition(ctx.census, |_| State::Refusing {
+            refusal,
+            progress: Progress::default(),
+            deadline,
+        });
+        // A fresh socket can take a short line: try now rather than a turn later.
+        self.client.endpoint.assume_writable();
+        let step = self.refuse(ctx);
+        if ctx.census.refusing() > REFUSING_CAP {
+            // Too many lingering refusals already: said once, and closed.
+            return Step::Finish(End::Refused(refusal));
+        }
+        step
+    }
+
+    /// Sends what is left of the line, then reads and drops the client's
+    /// input until it finishes.
+    pub(super) fn refuse(&mut self, _ctx: &mut Context<'_>) -> Step {
+        let State::Refusing {
+            refusal, progress, ..
+        } = &mut self.state
+        else {
+            unreachable!("only refusing pairs refuse");
+        };
+        let end = Step::Finish(End::Refused(*refusal));
+        let line = refusal.line();
+        let client = &mut self.client;
+        let ep = &mut client.endpoint;
+        let sent = match client.tls.as_deref_mut() {
+            Some(tls) => {
+                if progress.written == 0 {
+                    tls.queue_last_words(line.as_bytes());
+                    progress.written = line.len();
+                }
+                tls.flush(ep).map(|_| !tls.wants_write())
+            }
+            None => ep.write_out(line.as_bytes(), &mut progress.written),
+        };
+        match sent {
+            Err(_) => return end,
+            Ok(true) if !progress.shut => {
+                progress.shut = true;
+                if ep.shutdown_write().is_err() {
+                    return end;
+                }
+            }
+            Ok(_) => {}
+        }
+        while !progress.input_done {
+            let got = match client.tls.as_deref_mut() {
+                Some(tls) => tls.discard(ep),
+                None => ep.discard(),
+            };
+            match got {
+                Discarded::Bytes(n) => {
+                    progress.discarded += n;
+                    if progress.discarded > DISCARD_LIMIT {
+                        return end;
+                    }
+                }
+                Discarded::WouldBlock => return Step::Continue,
+                // A client that stopped sending may still be reading the line.
+                Discarded::End => progress.input_done = true,
+            }
+        }
+        // Done once the line is out and the client has finished.
+        if progress.shut { end } else { Step::Continue }
+    }
+}
