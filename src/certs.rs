@@ -4,12 +4,12 @@
 //! the certificates it signed.
 
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, date_time_ymd,
+    Issuer, KeyPair, KeyUsagePurpose,
 };
+use time::{Duration, OffsetDateTime, Time};
 
 use crate::error::Error;
 
@@ -39,8 +39,7 @@ pub fn init(dir: &Path, server_names: &[String], clients: &[String]) -> Result<W
         what: "the certificate directory",
         source,
     })?;
-    let ((y1, m1, d1), (y2, m2, d2)) = validity();
-    let (not_before, not_after) = (date_time_ymd(y1, m1, d1), date_time_ymd(y2, m2, d2));
+    let (not_before, not_after) = validity(OffsetDateTime::now_utc());
 
     let ca_key = KeyPair::generate().map_err(|e| fail("CA key", e))?;
     let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(|e| fail("CA", e))?;
@@ -132,30 +131,11 @@ fn file_stem(client: &str) -> String {
         .collect()
 }
 
-/// (first day, last day) of validity: from yesterday (clock skew) for [`VALID_DAYS`].
-type Ymd = (i32, u8, u8);
-fn validity() -> (Ymd, Ymd) {
-    let days = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() / 86_400) as i64;
-    (
-        civil_from_days(days - 1),
-        civil_from_days(days - 1 + VALID_DAYS),
-    )
-}
-
-/// (year, month, day) of a day count since 1970-01-01 (proleptic Gregorian).
-fn civil_from_days(z: i64) -> (i32, u8, u8) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year as i32, month as u8, day as u8)
+/// First and last instant of validity: from yesterday's midnight (UTC,
+/// for clocks that lag) for [`VALID_DAYS`].
+fn validity(now: OffsetDateTime) -> (OffsetDateTime, OffsetDateTime) {
+    let start = (now - Duration::days(1)).replace_time(Time::MIDNIGHT);
+    (start, start + Duration::days(VALID_DAYS))
 }
 
 #[cfg(test)]
@@ -163,10 +143,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn civil_dates() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(19_782), (2024, 2, 29));
-        assert_eq!(civil_from_days(20_782), (2026, 11, 25));
+    fn validity_starts_yesterday_at_midnight() {
+        let now = OffsetDateTime::from_unix_timestamp(1_709_200_800).unwrap(); // 2024-02-29 10:00 UTC
+        let (from, until) = validity(now);
+        assert_eq!(from.to_string(), "2024-02-28 0:00:00.0 +00:00:00");
+        assert_eq!((until - from).whole_days(), VALID_DAYS);
     }
 
     #[test]
