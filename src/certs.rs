@@ -19,7 +19,9 @@ const VALID_DAYS: i64 = 825;
 /// What [`init`] wrote.
 #[derive(Debug, Clone)]
 pub struct Written {
+    /// The CA certificate (`ca.pem`).
     pub ca: PathBuf,
+    /// The server certificate (`server.pem`) and key (`server.key`).
     pub server_cert: PathBuf,
     pub server_key: PathBuf,
     /// (client name, certificate, key)

@@ -23,9 +23,13 @@ use crate::error::Error;
 /// The `[tls]` table: where the material lives and how handshakes are bounded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsSettings {
+    /// The server certificate chain (PEM), leaf first.
     pub cert: PathBuf,
+    /// The server's private key (PEM).
     pub key: PathBuf,
+    /// The CA (PEM) client certificates must chain to.
     pub client_ca: PathBuf,
+    /// Certificate revocation lists (PEM) checked for client certificates.
     pub crl: Vec<PathBuf>,
     /// A handshake not complete by then is dropped.
     pub handshake_timeout: Duration,
@@ -37,8 +41,11 @@ pub struct TlsSettings {
 }
 
 impl TlsSettings {
+    /// `handshake_timeout` when the config does not set it.
     pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+    /// `max_handshakes` when the config does not set it.
     pub const DEFAULT_MAX_HANDSHAKES: usize = 1000;
+    /// `max_handshakes_per_source` when the config does not set it.
     pub const DEFAULT_MAX_HANDSHAKES_PER_SOURCE: usize = 100;
 
     /// Makes relative paths relative to `dir` (the config file's folder).

@@ -17,9 +17,13 @@ pub struct HealthSettings {
     /// them, only hosts taken down by failed real connects are probed, to
     /// bring them back.
     pub active: bool,
+    /// Time between two checks of a host.
     pub interval: Duration,
+    /// A check not passed by then has failed.
     pub timeout: Duration,
+    /// Consecutive passed checks that bring a down host back up.
     pub rise: u32,
+    /// Consecutive failures (checks or real connects) that take a host down.
     pub fall: u32,
     /// Bytes a probe sends once connected.
     pub send: Option<Vec<u8>>,

@@ -49,6 +49,7 @@ impl Limit {
         Limit::new(rate, rate.ceil().clamp(1.0, Self::MAX_BURST as f64) as u32)
     }
 
+    /// The bucket's size.
     pub fn burst(&self) -> u32 {
         self.burst
     }
