@@ -21,8 +21,9 @@ const VALID_DAYS: i64 = 825;
 pub struct Written {
     /// The CA certificate (`ca.pem`).
     pub ca: PathBuf,
-    /// The server certificate (`server.pem`) and key (`server.key`).
+    /// The server certificate (`server.pem`).
     pub server_cert: PathBuf,
+    /// The server's key (`server.key`).
     pub server_key: PathBuf,
     /// (client name, certificate, key)
     pub clients: Vec<(String, PathBuf, PathBuf)>,
