@@ -185,3 +185,23 @@ pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
     }
     hex
 }
+
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use super::*;
+
+    /// A server config with a fresh self-signed certificate, for tests of
+    /// code that holds a TLS session.
+    pub fn server_config() -> Arc<ServerConfig> {
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let key = PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
+        let config =
+            ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(vec![cert.cert.der().clone()], key)
+                .unwrap();
+        Arc::new(config)
+    }
+}

@@ -29,6 +29,8 @@ mod connect;
 mod end;
 mod refuse;
 mod relay;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};

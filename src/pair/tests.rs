@@ -1,0 +1,256 @@
+//! The pair state machine driven directly: real loopback sockets, a
+//! context built by hand, and `now` injected, so deadlines are exact and
+//! no test waits on the clock.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use mio::{Events, Poll, Token};
+
+use super::*;
+use crate::io::Endpoint;
+use crate::policy::health::HealthSettings;
+
+/// Everything a pair's context borrows, owned by the test.
+struct World {
+    poll: Poll,
+    settings: Settings,
+    pool: BufferPool,
+    upstream: Upstream,
+    access: Access,
+    census: Census,
+    send_queues: SendQueues,
+    logs: PairLogs,
+    host_results: Vec<(HostId, bool)>,
+    t0: Instant,
+}
+
+const CLIENT: Token = Token(0);
+const HOST: Token = Token(1);
+
+impl World {
+    fn new(hosts: Vec<SocketAddr>) -> World {
+        World {
+            poll: Poll::new().unwrap(),
+            settings: Settings::default(),
+            pool: BufferPool::new(16 * 1024, 64 * 1024, 1 << 20),
+            upstream: Upstream::new(
+                "test".into(),
+                "127.0.0.1:0".parse().unwrap(),
+                "127.0.0.1:0".parse().unwrap(),
+                hosts,
+                false,
+                HealthSettings::default(),
+            ),
+            access: Access::new(Vec::new()),
+            census: Census::default(),
+            send_queues: SendQueues::new(),
+            logs: PairLogs::default(),
+            host_results: Vec::new(),
+            t0: Instant::now(),
+        }
+    }
+
+    /// The context at `t0 + at`.
+    fn at(&mut self, at: Duration) -> Context<'_> {
+        Context {
+            now: self.t0 + at,
+            settings: &self.settings,
+            pool: &mut self.pool,
+            registry: self.poll.registry(),
+            host_token: HOST,
+            upstream: &mut self.upstream,
+            access: &mut self.access,
+            census: &mut self.census,
+            send_queues: &mut self.send_queues,
+            logs: &mut self.logs,
+            host_results: &mut self.host_results,
+        }
+    }
+
+    /// A client connected to "tcplb": the test's end, and tcplb's endpoint.
+    fn client(&self) -> (TcpStream, (Endpoint, SocketAddr)) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let theirs = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (ours, addr) = listener.accept().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let mut endpoint = Endpoint::new(mio::net::TcpStream::from_std(ours));
+        endpoint
+            .register(self.poll.registry(), CLIENT, PAIR_INTEREST)
+            .unwrap();
+        (theirs, (endpoint, addr))
+    }
+
+    /// Polls once (bounded) and hands the events to the pair, as the loop does.
+    fn events(&mut self, pair: &mut Pair) -> bool {
+        let mut events = Events::with_capacity(16);
+        self.poll
+            .poll(&mut events, Some(Duration::from_secs(5)))
+            .unwrap();
+        for event in &events {
+            let side = if event.token() == CLIENT {
+                Side::Client
+            } else {
+                Side::Host
+            };
+            if let Some(endpoint) = pair.endpoint(side) {
+                endpoint.on_event(event);
+            }
+        }
+        !events.is_empty()
+    }
+
+    /// Drives the pair on events until `done` holds (bounded by polls).
+    fn drive_until(&mut self, pair: &mut Pair, at: Duration, done: impl Fn(&Pair) -> bool) {
+        for _ in 0..100 {
+            if done(pair) {
+                return;
+            }
+            assert!(self.events(pair), "no event within 5 s");
+            let step = pair.advance(&mut self.at(at));
+            assert!(!matches!(step, Step::Finish(_)), "finished: {step:?}");
+        }
+        panic!("never got there");
+    }
+}
+
+fn listener() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0").unwrap()
+}
+
+fn kind(pair: &Pair) -> Option<Kind> {
+    pair.state.kind()
+}
+
+#[test]
+fn a_connect_that_times_out_fails_over_then_refuses() {
+    let (a, b) = (listener(), listener());
+    let mut w = World::new(vec![a.local_addr().unwrap(), b.local_addr().unwrap()]);
+    let (_client, accepted) = w.client();
+    let (mut pair, step) = Pair::connecting(1, 0, accepted, &mut w.at(Duration::ZERO));
+    assert_eq!(step, Step::Continue);
+    assert_eq!(kind(&pair), Some(Kind::Connecting));
+    let first = pair.host_id().unwrap();
+    assert_eq!(w.upstream.balancer.host(first).active(), 1);
+    assert_eq!(w.census.active(), 1);
+
+    // The deadline is exactly the connect timeout; the events of the
+    // kernel's completed connect are never looked at.
+    let timeout = w.settings.connect_timeout;
+    assert_eq!(pair.deadline(&w.settings), w.t0 + timeout);
+    let step = pair.expire(&mut w.at(timeout));
+    assert_eq!(step, Step::Continue);
+    let second = pair.host_id().unwrap();
+    assert_ne!(first, second, "the next-best host");
+    assert_eq!(w.upstream.balancer.host(first).active(), 0, "given back");
+    assert_eq!(w.upstream.balancer.host(first).counters.connect_failures, 1);
+    assert_eq!(w.host_results, [(first, false)]);
+    assert_eq!(pair.deadline(&w.settings), w.t0 + 2 * timeout);
+
+    let step = pair.expire(&mut w.at(2 * timeout));
+    assert_eq!(step, Step::Continue, "refusing: the line is being sent");
+    assert_eq!(kind(&pair), Some(Kind::Refusing));
+    assert_eq!(w.census.active(), 0);
+    assert_eq!(w.census.refusing(), 1);
+    assert_eq!(w.upstream.refused.get("upstream_unavailable"), Some(&1));
+    assert_eq!(
+        pair.deadline(&w.settings),
+        w.t0 + 2 * timeout + REFUSAL_LINGER
+    );
+    let mut ctx = w.at(2 * timeout + REFUSAL_LINGER);
+    let end = pair.expire(&mut ctx);
+    assert_eq!(
+        end,
+        Step::Finish(End::Refused(Refusal::UpstreamUnavailable))
+    );
+    pair.close(&mut ctx, End::Refused(Refusal::UpstreamUnavailable));
+    assert_eq!(w.census.refusing(), 0);
+    assert!((0..2).all(|h| w.upstream.balancer.host(h).active() == 0));
+}
+
+#[test]
+fn over_max_connections_is_refused_without_a_host() {
+    let host = listener();
+    let mut w = World::new(vec![host.local_addr().unwrap()]);
+    w.settings.max_connections = 0;
+    let (mut client, accepted) = w.client();
+    let mut ctx = w.at(Duration::ZERO);
+    let (pair, _) = Pair::connecting(1, 0, accepted, &mut ctx);
+    assert_eq!(kind(&pair), Some(Kind::Refusing));
+    assert_eq!(pair.host_id(), None);
+    pair.close(&mut ctx, End::Refused(Refusal::Overloaded));
+    let mut line = String::new();
+    client.read_to_string(&mut line).unwrap();
+    assert_eq!(line, Refusal::Overloaded.line());
+}
+
+#[test]
+fn relaying_pairs_expire_idle_then_half_closed_at_their_own_timeouts() {
+    let host = listener();
+    let mut w = World::new(vec![host.local_addr().unwrap()]);
+    w.settings.idle_timeout = Duration::from_secs(100);
+    w.settings.half_close_timeout = Duration::from_secs(10);
+    let (mut client, accepted) = w.client();
+    let (mut pair, _) = Pair::connecting(1, 0, accepted, &mut w.at(Duration::ZERO));
+    let (mut upstream_end, _) = host.accept().unwrap();
+    let at = Duration::from_secs(1);
+    w.drive_until(&mut pair, at, |p| kind(p) == Some(Kind::Relaying));
+    assert_eq!(w.host_results, [(0, true)]);
+    assert_eq!(w.upstream.balancer.host(0).counters.connections, 1);
+    // Idle from the moment it connected.
+    assert_eq!(
+        pair.deadline(&w.settings),
+        w.t0 + at + Duration::from_secs(100)
+    );
+
+    // A byte each way moves the idle clock to when it moved.
+    client.write_all(b"x").unwrap();
+    let at = Duration::from_secs(50);
+    w.drive_until(&mut pair, at, |p| p.bytes().0 == 1);
+    let mut byte = [0u8; 1];
+    upstream_end.read_exact(&mut byte).unwrap();
+    assert_eq!(
+        pair.deadline(&w.settings),
+        w.t0 + at + Duration::from_secs(100)
+    );
+
+    // The client half-closes: the shorter timeout applies from then on.
+    client.shutdown(std::net::Shutdown::Write).unwrap();
+    let at = Duration::from_secs(60);
+    w.drive_until(
+        &mut pair,
+        at,
+        |p| matches!(&p.state, State::Relaying { up, .. } if up.done),
+    );
+    assert_eq!(upstream_end.read(&mut byte).unwrap(), 0, "FIN passed on");
+    assert_eq!(
+        pair.deadline(&w.settings),
+        w.t0 + at + Duration::from_secs(10)
+    );
+    let mut ctx = w.at(at + Duration::from_secs(10));
+    assert_eq!(pair.expire(&mut ctx), Step::Finish(End::HalfCloseTimeout));
+    pair.close(&mut ctx, End::HalfCloseTimeout);
+    assert_eq!(w.upstream.balancer.host(0).active(), 0);
+    assert_eq!(w.census.active(), 0);
+    assert_eq!(w.pool.in_use(), 0);
+}
+
+#[test]
+fn a_handshake_that_does_not_finish_times_out_and_is_counted() {
+    let mut w = World::new(vec![listener().local_addr().unwrap()]);
+    let (_client, accepted) = w.client();
+    let config = crate::tls::tests_support::server_config();
+    let session = TlsSession::new(config, 64 * 1024).unwrap();
+    let deadline = w.t0 + Duration::from_secs(10);
+    let mut pair = Pair::handshaking(1, 0, accepted, session, deadline, &mut w.at(Duration::ZERO));
+    assert_eq!(w.census.handshakes(), 1);
+    assert_eq!(w.census.handshakes_from("127.0.0.1".parse().unwrap()), 1);
+    assert_eq!(pair.deadline(&w.settings), deadline);
+    let mut ctx = w.at(Duration::from_secs(10));
+    assert_eq!(pair.expire(&mut ctx), Step::Finish(End::HandshakeTimeout));
+    pair.close(&mut ctx, End::HandshakeTimeout);
+    assert_eq!(w.census.handshakes(), 0);
+    assert_eq!(w.census.handshakes_from("127.0.0.1".parse().unwrap()), 0);
+    assert_eq!(w.upstream.refused.get("handshake_timeout"), Some(&1));
+}
