@@ -38,6 +38,8 @@ pub struct UpstreamStats {
     /// Clients turned away, per reason (refusal code, `handshake_failed`,
     /// `handshake_timeout`, `source_rate_limited`, `handshake_capacity`).
     pub refused: Vec<(String, u64)>,
+    /// Connections ended, per end reason (the access log's `end`).
+    pub ended: Vec<(String, u64)>,
     pub bytes_up: u64,
     pub bytes_down: u64,
     pub durations: Histogram,
@@ -171,6 +173,22 @@ pub fn prometheus(stats: &Stats) -> String {
                 "{name}{{upstream=\"{}\"}} {}",
                 label(&up.name),
                 value(up)
+            );
+        }
+    }
+    family(
+        &mut out,
+        "tcplb_connections_ended_total",
+        "counter",
+        "Client connections ended, by end reason (the access log's end=).",
+    );
+    for up in &stats.upstreams {
+        let u = label(&up.name);
+        for (end, n) in &up.ended {
+            let _ = writeln!(
+                out,
+                "tcplb_connections_ended_total{{upstream=\"{u}\",end=\"{}\"}} {n}",
+                label(end)
             );
         }
     }
@@ -373,6 +391,7 @@ mod tests {
                     checks_failed: 0,
                 }],
                 refused: vec![("overloaded".into(), 2)],
+                ended: vec![("client_truncated".into(), 3)],
                 bytes_up: 10,
                 bytes_down: 20,
                 durations,
@@ -389,6 +408,9 @@ mod tests {
             text.contains("tcplb_connections_active{upstream=\"app\",host=\"127.0.0.1:9001\"} 1\n")
         );
         assert!(text.contains("tcplb_refused_total{upstream=\"app\",reason=\"overloaded\"} 2\n"));
+        assert!(text.contains(
+            "tcplb_connections_ended_total{upstream=\"app\",end=\"client_truncated\"} 3\n"
+        ));
         assert!(text.contains("tcplb_undelivered_resets_total{upstream=\"app\"} 1\n"));
         assert!(text.contains("tcplb_undelivered_bytes_total{upstream=\"app\"} 4096\n"));
         assert!(text.contains(

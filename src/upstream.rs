@@ -70,6 +70,8 @@ pub(crate) struct Upstream {
     pub bytes_down: u64,
     /// Clients turned away, per reason.
     pub refused: BTreeMap<&'static str, u64>,
+    /// Pairs ended, per end reason (the access log's `end`).
+    pub ended: BTreeMap<&'static str, u64>,
     /// Durations of connections that reached a host.
     pub durations: Histogram,
     /// Resets passed on at the half-close bound before the receiver had
@@ -100,6 +102,7 @@ impl Upstream {
             bytes_up: 0,
             bytes_down: 0,
             refused: BTreeMap::new(),
+            ended: BTreeMap::new(),
             durations: Histogram::default(),
             undelivered_resets: 0,
             undelivered_bytes: 0,

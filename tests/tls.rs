@@ -623,6 +623,14 @@ fn a_fin_without_close_notify_reaches_the_host_as_a_reset() {
         "got {:?}",
         String::from_utf8_lossy(&got)
     );
+    assert_eq!(
+        got, b"partial",
+        "what came before the FIN is delivered first"
+    );
+    // Named for what happened: the client sent no reset.
+    proxy.wait_until("ended the pair", |s| s.pairs == 0);
+    let ended = &proxy.stats().upstreams[0].ended;
+    assert_eq!(ended, &[("client_truncated".to_string(), 1)]);
 }
 
 #[test]

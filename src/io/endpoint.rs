@@ -26,6 +26,16 @@ pub(crate) enum Connect {
     Failed(io::Error),
 }
 
+/// How a connection broke.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fault {
+    /// Reset by the peer, or an operation on it failed.
+    Reset,
+    /// The peer ended a TLS stream with a bare FIN, no `close_notify`: it
+    /// may have been cut short, so it is passed on as a reset.
+    Truncated,
+}
+
 /// What one attempt to read and drop a socket's input found.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Discarded {
@@ -51,10 +61,11 @@ pub(crate) struct Endpoint {
     ready: u8,
     /// SO_OOBINLINE is set (done on the first urgent-data event).
     urgent_inline: bool,
-    /// The connection is broken: the peer reset it, or an operation failed.
-    /// Bytes that arrived before a reset stay readable, and are read first;
-    /// an end of stream read after this is the reset's, not a FIN.
-    broken: bool,
+    /// The connection is broken: the peer reset it, an operation failed,
+    /// or a TLS stream was cut. Bytes that arrived before a reset stay
+    /// readable, and are read first; an end of stream read after this is
+    /// the reset's, not a FIN.
+    fault: Option<Fault>,
 }
 
 impl Endpoint {
@@ -63,7 +74,7 @@ impl Endpoint {
             stream,
             ready: 0,
             urgent_inline: false,
-            broken: false,
+            fault: None,
         }
     }
 
@@ -119,7 +130,7 @@ impl Endpoint {
         let outcome = match Io::of(retrying(|| self.stream.read(buf)), false) {
             // The reset's error was taken (`SO_ERROR`, or by a write): the
             // kernel then ends the stream as if by FIN.
-            Io::Eof if self.broken => Io::Failed(io::ErrorKind::ConnectionReset.into()),
+            Io::Eof if self.is_broken() => Io::Failed(io::ErrorKind::ConnectionReset.into()),
             outcome => outcome,
         };
         match outcome {
@@ -238,12 +249,23 @@ impl Endpoint {
     /// Marks the connection broken. The next read is tried whatever the
     /// readiness bits say: it returns what is left, then the failure.
     pub fn set_broken(&mut self) {
-        self.broken = true;
+        self.fault.get_or_insert(Fault::Reset);
+        self.ready |= READABLE | READ_ALL;
+    }
+
+    /// Marks a TLS stream cut short (see [`Fault::Truncated`]).
+    pub fn set_truncated(&mut self) {
+        self.fault.get_or_insert(Fault::Truncated);
         self.ready |= READABLE | READ_ALL;
     }
 
     pub fn is_broken(&self) -> bool {
-        self.broken
+        self.fault.is_some()
+    }
+
+    /// How the connection broke, if it did.
+    pub fn fault(&self) -> Option<Fault> {
+        self.fault
     }
 
     /// Bytes written to the socket that its peer has not acknowledged.

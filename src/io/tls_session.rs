@@ -188,6 +188,10 @@ impl Source for TlsSide<'_> {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.tls.plaintext = false,
                 // TCP FIN without close_notify: the stream may have been cut
                 // short, so the host gets a reset, not a clean end.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    self.ep.set_truncated();
+                    return Io::Failed(e);
+                }
                 Err(e) => {
                     self.ep.set_broken();
                     return Io::Failed(e);

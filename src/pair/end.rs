@@ -11,6 +11,9 @@ pub(crate) enum End {
     Closed,
     /// This side reset the connection or failed; the other side was aborted.
     Reset(Side),
+    /// The TLS client ended its stream with a bare FIN, no `close_notify`
+    /// (the stream may have been cut short); the host was reset.
+    Truncated,
     IdleTimeout,
     HalfCloseTimeout,
     /// The client was told why and closed.
@@ -27,12 +30,31 @@ pub(crate) enum End {
     Shutdown,
 }
 
+impl End {
+    /// The side that broke, for an end that a broken side caused.
+    pub(crate) fn broken_side(self) -> Option<Side> {
+        match self {
+            End::Reset(side) => Some(side),
+            End::Truncated => Some(Side::Client),
+            _ => None,
+        }
+    }
+}
+
 impl std::fmt::Display for End {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
+        f.write_str(self.code())
+    }
+}
+
+impl End {
+    /// The name the access log and the metrics give it.
+    pub(crate) fn code(self) -> &'static str {
+        match self {
             End::Closed => "closed",
             End::Reset(Side::Client) => "client_reset",
             End::Reset(Side::Host) => "host_reset",
+            End::Truncated => "client_truncated",
             End::IdleTimeout => "idle_timeout",
             End::HalfCloseTimeout => "half_close_timeout",
             End::Refused(r) => r.code(),
@@ -41,7 +63,7 @@ impl std::fmt::Display for End {
             End::HostDown => "host_down",
             End::Removed => "removed",
             End::Shutdown => "shutdown",
-        })
+        }
     }
 }
 

@@ -135,13 +135,14 @@ enum State {
         /// The side whose reset (or failure) was noticed first.
         failed: Option<Side>,
     },
-    /// `reset` reset, every byte it sent is in the other side's kernel,
-    /// and the pair waits for those bytes to be acknowledged before it
-    /// passes the reset on. The host's count is already given back.
+    /// One side broke (`end` says which, and how), every byte it sent is
+    /// in the other side's kernel, and the pair waits for those bytes to be
+    /// acknowledged before it passes the reset on. The host's count is
+    /// already given back.
     Resetting {
         host: Endpoint,
         host_id: HostId,
-        reset: Side,
+        end: End,
         wait: ResetWait,
     },
     /// Sending the refusal line, then waiting for the client's FIN.
@@ -501,11 +502,12 @@ impl Pair {
         let duration = ctx.now.saturating_duration_since(self.started);
         // A pair passing a reset on ends with it, however it is cut short.
         let end = match &state {
-            State::Resetting { reset, .. } => End::Reset(*reset),
+            State::Resetting { end, .. } => *end,
             _ => end,
         };
         let abort = match end {
             End::Reset(side) => [side == Side::Host, side == Side::Client],
+            End::Truncated => [false, true],
             End::Shutdown | End::HostDown | End::Removed => [true, true],
             End::IdleTimeout | End::HalfCloseTimeout => {
                 let holds = matches!(&state, State::Relaying { up, down, .. }
@@ -563,6 +565,7 @@ impl Pair {
             }
             State::Handshaking { .. } | State::Refusing { .. } | State::Moving => {}
         }
+        *u.ended.entry(end.code()).or_default() += 1;
         info!(
             target: "tcplb::access",
             "{} `{}` identity={} host={} up={} down={} ms={} end={}",

@@ -16,6 +16,7 @@ use log::warn;
 use super::Side;
 use super::{Context, End, Pair, RELAY_BUDGET, State, Step};
 use crate::io::Endpoint;
+use crate::io::endpoint::Fault;
 use crate::io::flow::{Flow, Pumped, pump};
 
 /// How soon a pair passing a reset on first looks again at what the
@@ -86,7 +87,10 @@ impl Pair {
         if finished {
             return match *failed {
                 None => Step::Finish(End::Closed),
-                Some(side) => self.pass_reset_on(ctx, side),
+                Some(side) => {
+                    let end = self.failure_end(side);
+                    self.pass_reset_on(ctx, end)
+                }
             };
         }
         // A failure found by one direction's pump after the other had run:
@@ -123,7 +127,7 @@ impl Pair {
             };
             let buffered = toward.buf.as_ref().map_or(0, |b| b.len() as u64);
             ctx.upstream.count_undelivered(buffered + u64::from(queued));
-            return Step::Finish(End::Reset(side));
+            return Step::Finish(self.failure_end(side));
         }
         Step::Finish(if up.eof || down.eof {
             End::HalfCloseTimeout
@@ -132,9 +136,19 @@ impl Pair {
         })
     }
 
-    /// `reset`'s bytes are all handed to the other side: pass the reset on
-    /// now if the receiver has acknowledged them, or wait until it has.
-    fn pass_reset_on(&mut self, ctx: &mut Context<'_>, reset: Side) -> Step {
+    /// How the pair ends when `side` broke: a reset, or a cut TLS stream.
+    fn failure_end(&self, side: Side) -> End {
+        match (side, self.client.endpoint.fault()) {
+            (Side::Client, Some(Fault::Truncated)) => End::Truncated,
+            _ => End::Reset(side),
+        }
+    }
+
+    /// The bytes of the side that broke (`end` says which) are all handed
+    /// to the other side: pass the reset on now if the receiver has
+    /// acknowledged them, or wait until it has.
+    fn pass_reset_on(&mut self, ctx: &mut Context<'_>, end: End) -> Step {
+        let reset = end.broken_side().expect("a broken side's end");
         let unacked = match self.endpoint(reset.other()).filter(|r| !r.is_broken()) {
             None => 0,
             Some(receiver) => match receiver.unacked(ctx.send_queues) {
@@ -151,7 +165,7 @@ impl Pair {
             },
         };
         if unacked == 0 {
-            return Step::Finish(End::Reset(reset));
+            return Step::Finish(end);
         }
         let (now, until) = (ctx.now, ctx.now + ctx.settings.half_close_timeout);
         let (pool, balancer) = (&mut *ctx.pool, &mut ctx.upstream.balancer);
@@ -173,7 +187,7 @@ impl Pair {
             State::Resetting {
                 host: host.endpoint,
                 host_id,
-                reset,
+                end,
                 wait: ResetWait {
                     unacked,
                     check: now + RESET_CHECK_FIRST,
@@ -192,9 +206,10 @@ impl Pair {
     /// While waiting to pass a reset on: drops what the receiver still
     /// sends, so that it keeps reading (and acknowledging) what it was sent.
     pub(super) fn drain_while_resetting(&mut self, ctx: &mut Context<'_>) -> Step {
-        let State::Resetting { host, reset, .. } = &mut self.state else {
+        let State::Resetting { host, end, .. } = &mut self.state else {
             unreachable!("only resetting pairs drain");
         };
+        let reset = end.broken_side().expect("a broken side's end");
         // The flows are over: what the reset side sent is delivered, and
         // what the receiver sends is drained toward the broken side.
         let (mut up, mut down) = match reset {
@@ -213,12 +228,12 @@ impl Pair {
     /// acknowledged everything, or when its time is up.
     pub(super) fn check_reset(&mut self, ctx: &mut Context<'_>) -> Step {
         let State::Resetting {
-            host, reset, wait, ..
+            host, end, wait, ..
         } = &mut self.state
         else {
             unreachable!("only resetting pairs check the receiver");
         };
-        let receiver = match reset {
+        let receiver = match end.broken_side().expect("a broken side's end") {
             Side::Client => &*host,
             Side::Host => &self.client.endpoint,
         };
@@ -228,7 +243,7 @@ impl Pair {
         }
         wait.unacked = left;
         if left == 0 || ctx.now >= wait.until {
-            return Step::Finish(End::Reset(*reset));
+            return Step::Finish(*end);
         }
         wait.every = (wait.every * 2).min(RESET_CHECK_MAX);
         wait.check = ctx.now + wait.every;

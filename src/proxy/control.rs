@@ -138,6 +138,7 @@ impl Proxy {
                     tls: u.tls,
                     removed: u.removed,
                     refused: u.refused.iter().map(|(r, n)| (r.to_string(), *n)).collect(),
+                    ended: u.ended.iter().map(|(e, n)| (e.to_string(), *n)).collect(),
                     bytes_up: u.bytes_up,
                     bytes_down: u.bytes_down,
                     durations: u.durations.clone(),
