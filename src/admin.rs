@@ -210,6 +210,11 @@ impl AdminConn {
     }
 
     /// Queues the answer; the next [`advance`](Self::advance) writes it.
+    /// Still waiting for its request (not yet answered).
+    pub fn is_idle(&self) -> bool {
+        self.output.is_none()
+    }
+
     pub fn answer(&mut self, output: Vec<u8>) {
         self.output = Some(output);
         self.endpoint.assume_writable();

@@ -411,6 +411,40 @@ fn a_scrape_of_a_thousand_hosts_parses() {
     thread.join().unwrap().unwrap();
 }
 
+#[test]
+fn idle_connections_never_lock_a_scrape_out_of_the_admin_listener() {
+    let host = spawn_host("h", Behavior::Echo);
+    let config = config_with(vec![upstream(
+        "app",
+        &[host.addr],
+        HealthSettings::default(),
+    )]);
+    let (served, _addr, admin) = bind(&config);
+    let handle = served.proxy.handle();
+    let thread = thread::spawn(move || served.proxy.run());
+    // More idle connections than the admin listener keeps (64), each
+    // surely accepted before the next one: a scrape must still get in.
+    let mut idle = Vec::new();
+    for _ in 0..70 {
+        idle.push(TcpStream::connect(admin).unwrap());
+        let (status, _) = http(admin, "GET", "/status");
+        assert_eq!(status, 200, "with {} idle connections", idle.len());
+    }
+    // The ones that made room were the oldest: they were closed.
+    let mut first = idle.remove(0);
+    first.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let mut byte = [0u8; 1];
+    let closed = first.read(&mut byte).map_err(|e| e.kind());
+    assert_eq!(
+        closed,
+        Err(std::io::ErrorKind::ConnectionReset),
+        "the oldest was reset"
+    );
+    handle.shutdown();
+    handle.shutdown();
+    thread.join().unwrap().unwrap();
+}
+
 /// A config file in a temporary directory, rewritten by the test.
 struct ConfigFile(PathBuf);
 

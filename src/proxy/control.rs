@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::mpsc::{self, Sender};
 use std::time::Instant;
 
-use log::info;
+use log::{info, warn};
 use mio::Waker;
 use signal_hook::consts::SIGHUP;
 
@@ -175,7 +175,22 @@ impl Proxy {
                 Err(_) => return,
             };
             if c.admin_conns.len() >= admin::MAX_CONNECTIONS {
-                continue;
+                // Idle connections must not lock a scrape out: the one
+                // that has waited longest without a request makes room.
+                let oldest = c
+                    .admin_conns
+                    .iter()
+                    .filter(|(_, conn)| conn.is_idle())
+                    .min_by_key(|(_, conn)| conn.id)
+                    .map(|(key, _)| key);
+                let Some(oldest) = oldest else { continue };
+                c.admin_conns.remove(oldest).abort();
+                if let Some(more) = c.admin_evictions.allow(now) {
+                    warn!(
+                        "admin: {} connections open, closed the oldest idle one to take a new one ({more} more since the last report)",
+                        admin::MAX_CONNECTIONS
+                    );
+                }
             }
             let entry = c.admin_conns.vacant_entry();
             let key = entry.key();

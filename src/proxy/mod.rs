@@ -125,6 +125,8 @@ struct Control {
     admin: Option<TcpListener>,
     admin_conns: Slab<AdminConn>,
     admin_timers: Timers,
+    /// Idle admin connections closed to make room for a new one.
+    admin_evictions: Throttle,
     /// The config file, re-read on SIGHUP and `POST /reload`.
     config_path: Option<PathBuf>,
     /// What the embedder changes in every config read from the file (the
@@ -227,6 +229,7 @@ impl Proxy {
                 admin,
                 admin_conns: Slab::new(),
                 admin_timers: Timers::default(),
+                admin_evictions: Throttle::default(),
                 config_path: None,
                 adjust_config: None,
                 config_admin: config.admin,
