@@ -661,3 +661,78 @@ fn one_source_cannot_take_every_handshake_slot() {
     );
     drop(stalled);
 }
+
+#[test]
+fn a_handshake_flood_from_a_few_addresses_does_not_starve_other_clients() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const FLOODERS: u8 = 20;
+    const PER_FLOODER: usize = 10;
+    const MAX_HANDSHAKES: usize = 100;
+    let pki = Pki::new("flood");
+    let host = spawn_host("h", Behavior::Echo);
+    let mut config = tls_config(&pki, &[host.addr], alice_rules(), vec![]);
+    let tls = config.tls.as_mut().unwrap();
+    tls.max_handshakes = MAX_HANDSHAKES;
+    tls.max_handshakes_per_source = PER_FLOODER;
+    let proxy = start(config);
+    // Each flooding connection sends the start of a ClientHello and
+    // stalls; when tcplb closes it, it comes straight back.
+    let stop = Arc::new(AtomicBool::new(false));
+    let addr = proxy.addr;
+    let flood: Vec<_> = (0..FLOODERS)
+        .flat_map(|a| (0..PER_FLOODER).map(move |_| a))
+        .map(|a| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let source = std::net::IpAddr::from([127, 0, 1, 1 + a]);
+                while !stop.load(Ordering::SeqCst) {
+                    let socket =
+                        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                            .unwrap();
+                    socket.bind(&SocketAddr::new(source, 0).into()).unwrap();
+                    if socket.connect(&addr.into()).is_err() {
+                        continue;
+                    }
+                    let mut s = TcpStream::from(socket);
+                    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+                    let _ = s.write_all(&[0x16, 0x03, 0x01, 0x02]);
+                    let mut buf = [0u8; 64];
+                    while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+                }
+            })
+        })
+        .collect();
+    proxy.wait_until("filled every handshake slot", |s| {
+        s.handshakes == MAX_HANDSHAKES
+    });
+    let alice = pki.client("alice");
+    let config = pki.client_config(Some(&alice));
+    let other = std::net::IpAddr::from([127, 0, 2, 1]);
+    let mut served = 0;
+    for i in 0..40 {
+        let outcome = pki::connect_from(other, proxy.addr, config.clone()).and_then(|mut s| {
+            s.write_all(format!("{i}\n").as_bytes())?;
+            pki::read_line(&mut s)
+        });
+        if outcome.is_ok_and(|line| line == i.to_string()) {
+            served += 1;
+        }
+    }
+    let evicted = proxy.stats().upstreams[0]
+        .refused
+        .iter()
+        .find(|(r, _)| r == "handshake_evicted")
+        .map_or(0, |(_, n)| *n);
+    stop.store(true, Ordering::SeqCst);
+    drop(proxy);
+    for t in flood {
+        t.join().unwrap();
+    }
+    println!("served {served} of 40 during the flood, {evicted} flood handshakes evicted");
+    assert!(served >= 38, "served {served} of 40");
+    assert!(
+        evicted >= 40,
+        "each client took the slot of a flood handshake: {evicted}"
+    );
+}

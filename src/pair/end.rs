@@ -22,6 +22,9 @@ pub(crate) enum End {
     HandshakeFailed,
     /// The TLS handshake did not complete in time.
     HandshakeTimeout,
+    /// Every handshake slot was taken, its source held the most of them,
+    /// and a client from a source below its fair share needed one.
+    HandshakeEvicted,
     /// Its host went down and the upstream has `close_on_down`.
     HostDown,
     /// Its host or upstream was removed by a reload and the drain period ran out.
@@ -60,6 +63,7 @@ impl End {
             End::Refused(r) => r.code(),
             End::HandshakeFailed => "handshake_failed",
             End::HandshakeTimeout => "handshake_timeout",
+            End::HandshakeEvicted => "handshake_evicted",
             End::HostDown => "host_down",
             End::Removed => "removed",
             End::Shutdown => "shutdown",

@@ -227,6 +227,16 @@ impl Census {
         self.counts[Kind::Handshaking as usize]
     }
 
+    /// The source (address, or IPv6 /64) with the most handshakes in
+    /// progress, how many it has, and how many sources have any.
+    pub fn busiest_handshake_source(&self) -> Option<(IpAddr, usize, usize)> {
+        let sources = self.handshakes_by_source.len();
+        self.handshakes_by_source
+            .iter()
+            .max_by_key(|(_, n)| **n)
+            .map(|(ip, n)| (*ip, *n, sources))
+    }
+
     /// Handshakes in progress from `source`'s address (or IPv6 /64).
     pub fn handshakes_from(&self, source: IpAddr) -> usize {
         self.handshakes_by_source
@@ -358,6 +368,11 @@ impl Pair {
             (Side::Host, State::Resetting { host, .. }) => Some(host),
             (Side::Host, _) => None,
         }
+    }
+
+    /// Whether its TLS handshake is in progress.
+    pub fn is_handshaking(&self) -> bool {
+        matches!(self.state, State::Handshaking { .. })
     }
 
     /// The host this pair counts against, while connecting or relaying.
@@ -514,9 +529,11 @@ impl Pair {
                     if up.buf.is_some() || down.buf.is_some());
                 [holds; 2]
             }
-            End::Closed | End::Refused(_) | End::HandshakeFailed | End::HandshakeTimeout => {
-                [false, false]
-            }
+            End::Closed
+            | End::Refused(_)
+            | End::HandshakeFailed
+            | End::HandshakeTimeout
+            | End::HandshakeEvicted => [false, false],
         };
         if abort[0] {
             self.client.endpoint.abort();

@@ -15,7 +15,8 @@ use super::{Proxy, context};
 use crate::io::tls_session::TlsSession;
 use crate::io::{Endpoint, net};
 use crate::pair::PAIR_INTEREST;
-use crate::pair::{Pair, Side, Step};
+use crate::pair::{End, Pair, Side, Step};
+use crate::policy::limits::source_key;
 
 /// Connections accepted from one listener per loop turn before the loop
 /// goes back to relaying; the rest are taken next turn.
@@ -128,6 +129,36 @@ impl Proxy {
         self.host_results(upstream, now);
     }
 
+    /// Every handshake slot is taken: if `client`'s source has fewer than
+    /// its fair share of them (an equal share among the sources that
+    /// hold any, itself included) while the busiest source has more, that
+    /// source's oldest (slowest) handshake makes room. A flood from a few
+    /// addresses then cannot keep everyone else from a handshake.
+    fn make_handshake_room(&mut self, client: SocketAddr, max: usize, now: Instant) -> bool {
+        let census = &self.worker.support.census;
+        let Some((busiest, most, sources)) = census.busiest_handshake_source() else {
+            return false;
+        };
+        let mine = census.handshakes_from(client.ip());
+        let fair = max / (sources + usize::from(mine == 0)).max(1);
+        if mine >= fair || most <= fair || busiest == source_key(client.ip()) {
+            return false;
+        }
+        let victim = self
+            .worker
+            .pairs
+            .iter()
+            .filter(|(_, p)| p.is_handshaking() && source_key(p.client_addr.ip()) == busiest)
+            .min_by_key(|(_, p)| p.started)
+            .map(|(key, p)| (key, p.upstream));
+        let Some((key, upstream)) = victim else {
+            return false;
+        };
+        self.shared.upstreams[upstream].count_refusal("handshake_evicted");
+        self.close(key, End::HandshakeEvicted, now);
+        true
+    }
+
     /// Why a new connection must be closed at once, before any work on it:
     /// its source is over its rate, or too many handshakes are under way.
     fn turn_away(
@@ -136,20 +167,21 @@ impl Proxy {
         addr: SocketAddr,
         now: Instant,
     ) -> Option<&'static str> {
-        let shared = &mut self.shared;
-        if let Some(sources) = shared.sources.as_mut() {
+        if let Some(sources) = self.shared.sources.as_mut() {
             if sources.check(addr.ip(), now).is_err() {
                 return Some("source_rate_limited");
             }
         }
-        if let (true, Some((_, tls))) = (shared.upstreams[upstream].tls, &shared.tls) {
-            let census = &self.worker.support.census;
-            if census.handshakes() >= tls.max_handshakes {
-                return Some("handshake_capacity");
-            }
-            if census.handshakes_from(addr.ip()) >= tls.max_handshakes_per_source {
-                return Some("source_handshake_capacity");
-            }
+        let limits = match (self.shared.upstreams[upstream].tls, &self.shared.tls) {
+            (true, Some((_, tls))) => (tls.max_handshakes, tls.max_handshakes_per_source),
+            _ => return None,
+        };
+        let census = &self.worker.support.census;
+        if census.handshakes_from(addr.ip()) >= limits.1 {
+            return Some("source_handshake_capacity");
+        }
+        if census.handshakes() >= limits.0 && !self.make_handshake_room(addr, limits.0, now) {
+            return Some("handshake_capacity");
         }
         None
     }
