@@ -1,8 +1,19 @@
 //! Log lines about conditions that anyone on the network can make
-//! frequent (failed handshakes, refusals, exhausted descriptors): at most
-//! one line per period, saying how often it happened since the last one.
+//! frequent (failed handshakes, refusals, connect failures, exhausted
+//! descriptors): at most one line per period, saying how often it
+//! happened since the last one.
+//!
+//! Refused clients get a budget instead: the first
+//! [`RefusalLog::LINES_PER_SECOND`] refusals of each second are logged in
+//! full (the `refused:` line and the access line, with identity and
+//! certificate), the rest are counted per reason and summed up in one
+//! access line when the second is over. Every refusal is counted in the
+//! metrics either way.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
+
+use log::info;
 
 /// At most one log line per period about a recurring condition.
 #[derive(Debug, Default)]
@@ -28,9 +39,92 @@ impl Throttle {
     }
 }
 
+/// Full log lines for refusals, within a budget per second.
+#[derive(Debug, Default)]
+pub(crate) struct RefusalLog {
+    second: Option<Instant>,
+    logged: u32,
+    /// Refusals of the current second not logged, per reason.
+    unlogged: BTreeMap<&'static str, u64>,
+}
+
+impl RefusalLog {
+    /// Refusals a second that are logged line by line.
+    pub const LINES_PER_SECOND: u32 = 10;
+
+    /// Whether the refusal `code` at `now` gets its own lines; if not, it
+    /// is counted for the summary.
+    pub fn allow(&mut self, code: &'static str, now: Instant) -> bool {
+        self.flush(now);
+        let second = *self.second.get_or_insert(now);
+        debug_assert!(now.duration_since(second) < Duration::from_secs(1));
+        if self.logged < Self::LINES_PER_SECOND {
+            self.logged += 1;
+            return true;
+        }
+        *self.unlogged.entry(code).or_default() += 1;
+        false
+    }
+
+    /// When the summary of unlogged refusals is due, if there is one.
+    pub fn due(&self) -> Option<Instant> {
+        let second = self.second?;
+        (!self.unlogged.is_empty()).then(|| second + Duration::from_secs(1))
+    }
+
+    /// Writes the summary once the second is over, and starts afresh.
+    pub fn flush(&mut self, now: Instant) {
+        let Some(second) = self.second else { return };
+        if now.duration_since(second) >= Duration::from_secs(1) {
+            self.finish();
+        }
+    }
+
+    /// Writes the summary of what is counted so far (at shutdown).
+    pub fn finish(&mut self) {
+        if !self.unlogged.is_empty() {
+            let total: u64 = self.unlogged.values().sum();
+            let by_reason: Vec<String> = self
+                .unlogged
+                .iter()
+                .map(|(code, n)| format!("{code}={n}"))
+                .collect();
+            info!(
+                target: "tcplb::access",
+                "{total} more refused connections in the last second, not logged one by one: {}",
+                by_reason.join(" ")
+            );
+        }
+        *self = RefusalLog::default();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusals_beyond_the_budget_are_counted_for_one_summary() {
+        let t0 = Instant::now();
+        let mut log = RefusalLog::default();
+        let logged = (0..100)
+            .filter(|i| log.allow("overloaded", t0 + Duration::from_millis(*i)))
+            .count();
+        assert_eq!(logged, RefusalLog::LINES_PER_SECOND as usize);
+        assert_eq!(log.unlogged["overloaded"], 90);
+        assert_eq!(log.due(), Some(t0 + Duration::from_secs(1)));
+        log.flush(t0 + Duration::from_millis(999));
+        assert_eq!(
+            log.unlogged["overloaded"], 90,
+            "not before the second is over"
+        );
+        log.flush(t0 + Duration::from_secs(1));
+        assert!(log.unlogged.is_empty() && log.due().is_none());
+        assert!(
+            log.allow("unauthorized", t0 + Duration::from_secs(2)),
+            "a new budget"
+        );
+    }
 
     #[test]
     fn one_line_a_second_with_the_count_of_the_rest() {

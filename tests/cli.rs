@@ -234,6 +234,110 @@ fn quick_mode_relays_and_logs_one_access_line() {
     assert!(line.contains("end=closed"), "{line}");
 }
 
+/// Counts the lines of a flood of `refused` clients, after the binary
+/// exited: (warnings containing `warning`, `refused:` lines, access lines
+/// of refused pairs, refusals summed up in summary lines).
+fn refusal_lines(lines: &[String], warning: &str, code: &str) -> (usize, usize, usize, usize) {
+    let count = |f: &dyn Fn(&String) -> bool| lines.iter().filter(|l| f(l)).count();
+    let summed = lines
+        .iter()
+        .filter(|l| l.contains("more refused connections in the last second"))
+        .map(|l| {
+            let n = l.split(&format!("{code}=")).nth(1).unwrap_or("0");
+            n.split_whitespace()
+                .next()
+                .unwrap()
+                .parse::<usize>()
+                .unwrap()
+        })
+        .sum();
+    (
+        count(&|l| l.contains("WARN") && l.contains(warning)),
+        count(&|l| l.contains(&format!("refused: {code}"))),
+        count(&|l| l.contains("tcplb::access") && l.contains(&format!("end={code}"))),
+        summed,
+    )
+}
+
+/// Offers `n` clients to `addr` that each read their refusal line.
+fn offer_refused(addr: SocketAddr, n: usize, code: &str) {
+    for _ in 0..n {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        assert!(read_line(&mut s).starts_with(&format!("ERROR {code}:")));
+    }
+}
+
+#[test]
+fn a_flood_of_refusals_logs_a_bounded_number_of_lines() {
+    let host = spawn_host("h", Behavior::Echo);
+    let hosts = host.addr.to_string();
+    let mut bin = Binary::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--host",
+        &hosts,
+        "--max-connections",
+        "5",
+    ]);
+    let addr = bin.listen_addr();
+    let held: Vec<TcpStream> = (0..5)
+        .map(|i| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+            writeln!(s, "{i}").unwrap();
+            assert_eq!(read_line(&mut s), i.to_string());
+            s
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    offer_refused(addr, 300, "overloaded");
+    let seconds = started.elapsed().as_secs() as usize + 2;
+    bin.signal("TERM");
+    drop(held);
+    let (code, lines) = bin.wait();
+    assert_eq!(code, Some(0));
+    let (warnings, refused, access, summed) =
+        refusal_lines(&lines, "max_connections", "overloaded");
+    println!(
+        "300 refusals in < {seconds} s: {warnings} warnings, {refused}+{access} lines, {summed} summed up"
+    );
+    assert!(warnings <= seconds, "{warnings} warnings in {seconds} s");
+    assert!(
+        refused <= 10 * seconds && access == refused,
+        "{refused} refusal lines, {access} access lines"
+    );
+    assert_eq!(refused + summed, 300, "every refusal is logged or counted");
+}
+
+#[test]
+fn a_dead_host_logs_its_failed_connects_once_a_second() {
+    // Health checks that never take it down, so every client tries it.
+    let config = TempConfig::new(
+        "dead-host",
+        &format!(
+            "[[upstream]]\nname = \"app\"\nlisten = \"127.0.0.1:0\"\nhosts = [\"{}\"]\n\n\
+             [upstream.health]\ninterval = \"1h\"\nfall = 1000\n",
+            dead_addr()
+        ),
+    );
+    let mut bin = Binary::start(&["--config", config.arg()]);
+    let addr = bin.listen_addr();
+    let started = std::time::Instant::now();
+    offer_refused(addr, 100, "upstream_unavailable");
+    let seconds = started.elapsed().as_secs() as usize + 2;
+    bin.signal("TERM");
+    let (_, lines) = bin.wait();
+    let (warnings, refused, _, summed) =
+        refusal_lines(&lines, "failed connects", "upstream_unavailable");
+    println!("100 failed connects in < {seconds} s: {warnings} warnings");
+    assert!(
+        (1..=seconds).contains(&warnings),
+        "{warnings} connect warnings in {seconds} s"
+    );
+    assert_eq!(refused + summed, 100);
+}
+
 /// The binary in quick mode in front of an echo host, with one live pair
 /// that has echoed a line.
 fn binary_with_live_pair(drain_timeout: &str) -> (Binary, TcpStream, SocketAddr, TestHost) {

@@ -75,7 +75,7 @@ impl Pair {
                         );
                         break Refusal::Overloaded;
                     }
-                    warn!("`{}`: connect to {addr} failed: {e}", ctx.upstream.name);
+                    connect_failed_log(ctx, addr, &e);
                     self.connect_result(ctx, host, false);
                     tried.push(host);
                 }
@@ -181,14 +181,21 @@ impl Pair {
             unreachable!("only connecting pairs fail to connect");
         };
         let id = host.lease.host();
-        warn!(
-            "`{}`: connect to {} failed: {e}",
-            ctx.upstream.name,
-            ctx.upstream.balancer.host(id).addr
-        );
+        connect_failed_log(ctx, ctx.upstream.balancer.host(id).addr, &e);
         ctx.upstream.balancer.release(host.lease);
         self.connect_result(ctx, id, false);
         tried.push(id);
         self.connect_next(ctx, tried, up)
+    }
+}
+
+/// A failed connect, logged at most once a second (a dead host fails
+/// every connect until health checks take it down).
+fn connect_failed_log(ctx: &mut Context<'_>, addr: std::net::SocketAddr, e: &io::Error) {
+    if let Some(more) = ctx.logs.connect_failed.allow(ctx.now) {
+        warn!(
+            "`{}`: connect to {addr} failed: {e} ({more} more failed connects since the last report)",
+            ctx.upstream.name
+        );
     }
 }

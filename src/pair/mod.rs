@@ -49,7 +49,7 @@ use crate::io::buffer::BufferPool;
 use crate::io::flow::Flow;
 use crate::io::send_queue::SendQueues;
 use crate::io::tls_session::{Handshake, TlsSession};
-use crate::logs::Throttle;
+use crate::logs::{RefusalLog, Throttle};
 use crate::policy::access::{Access, ClientLease};
 use crate::policy::balance::{HostId, HostLease};
 use crate::policy::limits::source_key;
@@ -251,7 +251,9 @@ impl Census {
 pub(crate) struct PairLogs {
     pub handshake_failed: Throttle,
     pub overloaded: Throttle,
+    pub connect_failed: Throttle,
     pub send_queue: Throttle,
+    pub refusals: RefusalLog,
 }
 
 /// What a pair may use and change while it moves.
@@ -290,6 +292,8 @@ pub(crate) struct Pair {
     pub drain_by: Option<Instant>,
     /// The client's identity from its certificate, for logs.
     identity: Option<Box<str>>,
+    /// Refused beyond the log budget: no access line of its own.
+    unlogged: bool,
     client: Client,
     state: State,
 }
@@ -336,6 +340,7 @@ impl Pair {
             scheduled: None,
             drain_by: None,
             identity: None,
+            unlogged: false,
             client: Client {
                 endpoint,
                 tls,
@@ -583,6 +588,9 @@ impl Pair {
             State::Handshaking { .. } | State::Refusing { .. } | State::Moving => {}
         }
         *u.ended.entry(end.code()).or_default() += 1;
+        if self.unlogged {
+            return;
+        }
         info!(
             target: "tcplb::access",
             "{} `{}` identity={} host={} up={} down={} ms={} end={}",

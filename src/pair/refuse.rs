@@ -29,20 +29,23 @@ impl Pair {
     /// Refuses the client: logs and counts it once, gives back its client
     /// count, and sends the line.
     pub(super) fn refuse_with(&mut self, ctx: &mut Context<'_>, refusal: Refusal) -> Step {
-        let fingerprint = self
-            .client
-            .tls
-            .as_ref()
-            .and_then(|t| t.peer_certificate())
-            .map(crate::tls::fingerprint);
-        info!(
-            "{} `{}` refused: {} identity={} cert_sha256={}",
-            self.client_addr,
-            ctx.upstream.name,
-            refusal.code(),
-            self.identity.as_deref().unwrap_or("-"),
-            fingerprint.as_deref().unwrap_or("-"),
-        );
+        self.unlogged = !ctx.logs.refusals.allow(refusal.code(), ctx.now);
+        if !self.unlogged {
+            let fingerprint = self
+                .client
+                .tls
+                .as_ref()
+                .and_then(|t| t.peer_certificate())
+                .map(crate::tls::fingerprint);
+            info!(
+                "{} `{}` refused: {} identity={} cert_sha256={}",
+                self.client_addr,
+                ctx.upstream.name,
+                refusal.code(),
+                self.identity.as_deref().unwrap_or("-"),
+                fingerprint.as_deref().unwrap_or("-"),
+            );
+        }
         ctx.upstream.count_refusal(refusal.code());
         if let Some(lease) = self.client.lease.take() {
             ctx.access.release(lease);

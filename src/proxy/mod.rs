@@ -363,6 +363,7 @@ impl Proxy {
             self.expire(now);
             self.run_checks(now);
             self.expire_admin(now);
+            self.worker.support.logs.refusals.flush(now);
             let c = &self.control;
             let drained = c
                 .drain_deadline
@@ -379,6 +380,7 @@ impl Proxy {
         for key in keys {
             self.close(key, End::Shutdown, now);
         }
+        self.worker.support.logs.refusals.finish();
         info!("tcplb stopped");
         Ok(())
     }
@@ -416,9 +418,14 @@ impl Proxy {
         if let Some(deadline) = self.control.drain_deadline {
             earliest(deadline);
         }
-        for due in [self.checks.next_due(), self.control.admin_timers.next()]
-            .into_iter()
-            .flatten()
+        let refusals = w.support.logs.refusals.due();
+        for due in [
+            self.checks.next_due(),
+            self.control.admin_timers.next(),
+            refusals,
+        ]
+        .into_iter()
+        .flatten()
         {
             earliest(due);
         }
