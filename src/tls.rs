@@ -114,8 +114,40 @@ fn problem(path: &Path, problem: String) -> Error {
     }
 }
 
+/// The largest certificate, key or CRL file read.
+pub const MAX_FILE: u64 = 4 * 1024 * 1024;
+
 fn read(path: &Path) -> Result<Vec<u8>, Error> {
-    std::fs::read(path).map_err(|e| problem(path, format!("cannot read: {e}")))
+    read_file(path, MAX_FILE).map_err(|e| problem(path, e))
+}
+
+/// Reads a regular file of at most `max` bytes. Anything else (a FIFO, a
+/// device, a directory) is refused without blocking: the file is opened
+/// non-blocking and checked before it is read.
+pub fn read_file(path: &Path, max: u64) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    let meta = file.metadata().map_err(|e| format!("cannot read: {e}"))?;
+    if !meta.is_file() {
+        return Err("not a regular file".to_string());
+    }
+    if meta.len() > max {
+        return Err(format!("larger than {} MiB", max >> 20));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    // The file may grow meanwhile: never read more than the limit.
+    file.take(max + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    if bytes.len() as u64 > max {
+        return Err(format!("larger than {} MiB", max >> 20));
+    }
+    Ok(bytes)
 }
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {

@@ -628,6 +628,60 @@ fn config_mode_serves_each_upstream_on_its_own_port() {
     }
 }
 
+/// `tcplb check` of a config whose `cert` is `cert`; fails the test if
+/// it does not exit within IO_TIMEOUT (a blocking read would hang it).
+fn check_with_cert(name: &str, cert: &str) -> (Option<i32>, String) {
+    let file = TempConfig::new(
+        name,
+        &format!(
+            "[tls]\ncert = \"{cert}\"\nkey = \"server.key\"\nclient_ca = \"ca.pem\"\n\n\
+             [[upstream]]\nname = \"a\"\nlisten = \"127.0.0.1:7000\"\nhosts = [\"127.0.0.1:9001\"]\n"
+        ),
+    );
+    if cert == "fifo.pem" {
+        let fifo = file.path.parent().unwrap().join("fifo.pem");
+        assert!(
+            Command::new("mkfifo")
+                .arg(&fifo)
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+    if cert == "big.pem" {
+        let big = file.path.parent().unwrap().join("big.pem");
+        std::fs::write(big, vec![b'A'; 5 << 20]).unwrap();
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tcplb"))
+        .args(["check", file.arg()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + IO_TIMEOUT;
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("`tcplb check` with cert = {cert} did not finish");
+        }
+        std::thread::yield_now();
+    }
+    let out = child.wait_with_output().unwrap();
+    (out.status.code(), stderr(&out))
+}
+
+#[test]
+fn tls_files_that_are_not_small_regular_files_are_refused_at_once() {
+    for (cert, why) in [
+        ("fifo.pem", "not a regular file"),
+        ("/dev/zero", "not a regular file"),
+        ("big.pem", "larger than 4 MiB"),
+    ] {
+        let (code, err) = check_with_cert(&format!("cert-{}", cert.replace('/', "_")), cert);
+        assert_eq!(code, Some(1), "{cert}: {err}");
+        assert!(err.contains(why), "{cert}: {err}");
+    }
+}
+
 #[test]
 fn check_reads_the_tls_files_and_names_the_bad_one() {
     let file = TempConfig::new(
