@@ -7,7 +7,6 @@
 //! exists is valid: upstream names are unique, listen ports do not collide,
 //! every upstream has at least one host, and every address is resolved.
 
-use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -16,7 +15,7 @@ use std::time::Duration;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
-use crate::error::Error;
+use crate::error::{ConfigError, Error, Problem};
 use crate::policy::access::ClientRule;
 use crate::policy::health::HealthSettings;
 use crate::policy::limits::Limit;
@@ -106,41 +105,6 @@ pub struct Config {
     /// Where the admin listener (metrics, status, reload) binds.
     pub admin: Option<SocketAddr>,
 }
-
-/// One thing wrong with a configuration, with its place in the source
-/// (line 0 when it concerns the whole file or a command-line flag).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Problem {
-    pub line: usize,
-    pub column: usize,
-    pub message: String,
-}
-
-/// Every problem found in one configuration source.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ConfigError {
-    /// The file name, or a description such as "command line".
-    pub origin: String,
-    pub problems: Vec<Problem>,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, p) in self.problems.iter().enumerate() {
-            if i > 0 {
-                writeln!(f)?;
-            }
-            if p.line == 0 {
-                write!(f, "{}: {}", self.origin, p.message)?;
-            } else {
-                write!(f, "{}:{}:{}: {}", self.origin, p.line, p.column, p.message)?;
-            }
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for ConfigError {}
 
 const TOP_KEYS: &[&str] = &["defaults", "tls", "upstream", "client", "admin"];
 const DEFAULTS_KEYS: &[&str] = &[

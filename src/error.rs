@@ -1,32 +1,52 @@
 //! Start-up errors: everything that can stop tcplb before it serves, each
 //! naming the file, field or address at fault. Failures of single
 //! connections are never `Error`s; the loop handles them where they happen.
+//!
+//! This module depends on nothing else in the crate, so that every part
+//! that can fail at start-up (config, TLS files, binding) can name these
+//! types without an import circle. That is why the configuration's own
+//! report, [`ConfigError`] with its [`Problem`]s, lives here too: the
+//! config module fills it in, and `Error::Config` carries it.
 
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use crate::config::ConfigError;
-
+/// Why tcplb could not start (or reload): the one error type of start-up.
 #[derive(Debug)]
 pub enum Error {
     /// The configuration file could not be read.
-    ReadConfig { path: PathBuf, source: io::Error },
+    ReadConfig {
+        /// The file as it was given.
+        path: PathBuf,
+        /// Why reading it failed.
+        source: io::Error,
+    },
     /// The configuration (file or flags) is invalid; every problem is listed.
     Config(ConfigError),
     /// A listen address could not be bound.
     Bind {
+        /// The upstream (or `admin`) the listener is for.
         upstream: String,
+        /// The address that could not be bound.
         addr: SocketAddr,
+        /// What the kernel said.
         source: io::Error,
     },
     /// A TLS certificate, key, CA or CRL file is missing, unreadable,
     /// malformed or does not fit with the others.
-    Tls { path: PathBuf, problem: String },
+    Tls {
+        /// The file at fault.
+        path: PathBuf,
+        /// What is wrong with it, in words.
+        problem: String,
+    },
     /// The poller, waker or signal handler could not be set up.
     Setup {
+        /// The part that could not be set up, e.g. "the poller".
         what: &'static str,
+        /// What the system said.
         source: io::Error,
     },
 }
@@ -71,3 +91,45 @@ impl std::error::Error for Error {
         }
     }
 }
+
+/// One thing wrong with a configuration, with its place in the source
+/// (line 0 when it concerns the whole file or a command-line flag).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// 1-based line of the offending key or value; 0 for no place.
+    pub line: usize,
+    /// 1-based column (in bytes) on that line; 0 with line 0.
+    pub column: usize,
+    /// What is wrong, naming the key (e.g. "`idle_timeout` must be ...").
+    pub message: String,
+}
+
+/// Every problem found in one configuration source, in source order.
+///
+/// Displayed one problem a line, as `origin:line:column: message`, or
+/// `origin: message` for a problem with no place.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file name, or a description such as "command line".
+    pub origin: String,
+    /// All of them, never just the first.
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            if p.line == 0 {
+                write!(f, "{}: {}", self.origin, p.message)?;
+            } else {
+                write!(f, "{}:{}:{}: {}", self.origin, p.line, p.column, p.message)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}

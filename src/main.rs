@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use tcplb::ClientRule;
 use tcplb::config::{self, check_settings, parse_duration, parse_size};
+use tcplb::error::{ConfigError, Problem};
 use tcplb::tls::TlsSettings;
 use tcplb::{Config, Error, Proxy, Settings, certs, demo};
 
@@ -240,11 +241,11 @@ fn command_line_error(message: String) -> Error {
 }
 
 fn command_line_errors(messages: impl IntoIterator<Item = String>) -> Error {
-    Error::Config(config::ConfigError {
+    Error::Config(ConfigError {
         origin: "command line".to_string(),
         problems: messages
             .into_iter()
-            .map(|message| config::Problem {
+            .map(|message| Problem {
                 line: 0,
                 column: 0,
                 message,
