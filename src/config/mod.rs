@@ -1,0 +1,296 @@
+//! Configuration: the TOML schema, its quick-mode equivalent, and validation.
+//!
+//! The file is read with toml's spanned document parser and walked by hand
+//! rather than derived with serde, so that one pass reports *every* problem
+//! (unknown key, wrong type, bad address, duplicate name or port, upstream
+//! without hosts), each with its line and column. A [`Config`] value that
+//! exists is valid: upstream names are unique, listen ports do not collide,
+//! every upstream has at least one host, and every address is resolved.
+//!
+//! This file holds the public types and the entry points (a file, a text,
+//! quick mode, command-line settings). The parts:
+//!
+//! - `schema.rs`: the walk of the document's top level, `[defaults]`,
+//!   `[tls]` and `[admin]`, with the helpers for tables and unknown keys;
+//! - `upstreams.rs`: `[[upstream]]` and `[upstream.health]`, and the
+//!   checks across upstreams (unique names, listen addresses);
+//! - `clients.rs`: `[[client]]` rules, checked against the upstreams;
+//! - `values.rs`: one value at a time (durations, sizes, addresses,
+//!   integers, numbers), each reported at its span when wrong;
+//! - `rules.rs`: the bounds and checks of values, shared by the file and
+//!   the command line;
+//! - `problems.rs`: collecting the problems, with line and column.
+//!
+//! The report itself, [`ConfigError`] with its [`Problem`]s, is defined in
+//! [`crate::error`], which the rest of start-up shares.
+
+mod clients;
+mod problems;
+mod rules;
+mod schema;
+mod upstreams;
+mod values;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::error::{ConfigError, Error};
+use crate::policy::access::ClientRule;
+use crate::policy::health::HealthSettings;
+use crate::policy::limits::Limit;
+use crate::tls::TlsSettings;
+use problems::Problems;
+
+pub use values::{parse_duration, parse_size, resolve};
+
+/// Loop-wide settings; the `[defaults]` table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// How long a connect to one host may take before the next host is tried.
+    pub connect_timeout: Duration,
+    /// A pair with no bytes moving in either direction for this long is closed.
+    pub idle_timeout: Duration,
+    /// Once one direction has finished (FIN forwarded), the pair is closed
+    /// after this long without traffic, so a peer that never finishes its
+    /// side cannot hold the pair forever.
+    pub half_close_timeout: Duration,
+    /// On SIGINT/SIGTERM, how long live pairs may keep going before they are closed.
+    pub drain_timeout: Duration,
+    /// Pairs (connecting or relaying) allowed at once; the excess is refused
+    /// with `ERROR overloaded`.
+    pub max_connections: usize,
+    /// Bytes buffered per direction of a pair while data is in flight.
+    pub buffer_size: usize,
+    /// The buffer a direction moves up to once it streams (its reads fill
+    /// whole buffers): fewer, larger reads and writes for bulk transfers.
+    /// Never less than `buffer_size` (see [`Settings::bulk_buffer`]); equal
+    /// to it turns the upgrade off.
+    pub bulk_buffer_size: usize,
+    /// Accept queue length requested from the kernel for each listener.
+    pub backlog: u32,
+    /// `SO_RCVBUF` and `SO_SNDBUF` of every relayed socket, client and host
+    /// side; `None` leaves them to the kernel's autotuning, which can grow a
+    /// stalled connection's kernel buffers to several MiB.
+    pub socket_buffer: Option<usize>,
+    /// New connections allowed per source address (IPv6: per /64), checked
+    /// at accept before any TLS work; `None` for no limit.
+    pub source_limit: Option<Limit>,
+}
+
+impl Settings {
+    /// The bulk buffer size in effect: the most a direction ever buffers.
+    pub fn bulk_buffer(&self) -> usize {
+        self.bulk_buffer_size.max(self.buffer_size)
+    }
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(3600),
+            half_close_timeout: Duration::from_secs(60),
+            drain_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
+            buffer_size: 16 * 1024,
+            bulk_buffer_size: 64 * 1024,
+            backlog: 1024,
+            socket_buffer: None,
+            source_limit: None,
+        }
+    }
+}
+
+/// One upstream: a name, the address clients connect to, and the hosts behind it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamConfig {
+    /// Unique among the upstreams; names the upstream in logs, metrics and
+    /// client rules (letters, digits, '-', '_' and '.', at most 64).
+    pub name: String,
+    /// The address clients connect to; unique among the upstreams (port 0
+    /// lets the kernel choose).
+    pub listen: SocketAddr,
+    /// The hosts behind it: at least one, none listed twice.
+    pub hosts: Vec<SocketAddr>,
+    /// Clients must speak mTLS (default: true when `[tls]` exists).
+    pub tls: bool,
+    /// `[upstream.health]`; without it, checks are passive only.
+    pub health: HealthSettings,
+}
+
+/// A complete, validated configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// The `[defaults]` table (or the defaults, without it).
+    pub settings: Settings,
+    /// The `[[upstream]]` tables, in file order; at least one.
+    pub upstreams: Vec<UpstreamConfig>,
+    /// The `[tls]` table; TLS files are read when the proxy binds (and by `check`).
+    pub tls: Option<TlsSettings>,
+    /// The `[[client]]` rules for TLS upstreams.
+    pub clients: Vec<ClientRule>,
+    /// Where the admin listener (metrics, status, reload) binds.
+    pub admin: Option<SocketAddr>,
+}
+
+impl Config {
+    /// Reads and validates a configuration file; relative TLS file names
+    /// are taken relative to the file's folder.
+    pub fn load(path: &Path) -> Result<Config, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::ReadConfig {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut config =
+            Config::parse(&text, &path.display().to_string()).map_err(Error::Config)?;
+        if let (Some(tls), Some(dir)) = (config.tls.as_mut(), path.parent()) {
+            tls.resolve_paths(dir);
+        }
+        Ok(config)
+    }
+
+    /// Validates configuration text; `origin` names it in error messages.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let mut problems = Problems::new(text);
+        let config = schema::document(&mut problems);
+        problems.finish(config, origin)
+    }
+
+    /// The configuration of quick mode: one upstream from command-line
+    /// addresses, with `settings` as they are (see [`check_settings`]).
+    pub fn quick(
+        name: &str,
+        listen: &str,
+        hosts: &[String],
+        settings: Settings,
+    ) -> Result<Config, ConfigError> {
+        let mut problems = Problems::new("");
+        if let Err(why) = rules::name(name) {
+            problems.general(format!("--name: {why}"));
+        }
+        let listen = resolve(listen)
+            .map_err(|why| problems.general(format!("--listen {listen}: {why}")))
+            .ok();
+        if hosts.is_empty() {
+            problems.general("at least one --host is required".to_string());
+        }
+        let mut resolved: Vec<SocketAddr> = Vec::new();
+        for host in hosts {
+            match resolve(host) {
+                Ok(addr) if resolved.contains(&addr) => {
+                    problems.general(format!("--host {host}: listed twice"))
+                }
+                Ok(addr) => resolved.push(addr),
+                Err(why) => problems.general(format!("--host {host}: {why}")),
+            }
+        }
+        let config = listen.map(|listen| Config {
+            settings,
+            upstreams: vec![UpstreamConfig {
+                name: name.to_string(),
+                listen,
+                hosts: resolved,
+                tls: false,
+                health: HealthSettings::default(),
+            }],
+            tls: None,
+            clients: Vec::new(),
+            admin: None,
+        });
+        problems.finish(config, "command line")
+    }
+}
+
+/// Checks settings given as plain values (command-line flags applied over
+/// the file's or the default settings) against the rules the file's
+/// `[defaults]` obeys; one message per broken rule, naming the setting.
+pub fn check_settings(settings: &Settings) -> Vec<String> {
+    let mut out = Vec::new();
+    for (name, value) in [
+        ("connect_timeout", settings.connect_timeout),
+        ("idle_timeout", settings.idle_timeout),
+        ("half_close_timeout", settings.half_close_timeout),
+    ] {
+        if let Err(why) = rules::positive(value) {
+            out.push(format!("{name} {why}"));
+        }
+    }
+    // The flag's value is a count; only the lower bound has ever been
+    // checked for it (the file's integer is also bounded above).
+    let least = *rules::CONNECTIONS.start();
+    if (settings.max_connections as u64) < least as u64 {
+        out.push(format!("max_connections must be at least {least}"));
+    }
+    for (name, value) in [
+        ("buffer_size", Some(settings.buffer_size)),
+        ("bulk_buffer_size", Some(settings.bulk_buffer_size)),
+        ("socket_buffer", settings.socket_buffer),
+    ] {
+        if let Some(Err(why)) = value.map(rules::buffer_size) {
+            out.push(format!("{name} {why}"));
+        }
+    }
+    if !rules::BACKLOG.contains(&i64::from(settings.backlog)) {
+        let (lo, hi) = (rules::BACKLOG.start(), rules::BACKLOG.end());
+        out.push(format!("backlog must be between {lo} and {hi}"));
+    }
+    out
+}
+
+/// The lines of the report on `text`, which must be invalid.
+#[cfg(test)]
+fn problems(text: &str) -> Vec<String> {
+    Config::parse(text, "lb.toml")
+        .unwrap_err()
+        .to_string()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_documented_example() {
+        let config = Config::parse(
+            r#"
+[defaults]
+connect_timeout = "5s"
+idle_timeout = "1h"
+max_connections = 10000
+buffer_size = "16KiB"
+
+[[upstream]]
+name = "app-a"
+listen = "127.0.0.1:7777"
+hosts = ["127.0.0.1:9001", "127.0.0.1:9002", "[::1]:9003"]
+"#,
+            "lb.toml",
+        )
+        .unwrap();
+        assert_eq!(config.settings.idle_timeout, Duration::from_secs(3600));
+        assert_eq!(config.settings.buffer_size, 16384);
+        assert_eq!(config.upstreams.len(), 1);
+        assert_eq!(config.upstreams[0].hosts[2], "[::1]:9003".parse().unwrap());
+    }
+
+    #[test]
+    fn quick_mode_checks_flags() {
+        let err = Config::quick("x y", "nowhere", &[], Settings::default()).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("--name"), "{text}");
+        assert!(text.contains("--listen nowhere"), "{text}");
+        assert!(text.contains("at least one --host"), "{text}");
+        let ok = Config::quick(
+            "app",
+            "127.0.0.1:0",
+            &["127.0.0.1:1".to_string()],
+            Settings::default(),
+        )
+        .unwrap();
+        assert_eq!(ok.upstreams[0].hosts.len(), 1);
+    }
+}

@@ -1,0 +1,454 @@
+//! The walk of the document: which tables exist at the top level, which
+//! keys each may hold, and what each table becomes. This file walks the
+//! top level, `[defaults]`, `[tls]` and `[admin]`, and gathers the results
+//! into a [`Config`]; `upstreams.rs` and `clients.rs` walk their arrays of
+//! tables, with the helpers here for tables and unknown keys.
+//!
+//! Every table is walked to its end whatever it holds, so that one pass
+//! reports every problem. A walker returns `None` when its table had a
+//! problem (already reported), and the whole document is then invalid.
+
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::PathBuf;
+
+use toml::de::{DeTable, DeValue};
+
+use super::clients::clients;
+use super::problems::Problems;
+use super::upstreams::upstreams;
+use super::values::{Value, Zero, address, duration, fill, integer, rate, size, string};
+use super::{Config, Settings, rules};
+use crate::policy::limits::Limit;
+use crate::tls::TlsSettings;
+
+const TOP_KEYS: &[&str] = &["defaults", "tls", "upstream", "client", "admin"];
+const DEFAULTS_KEYS: &[&str] = &[
+    "connect_timeout",
+    "idle_timeout",
+    "half_close_timeout",
+    "drain_timeout",
+    "max_connections",
+    "buffer_size",
+    "bulk_buffer_size",
+    "backlog",
+    "socket_buffer",
+    "source_rate",
+    "source_burst",
+];
+const TLS_KEYS: &[&str] = &[
+    "cert",
+    "key",
+    "client_ca",
+    "crl",
+    "handshake_timeout",
+    "max_handshakes",
+    "max_handshakes_per_source",
+];
+const ADMIN_KEYS: &[&str] = &["listen"];
+
+/// The whole document: a valid [`Config`], or `None` with the problems reported.
+pub(super) fn document(p: &mut Problems<'_>) -> Option<Config> {
+    let root = match DeTable::parse(p.text()) {
+        Ok(root) => root,
+        Err(e) => {
+            let message = format!("invalid TOML: {}", e.message().trim());
+            p.at(e.span().unwrap_or(0..0), message);
+            return None;
+        }
+    };
+    let root = root.get_ref();
+    unknown_keys(p, root, TOP_KEYS, "at the top level");
+    let settings = defaults(p, root);
+    let tls_present = find(root, "tls").is_some();
+    let tls = tls(p, root);
+    let admin = admin(p, root);
+    let upstreams = upstreams(p, root, tls_present);
+    let clients = clients(p, root, &upstreams, tls_present);
+
+    let settings = settings?;
+    let upstreams: Option<Vec<_>> = upstreams.into_iter().map(|u| u.config).collect();
+    let clients: Option<Vec<_>> = clients.into_iter().map(|c| c.rule).collect();
+    let (tls, admin) = (tls?, admin?);
+    Some(Config {
+        settings,
+        upstreams: upstreams?,
+        tls,
+        clients: clients?,
+        admin,
+    })
+}
+
+/// The value of `key` in `table`, if it is there.
+pub(super) fn find<'a, 'i>(table: &'a DeTable<'i>, key: &str) -> Option<&'a Value<'i>> {
+    table
+        .iter()
+        .find(|(k, _)| k.get_ref().as_ref() == key)
+        .map(|(_, v)| v)
+}
+
+/// `v` as a table, or `not_a_table` reported at its span.
+pub(super) fn as_table<'a, 'i>(
+    p: &mut Problems<'_>,
+    v: &'a Value<'i>,
+    not_a_table: String,
+) -> Option<&'a DeTable<'i>> {
+    match v.get_ref() {
+        DeValue::Table(t) => Some(t),
+        _ => {
+            p.at(v.span(), not_a_table);
+            None
+        }
+    }
+}
+
+/// The tables of an array of tables (`[[key]]`), reporting anything else.
+pub(super) fn tables<'a, 'i>(
+    p: &mut Problems<'_>,
+    root: &'a DeTable<'i>,
+    key: &str,
+) -> Vec<(&'a DeTable<'i>, Range<usize>)> {
+    let Some(v) = find(root, key) else {
+        return Vec::new();
+    };
+    let DeValue::Array(items) = v.get_ref() else {
+        let message = format!("`{key}` must be an array of tables ([[{key}]])");
+        p.at(v.span(), message);
+        return Vec::new();
+    };
+    if items.is_empty() {
+        p.at(v.span(), format!("`{key}` is empty"));
+    }
+    let mut tables = Vec::new();
+    for item in items.iter() {
+        match item.get_ref() {
+            DeValue::Table(t) => tables.push((t, item.span())),
+            _ => p.at(
+                item.span(),
+                format!("each {key} must be a table ([[{key}]])"),
+            ),
+        }
+    }
+    tables
+}
+
+/// Reports each key of `table` not in `allowed`; `place` says where, e.g. "in [tls]".
+pub(super) fn unknown_keys(
+    p: &mut Problems<'_>,
+    table: &DeTable<'_>,
+    allowed: &[&str],
+    place: &str,
+) {
+    for (key, _) in table.iter() {
+        if !allowed.contains(&key.get_ref().as_ref()) {
+            let message = format!(
+                "unknown key `{}` {place} (expected one of: {})",
+                key.get_ref(),
+                allowed.join(", ")
+            );
+            p.at(key.span(), message);
+        }
+    }
+}
+
+/// `[defaults]`, or the defaults themselves when it is absent.
+fn defaults(p: &mut Problems<'_>, root: &DeTable<'_>) -> Option<Settings> {
+    let Some(v) = find(root, "defaults") else {
+        return Some(Settings::default());
+    };
+    let table = as_table(p, v, "`defaults` must be a table".to_string())?;
+    unknown_keys(p, table, DEFAULTS_KEYS, "in [defaults]");
+    let mut s = Settings::default();
+    let mut ok = true;
+    let durations = [
+        ("connect_timeout", &mut s.connect_timeout, Zero::Refused),
+        ("idle_timeout", &mut s.idle_timeout, Zero::Refused),
+        (
+            "half_close_timeout",
+            &mut s.half_close_timeout,
+            Zero::Refused,
+        ),
+        ("drain_timeout", &mut s.drain_timeout, Zero::Allowed),
+    ];
+    for (key, slot, zero) in durations {
+        ok &= fill(slot, find(table, key).map(|v| duration(p, v, key, zero)));
+    }
+    let max_connections = find(table, "max_connections")
+        .map(|v| integer(p, v, "max_connections", rules::CONNECTIONS).map(|n| n as usize));
+    ok &= fill(&mut s.max_connections, max_connections);
+    let backlog =
+        find(table, "backlog").map(|v| integer(p, v, "backlog", rules::BACKLOG).map(|n| n as u32));
+    ok &= fill(&mut s.backlog, backlog);
+    ok &= fill(&mut s.source_limit, Some(source_limit(p, table)));
+    for (key, slot) in [
+        ("buffer_size", &mut s.buffer_size),
+        ("bulk_buffer_size", &mut s.bulk_buffer_size),
+    ] {
+        ok &= fill(slot, find(table, key).map(|v| size(p, v, key)));
+    }
+    let socket_buffer = find(table, "socket_buffer").map(|v| size(p, v, "socket_buffer").map(Some));
+    ok &= fill(&mut s.socket_buffer, socket_buffer);
+    ok.then_some(s)
+}
+
+/// `source_rate` and `source_burst` of `[defaults]`: the limit they make,
+/// if any (`Some(None)` when neither is set).
+fn source_limit(p: &mut Problems<'_>, table: &DeTable<'_>) -> Option<Option<Limit>> {
+    let rate = find(table, "source_rate").map(|v| rate(p, v, "source_rate"));
+    let burst = find(table, "source_burst")
+        .map(|v| integer(p, v, "source_burst", rules::BURST).map(|n| n as u32));
+    match (rate, burst) {
+        (Some(Some(rate)), Some(Some(burst))) => Some(Some(Limit::new(rate, burst))),
+        (Some(Some(rate)), None) => Some(Some(Limit::per_second(rate))),
+        (None, Some(Some(_))) => {
+            let span = find(table, "source_burst").map_or(0..0, |v| v.span());
+            p.at(span, "`source_burst` needs `source_rate`".to_string());
+            None
+        }
+        (None, None) => Some(None),
+        _ => None,
+    }
+}
+
+/// `[tls]`: `Some(None)` when it is absent.
+fn tls(p: &mut Problems<'_>, root: &DeTable<'_>) -> Option<Option<TlsSettings>> {
+    let Some(value) = find(root, "tls") else {
+        return Some(None);
+    };
+    let table = as_table(p, value, "`tls` must be a table ([tls])".to_string())?;
+    unknown_keys(p, table, TLS_KEYS, "in [tls]");
+    let mut path = |key: &str| match find(table, key) {
+        Some(v) => string(p, v, key).map(PathBuf::from),
+        None => {
+            p.at(value.span(), format!("[tls] has no `{key}`"));
+            None
+        }
+    };
+    let (cert, key, client_ca) = (path("cert"), path("key"), path("client_ca"));
+    let crl = crl(p, table);
+    let handshake_timeout = find(table, "handshake_timeout")
+        .map_or(Some(TlsSettings::DEFAULT_HANDSHAKE_TIMEOUT), |v| {
+            duration(p, v, "handshake_timeout", Zero::Refused)
+        });
+    let mut handshakes = |key: &str, default: usize| {
+        find(table, key).map_or(Some(default), |v| {
+            integer(p, v, key, rules::HANDSHAKES).map(|n| n as usize)
+        })
+    };
+    let max_handshakes = handshakes("max_handshakes", TlsSettings::DEFAULT_MAX_HANDSHAKES);
+    let max_handshakes_per_source = handshakes(
+        "max_handshakes_per_source",
+        TlsSettings::DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
+    );
+    Some(Some(TlsSettings {
+        cert: cert?,
+        key: key?,
+        client_ca: client_ca?,
+        crl: crl?,
+        handshake_timeout: handshake_timeout?,
+        max_handshakes: max_handshakes?,
+        max_handshakes_per_source: max_handshakes_per_source?,
+    }))
+}
+
+/// `crl` of `[tls]`: one file name or an array of them.
+fn crl(p: &mut Problems<'_>, table: &DeTable<'_>) -> Option<Vec<PathBuf>> {
+    let Some(v) = find(table, "crl") else {
+        return Some(Vec::new());
+    };
+    match v.get_ref() {
+        DeValue::String(s) => Some(vec![PathBuf::from(s.as_ref())]),
+        DeValue::Array(items) => {
+            let paths: Vec<Option<PathBuf>> = items
+                .iter()
+                .map(|item| string(p, item, "crl").map(PathBuf::from))
+                .collect();
+            paths.into_iter().collect()
+        }
+        _ => {
+            let message = "`crl` must be a file name or an array of them".to_string();
+            p.at(v.span(), message);
+            None
+        }
+    }
+}
+
+/// `[admin]`: `Some(None)` when it is absent.
+fn admin(p: &mut Problems<'_>, root: &DeTable<'_>) -> Option<Option<SocketAddr>> {
+    let Some(value) = find(root, "admin") else {
+        return Some(None);
+    };
+    let table = as_table(p, value, "`admin` must be a table ([admin])".to_string())?;
+    unknown_keys(p, table, ADMIN_KEYS, "in [admin]");
+    match find(table, "listen") {
+        Some(listen) => address(p, listen, "listen").map(|a| Some(*a.get_ref())),
+        None => {
+            p.at(value.span(), "[admin] has no `listen` address".to_string());
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    use crate::config::{Config, problems};
+    use crate::policy::limits::Limit;
+
+    #[test]
+    fn reports_every_problem_with_its_line() {
+        let found = problems(
+            r#"[defaults]
+idle_timeout = "soon"
+bogus = 1
+
+[[upstream]]
+name = "a"
+listen = "127.0.0.1:7000"
+hosts = []
+
+[[upstream]]
+name = "a"
+listen = "127.0.0.1:7000"
+hosts = ["127.0.0.1:1", "nope"]
+"#,
+        );
+        assert_eq!(found.len(), 6, "{found:#?}");
+        assert!(
+            found[0].starts_with("lb.toml:2:16: `idle_timeout`"),
+            "{found:#?}"
+        );
+        assert!(
+            found[1].starts_with("lb.toml:3:1: unknown key `bogus`"),
+            "{found:#?}"
+        );
+        assert!(
+            found[2].starts_with("lb.toml:8:9: upstream `a` has no hosts"),
+            "{found:#?}"
+        );
+        assert!(
+            found[3].contains("11:8: duplicate upstream name `a`"),
+            "{found:#?}"
+        );
+        assert!(
+            found[4].contains("12:10: listen address 127.0.0.1:7000 uses the same port"),
+            "{found:#?}"
+        );
+        assert!(
+            found[5].contains("13:25: `hosts` address `nope`"),
+            "{found:#?}"
+        );
+    }
+
+    #[test]
+    fn rejects_missing_upstreams_and_bad_types() {
+        assert_eq!(
+            problems("")[0],
+            "lb.toml: no upstream is defined (add an [[upstream]] table)"
+        );
+        let found = problems("[[upstream]]\nname = 5\nhosts = \"127.0.0.1:1\"\n");
+        assert!(
+            found.iter().any(|p| p.contains("`name` must be a string")),
+            "{found:#?}"
+        );
+        assert!(
+            found.iter().any(|p| p.contains("has no `listen`")),
+            "{found:#?}"
+        );
+        assert!(
+            found.iter().any(|p| p.contains("`hosts` must be an array")),
+            "{found:#?}"
+        );
+        let found = problems(
+            "[defaults]\nmax_connections = 0\n[[upstream]]\nname=\"x\"\nlisten=\"127.0.0.1:0\"\nhosts=[\"127.0.0.1:1\"]",
+        );
+        assert_eq!(
+            found,
+            ["lb.toml:2:19: `max_connections` must be between 1 and 4294967295, not 0"]
+        );
+    }
+
+    #[test]
+    fn bulk_buffer_is_never_smaller_than_the_normal_one() {
+        let base = "[[upstream]]\nname=\"x\"\nlisten=\"127.0.0.1:0\"\nhosts=[\"127.0.0.1:1\"]\n";
+        let text =
+            format!("[defaults]\nbuffer_size = \"128KiB\"\nbulk_buffer_size = 16384\n{base}");
+        let config = Config::parse(&text, "x").unwrap();
+        assert_eq!(config.settings.bulk_buffer(), 128 * 1024);
+        let found = problems(&format!("[defaults]\nbuffer_size = 512\n{base}"));
+        assert_eq!(
+            found,
+            ["lb.toml:2:15: `buffer_size` must be between 1024 and 67108864, not 512"]
+        );
+        let found = problems(&format!("[defaults]\nbulk_buffer_size = \"lots\"\n{base}"));
+        assert!(
+            found[0].starts_with("lb.toml:2:20: `bulk_buffer_size`: `lots` is not a size"),
+            "{found:?}"
+        );
+    }
+
+    #[test]
+    fn tls_clients_and_source_limits() {
+        let config = Config::parse(
+            r#"
+[defaults]
+source_rate = 50
+source_burst = 100
+
+[tls]
+cert = "certs/server.pem"
+key = "certs/server.key"
+client_ca = "certs/ca.pem"
+crl = ["certs/ca.crl"]
+handshake_timeout = "3s"
+
+[[upstream]]
+name = "app-a"
+listen = "127.0.0.1:7777"
+hosts = ["127.0.0.1:9001"]
+
+[[upstream]]
+name = "plain"
+listen = "127.0.0.1:7778"
+hosts = ["127.0.0.1:9002"]
+tls = false
+
+[[client]]
+identity = "spiffe://example.org/alice"
+upstreams = ["app-a"]
+rate = 0.5
+
+[[client]]
+identity = "bob"
+upstreams = ["app-a"]
+rate = 10
+burst = 20
+max_connections = 100
+"#,
+            "lb.toml",
+        )
+        .unwrap();
+        let tls = config.tls.as_ref().unwrap();
+        assert_eq!(tls.handshake_timeout, Duration::from_secs(3));
+        assert_eq!(tls.max_handshakes, 1000);
+        assert_eq!(tls.crl, [PathBuf::from("certs/ca.crl")]);
+        assert_eq!(
+            [config.upstreams[0].tls, config.upstreams[1].tls],
+            [true, false]
+        );
+        assert_eq!(config.clients[0].burst, 1);
+        assert_eq!(config.clients[1].burst, 20);
+        assert_eq!(config.clients[1].max_connections, Some(100));
+        assert_eq!(config.settings.source_limit, Some(Limit::new(50.0, 100)));
+    }
+
+    #[test]
+    fn invalid_toml_names_the_place() {
+        let found = problems("[[upstream]\n");
+        assert_eq!(found.len(), 1);
+        assert!(found[0].starts_with("lb.toml:1:"), "{found:?}");
+        assert!(found[0].contains("invalid TOML"), "{found:?}");
+    }
+}

@@ -1,0 +1,312 @@
+//! The walk of `[[upstream]]` tables and their `[upstream.health]`, and the
+//! checks across upstreams: names are unique and listen addresses do not
+//! collide on bind. Each table yields a [`ParsedUpstream`], which keeps the
+//! spans of its name and listen address for those checks and for the
+//! client rules that name upstreams.
+
+use std::net::SocketAddr;
+use std::ops::Range;
+
+use toml::Spanned;
+use toml::de::{DeTable, DeValue};
+
+use super::UpstreamConfig;
+use super::problems::Problems;
+use super::rules;
+use super::schema::{as_table, find, tables, unknown_keys};
+use super::values::{Value, Zero, address, boolean, duration, fill, integer, string};
+use crate::policy::health::HealthSettings;
+
+const UPSTREAM_KEYS: &[&str] = &["name", "listen", "hosts", "tls", "health"];
+const HEALTH_KEYS: &[&str] = &[
+    "interval",
+    "timeout",
+    "rise",
+    "fall",
+    "send",
+    "expect",
+    "close_on_down",
+    "slow_start",
+];
+
+/// What one `[[upstream]]` table yielded: the name and listen address
+/// that were readable, with their spans, and the whole upstream if the
+/// table had no problem.
+pub(super) struct ParsedUpstream {
+    pub(super) name: Option<Spanned<String>>,
+    listen: Option<Spanned<SocketAddr>>,
+    pub(super) config: Option<UpstreamConfig>,
+}
+
+/// Every `[[upstream]]` of the document (at least one is required), checked
+/// against each other; `tls_present` says whether `[tls]` exists.
+pub(super) fn upstreams(
+    p: &mut Problems<'_>,
+    root: &DeTable<'_>,
+    tls_present: bool,
+) -> Vec<ParsedUpstream> {
+    if find(root, "upstream").is_none() {
+        p.general("no upstream is defined (add an [[upstream]] table)".to_string());
+    }
+    let parsed: Vec<ParsedUpstream> = tables(p, root, "upstream")
+        .into_iter()
+        .map(|(table, span)| upstream(p, table, span, tls_present))
+        .collect();
+    unique_names(p, &parsed);
+    distinct_listens(p, &parsed);
+    parsed
+}
+
+fn upstream(
+    p: &mut Problems<'_>,
+    table: &DeTable<'_>,
+    span: Range<usize>,
+    tls_present: bool,
+) -> ParsedUpstream {
+    unknown_keys(p, table, UPSTREAM_KEYS, "in [[upstream]]");
+    let name = match find(table, "name") {
+        Some(v) => name(p, v),
+        None => {
+            p.at(span.clone(), "upstream has no `name`".to_string());
+            None
+        }
+    };
+    let label = name.as_ref().map_or_else(
+        || "upstream".to_string(),
+        |n| format!("upstream `{}`", n.get_ref()),
+    );
+    let listen = match find(table, "listen") {
+        Some(v) => address(p, v, "listen"),
+        None => {
+            p.at(span.clone(), format!("{label} has no `listen` address"));
+            None
+        }
+    };
+    let hosts = match find(table, "hosts") {
+        Some(v) => hosts(p, v, &label),
+        None => {
+            p.at(span, format!("{label} has no `hosts`"));
+            None
+        }
+    };
+    let tls = find(table, "tls").map_or(Some(tls_present), |v| tls(p, v, &label, tls_present));
+    let health = find(table, "health").map_or(Some(HealthSettings::default()), |v| {
+        let not_a_table = format!("{label}: `health` must be a table ([upstream.health])");
+        as_table(p, v, not_a_table).and_then(|t| health(p, t, &label))
+    });
+    let config = match (&name, &listen, hosts, tls, health) {
+        (Some(name), Some(listen), Some(hosts), Some(tls), Some(health)) => Some(UpstreamConfig {
+            name: name.get_ref().clone(),
+            listen: *listen.get_ref(),
+            hosts,
+            tls,
+            health,
+        }),
+        _ => None,
+    };
+    ParsedUpstream {
+        name,
+        listen,
+        config,
+    }
+}
+
+fn name(p: &mut Problems<'_>, v: &Value<'_>) -> Option<Spanned<String>> {
+    let name = string(p, v, "name")?;
+    match rules::name(name) {
+        Ok(()) => Some(Spanned::new(v.span(), name.to_string())),
+        Err(why) => {
+            p.at(v.span(), format!("upstream name: {why}"));
+            None
+        }
+    }
+}
+
+fn hosts(p: &mut Problems<'_>, v: &Value<'_>, label: &str) -> Option<Vec<SocketAddr>> {
+    let DeValue::Array(items) = v.get_ref() else {
+        let message = format!("{label}: `hosts` must be an array of \"host:port\" strings");
+        p.at(v.span(), message);
+        return None;
+    };
+    if items.is_empty() {
+        p.at(v.span(), format!("{label} has no hosts"));
+        return None;
+    }
+    let mut hosts: Vec<SocketAddr> = Vec::with_capacity(items.len());
+    let mut ok = true;
+    for item in items.iter() {
+        match address(p, item, "hosts") {
+            Some(addr) if hosts.contains(addr.get_ref()) => {
+                ok = false;
+                let message = format!("{label}: host {} is listed twice", addr.get_ref());
+                p.at(item.span(), message);
+            }
+            Some(addr) => hosts.push(*addr.get_ref()),
+            None => ok = false,
+        }
+    }
+    ok.then_some(hosts)
+}
+
+/// `tls` of an upstream: true needs a `[tls]` table.
+fn tls(p: &mut Problems<'_>, v: &Value<'_>, label: &str, tls_present: bool) -> Option<bool> {
+    let tls = boolean(p, v, "tls")?;
+    if tls && !tls_present {
+        let message = format!("{label} has `tls = true` but there is no [tls] table");
+        p.at(v.span(), message);
+        return None;
+    }
+    Some(tls)
+}
+
+/// `[upstream.health]`: its presence turns active checks on.
+fn health(p: &mut Problems<'_>, table: &DeTable<'_>, label: &str) -> Option<HealthSettings> {
+    let place = format!("in the health table of {label}");
+    unknown_keys(p, table, HEALTH_KEYS, &place);
+    let mut h = HealthSettings {
+        active: true,
+        ..HealthSettings::default()
+    };
+    let mut ok = true;
+    for (key, slot) in [("interval", &mut h.interval), ("timeout", &mut h.timeout)] {
+        ok &= fill(
+            slot,
+            find(table, key).map(|v| duration(p, v, key, Zero::Refused)),
+        );
+    }
+    for (key, slot) in [("rise", &mut h.rise), ("fall", &mut h.fall)] {
+        let streak = |v: &Value<'_>| integer(p, v, key, rules::HEALTH_STREAK).map(|n| n as u32);
+        ok &= fill(slot, find(table, key).map(streak));
+    }
+    for (key, slot) in [("send", &mut h.send), ("expect", &mut h.expect)] {
+        let bytes = |v: &Value<'_>| {
+            let text = string(p, v, key)?;
+            p.check(v.span(), key, rules::probe_bytes(text)).map(Some)
+        };
+        ok &= fill(slot, find(table, key).map(bytes));
+    }
+    let close_on_down = find(table, "close_on_down").map(|v| boolean(p, v, "close_on_down"));
+    ok &= fill(&mut h.close_on_down, close_on_down);
+    let slow_start = find(table, "slow_start").map(|v| {
+        duration(p, v, "slow_start", Zero::Allowed).map(|d| Some(d).filter(|d| !d.is_zero()))
+    });
+    ok &= fill(&mut h.slow_start, slow_start);
+    ok.then_some(h)
+}
+
+/// A name given to two upstreams is reported at the second.
+fn unique_names(p: &mut Problems<'_>, upstreams: &[ParsedUpstream]) {
+    for (i, u) in upstreams.iter().enumerate() {
+        let Some(name) = &u.name else { continue };
+        let taken = upstreams[..i]
+            .iter()
+            .any(|e| e.name.as_ref().map(|n| n.get_ref()) == Some(name.get_ref()));
+        if taken {
+            let message = format!("duplicate upstream name `{}`", name.get_ref());
+            p.at(name.span(), message);
+        }
+    }
+}
+
+/// A listen address that would collide on bind with an earlier one.
+fn distinct_listens(p: &mut Problems<'_>, upstreams: &[ParsedUpstream]) {
+    for (i, u) in upstreams.iter().enumerate() {
+        let Some(listen) = &u.listen else { continue };
+        let clash = upstreams[..i]
+            .iter()
+            .filter_map(|e| e.listen.as_ref())
+            .find(|e| listens_collide(*e.get_ref(), *listen.get_ref()));
+        if let Some(other) = clash {
+            let message = format!(
+                "listen address {} uses the same port as {} of another upstream",
+                listen.get_ref(),
+                other.get_ref()
+            );
+            p.at(listen.span(), message);
+        }
+    }
+}
+
+/// Two listen addresses collide when they share a port and either the same IP
+/// or a wildcard of the same family. Port 0 (kernel-chosen) never collides.
+fn listens_collide(a: SocketAddr, b: SocketAddr) -> bool {
+    if a.port() == 0 || a.port() != b.port() {
+        return false;
+    }
+    a.ip() == b.ip()
+        || (a.is_ipv4() == b.is_ipv4() && (a.ip().is_unspecified() || b.ip().is_unspecified()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::{Config, problems};
+
+    #[test]
+    fn health_tables_turn_active_checks_on() {
+        let config = Config::parse(
+            r#"
+[admin]
+listen = "127.0.0.1:9900"
+
+[[upstream]]
+name = "redis"
+listen = "127.0.0.1:7000"
+hosts = ["127.0.0.1:6379"]
+
+[upstream.health]
+interval = "500ms"
+timeout = "200ms"
+rise = 1
+fall = 2
+send = "PING\r\n"
+expect = "+PONG"
+close_on_down = true
+slow_start = "30s"
+
+[[upstream]]
+name = "plain"
+listen = "127.0.0.1:7001"
+hosts = ["127.0.0.1:6380"]
+"#,
+            "lb.toml",
+        )
+        .unwrap();
+        assert_eq!(config.admin, Some("127.0.0.1:9900".parse().unwrap()));
+        let h = &config.upstreams[0].health;
+        assert!(h.active && h.close_on_down);
+        assert_eq!(
+            (h.interval, h.timeout, h.rise, h.fall),
+            (Duration::from_millis(500), Duration::from_millis(200), 1, 2)
+        );
+        assert_eq!(h.send.as_deref(), Some(&b"PING\r\n"[..]));
+        assert_eq!(h.slow_start, Some(Duration::from_secs(30)));
+        assert!(!config.upstreams[1].health.active);
+        let found = problems(
+            "[[upstream]]\nname=\"a\"\nlisten=\"127.0.0.1:0\"\nhosts=[\"127.0.0.1:1\"]\n[upstream.health]\nrise = 0\nsend = \"\"\nwhatever = 1\n",
+        );
+        let text = found.join("\n");
+        assert!(
+            text.contains("6:8: `rise` must be between 1 and 1000, not 0"),
+            "{text}"
+        );
+        assert!(text.contains("7:8: `send` is empty"), "{text}");
+        assert!(
+            text.contains("8:1: unknown key `whatever` in the health table of upstream `a`"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn wildcard_listen_collides_with_specific_address_on_same_port() {
+        let a: SocketAddr = "0.0.0.0:80".parse().unwrap();
+        let b: SocketAddr = "127.0.0.1:80".parse().unwrap();
+        let c: SocketAddr = "[::1]:80".parse().unwrap();
+        let zero: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        assert!(listens_collide(a, b));
+        assert!(!listens_collide(a, c));
+        assert!(!listens_collide(zero, zero));
+    }
+}

@@ -1,0 +1,307 @@
+//! What one value means: the text forms of durations, sizes and addresses
+//! (public, for the command line's flags too), and the typed reading of a
+//! single TOML value of the file: a string, an integer within bounds, a
+//! number, a rate, a duration, a size, an address, a boolean. Each reader
+//! reports what is wrong at the value's span and gives `None`; it never
+//! stops the walk.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::ops::RangeInclusive;
+use std::time::Duration;
+
+use toml::Spanned;
+use toml::de::DeValue;
+
+use super::problems::Problems;
+use super::rules;
+
+/// A value of the parsed document, with its byte span in the text.
+pub(super) type Value<'i> = Spanned<DeValue<'i>>;
+
+/// Resolves `host:port` (IPv4, `[IPv6]`, or a name looked up now) to its first address.
+///
+/// The error is a sentence without the text itself, for the caller to
+/// put after the flag or key it came from.
+pub fn resolve(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let Some((host, port)) = text.rsplit_once(':') else {
+        return Err("expected host:port, e.g. 127.0.0.1:9001 or [::1]:9001".to_string());
+    };
+    if host.is_empty() {
+        return Err("the host part is empty".to_string());
+    }
+    if port.parse::<u16>().is_err() {
+        return Err(format!("`{port}` is not a port number (0-65535)"));
+    }
+    match text.to_socket_addrs() {
+        Ok(mut addrs) => addrs
+            .next()
+            .ok_or_else(|| format!("`{host}` resolves to no address")),
+        Err(e) => Err(format!("cannot resolve `{host}`: {e}")),
+    }
+}
+
+/// Parses a duration such as `5s`, `250ms`, `1h`, `1m30s` (units ms, s, m, h, d).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let bad = || format!("`{text}` is not a duration (use e.g. \"250ms\", \"5s\", \"2m\", \"1h\")");
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    let mut total = Duration::ZERO;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        if digits == 0 {
+            return Err(bad());
+        }
+        let value: u64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let unit_ms: u64 = match &rest[..unit_len] {
+            "ms" => 1,
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            _ => return Err(bad()),
+        };
+        rest = &rest[unit_len..];
+        let part = value.checked_mul(unit_ms).ok_or_else(bad)?;
+        total = total
+            .checked_add(Duration::from_millis(part))
+            .ok_or_else(bad)?;
+    }
+    Ok(total)
+}
+
+/// Parses a byte size such as `16KiB`, `1MiB`, `64KB` or a plain byte count.
+pub fn parse_size(text: &str) -> Result<usize, String> {
+    let bad = || format!("`{text}` is not a size (use e.g. \"16KiB\", \"1MiB\" or a byte count)");
+    let text = text.trim();
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    if digits == 0 {
+        return Err(bad());
+    }
+    let value: usize = text[..digits].parse().map_err(|_| bad())?;
+    let unit: usize = match text[digits..].trim() {
+        "" | "B" => 1,
+        "KB" | "kB" => 1000,
+        "KiB" => 1024,
+        "MB" => 1000 * 1000,
+        "MiB" => 1024 * 1024,
+        "GB" => 1000 * 1000 * 1000,
+        "GiB" => 1024 * 1024 * 1024,
+        _ => return Err(bad()),
+    };
+    value.checked_mul(unit).ok_or_else(bad)
+}
+
+/// Stores what an optional key yielded: keeps `slot` (its default) when
+/// the key is absent (`None`), sets it when the key's value was good, and
+/// returns false when the key was there but wrong (already reported).
+pub(super) fn fill<T>(slot: &mut T, found: Option<Option<T>>) -> bool {
+    match found {
+        None => true,
+        Some(Some(value)) => {
+            *slot = value;
+            true
+        }
+        Some(None) => false,
+    }
+}
+
+/// Whether a zero duration means something (no drain, no slow start) or
+/// is a mistake (a timeout that would fire at once).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Zero {
+    Allowed,
+    Refused,
+}
+
+pub(super) fn string<'v>(p: &mut Problems<'_>, v: &'v Value<'_>, key: &str) -> Option<&'v str> {
+    match v.get_ref() {
+        DeValue::String(s) => Some(s.as_ref()),
+        _ => {
+            p.at(v.span(), format!("`{key}` must be a string"));
+            None
+        }
+    }
+}
+
+pub(super) fn boolean(p: &mut Problems<'_>, v: &Value<'_>, key: &str) -> Option<bool> {
+    match v.get_ref() {
+        DeValue::Boolean(b) => Some(*b),
+        _ => {
+            p.at(v.span(), format!("`{key}` must be true or false"));
+            None
+        }
+    }
+}
+
+/// An integer within `bounds` (one of the ranges of [`rules`]).
+pub(super) fn integer(
+    p: &mut Problems<'_>,
+    v: &Value<'_>,
+    key: &str,
+    bounds: RangeInclusive<i64>,
+) -> Option<i64> {
+    let parsed = match v.get_ref() {
+        DeValue::Integer(i) => i64::from_str_radix(i.as_str(), i.radix()).ok(),
+        _ => None,
+    };
+    let (min, max) = (*bounds.start(), *bounds.end());
+    match parsed {
+        Some(n) if bounds.contains(&n) => Some(n),
+        Some(n) => {
+            p.at(
+                v.span(),
+                format!("`{key}` must be between {min} and {max}, not {n}"),
+            );
+            None
+        }
+        None => {
+            p.at(v.span(), format!("`{key}` must be an integer"));
+            None
+        }
+    }
+}
+
+/// An integer or a float, finite.
+pub(super) fn number(p: &mut Problems<'_>, v: &Value<'_>, key: &str) -> Option<f64> {
+    let parsed = match v.get_ref() {
+        DeValue::Integer(i) => i64::from_str_radix(i.as_str(), i.radix())
+            .ok()
+            .map(|n| n as f64),
+        DeValue::Float(f) => f.as_str().replace('_', "").parse::<f64>().ok(),
+        _ => None,
+    };
+    match parsed {
+        Some(n) if n.is_finite() => Some(n),
+        _ => {
+            p.at(v.span(), format!("`{key}` must be a finite number"));
+            None
+        }
+    }
+}
+
+/// New connections per second of a rate limit.
+pub(super) fn rate(p: &mut Problems<'_>, v: &Value<'_>, key: &str) -> Option<f64> {
+    let rate = number(p, v, key)?;
+    p.check(v.span(), key, rules::rate(rate))
+}
+
+/// A string with a unit, such as "5s".
+pub(super) fn duration(
+    p: &mut Problems<'_>,
+    v: &Value<'_>,
+    key: &str,
+    zero: Zero,
+) -> Option<Duration> {
+    let DeValue::String(text) = v.get_ref() else {
+        p.at(
+            v.span(),
+            format!("`{key}` must be a string with a unit, such as \"5s\""),
+        );
+        return None;
+    };
+    let duration = parse_duration(text)
+        .map_err(|why| p.at(v.span(), format!("`{key}`: {why}")))
+        .ok()?;
+    match zero {
+        Zero::Allowed => Some(duration),
+        Zero::Refused => p.check(v.span(), key, rules::positive(duration)),
+    }
+}
+
+/// A buffer size: a string with a unit, or a plain integer of bytes.
+pub(super) fn size(p: &mut Problems<'_>, v: &Value<'_>, key: &str) -> Option<usize> {
+    match v.get_ref() {
+        DeValue::String(text) => match parse_size(text) {
+            Ok(n) => p.check(v.span(), key, rules::buffer_size(n)),
+            Err(why) => {
+                p.at(v.span(), format!("`{key}`: {why}"));
+                None
+            }
+        },
+        DeValue::Integer(_) => {
+            let (lo, hi) = (*rules::BUFFER_SIZE.start(), *rules::BUFFER_SIZE.end());
+            integer(p, v, key, lo as i64..=hi as i64).map(|n| n as usize)
+        }
+        _ => {
+            p.at(
+                v.span(),
+                format!("`{key}` must be a size such as \"16KiB\""),
+            );
+            None
+        }
+    }
+}
+
+/// A `host:port` string, resolved now.
+pub(super) fn address(
+    p: &mut Problems<'_>,
+    v: &Value<'_>,
+    key: &str,
+) -> Option<Spanned<SocketAddr>> {
+    let text = string(p, v, key)?;
+    match resolve(text) {
+        Ok(addr) => Some(Spanned::new(v.span(), addr)),
+        Err(why) => {
+            p.at(v.span(), format!("`{key}` address `{text}`: {why}"));
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::problems;
+
+    #[test]
+    fn rates_must_be_finite_numbers() {
+        let base = "[[upstream]]\nname=\"x\"\nlisten=\"127.0.0.1:0\"\nhosts=[\"127.0.0.1:1\"]\n";
+        for value in ["inf", "nan", "\"fast\""] {
+            let found = problems(&format!("[defaults]\nsource_rate = {value}\n{base}"));
+            assert_eq!(
+                found,
+                ["lb.toml:2:15: `source_rate` must be a finite number"],
+                "{value}"
+            );
+        }
+    }
+
+    #[test]
+    fn durations_and_sizes() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(172_800)));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("5 s").is_err());
+        assert!(parse_duration("99999999999999999999d").is_err());
+        assert_eq!(parse_size("16KiB"), Ok(16384));
+        assert_eq!(parse_size("1MiB"), Ok(1 << 20));
+        assert_eq!(parse_size("64KB"), Ok(64_000));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("KiB").is_err());
+        assert!(parse_size("1TiB").is_err());
+    }
+
+    #[test]
+    fn addresses_accept_ipv6_and_reject_garbage() {
+        assert_eq!(resolve("[::1]:9001"), Ok("[::1]:9001".parse().unwrap()));
+        assert_eq!(resolve("localhost:9001").map(|a| a.port()), Ok(9001));
+        assert!(resolve("127.0.0.1").unwrap_err().contains("host:port"));
+        assert!(resolve("127.0.0.1:99999").unwrap_err().contains("port"));
+        assert!(resolve(":80").unwrap_err().contains("empty"));
+    }
+}
