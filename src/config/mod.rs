@@ -21,8 +21,9 @@
 //!   the command line;
 //! - `problems.rs`: collecting the problems, with line and column.
 //!
-//! The report itself, [`ConfigError`] with its [`Problem`]s, is defined in
-//! [`crate::error`], which the rest of start-up shares.
+//! The report itself, [`ConfigError`] with its
+//! [`Problem`](crate::error::Problem)s, is defined in [`crate::error`],
+//! which the rest of start-up shares.
 
 mod clients;
 mod problems;
