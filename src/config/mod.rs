@@ -217,8 +217,8 @@ pub fn check_settings(settings: &Settings) -> Vec<String> {
             out.push(format!("{name} {why}"));
         }
     }
-    // The flag's value is a count; only the lower bound has ever been
-    // checked for it (the file's integer is also bounded above).
+    // Only the lower bound, as the flag (a usize) has always been
+    // checked; the file's integer is also capped, at u32::MAX.
     let least = *rules::CONNECTIONS.start();
     if (settings.max_connections as u64) < least as u64 {
         out.push(format!("max_connections must be at least {least}"));
