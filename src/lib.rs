@@ -23,17 +23,16 @@ pub mod demo;
 pub mod error;
 mod io;
 mod logs;
-pub mod metrics;
 mod pair;
 mod policy;
 mod proxy;
 pub mod tls;
 mod upstream;
 
+pub use admin::{HostStats, Stats, UpstreamStats};
 pub use config::{Config, Settings, UpstreamConfig};
 pub use error::Error;
 pub use io::send_queue::SendQueues;
-pub use metrics::{HostStats, Stats, UpstreamStats};
 pub use policy::access::ClientRule;
 pub use policy::health::HealthSettings;
 pub use policy::limits::Limit;

@@ -13,8 +13,7 @@ use signal_hook::consts::SIGHUP;
 
 use super::Proxy;
 use super::token::Registration;
-use crate::admin::{self, AdminConn, AdminStep, Method, Request};
-use crate::metrics::{self, HostStats, Stats, UpstreamStats};
+use crate::admin::{self, AdminConn, AdminStep, HostStats, Method, Request, Stats, UpstreamStats};
 
 /// A request to the loop from another thread.
 #[derive(Debug)]
@@ -240,11 +239,11 @@ impl Proxy {
         let read = matches!(request.method, Method::Get | Method::Head);
         match (request.path.as_str(), request.method) {
             ("/metrics", _) if read => {
-                let body = metrics::prometheus(&self.stats(now));
+                let body = admin::prometheus(&self.stats(now));
                 admin::response(200, "text/plain; version=0.0.4", body.as_bytes(), head)
             }
             ("/status", _) if read => {
-                let body = metrics::status_json(&self.stats(now));
+                let body = admin::status_json(&self.stats(now));
                 admin::response(200, "application/json", body.as_bytes(), head)
             }
             ("/reload", Method::Post) => match self.reload(now) {

@@ -1,6 +1,9 @@
-//! What the loop reports: a [`Stats`] snapshot of its plain counters, and
-//! its renderings as Prometheus text (`GET /metrics`) and JSON (`GET
-//! /status`). Rendering works on the snapshot, so it is pure and testable.
+//! What the loop reports: a [`Stats`] snapshot of its plain counters, taken
+//! between two turns of the loop, and its rendering as Prometheus text
+//! (`GET /metrics`, exposition format 0.0.4). Rendering works on the
+//! snapshot only, so it is pure and testable; the `/status` JSON of the same
+//! snapshot is in `status`. Hosts removed by a reload are shown while they
+//! still have connections.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -8,7 +11,8 @@ use std::time::Duration;
 
 use crate::upstream::{DURATION_BUCKETS, Histogram};
 
-/// A snapshot of the loop's counters.
+/// A snapshot of the loop's counters (what [`Handle::stats`](crate::Handle::stats)
+/// returns and the admin pages render).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Stats {
     /// Pairs that exist, in any phase.
@@ -19,47 +23,66 @@ pub struct Stats {
     pub buffers_in_use: usize,
     /// TLS handshakes in progress.
     pub handshakes: usize,
+    /// Time since the loop started.
     pub uptime: Duration,
     /// Successful reloads since start.
     pub reloads: u64,
+    /// Every upstream, including removed ones that still have connections.
     pub upstreams: Vec<UpstreamStats>,
     /// Open connections per `[[client]]` identity.
     pub clients: Vec<(String, u32)>,
 }
 
+/// One upstream's part of a [`Stats`] snapshot.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamStats {
+    /// The upstream's configured name.
     pub name: String,
+    /// The address it listens on (the bound one: a configured port 0 is resolved).
     pub listen: SocketAddr,
+    /// Clients must pass mTLS.
     pub tls: bool,
     /// Removed by a reload; its connections are draining.
     pub removed: bool,
+    /// Its hosts, in configuration order (removed ones included).
     pub hosts: Vec<HostStats>,
     /// Clients turned away, per reason (refusal code, `handshake_failed`,
     /// `handshake_timeout`, `source_rate_limited`, `handshake_capacity`).
     pub refused: Vec<(String, u64)>,
     /// Connections ended, per end reason (the access log's `end`).
     pub ended: Vec<(String, u64)>,
+    /// Bytes relayed from clients to hosts.
     pub bytes_up: u64,
+    /// Bytes relayed from hosts to clients.
     pub bytes_down: u64,
+    /// Durations of connections that reached a host.
     pub durations: Histogram,
     /// Resets passed on at the half-close bound before the receiver had
-    /// acknowledged every byte the reset side sent, and those bytes.
+    /// acknowledged every byte the reset side sent.
     pub undelivered_resets: u64,
+    /// The bytes those resets left undelivered (tcplb's buffer plus what the
+    /// receiver had not acknowledged).
     pub undelivered_bytes: u64,
 }
 
+/// One host's part of an [`UpstreamStats`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostStats {
+    /// The host's address.
     pub addr: SocketAddr,
     /// Connections counted against the host (connecting or relaying).
     pub active: u32,
+    /// Health checks (active or passive) have it up.
     pub up: bool,
     /// Removed by a reload; its connections are draining.
     pub removed: bool,
+    /// Connections established to the host.
     pub connections: u64,
+    /// Connects to the host that failed or timed out.
     pub connect_failures: u64,
+    /// Active health checks that passed.
     pub checks_passed: u64,
+    /// Active health checks that failed.
     pub checks_failed: u64,
 }
 
@@ -72,7 +95,7 @@ type HostFamily = (
 );
 
 /// The Prometheus text exposition format (version 0.0.4).
-pub fn prometheus(stats: &Stats) -> String {
+pub(crate) fn prometheus(stats: &Stats) -> String {
     let mut out = String::with_capacity(4096 + stats.upstreams.len() * 1024);
     let family = |out: &mut String, name: &str, kind: &str, help: &str| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -297,109 +320,48 @@ fn label(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// The `/status` document.
-pub fn status_json(stats: &Stats) -> String {
-    let mut out = String::with_capacity(1024 + stats.upstreams.len() * 512);
-    let _ = write!(
-        out,
-        "{{\"uptime_seconds\":{},\"pairs\":{},\"handshakes\":{},\"reloads\":{},\"upstreams\":[",
-        stats.uptime.as_secs(),
-        stats.pairs,
-        stats.handshakes,
-        stats.reloads
-    );
-    for (i, u) in stats.upstreams.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        let active: u32 = u.hosts.iter().map(|h| h.active).sum();
-        let _ = write!(
-            out,
-            "{{\"name\":{},\"listen\":{},\"tls\":{},\"removed\":{},\"active_connections\":{active},\"hosts\":[",
-            json(&u.name),
-            json(&u.listen.to_string()),
-            u.tls,
-            u.removed
-        );
-        for (j, h) in u.hosts.iter().enumerate() {
-            if j > 0 {
-                out.push(',');
-            }
-            let _ = write!(
-                out,
-                "{{\"address\":{},\"up\":{},\"removed\":{},\"active_connections\":{},\"connections_total\":{},\"connect_failures_total\":{}}}",
-                json(&h.addr.to_string()),
-                h.up,
-                h.removed,
-                h.active,
-                h.connections,
-                h.connect_failures
-            );
-        }
-        out.push_str("]}");
+/// A snapshot with one of everything, for the rendering tests.
+#[cfg(test)]
+pub(super) fn sample() -> Stats {
+    let mut durations = Histogram::default();
+    durations.observe(Duration::from_millis(20));
+    Stats {
+        pairs: 1,
+        refusing: 0,
+        buffers_in_use: 0,
+        handshakes: 0,
+        uptime: Duration::from_secs(5),
+        reloads: 0,
+        clients: vec![("spiffe://x/\"q\"".into(), 1)],
+        upstreams: vec![UpstreamStats {
+            name: "app".into(),
+            listen: "127.0.0.1:7000".parse().unwrap(),
+            tls: false,
+            removed: false,
+            hosts: vec![HostStats {
+                addr: "127.0.0.1:9001".parse().unwrap(),
+                active: 1,
+                up: true,
+                removed: false,
+                connections: 3,
+                connect_failures: 1,
+                checks_passed: 7,
+                checks_failed: 0,
+            }],
+            refused: vec![("overloaded".into(), 2)],
+            ended: vec![("client_truncated".into(), 3)],
+            bytes_up: 10,
+            bytes_down: 20,
+            durations,
+            undelivered_resets: 1,
+            undelivered_bytes: 4096,
+        }],
     }
-    out.push_str("]}");
-    out
-}
-
-/// A JSON string literal.
-fn json(value: &str) -> String {
-    let mut out = String::with_capacity(value.len() + 2);
-    out.push('"');
-    for c in value.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn sample() -> Stats {
-        let mut durations = Histogram::default();
-        durations.observe(Duration::from_millis(20));
-        Stats {
-            pairs: 1,
-            refusing: 0,
-            buffers_in_use: 0,
-            handshakes: 0,
-            uptime: Duration::from_secs(5),
-            reloads: 0,
-            clients: vec![("spiffe://x/\"q\"".into(), 1)],
-            upstreams: vec![UpstreamStats {
-                name: "app".into(),
-                listen: "127.0.0.1:7000".parse().unwrap(),
-                tls: false,
-                removed: false,
-                hosts: vec![HostStats {
-                    addr: "127.0.0.1:9001".parse().unwrap(),
-                    active: 1,
-                    up: true,
-                    removed: false,
-                    connections: 3,
-                    connect_failures: 1,
-                    checks_passed: 7,
-                    checks_failed: 0,
-                }],
-                refused: vec![("overloaded".into(), 2)],
-                ended: vec![("client_truncated".into(), 3)],
-                bytes_up: 10,
-                bytes_down: 20,
-                durations,
-                undelivered_resets: 1,
-                undelivered_bytes: 4096,
-            }],
-        }
-    }
 
     #[test]
     fn prometheus_lines_and_escaping() {
@@ -431,10 +393,9 @@ mod tests {
     }
 
     #[test]
-    fn status_is_escaped_json() {
-        let json = status_json(&sample());
-        assert!(json.starts_with("{\"uptime_seconds\":5,"));
-        assert!(json.contains("\"hosts\":[{\"address\":\"127.0.0.1:9001\",\"up\":true"));
-        assert_eq!(super::json("a\"b\\c\n"), "\"a\\\"b\\\\c\\u000a\"");
+    fn prometheus_text_is_the_golden_one() {
+        // The whole exposition, byte for byte: a change of a family, a help
+        // text or the order shows up as a diff of golden/metrics.prom.
+        assert_eq!(prometheus(&sample()), include_str!("golden/metrics.prom"));
     }
 }

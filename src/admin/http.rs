@@ -1,43 +1,40 @@
-//! The admin listener's HTTP/1.1, served by the main loop: just enough to
-//! answer `GET /metrics`, `GET /status` and `POST /reload`, one request
-//! per connection, then close. The parser is a pure function over bytes
-//! (fuzzed); requests are bounded in size and time, and connections in number.
-
-use std::time::{Duration, Instant};
-
-use mio::event::Event;
-use mio::net::TcpStream;
-use mio::{Interest, Registry, Token};
-
-use crate::io::Io;
-use crate::io::endpoint::{Discarded, Endpoint};
+//! Just enough HTTP/1.x for the admin listener: the parser of a request
+//! head (a pure function over the bytes received so far, fuzzed by
+//! `fuzz/fuzz_targets/admin_request.rs`) and the encoding of a response.
+//! A head is at most [`MAX_REQUEST`] bytes; anything after it is ignored,
+//! since a connection carries one request and is then closed.
 
 /// Largest request head accepted.
 pub const MAX_REQUEST: usize = 8 * 1024;
-/// Admin connections open at once; more are closed at accept.
-pub const MAX_CONNECTIONS: usize = 64;
-/// Time a client gets to send its request and read the answer.
-pub const TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The request method, as far as the admin routes care.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Method {
+    /// `GET`.
     Get,
+    /// `HEAD`: answered like `GET`, without the body.
     Head,
+    /// `POST`.
     Post,
+    /// Any other method; answered 405 or 404.
     Other,
 }
 
+/// A parsed request head: only what routing needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
+    /// The request method.
     pub method: Method,
     /// The path, without any query string.
     pub path: String,
 }
 
+/// The outcome of parsing what a client has sent so far.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Parse {
     /// More bytes are needed.
     Incomplete,
+    /// A complete head.
     Done(Request),
     /// Not a request we can answer; the reason goes back in a 400.
     Bad(&'static str),
@@ -89,7 +86,7 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 /// A complete response: status line, headers and body.
-pub fn response(status: u16, content_type: &str, body: &[u8], head_only: bool) -> Vec<u8> {
+pub(crate) fn response(status: u16, content_type: &str, body: &[u8], head_only: bool) -> Vec<u8> {
     let reason = match status {
         200 => "OK",
         400 => "Bad Request",
@@ -106,119 +103,6 @@ pub fn response(status: u16, content_type: &str, body: &[u8], head_only: bool) -
         out.extend_from_slice(body);
     }
     out
-}
-
-/// One admin connection: reading its request, then writing the answer,
-/// then waiting briefly for the client to close.
-#[derive(Debug)]
-pub struct AdminConn {
-    /// Tells this connection's timer entry from a later one's in the same slot.
-    pub id: u64,
-    endpoint: Endpoint,
-    input: Vec<u8>,
-    output: Option<Vec<u8>>,
-    written: usize,
-    /// The write side is shut, after the answer.
-    shut: bool,
-    pub deadline: Instant,
-}
-
-/// What the loop should do with an admin connection.
-#[derive(Debug, PartialEq, Eq)]
-pub enum AdminStep {
-    Wait,
-    /// A request is in: answer it with [`AdminConn::answer`].
-    Request(Request),
-    Close,
-}
-
-impl AdminConn {
-    /// A connection just accepted, registered under `token`.
-    pub fn new(
-        stream: TcpStream,
-        id: u64,
-        now: Instant,
-        registry: &Registry,
-        token: Token,
-    ) -> std::io::Result<AdminConn> {
-        let mut endpoint = Endpoint::new(stream);
-        endpoint.register(registry, token, Interest::READABLE | Interest::WRITABLE)?;
-        Ok(AdminConn {
-            id,
-            endpoint,
-            input: Vec::new(),
-            output: None,
-            written: 0,
-            shut: false,
-            deadline: now + TIMEOUT,
-        })
-    }
-
-    /// Makes the coming close send RST (a connection that overstayed).
-    pub fn abort(&self) {
-        self.endpoint.abort();
-    }
-
-    pub fn on_event(&mut self, event: &Event) {
-        self.endpoint.on_event(event);
-    }
-
-    /// Reads the request, or writes the answer, as far as readiness allows.
-    pub fn advance(&mut self) -> AdminStep {
-        let ep = &mut self.endpoint;
-        if let Some(output) = &self.output {
-            match ep.write_out(output, &mut self.written) {
-                Ok(true) => {}
-                Ok(false) => return AdminStep::Wait,
-                Err(_) => return AdminStep::Close,
-            }
-            if !self.shut {
-                self.shut = true;
-                let _ = ep.shutdown_write();
-            }
-            // Drop what the client still sends until it closes, so the
-            // answer is not destroyed by a reset.
-            return match ep.discard() {
-                Discarded::End => AdminStep::Close,
-                Discarded::Bytes(_) | Discarded::WouldBlock => AdminStep::Wait,
-            };
-        }
-        let mut bad = None;
-        while ep.can_read() && bad.is_none() {
-            match ep.read_onto(&mut self.input, 1024) {
-                Io::Done(_) => match parse_request(&self.input) {
-                    Parse::Incomplete => {}
-                    Parse::Done(request) => return AdminStep::Request(request),
-                    Parse::Bad(why) => bad = Some(why),
-                },
-                Io::WouldBlock => {}
-                Io::Eof | Io::Failed(_) => return AdminStep::Close,
-            }
-        }
-        match bad {
-            Some(why) => {
-                self.answer(response(
-                    400,
-                    "text/plain",
-                    format!("{why}\n").as_bytes(),
-                    false,
-                ));
-                self.advance()
-            }
-            None => AdminStep::Wait,
-        }
-    }
-
-    /// Queues the answer; the next [`advance`](Self::advance) writes it.
-    /// Still waiting for its request (not yet answered).
-    pub fn is_idle(&self) -> bool {
-        self.output.is_none()
-    }
-
-    pub fn answer(&mut self, output: Vec<u8>) {
-        self.output = Some(output);
-        self.endpoint.assume_writable();
-    }
 }
 
 #[cfg(test)]
