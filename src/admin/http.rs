@@ -40,49 +40,72 @@ pub enum Parse {
     Bad(&'static str),
 }
 
-/// Parses the head of an HTTP/1.x request (request line and headers).
+/// Parses the head of an HTTP/1.x request (request line and headers) with
+/// `httparse`, from the bytes received so far. Only the first
+/// [`MAX_REQUEST`] bytes are looked at: a head that does not end within
+/// them (its blank line included) is too large. Headers are checked for
+/// syntax and otherwise ignored; any number of them fits within the limit.
+/// Bytes after the head do not change the outcome.
 pub fn parse_request(buf: &[u8]) -> Parse {
-    let end = match find(buf, b"\r\n\r\n").or_else(|| find(buf, b"\n\n")) {
-        Some(end) => end,
-        None if buf.len() > MAX_REQUEST => return Parse::Bad("request too large"),
-        None => return Parse::Incomplete,
+    let window = &buf[..buf.len().min(MAX_REQUEST)];
+    // httparse fills a caller's header array and fails when it is full.
+    // A head has fewer headers than lines, so this array never is.
+    let lines = window.iter().filter(|&&b| b == b'\n').count();
+    let mut headers = vec![httparse::EMPTY_HEADER; lines];
+    let mut request = httparse::Request::new(&mut headers);
+    let head_len = match request.parse(window) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_REQUEST => {
+            return Parse::Bad("request too large");
+        }
+        Ok(httparse::Status::Partial) => return Parse::Incomplete,
+        Err(_) if !window.is_ascii() => return Parse::Bad("request is not ASCII"),
+        Err(e) => return Parse::Bad(reason(e, window)),
     };
-    if end > MAX_REQUEST {
-        return Parse::Bad("request too large");
-    }
-    let head = &buf[..end];
-    if !head.is_ascii() {
+    if !window[..head_len].is_ascii() {
         return Parse::Bad("request is not ASCII");
     }
-    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
-    let line = line.strip_suffix(b"\r").unwrap_or(line);
-    let mut parts = line.split(|&b| b == b' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
+    // Both are set once the head is complete.
+    let (Some(method), Some(target)) = (request.method, request.path) else {
         return Parse::Bad("malformed request line");
     };
-    if !version.starts_with(b"HTTP/1.") {
-        return Parse::Bad("unsupported HTTP version");
-    }
-    if !target.starts_with(b"/") {
+    if !target.starts_with('/') {
         return Parse::Bad("malformed request target");
     }
     let method = match method {
-        b"GET" => Method::Get,
-        b"HEAD" => Method::Head,
-        b"POST" => Method::Post,
+        "GET" => Method::Get,
+        "HEAD" => Method::Head,
+        "POST" => Method::Post,
         _ => Method::Other,
     };
-    let path = target.split(|&b| b == b'?').next().unwrap_or_default();
+    let path = target.split('?').next().unwrap_or_default();
     Parse::Done(Request {
         method,
-        path: String::from_utf8_lossy(path).into_owned(),
+        path: path.to_string(),
     })
 }
 
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
+/// The 400's reason for an httparse error in `head`.
+fn reason(error: httparse::Error, head: &[u8]) -> &'static str {
+    match error {
+        // httparse reads `GET /a b HTTP/1.1` as the version `b HTTP/1.1`;
+        // it is the line, not the version, that is wrong.
+        httparse::Error::Version if request_line_parts(head) == 3 => "unsupported HTTP version",
+        httparse::Error::Version | httparse::Error::Token | httparse::Error::Status => {
+            "malformed request line"
+        }
+        httparse::Error::NewLine => "malformed line ending",
+        httparse::Error::HeaderName => "malformed header name",
+        httparse::Error::HeaderValue => "malformed header value",
+        httparse::Error::TooManyHeaders => "too many headers",
+    }
+}
+
+/// How many space-separated parts the first line of `head` has.
+fn request_line_parts(head: &[u8]) -> usize {
+    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    line.split(|&b| b == b' ').count()
 }
 
 /// A complete response: status line, headers and body.
@@ -169,6 +192,64 @@ mod tests {
         );
         let huge = vec![b'a'; MAX_REQUEST + 1];
         assert_eq!(parse_request(&huge), Parse::Bad("request too large"));
+    }
+
+    #[test]
+    fn checks_header_syntax() {
+        assert_eq!(
+            parse_request(b"GET /metrics HTTP/1.1\r\nHost tcplb\r\n\r\n"),
+            Parse::Bad("malformed header name")
+        );
+        assert_eq!(
+            parse_request(b"GET /metrics HTTP/1.1\r\nHost: a\x01b\r\n\r\n"),
+            Parse::Bad("malformed header value")
+        );
+    }
+
+    #[test]
+    fn the_limit_is_the_head_blank_line_included() {
+        let head = |len: usize| {
+            let start = b"GET /metrics HTTP/1.1\r\nX: ";
+            let mut head = start.to_vec();
+            head.resize(len - 4, b'a');
+            head.extend_from_slice(b"\r\n\r\n");
+            head
+        };
+        assert_eq!(
+            parse_request(&head(MAX_REQUEST)),
+            done(Method::Get, "/metrics")
+        );
+        assert_eq!(
+            parse_request(&head(MAX_REQUEST + 1)),
+            Parse::Bad("request too large")
+        );
+        // An unfinished head is refused once it cannot fit any more.
+        assert_eq!(
+            parse_request(&head(MAX_REQUEST + 1)[..MAX_REQUEST - 1]),
+            Parse::Incomplete
+        );
+        assert_eq!(
+            parse_request(&head(MAX_REQUEST + 1)[..MAX_REQUEST]),
+            Parse::Bad("request too large")
+        );
+    }
+
+    #[test]
+    fn any_number_of_headers_fits_within_the_limit() {
+        let mut head = b"GET /status HTTP/1.1\r\n".to_vec();
+        while head.len() + 4 + 4 <= MAX_REQUEST {
+            head.extend_from_slice(b"a:\r\n");
+        }
+        head.extend_from_slice(b"\r\n");
+        assert_eq!(parse_request(&head), done(Method::Get, "/status"));
+    }
+
+    #[test]
+    fn bytes_after_the_head_do_not_matter() {
+        let mut buf = b"POST /reload HTTP/1.1\r\nContent-Length: 9000\r\n\r\n".to_vec();
+        buf.extend_from_slice("\u{e9}".as_bytes());
+        buf.resize(MAX_REQUEST + 100, b'x');
+        assert_eq!(parse_request(&buf), done(Method::Post, "/reload"));
     }
 
     #[test]
