@@ -6,71 +6,43 @@
 //! `removed`, `active_connections`, `connections_total`,
 //! `connect_failures_total`).
 
-use std::fmt::Write as _;
+use serde_json::{Value, json};
 
-use super::metrics::Stats;
+use super::metrics::{HostStats, Stats, UpstreamStats};
 
-/// The `/status` document.
+/// The `/status` document, keys in the order written here (serde_json's
+/// `preserve_order`).
 pub(crate) fn status_json(stats: &Stats) -> String {
-    let mut out = String::with_capacity(1024 + stats.upstreams.len() * 512);
-    let _ = write!(
-        out,
-        "{{\"uptime_seconds\":{},\"pairs\":{},\"handshakes\":{},\"reloads\":{},\"upstreams\":[",
-        stats.uptime.as_secs(),
-        stats.pairs,
-        stats.handshakes,
-        stats.reloads
-    );
-    for (i, u) in stats.upstreams.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        let active: u32 = u.hosts.iter().map(|h| h.active).sum();
-        let _ = write!(
-            out,
-            "{{\"name\":{},\"listen\":{},\"tls\":{},\"removed\":{},\"active_connections\":{active},\"hosts\":[",
-            json(&u.name),
-            json(&u.listen.to_string()),
-            u.tls,
-            u.removed
-        );
-        for (j, h) in u.hosts.iter().enumerate() {
-            if j > 0 {
-                out.push(',');
-            }
-            let _ = write!(
-                out,
-                "{{\"address\":{},\"up\":{},\"removed\":{},\"active_connections\":{},\"connections_total\":{},\"connect_failures_total\":{}}}",
-                json(&h.addr.to_string()),
-                h.up,
-                h.removed,
-                h.active,
-                h.connections,
-                h.connect_failures
-            );
-        }
-        out.push_str("]}");
-    }
-    out.push_str("]}");
-    out
+    json!({
+        "uptime_seconds": stats.uptime.as_secs(),
+        "pairs": stats.pairs,
+        "handshakes": stats.handshakes,
+        "reloads": stats.reloads,
+        "upstreams": stats.upstreams.iter().map(upstream).collect::<Vec<_>>(),
+    })
+    .to_string()
 }
 
-/// A JSON string literal.
-fn json(value: &str) -> String {
-    let mut out = String::with_capacity(value.len() + 2);
-    out.push('"');
-    for c in value.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
+fn upstream(u: &UpstreamStats) -> Value {
+    json!({
+        "name": u.name,
+        "listen": u.listen.to_string(),
+        "tls": u.tls,
+        "removed": u.removed,
+        "active_connections": u.hosts.iter().map(|h| h.active).sum::<u32>(),
+        "hosts": u.hosts.iter().map(host).collect::<Vec<_>>(),
+    })
+}
+
+fn host(h: &HostStats) -> Value {
+    json!({
+        "address": h.addr.to_string(),
+        "up": h.up,
+        "removed": h.removed,
+        "active_connections": h.active,
+        "connections_total": h.connections,
+        "connect_failures_total": h.connect_failures,
+    })
 }
 
 #[cfg(test)]
@@ -79,11 +51,12 @@ mod tests {
     use crate::admin::metrics::sample;
 
     #[test]
-    fn status_is_escaped_json() {
-        let json = status_json(&sample());
-        assert!(json.starts_with("{\"uptime_seconds\":5,"));
-        assert!(json.contains("\"hosts\":[{\"address\":\"127.0.0.1:9001\",\"up\":true"));
-        assert_eq!(super::json("a\"b\\c\n"), "\"a\\\"b\\\\c\\u000a\"");
+    fn names_are_escaped() {
+        let mut stats = sample();
+        let name = "a\"b\\c\n\u{1}d";
+        stats.upstreams[0].name = name.to_string();
+        let json: Value = serde_json::from_str(&status_json(&stats)).unwrap();
+        assert_eq!(json["upstreams"][0]["name"], name);
     }
 
     #[test]
