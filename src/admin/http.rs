@@ -109,7 +109,7 @@ fn request_line_parts(head: &[u8]) -> usize {
 }
 
 /// A complete response: status line, headers and body.
-pub(crate) fn response(status: u16, content_type: &str, body: &[u8], head_only: bool) -> Vec<u8> {
+pub(super) fn response(status: u16, content_type: &str, body: &[u8], head_only: bool) -> Vec<u8> {
     let reason = match status {
         200 => "OK",
         400 => "Bad Request",

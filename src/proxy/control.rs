@@ -13,7 +13,7 @@ use signal_hook::consts::SIGHUP;
 
 use super::Proxy;
 use super::token::Registration;
-use crate::admin::{self, AdminConn, AdminStep, HostStats, Method, Request, Stats, UpstreamStats};
+use crate::admin::{self, AdminConn, AdminStep, HostStats, Request, Route, Stats, UpstreamStats};
 
 /// A request to the loop from another thread.
 #[derive(Debug)]
@@ -235,30 +235,10 @@ impl Proxy {
     }
 
     fn answer(&mut self, request: &Request, now: Instant) -> Vec<u8> {
-        let head = request.method == Method::Head;
-        let read = matches!(request.method, Method::Get | Method::Head);
-        match (request.path.as_str(), request.method) {
-            ("/metrics", _) if read => {
-                let body = admin::prometheus(&self.stats(now));
-                admin::response(200, "text/plain; version=0.0.4", body.as_bytes(), head)
-            }
-            ("/status", _) if read => {
-                let body = admin::status_json(&self.stats(now));
-                admin::response(200, "application/json", body.as_bytes(), head)
-            }
-            ("/reload", Method::Post) => match self.reload(now) {
-                Ok(()) => admin::response(200, "text/plain", b"reloaded\n", false),
-                Err(e) => admin::response(400, "text/plain", format!("{e}\n").as_bytes(), false),
-            },
-            ("/metrics" | "/status" | "/reload", _) => {
-                admin::response(405, "text/plain", b"method not allowed\n", head)
-            }
-            _ => admin::response(
-                404,
-                "text/plain",
-                b"not found: try /metrics, /status, POST /reload\n",
-                head,
-            ),
+        match admin::route(request) {
+            Route::Page(page) => page.render(&self.stats(now)),
+            Route::Reload => admin::reloaded(self.reload(now)),
+            Route::Answer(answer) => answer,
         }
     }
 }
