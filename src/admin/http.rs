@@ -108,8 +108,31 @@ fn request_line_parts(head: &[u8]) -> usize {
     line.split(|&b| b == b' ').count()
 }
 
-/// A complete response: status line, headers and body.
+/// A complete response: status line, headers and body (the head alone
+/// when `head_only`, with the body's length).
 pub(super) fn response(status: u16, content_type: &str, body: &[u8], head_only: bool) -> Vec<u8> {
+    encode(status, content_type, None, body, head_only)
+}
+
+/// A 405, whose `Allow` header lists the methods the path does take
+/// (RFC 9110, section 15.5.6).
+pub(super) fn method_not_allowed(allow: &str, head_only: bool) -> Vec<u8> {
+    encode(
+        405,
+        "text/plain",
+        Some(allow),
+        b"method not allowed\n",
+        head_only,
+    )
+}
+
+fn encode(
+    status: u16,
+    content_type: &str,
+    allow: Option<&str>,
+    body: &[u8],
+    head_only: bool,
+) -> Vec<u8> {
     let reason = match status {
         200 => "OK",
         400 => "Bad Request",
@@ -117,8 +140,9 @@ pub(super) fn response(status: u16, content_type: &str, body: &[u8], head_only: 
         405 => "Method Not Allowed",
         _ => "Error",
     };
+    let allow = allow.map_or(String::new(), |methods| format!("Allow: {methods}\r\n"));
     let mut out = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{allow}Connection: close\r\n\r\n",
         body.len()
     )
     .into_bytes();

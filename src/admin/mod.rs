@@ -21,8 +21,8 @@ use mio::{Interest, Registry, Token};
 use crate::io::Io;
 use crate::io::endpoint::{Discarded, Endpoint};
 
-use http::response;
 pub use http::{MAX_REQUEST, Method, Parse, Request, parse_request};
+use http::{method_not_allowed, response};
 use metrics::prometheus;
 pub use metrics::{HostStats, Stats, UpstreamStats};
 use status::status_json;
@@ -88,12 +88,8 @@ pub(crate) fn route(request: &Request) -> Route {
         ("/metrics", _) if read => page(PageKind::Metrics),
         ("/status", _) if read => page(PageKind::Status),
         ("/reload", Method::Post) => Route::Reload,
-        ("/metrics" | "/status" | "/reload", _) => Route::Answer(response(
-            405,
-            "text/plain",
-            b"method not allowed\n",
-            head_only,
-        )),
+        ("/metrics" | "/status", _) => Route::Answer(method_not_allowed("GET, HEAD", head_only)),
+        ("/reload", _) => Route::Answer(method_not_allowed("POST", head_only)),
         _ => Route::Answer(response(
             404,
             "text/plain",
@@ -268,6 +264,21 @@ mod tests {
         assert!(answer(Method::Other, "/metrics").starts_with("HTTP/1.1 405 "));
         assert!(answer(Method::Post, "/status").starts_with("HTTP/1.1 405 "));
         assert!(answer(Method::Get, "/reload").starts_with("HTTP/1.1 405 "));
+    }
+
+    #[test]
+    fn a_405_says_which_methods_are_allowed() {
+        for path in ["/metrics", "/status"] {
+            let text = answer(Method::Post, path);
+            assert!(text.contains("\r\nAllow: GET, HEAD\r\n"), "{text}");
+        }
+        let text = answer(Method::Get, "/reload");
+        assert!(text.contains("\r\nAllow: POST\r\n"), "{text}");
+        // HEAD of a 405: the same head, no body.
+        let head = answer(Method::Head, "/reload");
+        assert!(head.contains("\r\nAllow: POST\r\n"), "{head}");
+        assert!(head.ends_with("\r\n\r\n"), "{head}");
+        assert!(!answer(Method::Get, "/nope").contains("Allow:"));
     }
 
     #[test]
