@@ -172,6 +172,8 @@ fn a_killed_host_goes_down_gets_nothing_and_comes_back() {
         host.checks_failed >= 3 && host.checks_passed >= 2,
         "{host:?}"
     );
+    assert_eq!(host.transitions, 2, "down once, up once: {host:?}");
+    assert_eq!(stats.upstreams[0].hosts[1].transitions, 0);
 }
 
 #[test]
@@ -208,7 +210,7 @@ fn a_host_failing_one_check_in_three_never_flaps() {
     });
     let stats = proxy.stats();
     let host = &stats.upstreams[0].hosts[0];
-    assert!(host.up, "{host:?}");
+    assert_eq!(host.transitions, 0, "it never changed state: {host:?}");
     assert!(
         host.checks_failed >= 5,
         "the host did fail checks: {host:?}"
@@ -349,6 +351,10 @@ fn metrics_and_status_match_the_traffic() {
     assert_eq!(m[&format!("tcplb_connections_total{{{host_label}}}")], 5.0);
     assert_eq!(m[&format!("tcplb_connections_active{{{host_label}}}")], 0.0);
     assert_eq!(m[&format!("tcplb_host_up{{{host_label}}}")], 1.0);
+    assert_eq!(
+        m[&format!("tcplb_host_transitions_total{{{host_label}}}")],
+        0.0
+    );
     assert_eq!(
         m[&format!("tcplb_connect_failures_total{{{host_label}}}")],
         0.0

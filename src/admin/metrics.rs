@@ -84,6 +84,8 @@ pub struct HostStats {
     pub checks_passed: u64,
     /// Active health checks that failed.
     pub checks_failed: u64,
+    /// Times health checks (active or passive) changed it between up and down.
+    pub transitions: u64,
 }
 
 /// A per-host metric family: name, type, help, and the host's value.
@@ -109,7 +111,7 @@ pub(crate) fn prometheus(stats: &Stats) -> String {
         })
     };
 
-    let per_host: [HostFamily; 4] = [
+    let per_host: [HostFamily; 5] = [
         (
             "tcplb_connections_active",
             "gauge",
@@ -133,6 +135,12 @@ pub(crate) fn prometheus(stats: &Stats) -> String {
             "gauge",
             "1 when a host is up, 0 when health checks took it down.",
             |h| u64::from(h.up),
+        ),
+        (
+            "tcplb_host_transitions_total",
+            "counter",
+            "Times health checks changed a host between up and down.",
+            |h| h.transitions,
         ),
     ];
     for (name, kind, help, value) in per_host {
@@ -347,6 +355,7 @@ pub(super) fn sample() -> Stats {
                 connect_failures: 1,
                 checks_passed: 7,
                 checks_failed: 0,
+                transitions: 2,
             }],
             refused: vec![("overloaded".into(), 2)],
             ended: vec![("client_truncated".into(), 3)],

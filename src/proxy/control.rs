@@ -155,6 +155,7 @@ impl Proxy {
                             connect_failures: h.counters.connect_failures,
                             checks_passed: h.counters.checks_passed,
                             checks_failed: h.counters.checks_failed,
+                            transitions: h.counters.transitions,
                         })
                         .collect(),
                 })
