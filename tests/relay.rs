@@ -360,3 +360,55 @@ fn socket_buffer_fixes_the_kernel_buffers_of_both_sockets() {
     assert_eq!(host_side, [fixed]);
     finish(client);
 }
+
+/// A client that stops reading: what tcplb has written toward it but not
+/// sent stays bounded in the kernel (`TCP_NOTSENT_LOWAT`), however large
+/// autotuning has grown the socket's buffers, so stalled pairs do not push
+/// the machine into TCP memory pressure.
+#[test]
+fn a_stalled_client_holds_little_unsent_data_in_tcplbs_kernel() {
+    const STREAM: usize = 256 << 20;
+    let listener = TcpListener::bind(localhost()).unwrap();
+    let host = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let chunk = vec![7u8; 1 << 20];
+        for _ in 0..STREAM / chunk.len() {
+            if conn.write_all(&chunk).is_err() {
+                return;
+            }
+        }
+    });
+    let proxy = start(config(&[host], Settings::default()));
+    let mut client = proxy.connect();
+    // Read fast at first, so autotuning grows every buffer on the way...
+    let mut buf = vec![0u8; 1 << 20];
+    let mut got = 0;
+    while got < 64 << 20 {
+        got += client.read(&mut buf).unwrap();
+    }
+    // ...then stop. tcplb's socket toward the client fills up: the
+    // kernel says how much of it is unsent (`ss`'s notsent).
+    let filter = format!("src {} dst {}", proxy.addr, client.local_addr().unwrap());
+    let mut most = 0;
+    for _ in 0..50 {
+        let out = std::process::Command::new("ss")
+            .args(["-tinH", "state", "established"])
+            .args(filter.split(' '))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let unsent = text
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("notsent:"))
+            .map_or(0, |n| n.parse::<u64>().unwrap());
+        most = most.max(unsent);
+    }
+    println!("tcplb's socket toward a stalled client held at most {most} bytes unsent");
+    // 64 KiB, plus the one segment a write may add beyond it.
+    assert!(most > 0, "the socket never filled");
+    assert!(
+        most <= (64 + 64) << 10,
+        "{most} bytes unsent toward a client that does not read"
+    );
+}

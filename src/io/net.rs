@@ -10,16 +10,28 @@ use log::warn;
 use mio::net::{TcpListener, TcpStream};
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
-/// Starts a non-blocking connect to `addr`. With `buffer` (the
-/// `socket_buffer` setting) the socket's kernel buffers are fixed first,
-/// before the SYN, so the window offered to the host follows them.
+/// Bytes a pair's socket may hold written but not yet sent
+/// (`TCP_NOTSENT_LOWAT`). Autotuning grows a socket's send buffer to
+/// megabytes; toward a peer that stops reading, all of that would fill
+/// with bytes tcplb took in, and a few hundred stalled pairs push the
+/// machine into TCP memory pressure, where the kernel drops segments and
+/// every connection waits on exponentially backed-off retransmits. With
+/// this bound a stalled socket holds 64 KiB unsent (plus what is in
+/// flight), and tcplb stops reading from the sender sooner instead. Bulk
+/// throughput is unchanged: the kernel refills the queue as it sends.
+pub const UNSENT_LIMIT: u32 = 64 * 1024;
+
+/// Starts a non-blocking connect to `addr`, with [`UNSENT_LIMIT`]. With
+/// `buffer` (the `socket_buffer` setting) the socket's kernel buffers are
+/// fixed first, before the SYN, so the window offered to the host follows
+/// them.
 pub fn connect(addr: SocketAddr, buffer: Option<usize>) -> io::Result<TcpStream> {
-    let Some(size) = buffer else {
-        return TcpStream::connect(addr);
-    };
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_nonblocking(true)?;
-    set_buffers(&socket, size)?;
+    let kind = Type::STREAM.nonblocking();
+    let socket = Socket::new(Domain::for_address(addr), kind, Some(Protocol::TCP))?;
+    socket.set_tcp_notsent_lowat(UNSENT_LIMIT)?;
+    if let Some(size) = buffer {
+        set_buffers(&socket, size)?;
+    }
     match socket.connect(&addr.into()) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
@@ -87,6 +99,8 @@ pub fn listen(addr: SocketAddr, backlog: u32, buffer: Option<usize>) -> io::Resu
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
+    // Accepted sockets inherit it, at no cost per connection.
+    socket.set_tcp_notsent_lowat(UNSENT_LIMIT)?;
     if let Some(size) = buffer {
         set_listener_buffers(&socket, size, addr)?;
     }
