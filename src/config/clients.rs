@@ -12,7 +12,7 @@ use toml::de::{DeTable, DeValue};
 
 use super::problems::Problems;
 use super::rules;
-use super::schema::{find, tables, unknown_keys};
+use super::tables::{find, tables, unknown_keys};
 use super::upstreams::ParsedUpstream;
 use super::values::{Value, integer, rate, string};
 use crate::policy::access::ClientRule;

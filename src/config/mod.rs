@@ -29,6 +29,7 @@ mod clients;
 mod problems;
 mod rules;
 mod schema;
+mod tables;
 mod upstreams;
 mod values;
 

@@ -13,7 +13,7 @@ use toml::de::{DeTable, DeValue};
 use super::UpstreamConfig;
 use super::problems::Problems;
 use super::rules;
-use super::schema::{as_table, find, tables, unknown_keys};
+use super::tables::{as_table, find, tables, unknown_keys};
 use super::values::{Value, Zero, address, boolean, duration, fill, integer, string};
 use crate::policy::health::HealthSettings;
 
