@@ -1,9 +1,5 @@
-//! An upstream as the loop serves it: its listener, its hosts (one record
-//! each, in the balancer), and the counters metrics report.
-//!
-//! Upstreams and hosts keep their index for the life of the process, even
-//! when a reload removes them (they are marked removed and drain), because
-//! pairs, probes and timer entries refer to them by index.
+//! An upstream as served: its name, address and hosts (one shared record
+//! each, in the balancer), and what each worker counts about it.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -37,6 +33,15 @@ impl Default for Histogram {
 }
 
 impl Histogram {
+    /// Adds another histogram's counts.
+    pub fn add(&mut self, other: &Histogram) {
+        for (mine, theirs) in self.counts.iter_mut().zip(&other.counts) {
+            *mine += theirs;
+        }
+        self.sum += other.sum;
+        self.count += other.count;
+    }
+
     pub fn observe(&mut self, value: Duration) {
         let secs = value.as_secs_f64();
         let bucket = DURATION_BUCKETS
@@ -49,22 +54,28 @@ impl Histogram {
     }
 }
 
+/// An upstream as configured and served: shared by every worker, and
+/// replaced, not changed, by a reload (which keeps its hosts' records).
 #[derive(Debug)]
 pub(crate) struct Upstream {
+    /// Stable for the process's life, by name: where workers keep its counters.
+    pub id: usize,
     pub name: String,
     /// The address as configured (port 0 stays 0), to tell listen changes on reload.
     pub configured_listen: SocketAddr,
     /// The address actually bound.
     pub listen: SocketAddr,
-    /// Key of its listener in the loop's listener slab, while it listens.
-    pub listener: Option<usize>,
     /// Its hosts, each with its health, count and counters.
     pub balancer: LoadBalancer,
     /// Clients must complete an mTLS handshake and be admitted by the rules.
     pub tls: bool,
     pub health: HealthSettings,
-    /// Removed by a reload: no longer listening; its pairs drain.
-    pub removed: bool,
+}
+
+/// What one worker counts for one upstream: plain integers, summed over
+/// the workers when a snapshot is taken.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Counters {
     /// Bytes relayed client to host and host to client.
     pub bytes_up: u64,
     pub bytes_down: u64,
@@ -81,34 +92,7 @@ pub(crate) struct Upstream {
     pub undelivered_bytes: u64,
 }
 
-impl Upstream {
-    pub fn new(
-        name: String,
-        configured_listen: SocketAddr,
-        listen: SocketAddr,
-        hosts: Vec<SocketAddr>,
-        tls: bool,
-        health: HealthSettings,
-    ) -> Upstream {
-        Upstream {
-            name,
-            configured_listen,
-            listen,
-            listener: None,
-            balancer: LoadBalancer::new(hosts),
-            tls,
-            health,
-            removed: false,
-            bytes_up: 0,
-            bytes_down: 0,
-            refused: BTreeMap::new(),
-            ended: BTreeMap::new(),
-            durations: Histogram::default(),
-            undelivered_resets: 0,
-            undelivered_bytes: 0,
-        }
-    }
-
+impl Counters {
     /// A reset passed on with `bytes` of what the reset side sent not delivered.
     pub fn count_undelivered(&mut self, bytes: u64) {
         self.undelivered_resets += 1;
@@ -117,6 +101,23 @@ impl Upstream {
 
     pub fn count_refusal(&mut self, reason: &'static str) {
         *self.refused.entry(reason).or_default() += 1;
+    }
+
+    /// Adds another worker's counts.
+    pub fn add(&mut self, other: &Counters) {
+        self.bytes_up += other.bytes_up;
+        self.bytes_down += other.bytes_down;
+        for (mine, theirs) in [
+            (&mut self.refused, &other.refused),
+            (&mut self.ended, &other.ended),
+        ] {
+            for (k, n) in theirs {
+                *mine.entry(k).or_default() += n;
+            }
+        }
+        self.durations.add(&other.durations);
+        self.undelivered_resets += other.undelivered_resets;
+        self.undelivered_bytes += other.undelivered_bytes;
     }
 }
 

@@ -31,6 +31,8 @@ pub struct Stats {
     pub upstreams: Vec<UpstreamStats>,
     /// Open connections per `[[client]]` identity.
     pub clients: Vec<(String, u32)>,
+    /// Pairs per worker, in worker order.
+    pub workers: Vec<usize>,
 }
 
 /// One upstream's part of a [`Stats`] snapshot.
@@ -317,6 +319,15 @@ pub(crate) fn prometheus(stats: &Stats) -> String {
         family(&mut out, name, kind, help);
         let _ = writeln!(out, "{name} {value}");
     }
+    family(
+        &mut out,
+        "tcplb_worker_pairs",
+        "gauge",
+        "Connection pairs a worker holds.",
+    );
+    for (worker, pairs) in stats.workers.iter().enumerate() {
+        let _ = writeln!(out, "tcplb_worker_pairs{{worker=\"{worker}\"}} {pairs}");
+    }
     out
 }
 
@@ -341,6 +352,7 @@ pub(super) fn sample() -> Stats {
         uptime: Duration::from_secs(5),
         reloads: 0,
         clients: vec![("spiffe://x/\"q\"".into(), 1)],
+        workers: vec![1, 0],
         upstreams: vec![UpstreamStats {
             name: "app".into(),
             listen: "127.0.0.1:7000".parse().unwrap(),

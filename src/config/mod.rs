@@ -78,9 +78,18 @@ pub struct Settings {
     /// New connections allowed per source address (IPv6: per /64), checked
     /// at accept before any TLS work; `None` for no limit.
     pub source_limit: Option<Limit>,
+    /// Worker threads, each with its own poll loop (`"auto"` in the file:
+    /// the cores available). Takes effect at start; a reload keeps the
+    /// number running.
+    pub workers: usize,
 }
 
 impl Settings {
+    /// The number of workers `"auto"` means: the cores this process may use.
+    pub fn auto_workers() -> usize {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+
     /// The bulk buffer size in effect: the most a direction ever buffers.
     pub fn bulk_buffer(&self) -> usize {
         self.bulk_buffer_size.max(self.buffer_size)
@@ -100,6 +109,7 @@ impl Default for Settings {
             backlog: 1024,
             socket_buffer: None,
             source_limit: None,
+            workers: 1,
         }
     }
 }

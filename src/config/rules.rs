@@ -17,6 +17,8 @@ use crate::policy::limits::Limit;
 pub(super) const CONNECTIONS: RangeInclusive<i64> = 1..=u32::MAX as i64;
 /// `backlog`: what `listen(2)` takes.
 pub(super) const BACKLOG: RangeInclusive<i64> = 1..=65535;
+/// Worker threads.
+pub(super) const WORKERS: RangeInclusive<i64> = 1..=1024;
 /// `buffer_size`, `bulk_buffer_size` and `socket_buffer`, in bytes.
 pub(super) const BUFFER_SIZE: RangeInclusive<usize> = 1024..=64 * 1024 * 1024;
 /// A token bucket's `burst` (of a client rule, or `source_burst`).

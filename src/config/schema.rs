@@ -35,6 +35,7 @@ const DEFAULTS_KEYS: &[&str] = &[
     "socket_buffer",
     "source_rate",
     "source_burst",
+    "workers",
 ];
 const TLS_KEYS: &[&str] = &[
     "cert",
@@ -116,6 +117,11 @@ fn defaults(p: &mut Problems<'_>, root: &DeTable<'_>) -> Option<Settings> {
     }
     let socket_buffer = find(table, "socket_buffer").map(|v| size(p, v, "socket_buffer").map(Some));
     ok &= fill(&mut s.socket_buffer, socket_buffer);
+    let workers = find(table, "workers").map(|v| match v.get_ref() {
+        DeValue::String(auto) if auto.as_ref() == "auto" => Some(Settings::auto_workers()),
+        _ => integer(p, v, "workers", rules::WORKERS).map(|n| n as usize),
+    });
+    ok &= fill(&mut s.workers, workers);
     ok.then_some(s)
 }
 

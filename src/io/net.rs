@@ -94,10 +94,21 @@ pub fn is_resource_exhaustion(e: &io::Error) -> bool {
 }
 
 /// A non-blocking listening socket. Accepted sockets inherit its buffer
-/// sizes, so `socket_buffer` costs no syscall per client connection.
-pub fn listen(addr: SocketAddr, backlog: u32, buffer: Option<usize>) -> io::Result<TcpListener> {
+/// sizes and [`UNSENT_LIMIT`], so they cost no syscall per connection.
+/// With `shared`, the socket is one of several on the same address
+/// (`SO_REUSEPORT`, one per worker): the kernel spreads connections over
+/// them.
+pub fn listen(
+    addr: SocketAddr,
+    backlog: u32,
+    buffer: Option<usize>,
+    shared: bool,
+) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
+    if shared {
+        socket.set_reuse_port(true)?;
+    }
     socket.set_nonblocking(true)?;
     // Accepted sockets inherit it, at no cost per connection.
     socket.set_tcp_notsent_lowat(UNSENT_LIMIT)?;
@@ -107,4 +118,21 @@ pub fn listen(addr: SocketAddr, backlog: u32, buffer: Option<usize>) -> io::Resu
     socket.bind(&addr.into())?;
     socket.listen(backlog.min(i32::MAX as u32) as i32)?;
     Ok(TcpListener::from_std(socket.into()))
+}
+
+/// `n` listeners on `addr` sharing it (`SO_REUSEPORT`), and the address
+/// bound (a port 0 is chosen by the first and taken by the others).
+pub fn listen_group(
+    addr: SocketAddr,
+    n: usize,
+    backlog: u32,
+    buffer: Option<usize>,
+) -> io::Result<(Vec<TcpListener>, SocketAddr)> {
+    let first = listen(addr, backlog, buffer, true)?;
+    let local = first.local_addr()?;
+    let mut group = vec![first];
+    for _ in 1..n {
+        group.push(listen(local, backlog, buffer, true)?);
+    }
+    Ok((group, local))
 }

@@ -2,6 +2,8 @@
 //! and failover to the next-best host while connects fail.
 
 use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
 
 use log::warn;
 use mio::Interest;
@@ -11,7 +13,7 @@ use super::{Context, HostConn, Pair, RELAY_BUDGET, Refusal, State, Step};
 use crate::io::flow::{Flow, NotConnected, pump};
 use crate::io::{Connect, Endpoint, net};
 use crate::pair::End;
-use crate::policy::balance::HostId;
+use crate::policy::balance::{Host, HostCounters};
 
 /// Every socket of a pair is registered once, for all it will ever need;
 /// PRIORITY reports urgent data, which needs reading past a short read.
@@ -24,31 +26,39 @@ impl Pair {
     /// client, or refuses it when `max_connections` is reached or no host
     /// is there.
     pub(super) fn place(&mut self, ctx: &mut Context<'_>) -> Step {
-        if ctx.census.active() >= ctx.settings.max_connections {
+        let max = ctx.settings.max_connections;
+        let Some(slot) = ctx.capacity.connection(max) else {
             if let Some(more) = ctx.logs.overloaded.allow(ctx.now) {
                 warn!(
-                    "`{}`: max_connections ({}) reached ({more} more refused since the last report)",
-                    ctx.upstream.name, ctx.settings.max_connections
+                    "`{}`: max_connections ({max}) reached ({more} more refused since the last report)",
+                    self.upstream.name
                 );
             }
             return self.refuse_with(ctx, Refusal::Overloaded);
-        }
-        if ctx.upstream.balancer.healthy() == 0 {
+        };
+        if self.upstream.balancer.healthy() == 0 {
             return self.refuse_with(ctx, Refusal::NoHealthyHost);
         }
+        self.slot = Some(slot);
         self.connect_next(ctx, Vec::new(), Flow::default())
     }
 
     /// Connects to the best host not in `tried`, moving down the candidates
     /// while connects fail at once; refuses the client when none is left.
     /// `up` is what the client sent before it reset, if it did.
-    fn connect_next(&mut self, ctx: &mut Context<'_>, mut tried: Vec<HostId>, up: Flow) -> Step {
+    fn connect_next(
+        &mut self,
+        ctx: &mut Context<'_>,
+        mut tried: Vec<SocketAddr>,
+        up: Flow,
+    ) -> Step {
+        let upstream = self.upstream.clone();
         let refusal = loop {
-            let Some(host) = ctx.upstream.balancer.pick(&tried, ctx.now) else {
+            let Some(host) = upstream.balancer.pick(&tried, ctx.now) else {
                 break Refusal::UpstreamUnavailable;
             };
-            let addr = ctx.upstream.balancer.host(host).addr;
-            let lease = ctx.upstream.balancer.acquire(host);
+            let lease = upstream.balancer.acquire(host);
+            let addr = lease.host().addr;
             let attempt = net::connect(addr, ctx.settings.socket_buffer).and_then(|stream| {
                 net::prepare(&stream);
                 let mut endpoint = Endpoint::new(stream);
@@ -67,34 +77,22 @@ impl Pair {
                     return Step::Continue;
                 }
                 Err(e) => {
-                    ctx.upstream.balancer.release(lease);
+                    let record = lease.host().clone();
+                    drop(lease);
                     if net::is_resource_exhaustion(&e) {
-                        warn!(
-                            "`{}`: cannot open a socket to {addr}: {e}",
-                            ctx.upstream.name
-                        );
+                        warn!("`{}`: cannot open a socket to {addr}: {e}", upstream.name);
                         break Refusal::Overloaded;
                     }
-                    connect_failed_log(ctx, addr, &e);
-                    self.connect_result(ctx, host, false);
-                    tried.push(host);
+                    connect_failed_log(ctx, &upstream.name, addr, &e);
+                    connect_result(ctx, record, false);
+                    tried.push(addr);
                 }
             }
         };
         let mut up = up;
         up.release(ctx.pool);
+        self.slot = None;
         self.refuse_with(ctx, refusal)
-    }
-
-    /// Counts a connect's result and notes it for the host's health.
-    fn connect_result(&self, ctx: &mut Context<'_>, host: HostId, ok: bool) {
-        let counters = &mut ctx.upstream.balancer.host_mut(host).counters;
-        if ok {
-            counters.connections += 1;
-        } else {
-            counters.connect_failures += 1;
-        }
-        ctx.host_results.push((host, ok));
     }
 
     /// A connecting pair's socket changed: see whether the connect is done.
@@ -107,7 +105,7 @@ impl Pair {
             Connect::Failed(e) => self.connect_failed(ctx, e),
             Connect::Established => {
                 let now = ctx.now;
-                let host_id = host.lease.host();
+                let record = host.lease.host().clone();
                 self.transition(ctx.census, |old| {
                     let State::Connecting { host, up, .. } = old else {
                         unreachable!("checked above");
@@ -121,7 +119,7 @@ impl Pair {
                         failed: None,
                     }
                 });
-                self.connect_result(ctx, host_id, true);
+                connect_result(ctx, record, true);
                 self.relay(ctx)
             }
         }
@@ -180,22 +178,33 @@ impl Pair {
         else {
             unreachable!("only connecting pairs fail to connect");
         };
-        let id = host.lease.host();
-        connect_failed_log(ctx, ctx.upstream.balancer.host(id).addr, &e);
-        ctx.upstream.balancer.release(host.lease);
-        self.connect_result(ctx, id, false);
-        tried.push(id);
+        let record = host.lease.host().clone();
+        connect_failed_log(ctx, &self.upstream.name, record.addr, &e);
+        // The lease goes with the failed connect's socket.
+        drop(host);
+        tried.push(record.addr);
+        connect_result(ctx, record, false);
         self.connect_next(ctx, tried, up)
     }
 }
 
 /// A failed connect, logged at most once a second (a dead host fails
 /// every connect until health checks take it down).
-fn connect_failed_log(ctx: &mut Context<'_>, addr: std::net::SocketAddr, e: &io::Error) {
+fn connect_failed_log(ctx: &mut Context<'_>, upstream: &str, addr: SocketAddr, e: &io::Error) {
     if let Some(more) = ctx.logs.connect_failed.allow(ctx.now) {
         warn!(
-            "`{}`: connect to {addr} failed: {e} ({more} more failed connects since the last report)",
-            ctx.upstream.name
+            "`{upstream}`: connect to {addr} failed: {e} ({more} more failed connects since the last report)"
         );
     }
+}
+
+/// Counts a connect's result and notes it for the host's health.
+fn connect_result(ctx: &mut Context<'_>, host: Arc<Host>, ok: bool) {
+    let c = &host.counters;
+    HostCounters::count(if ok {
+        &c.connections
+    } else {
+        &c.connect_failures
+    });
+    ctx.host_results.push((host, ok));
 }

@@ -32,8 +32,8 @@ mod relay;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{debug, info};
@@ -51,9 +51,9 @@ use crate::io::send_queue::SendQueues;
 use crate::io::tls_session::{Handshake, TlsSession};
 use crate::logs::{RefusalLog, Throttle};
 use crate::policy::access::{Access, ClientLease};
-use crate::policy::balance::{HostId, HostLease};
-use crate::policy::limits::source_key;
-use crate::upstream::Upstream;
+use crate::policy::balance::{Host, HostLease};
+use crate::policy::capacity::{Capacity, ConnectionSlot, HandshakeSlot};
+use crate::upstream::{Counters, Upstream};
 
 /// How long a refused client gets to read its error line and close.
 pub(crate) const REFUSAL_LINGER: Duration = Duration::from_secs(2);
@@ -113,12 +113,16 @@ struct HostConn {
 #[derive(Debug)]
 enum State {
     /// The TLS handshake of a client of a TLS upstream is in progress.
-    Handshaking { deadline: Instant },
+    Handshaking {
+        deadline: Instant,
+        /// Its place under the handshake caps, held until the state ends.
+        _slot: HandshakeSlot,
+    },
     /// A connect to a host is in flight; `tried` lists hosts that already
     /// failed for this client (allocated only after a failure).
     Connecting {
         host: HostConn,
-        tried: Vec<HostId>,
+        tried: Vec<SocketAddr>,
         deadline: Instant,
         /// Client to host: filled only if the client reset meanwhile (what
         /// it sent before is read, to be delivered once connected).
@@ -141,7 +145,8 @@ enum State {
     /// already given back.
     Resetting {
         host: Endpoint,
-        host_id: HostId,
+        /// The host it was connected to, for the access line.
+        host_record: Arc<Host>,
         end: End,
         wait: ResetWait,
     },
@@ -178,71 +183,29 @@ impl State {
     }
 }
 
-/// How many pairs are in each state, and handshakes per source: kept by
+/// How many of this worker's pairs are in each state: kept by
 /// [`Pair::transition`] and [`Pair::close`], so it cannot drift from the
-/// states it counts.
+/// states it counts. (The process-wide caps are in [`Capacity`].)
 #[derive(Debug, Default)]
 pub(crate) struct Census {
     counts: [usize; 5],
-    handshakes_by_source: HashMap<IpAddr, usize>,
 }
 
 impl Census {
-    fn moved(&mut self, from: Option<Kind>, to: Option<Kind>, client: SocketAddr) {
+    fn moved(&mut self, from: Option<Kind>, to: Option<Kind>) {
         if from == to {
             return;
         }
         if let Some(kind) = from {
-            self.count(kind, client, usize::wrapping_sub);
+            self.counts[kind as usize] -= 1;
         }
         if let Some(kind) = to {
-            self.count(kind, client, usize::wrapping_add);
+            self.counts[kind as usize] += 1;
         }
-    }
-
-    fn count(&mut self, kind: Kind, client: SocketAddr, change: fn(usize, usize) -> usize) {
-        self.counts[kind as usize] = change(self.counts[kind as usize], 1);
-        if kind == Kind::Handshaking {
-            let key = source_key(client.ip());
-            let n = self.handshakes_by_source.entry(key).or_default();
-            *n = change(*n, 1);
-            if *n == 0 {
-                self.handshakes_by_source.remove(&key);
-            }
-        }
-    }
-
-    /// Pairs that count against `max_connections`: those with a host.
-    pub fn active(&self) -> usize {
-        self.counts[Kind::Connecting as usize]
-            + self.counts[Kind::Relaying as usize]
-            + self.counts[Kind::Resetting as usize]
     }
 
     pub fn refusing(&self) -> usize {
         self.counts[Kind::Refusing as usize]
-    }
-
-    pub fn handshakes(&self) -> usize {
-        self.counts[Kind::Handshaking as usize]
-    }
-
-    /// The source (address, or IPv6 /64) with the most handshakes in
-    /// progress, how many it has, and how many sources have any.
-    pub fn busiest_handshake_source(&self) -> Option<(IpAddr, usize, usize)> {
-        let sources = self.handshakes_by_source.len();
-        self.handshakes_by_source
-            .iter()
-            .max_by_key(|(_, n)| **n)
-            .map(|(ip, n)| (*ip, *n, sources))
-    }
-
-    /// Handshakes in progress from `source`'s address (or IPv6 /64).
-    pub fn handshakes_from(&self, source: IpAddr) -> usize {
-        self.handshakes_by_source
-            .get(&source_key(source))
-            .copied()
-            .unwrap_or(0)
     }
 }
 
@@ -264,15 +227,17 @@ pub(crate) struct Context<'a> {
     pub registry: &'a Registry,
     /// The token a host socket of this pair is registered under.
     pub host_token: Token,
-    /// The pair's upstream: its hosts and counters.
-    pub upstream: &'a mut Upstream,
-    pub access: &'a mut Access,
+    /// This worker's counters of the pair's upstream.
+    pub counters: &'a mut Counters,
+    pub access: &'a Access,
+    /// The process-wide caps.
+    pub capacity: &'a Arc<Capacity>,
     pub census: &'a mut Census,
     pub send_queues: &'a mut SendQueues,
     pub logs: &'a mut PairLogs,
     /// Results of real connects, for passive health checks: the loop
     /// feeds them to the hosts' health after the pair has moved.
-    pub host_results: &'a mut Vec<(HostId, bool)>,
+    pub host_results: &'a mut Vec<(Arc<Host>, bool)>,
 }
 
 /// A client connection and, once it has one, its host connection.
@@ -281,8 +246,8 @@ pub(crate) struct Pair {
     /// Process-unique number, for logs and to tell timer entries of a
     /// reused slab slot apart.
     pub id: u64,
-    /// Index of the upstream in the loop's table.
-    pub upstream: usize,
+    /// Its upstream (as configured when the pair began).
+    pub upstream: Arc<Upstream>,
     pub client_addr: SocketAddr,
     pub started: Instant,
     /// The deadline of this pair's live entry in the timer heap, if any.
@@ -294,6 +259,8 @@ pub(crate) struct Pair {
     identity: Option<Box<str>>,
     /// Refused beyond the log budget: no access line of its own.
     unlogged: bool,
+    /// Its place under `max_connections`, from its first connect on.
+    slot: Option<ConnectionSlot>,
     client: Client,
     state: State,
 }
@@ -302,21 +269,24 @@ impl Pair {
     /// A new TLS client: its handshake starts.
     pub fn handshaking(
         id: u64,
-        upstream: usize,
+        upstream: Arc<Upstream>,
         client: (Endpoint, SocketAddr),
-        tls: Box<TlsSession>,
+        (tls, slot): (Box<TlsSession>, HandshakeSlot),
         deadline: Instant,
         ctx: &mut Context<'_>,
     ) -> Pair {
         let mut pair = Pair::new(id, upstream, client, Some(tls), ctx.now);
-        pair.transition(ctx.census, |_| State::Handshaking { deadline });
+        pair.transition(ctx.census, |_| State::Handshaking {
+            deadline,
+            _slot: slot,
+        });
         pair
     }
 
     /// A new plain client: connected to a host, or refused.
     pub fn connecting(
         id: u64,
-        upstream: usize,
+        upstream: Arc<Upstream>,
         client: (Endpoint, SocketAddr),
         ctx: &mut Context<'_>,
     ) -> (Pair, Step) {
@@ -327,7 +297,7 @@ impl Pair {
 
     fn new(
         id: u64,
-        upstream: usize,
+        upstream: Arc<Upstream>,
         (endpoint, client_addr): (Endpoint, SocketAddr),
         tls: Option<Box<TlsSession>>,
         now: Instant,
@@ -341,6 +311,7 @@ impl Pair {
             drain_by: None,
             identity: None,
             unlogged: false,
+            slot: None,
             client: Client {
                 endpoint,
                 tls,
@@ -357,7 +328,7 @@ impl Pair {
         let from = old.kind();
         self.state = next(old);
         let to = self.state.kind();
-        census.moved(from, to, self.client_addr);
+        census.moved(from, to);
         if from != to {
             debug!("pair #{}: {from:?} -> {to:?}", self.id);
         }
@@ -381,7 +352,7 @@ impl Pair {
     }
 
     /// The host this pair counts against, while connecting or relaying.
-    pub fn host_id(&self) -> Option<HostId> {
+    pub fn host(&self) -> Option<&Arc<Host>> {
         match &self.state {
             State::Connecting { host, .. } | State::Relaying { host, .. } => {
                 Some(host.lease.host())
@@ -402,7 +373,7 @@ impl Pair {
     /// When the loop must look at this pair again if nothing happens.
     pub fn deadline(&self, settings: &Settings) -> Instant {
         let own = match &self.state {
-            State::Handshaking { deadline }
+            State::Handshaking { deadline, .. }
             | State::Connecting { deadline, .. }
             | State::Refusing { deadline, .. } => *deadline,
             State::Resetting { wait, .. } => wait.deadline(),
@@ -441,7 +412,7 @@ impl Pair {
         match self.state {
             State::Handshaking { .. } => {
                 debug!("{} handshake timed out", self.client_addr);
-                ctx.upstream.count_refusal("handshake_timeout");
+                ctx.counters.count_refusal("handshake_timeout");
                 Step::Finish(End::HandshakeTimeout)
             }
             State::Connecting { .. } => {
@@ -469,10 +440,10 @@ impl Pair {
                 if let Some(more) = ctx.logs.handshake_failed.allow(ctx.now) {
                     info!(
                         "{} `{}` refused: handshake_failed ({reason}) ({more} more since the last report)",
-                        self.client_addr, ctx.upstream.name
+                        self.client_addr, self.upstream.name
                     );
                 }
-                ctx.upstream.count_refusal("handshake_failed");
+                ctx.counters.count_refusal("handshake_failed");
                 Step::Finish(End::HandshakeFailed)
             }
             Handshake::Gone => Step::Finish(End::Reset(Side::Client)),
@@ -492,7 +463,7 @@ impl Pair {
         let known = ctx.access.identify(&names);
         // An unknown client is logged under its first name.
         self.identity = known.or(names.first().map(String::as_str)).map(Into::into);
-        match ctx.access.admit(known, &ctx.upstream.name, ctx.now) {
+        match ctx.access.admit(known, &self.upstream.name, ctx.now) {
             Ok(lease) => {
                 self.client.lease = Some(lease);
                 match self.place(ctx) {
@@ -515,43 +486,26 @@ impl Pair {
             state = old;
             State::Moving
         });
-        if let Some(lease) = self.client.lease.take() {
-            ctx.access.release(lease);
-        }
-        let u = &mut *ctx.upstream;
-        let duration = ctx.now.saturating_duration_since(self.started);
         // A pair passing a reset on ends with it, however it is cut short.
         let end = match &state {
             State::Resetting { end, .. } => *end,
             _ => end,
         };
-        let abort = match end {
-            End::Reset(side) => [side == Side::Host, side == Side::Client],
-            End::Truncated => [false, true],
-            End::Shutdown | End::HostDown | End::Removed => [true, true],
-            End::IdleTimeout | End::HalfCloseTimeout => {
-                let holds = matches!(&state, State::Relaying { up, down, .. }
-                    if up.buf.is_some() || down.buf.is_some());
-                [holds; 2]
-            }
-            End::Closed
-            | End::Refused(_)
-            | End::HandshakeFailed
-            | End::HandshakeTimeout
-            | End::HandshakeEvicted => [false, false],
-        };
-        if abort[0] {
+        let [client_rst, host_rst] = abortive(end, &state);
+        if client_rst {
             self.client.endpoint.abort();
         }
-        let (mut bytes, mut host_addr) = ((0, 0), None);
-        match state {
+        let u = &mut *ctx.counters;
+        let duration = ctx.now.saturating_duration_since(self.started);
+        let (bytes, host_addr) = match state {
+            // The leases and buffers go with the state; the host socket
+            // closes as it is dropped.
             State::Connecting { host, mut up, .. } => {
                 up.release(ctx.pool);
-                host_addr = Some(u.balancer.host(host.lease.host()).addr);
-                u.balancer.release(host.lease);
-                if abort[1] {
+                if host_rst {
                     host.endpoint.abort();
                 }
+                ((0, 0), Some(host.lease.host().addr))
             }
             State::Relaying {
                 host,
@@ -559,34 +513,31 @@ impl Pair {
                 mut down,
                 ..
             } => {
-                bytes = (up.bytes, down.bytes);
                 up.release(ctx.pool);
                 down.release(ctx.pool);
-                host_addr = Some(u.balancer.host(host.lease.host()).addr);
-                u.balancer.release(host.lease);
                 u.durations.observe(duration);
-                if abort[1] {
+                if host_rst {
                     host.endpoint.abort();
                 }
+                ((up.bytes, down.bytes), Some(host.lease.host().addr))
             }
             State::Resetting {
                 host,
-                host_id,
+                host_record,
                 wait,
                 ..
             } => {
                 if wait.unacked > 0 {
                     u.count_undelivered(u64::from(wait.unacked));
                 }
-                bytes = wait.bytes;
-                host_addr = Some(u.balancer.host(host_id).addr);
                 u.durations.observe(duration);
-                if abort[1] {
+                if host_rst {
                     host.abort();
                 }
+                (wait.bytes, Some(host_record.addr))
             }
-            State::Handshaking { .. } | State::Refusing { .. } | State::Moving => {}
-        }
+            State::Handshaking { .. } | State::Refusing { .. } | State::Moving => ((0, 0), None),
+        };
         *u.ended.entry(end.code()).or_default() += 1;
         if self.unlogged {
             return;
@@ -595,7 +546,7 @@ impl Pair {
             target: "tcplb::access",
             "{} `{}` identity={} host={} up={} down={} ms={} end={}",
             self.client_addr,
-            u.name,
+            self.upstream.name,
             self.identity.as_deref().unwrap_or("-"),
             host_addr.map_or("-".to_string(), |a| a.to_string()),
             bytes.0,
@@ -603,5 +554,26 @@ impl Pair {
             duration.as_millis(),
             end
         );
+    }
+}
+
+/// Which sockets close with RST (client, host): toward the other side of
+/// a reset, on shutdown and removal, and wherever a FIN would pass a cut
+/// stream off as complete.
+fn abortive(end: End, state: &State) -> [bool; 2] {
+    match end {
+        End::Reset(side) => [side == Side::Host, side == Side::Client],
+        End::Truncated => [false, true],
+        End::Shutdown | End::HostDown | End::Removed => [true, true],
+        End::IdleTimeout | End::HalfCloseTimeout => {
+            let holds = matches!(state, State::Relaying { up, down, .. }
+                if up.buf.is_some() || down.buf.is_some());
+            [holds; 2]
+        }
+        End::Closed
+        | End::Refused(_)
+        | End::HandshakeFailed
+        | End::HandshakeTimeout
+        | End::HandshakeEvicted => [false, false],
     }
 }

@@ -40,16 +40,16 @@ impl Pair {
             info!(
                 "{} `{}` refused: {} identity={} cert_sha256={}",
                 self.client_addr,
-                ctx.upstream.name,
+                self.upstream.name,
                 refusal.code(),
                 self.identity.as_deref().unwrap_or("-"),
                 fingerprint.as_deref().unwrap_or("-"),
             );
         }
-        ctx.upstream.count_refusal(refusal.code());
-        if let Some(lease) = self.client.lease.take() {
-            ctx.access.release(lease);
-        }
+        ctx.counters.count_refusal(refusal.code());
+        // A refused client holds no place in its rule's count, nor a host.
+        self.client.lease = None;
+        self.slot = None;
         let deadline = ctx.now + REFUSAL_LINGER;
         self.transition(ctx.census, |_| State::Refusing {
             refusal,

@@ -126,7 +126,7 @@ impl Pair {
                 receiver.unacked(ctx.send_queues).unwrap_or(0)
             };
             let buffered = toward.buf.as_ref().map_or(0, |b| b.len() as u64);
-            ctx.upstream.count_undelivered(buffered + u64::from(queued));
+            ctx.counters.count_undelivered(buffered + u64::from(queued));
             return Step::Finish(self.failure_end(side));
         }
         Step::Finish(if up.eof || down.eof {
@@ -168,7 +168,7 @@ impl Pair {
             return Step::Finish(end);
         }
         let (now, until) = (ctx.now, ctx.now + ctx.settings.half_close_timeout);
-        let (pool, balancer) = (&mut *ctx.pool, &mut ctx.upstream.balancer);
+        let pool = &mut *ctx.pool;
         self.transition(ctx.census, |old| {
             let State::Relaying {
                 host,
@@ -182,11 +182,11 @@ impl Pair {
             let bytes = (up.bytes, down.bytes);
             up.release(pool);
             down.release(pool);
-            let host_id = host.lease.host();
-            balancer.release(host.lease);
+            // The host's count is given back now: its connection is over.
+            let host_record = host.lease.host().clone();
             State::Resetting {
                 host: host.endpoint,
-                host_id,
+                host_record,
                 end,
                 wait: ResetWait {
                     unacked,
@@ -197,9 +197,8 @@ impl Pair {
                 },
             }
         });
-        if let Some(lease) = self.client.lease.take() {
-            ctx.access.release(lease);
-        }
+        // A pair passing a reset on counts against its client rule no more.
+        self.client.lease = None;
         Step::Continue
     }
 

@@ -10,6 +10,7 @@ use mio::{Events, Poll, Token};
 
 use super::*;
 use crate::io::Endpoint;
+use crate::policy::balance::LoadBalancer;
 use crate::policy::health::HealthSettings;
 
 /// Everything a pair's context borrows, owned by the test.
@@ -17,12 +18,14 @@ struct World {
     poll: Poll,
     settings: Settings,
     pool: BufferPool,
-    upstream: Upstream,
+    upstream: Arc<Upstream>,
+    counters: Counters,
     access: Access,
+    capacity: Arc<Capacity>,
     census: Census,
     send_queues: SendQueues,
     logs: PairLogs,
-    host_results: Vec<(HostId, bool)>,
+    host_results: Vec<(Arc<Host>, bool)>,
     t0: Instant,
 }
 
@@ -35,15 +38,18 @@ impl World {
             poll: Poll::new().unwrap(),
             settings: Settings::default(),
             pool: BufferPool::new(16 * 1024, 64 * 1024, 1 << 20),
-            upstream: Upstream::new(
-                "test".into(),
-                "127.0.0.1:0".parse().unwrap(),
-                "127.0.0.1:0".parse().unwrap(),
-                hosts,
-                false,
-                HealthSettings::default(),
-            ),
+            upstream: Arc::new(Upstream {
+                id: 0,
+                name: "test".into(),
+                configured_listen: "127.0.0.1:0".parse().unwrap(),
+                listen: "127.0.0.1:0".parse().unwrap(),
+                balancer: LoadBalancer::new(hosts),
+                tls: false,
+                health: HealthSettings::default(),
+            }),
+            counters: Counters::default(),
             access: Access::new(Vec::new()),
+            capacity: Arc::default(),
             census: Census::default(),
             send_queues: SendQueues::new(),
             logs: PairLogs::default(),
@@ -60,8 +66,9 @@ impl World {
             pool: &mut self.pool,
             registry: self.poll.registry(),
             host_token: HOST,
-            upstream: &mut self.upstream,
-            access: &mut self.access,
+            counters: &mut self.counters,
+            access: &self.access,
+            capacity: &self.capacity,
             census: &mut self.census,
             send_queues: &mut self.send_queues,
             logs: &mut self.logs,
@@ -119,6 +126,15 @@ fn listener() -> TcpListener {
     TcpListener::bind("127.0.0.1:0").unwrap()
 }
 
+fn count(counter: &std::sync::atomic::AtomicU64) -> u64 {
+    counter.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The connect results the pair noted, by host address.
+fn results(w: &World) -> Vec<(SocketAddr, bool)> {
+    w.host_results.iter().map(|(h, ok)| (h.addr, *ok)).collect()
+}
+
 fn kind(pair: &Pair) -> Option<Kind> {
     pair.state.kind()
 }
@@ -128,12 +144,15 @@ fn a_connect_that_times_out_fails_over_then_refuses() {
     let (a, b) = (listener(), listener());
     let mut w = World::new(vec![a.local_addr().unwrap(), b.local_addr().unwrap()]);
     let (_client, accepted) = w.client();
-    let (mut pair, step) = Pair::connecting(1, 0, accepted, &mut w.at(Duration::ZERO));
+    let (mut pair, step) = {
+        let upstream = w.upstream.clone();
+        Pair::connecting(1, upstream, accepted, &mut w.at(Duration::ZERO))
+    };
     assert_eq!(step, Step::Continue);
     assert_eq!(kind(&pair), Some(Kind::Connecting));
-    let first = pair.host_id().unwrap();
-    assert_eq!(w.upstream.balancer.host(first).active(), 1);
-    assert_eq!(w.census.active(), 1);
+    let first = pair.host().unwrap().clone();
+    assert_eq!(first.active(), 1);
+    assert!(pair.slot.is_some(), "a place under max_connections");
 
     // The deadline is exactly the connect timeout; the events of the
     // kernel's completed connect are never looked at.
@@ -141,19 +160,19 @@ fn a_connect_that_times_out_fails_over_then_refuses() {
     assert_eq!(pair.deadline(&w.settings), w.t0 + timeout);
     let step = pair.expire(&mut w.at(timeout));
     assert_eq!(step, Step::Continue);
-    let second = pair.host_id().unwrap();
-    assert_ne!(first, second, "the next-best host");
-    assert_eq!(w.upstream.balancer.host(first).active(), 0, "given back");
-    assert_eq!(w.upstream.balancer.host(first).counters.connect_failures, 1);
-    assert_eq!(w.host_results, [(first, false)]);
+    let second = pair.host().unwrap().clone();
+    assert_ne!(first.addr, second.addr, "the next-best host");
+    assert_eq!(first.active(), 0, "given back");
+    assert_eq!(count(&first.counters.connect_failures), 1);
+    assert_eq!(results(&w), [(first.addr, false)]);
     assert_eq!(pair.deadline(&w.settings), w.t0 + 2 * timeout);
 
     let step = pair.expire(&mut w.at(2 * timeout));
     assert_eq!(step, Step::Continue, "refusing: the line is being sent");
     assert_eq!(kind(&pair), Some(Kind::Refusing));
-    assert_eq!(w.census.active(), 0);
+    assert!(pair.slot.is_none(), "a refused client holds no place");
     assert_eq!(w.census.refusing(), 1);
-    assert_eq!(w.upstream.refused.get("upstream_unavailable"), Some(&1));
+    assert_eq!(w.counters.refused.get("upstream_unavailable"), Some(&1));
     assert_eq!(
         pair.deadline(&w.settings),
         w.t0 + 2 * timeout + REFUSAL_LINGER
@@ -166,7 +185,7 @@ fn a_connect_that_times_out_fails_over_then_refuses() {
     );
     pair.close(&mut ctx, End::Refused(Refusal::UpstreamUnavailable));
     assert_eq!(w.census.refusing(), 0);
-    assert!((0..2).all(|h| w.upstream.balancer.host(h).active() == 0));
+    assert!(w.upstream.balancer.hosts().all(|(_, h)| h.active() == 0));
 }
 
 #[test]
@@ -175,10 +194,11 @@ fn over_max_connections_is_refused_without_a_host() {
     let mut w = World::new(vec![host.local_addr().unwrap()]);
     w.settings.max_connections = 0;
     let (mut client, accepted) = w.client();
+    let upstream = w.upstream.clone();
     let mut ctx = w.at(Duration::ZERO);
-    let (pair, _) = Pair::connecting(1, 0, accepted, &mut ctx);
+    let (pair, _) = Pair::connecting(1, upstream, accepted, &mut ctx);
     assert_eq!(kind(&pair), Some(Kind::Refusing));
-    assert_eq!(pair.host_id(), None);
+    assert!(pair.host().is_none());
     pair.close(&mut ctx, End::Refused(Refusal::Overloaded));
     let mut line = String::new();
     client.read_to_string(&mut line).unwrap();
@@ -192,12 +212,16 @@ fn relaying_pairs_expire_idle_then_half_closed_at_their_own_timeouts() {
     w.settings.idle_timeout = Duration::from_secs(100);
     w.settings.half_close_timeout = Duration::from_secs(10);
     let (mut client, accepted) = w.client();
-    let (mut pair, _) = Pair::connecting(1, 0, accepted, &mut w.at(Duration::ZERO));
+    let (mut pair, _) = {
+        let upstream = w.upstream.clone();
+        Pair::connecting(1, upstream, accepted, &mut w.at(Duration::ZERO))
+    };
     let (mut upstream_end, _) = host.accept().unwrap();
     let at = Duration::from_secs(1);
     w.drive_until(&mut pair, at, |p| kind(p) == Some(Kind::Relaying));
-    assert_eq!(w.host_results, [(0, true)]);
-    assert_eq!(w.upstream.balancer.host(0).counters.connections, 1);
+    let host = w.upstream.balancer.host(0).clone();
+    assert_eq!(results(&w), [(host.addr, true)]);
+    assert_eq!(count(&host.counters.connections), 1);
     // Idle from the moment it connected.
     assert_eq!(
         pair.deadline(&w.settings),
@@ -231,8 +255,8 @@ fn relaying_pairs_expire_idle_then_half_closed_at_their_own_timeouts() {
     let mut ctx = w.at(at + Duration::from_secs(10));
     assert_eq!(pair.expire(&mut ctx), Step::Finish(End::HalfCloseTimeout));
     pair.close(&mut ctx, End::HalfCloseTimeout);
-    assert_eq!(w.upstream.balancer.host(0).active(), 0);
-    assert_eq!(w.census.active(), 0);
+    assert_eq!(host.active(), 0);
+    assert_eq!(w.capacity.connections(), 0);
     assert_eq!(w.pool.in_use(), 0);
 }
 
@@ -243,14 +267,23 @@ fn a_handshake_that_does_not_finish_times_out_and_is_counted() {
     let config = crate::tls::tests_support::server_config();
     let session = TlsSession::new(config, 64 * 1024).unwrap();
     let deadline = w.t0 + Duration::from_secs(10);
-    let mut pair = Pair::handshaking(1, 0, accepted, session, deadline, &mut w.at(Duration::ZERO));
-    assert_eq!(w.census.handshakes(), 1);
-    assert_eq!(w.census.handshakes_from("127.0.0.1".parse().unwrap()), 1);
+    let slot = w.capacity.handshake(accepted.1.ip(), 10, 10).unwrap();
+    let upstream = w.upstream.clone();
+    let mut pair = Pair::handshaking(
+        1,
+        upstream,
+        accepted,
+        (session, slot),
+        deadline,
+        &mut w.at(Duration::ZERO),
+    );
+    assert_eq!(w.capacity.handshakes(), 1);
+    assert_eq!(w.capacity.handshakes_from("127.0.0.1".parse().unwrap()), 1);
     assert_eq!(pair.deadline(&w.settings), deadline);
     let mut ctx = w.at(Duration::from_secs(10));
     assert_eq!(pair.expire(&mut ctx), Step::Finish(End::HandshakeTimeout));
     pair.close(&mut ctx, End::HandshakeTimeout);
-    assert_eq!(w.census.handshakes(), 0);
-    assert_eq!(w.census.handshakes_from("127.0.0.1".parse().unwrap()), 0);
-    assert_eq!(w.upstream.refused.get("handshake_timeout"), Some(&1));
+    assert_eq!(w.capacity.handshakes(), 0);
+    assert_eq!(w.capacity.handshakes_from("127.0.0.1".parse().unwrap()), 0);
+    assert_eq!(w.counters.refused.get("handshake_timeout"), Some(&1));
 }

@@ -4,14 +4,16 @@
 //!
 //! Checks run in the order the design fixes: is the identity known? is it
 //! allowed on this upstream? is it within its connection rate and its
-//! concurrency cap? A client admitted here counts against its cap until
-//! [`Access::release`] is called, exactly once, when its pair ends.
+//! concurrency cap? A client admitted here counts against its cap for as
+//! long as its [`ClientLease`] lives.
 //!
-//! A [`ClientId`] names an identity for the life of the process, across
-//! reloads, so pairs admitted under old rules release the right count and
-//! a client keeps its bucket when its rule changes.
+//! Each identity's bucket and count are shared by every worker, and kept
+//! across reloads while the identity keeps a rule, so a client keeps its
+//! bucket when its rule changes and connections admitted under old rules
+//! give their place back to the right count.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use super::limits::{Bucket, Limit};
@@ -31,9 +33,6 @@ pub struct ClientRule {
     pub max_connections: Option<u32>,
 }
 
-/// An identity known to the process (configured now or earlier).
-type ClientId = usize;
-
 /// Why a client with a valid certificate is turned away.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Denial {
@@ -52,86 +51,114 @@ pub enum Denial {
     TooManyConnections,
 }
 
-/// An admitted client's place in its concurrency count. Cannot be cloned;
-/// [`Access::release`] consumes it.
-#[must_use = "a client lease must be given back with Access::release"]
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) struct ClientLease {
-    id: ClientId,
-}
-
-impl Drop for ClientLease {
-    fn drop(&mut self) {
-        super::lease_dropped("client");
-    }
-}
-
-/// One identity: the rule in force (if any), its bucket and its count.
+/// What an identity counts, shared by every worker and kept across
+/// reloads while the identity keeps a rule (or has open connections).
 #[derive(Debug)]
-struct Client {
-    identity: String,
-    rule: Option<ClientRule>,
-    /// Its rate limit: kept across reloads while the identity keeps a rule.
+struct Counts {
+    /// Its rate limit.
     bucket: Bucket,
     /// Open connections admitted under this identity.
     active: u32,
 }
 
-/// The `[[client]]` rules in force, and the state each keeps.
+/// An identity's state. Touched once per admitted connection (and once
+/// when it ends), never per byte.
 #[derive(Debug)]
+struct ClientState {
+    identity: String,
+    counts: Mutex<Counts>,
+}
+
+impl ClientState {
+    fn lock(&self) -> MutexGuard<'_, Counts> {
+        self.counts.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// An admitted client's place in its concurrency count. Cannot be cloned;
+/// dropping it gives the place back.
+#[must_use = "dropping a client lease gives its place back at once"]
+#[derive(Debug)]
+pub(crate) struct ClientLease {
+    state: Arc<ClientState>,
+}
+
+impl PartialEq for ClientLease {
+    fn eq(&self, other: &ClientLease) -> bool {
+        Arc::ptr_eq(&self.state, &other.state)
+    }
+}
+
+impl Drop for ClientLease {
+    fn drop(&mut self) {
+        let mut counts = self.state.lock();
+        counts.active = counts.active.saturating_sub(1);
+    }
+}
+
+/// The `[[client]]` rules in force, each with its identity's state.
+#[derive(Debug, Default)]
 pub struct Access {
-    /// Every identity ever configured: a [`ClientLease`] of a connection
-    /// admitted under an old rule still finds its count after a reload.
-    clients: Vec<Client>,
-    by_identity: HashMap<String, ClientId>,
+    rules: HashMap<String, (ClientRule, Arc<ClientState>)>,
+    /// Identities whose rule is gone but whose connections are still
+    /// open, so their counts stay visible.
+    former: Vec<Weak<ClientState>>,
 }
 
 impl Access {
-    /// The rules of a config.
+    /// The rules of a config, with fresh state.
     pub fn new(rules: Vec<ClientRule>) -> Access {
-        let mut access = Access {
-            clients: Vec::new(),
-            by_identity: HashMap::new(),
-        };
-        access.reload(rules);
+        Access::reload(&Access::default(), rules)
+    }
+
+    /// The rules of a reloaded config: an identity that keeps a rule keeps
+    /// its bucket (under the new limit) and its count; open connections
+    /// keep counting against their identity whatever the new rules say.
+    pub fn reload(old: &Access, rules: Vec<ClientRule>) -> Access {
+        let mut access = Access::default();
+        for rule in rules {
+            let limit = Limit::new(rule.rate, rule.burst);
+            let state = match old.state_of(&rule.identity) {
+                Some(state) => {
+                    state.lock().bucket.set_limit(limit);
+                    state
+                }
+                None => Arc::new(ClientState {
+                    identity: rule.identity.clone(),
+                    counts: Mutex::new(Counts {
+                        bucket: Bucket::new(limit),
+                        active: 0,
+                    }),
+                }),
+            };
+            access.rules.insert(rule.identity.clone(), (rule, state));
+        }
+        let former = old
+            .rules
+            .values()
+            .map(|(_, s)| Arc::downgrade(s))
+            .chain(old.former.iter().cloned())
+            .filter(|w| {
+                w.upgrade()
+                    .is_some_and(|s| !access.rules.contains_key(&s.identity) && s.lock().active > 0)
+            })
+            .collect();
+        access.former = former;
         access
     }
 
-    /// Puts `rules` in force for new connections; open connections keep
-    /// counting against their identity, and an identity that keeps a rule
-    /// keeps its bucket.
-    pub fn reload(&mut self, rules: Vec<ClientRule>) {
-        let mut kept = vec![false; self.clients.len()];
-        for rule in rules {
-            let limit = Limit::new(rule.rate, rule.burst);
-            match self.by_identity.get(&rule.identity) {
-                Some(&id) => {
-                    let client = &mut self.clients[id];
-                    if client.rule.is_some() {
-                        client.bucket.set_limit(limit);
-                    } else {
-                        client.bucket = Bucket::new(limit);
-                    }
-                    client.rule = Some(rule);
-                    kept[id] = true;
-                }
-                None => {
-                    self.by_identity
-                        .insert(rule.identity.clone(), self.clients.len());
-                    self.clients.push(Client {
-                        identity: rule.identity.clone(),
-                        rule: Some(rule),
-                        bucket: Bucket::new(limit),
-                        active: 0,
-                    });
-                }
-            }
-        }
-        for (client, kept) in self.clients.iter_mut().zip(kept) {
-            if !kept {
-                client.rule = None;
-            }
-        }
+    /// The state of `identity`: in force, or lingering with connections
+    /// still open after its rule went away.
+    fn state_of(&self, identity: &str) -> Option<Arc<ClientState>> {
+        self.rules
+            .get(identity)
+            .map(|(_, s)| s.clone())
+            .or_else(|| {
+                self.former
+                    .iter()
+                    .filter_map(Weak::upgrade)
+                    .find(|s| s.identity == identity)
+            })
     }
 
     /// The identity among a certificate's `names` that a rule knows: the
@@ -139,55 +166,54 @@ impl Access {
     pub fn identify<'a>(&self, names: &'a [String]) -> Option<&'a str> {
         names
             .iter()
-            .find(|n| self.rule_of(n).is_some())
+            .find(|n| self.rules.contains_key(n.as_str()))
             .map(String::as_str)
-    }
-
-    fn rule_of(&self, identity: &str) -> Option<ClientId> {
-        let &id = self.by_identity.get(identity)?;
-        self.clients[id].rule.as_ref().map(|_| id)
     }
 
     /// Admits `identity` to `upstream` at `now`, or says why not.
     pub(crate) fn admit(
-        &mut self,
+        &self,
         identity: Option<&str>,
         upstream: &str,
         now: Instant,
     ) -> Result<ClientLease, Denial> {
-        let Some(id) = identity.and_then(|i| self.rule_of(i)) else {
+        let Some((rule, state)) = identity.and_then(|i| self.rules.get(i)) else {
             return Err(Denial::Unauthorized { known: false });
         };
-        let client = &mut self.clients[id];
-        let rule = client.rule.as_ref().expect("rule_of found it");
         if !rule.upstreams.iter().any(|u| u == upstream) {
             return Err(Denial::Unauthorized { known: true });
         }
-        let max_connections = rule.max_connections;
-        client
+        let mut counts = state.lock();
+        counts
             .bucket
             .take(now)
             .map_err(|retry_after| Denial::RateLimited { retry_after })?;
-        if max_connections.is_some_and(|max| client.active >= max) {
+        if rule.max_connections.is_some_and(|max| counts.active >= max) {
             return Err(Denial::TooManyConnections);
         }
-        client.active += 1;
-        Ok(ClientLease { id })
-    }
-
-    /// Ends a connection admitted by [`admit`](Self::admit).
-    pub(crate) fn release(&mut self, lease: ClientLease) {
-        let client = &mut self.clients[lease.id];
-        client.active = client.active.saturating_sub(1);
-        std::mem::forget(lease);
+        counts.active += 1;
+        drop(counts);
+        Ok(ClientLease {
+            state: state.clone(),
+        })
     }
 
     /// Connections open per client identity (configured, or still connected).
-    pub fn active(&self) -> impl Iterator<Item = (&str, u32)> {
-        self.clients
-            .iter()
-            .filter(|c| c.rule.is_some() || c.active > 0)
-            .map(|c| (c.identity.as_str(), c.active))
+    pub fn active(&self) -> Vec<(String, u32)> {
+        let mut out: Vec<(String, u32)> = self
+            .rules
+            .values()
+            .map(|(_, s)| (s.identity.clone(), s.lock().active))
+            .chain(
+                self.former
+                    .iter()
+                    .filter_map(Weak::upgrade)
+                    .map(|s| (s.identity.clone(), s.lock().active))
+                    .filter(|(_, n)| *n > 0),
+            )
+            .collect();
+        out.sort();
+        out
     }
 }
 
@@ -229,7 +255,7 @@ mod tests {
     #[test]
     fn checks_run_in_order_identity_upstream_rate_concurrency() {
         let t0 = Instant::now();
-        let mut a = access();
+        let a = access();
         assert_eq!(
             a.admit(None, "app-a", t0),
             Err(Denial::Unauthorized { known: false })
@@ -248,7 +274,7 @@ mod tests {
             a.admit(Some("alice"), "app-a", t0),
             Err(Denial::TooManyConnections)
         );
-        a.release(lease);
+        drop(lease);
         // The bucket is now empty: rate-limited before concurrency is looked at.
         assert_eq!(
             a.admit(Some("alice"), "app-a", t0),
@@ -257,31 +283,34 @@ mod tests {
             })
         );
         let lease = a.admit(Some("alice"), "app-a", t0 + Duration::from_millis(100));
-        a.release(lease.unwrap());
+        drop(lease.unwrap());
     }
 
     #[test]
     fn reload_keeps_counts_and_applies_new_rules() {
         let t0 = Instant::now();
-        let mut a = access();
+        let a = access();
         let old = a.admit(Some("alice"), "app-a", t0).unwrap();
         // alice moves to app-b only, with no cap; carol is new; bob is gone.
-        a.reload(vec![
-            ClientRule {
-                identity: "alice".into(),
-                upstreams: vec!["app-b".into()],
-                rate: 10.0,
-                burst: 5,
-                max_connections: None,
-            },
-            ClientRule {
-                identity: "carol".into(),
-                upstreams: vec!["app-a".into()],
-                rate: 1.0,
-                burst: 1,
-                max_connections: None,
-            },
-        ]);
+        let a = Access::reload(
+            &a,
+            vec![
+                ClientRule {
+                    identity: "alice".into(),
+                    upstreams: vec!["app-b".into()],
+                    rate: 10.0,
+                    burst: 5,
+                    max_connections: None,
+                },
+                ClientRule {
+                    identity: "carol".into(),
+                    upstreams: vec!["app-a".into()],
+                    rate: 1.0,
+                    burst: 1,
+                    max_connections: None,
+                },
+            ],
+        );
         assert_eq!(
             a.admit(Some("alice"), "app-a", t0),
             Err(Denial::Unauthorized { known: true })
@@ -294,26 +323,26 @@ mod tests {
             Err(Denial::Unauthorized { known: false })
         );
         // The connection admitted before the reload still counts, and releases.
-        let counts: HashMap<&str, u32> = a.active().collect();
+        let counts: HashMap<String, u32> = a.active().into_iter().collect();
         assert_eq!(counts["alice"], 2);
         assert!(!counts.contains_key("spiffe://example.org/bob"));
-        a.release(old);
-        assert_eq!(a.active().find(|(i, _)| *i == "alice").unwrap().1, 1);
-        a.release(alice);
-        a.release(carol);
+        drop(old);
+        assert_eq!(a.active().iter().find(|(i, _)| i == "alice").unwrap().1, 1);
+        drop(alice);
+        drop(carol);
     }
 
     #[test]
     fn release_frees_a_slot_and_counts_are_visible() {
         let t0 = Instant::now();
-        let mut a = access();
+        let a = access();
         let bob = Some("spiffe://example.org/bob");
         let leases: Vec<_> = (0..3).map(|_| a.admit(bob, "app-b", t0).unwrap()).collect();
-        let counts: HashMap<&str, u32> = a.active().collect();
+        let counts: HashMap<String, u32> = a.active().into_iter().collect();
         assert_eq!(counts["spiffe://example.org/bob"], 3);
         for lease in leases {
-            a.release(lease);
+            drop(lease);
         }
-        assert!(a.active().all(|(_, n)| n == 0));
+        assert!(a.active().iter().all(|(_, n)| *n == 0));
     }
 }

@@ -70,6 +70,7 @@ impl Default for Health {
 }
 
 impl Health {
+    #[cfg(test)]
     pub fn is_up(&self) -> bool {
         self.up
     }

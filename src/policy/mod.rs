@@ -8,21 +8,17 @@
 //!   concurrency count;
 //! - [`limits`]: token buckets, per source address too.
 //!
-//! Counts that must be released exactly once are handed out as leases
-//! ([`balance::HostLease`], [`access::ClientLease`]): a lease cannot be
-//! cloned, giving it back consumes it, and (in debug builds) dropping one
-//! without giving it back panics, so a leak fails the tests.
+//! Counts that must be given back exactly once are handed out as leases
+//! ([`balance::HostLease`], [`access::ClientLease`], the slots of
+//! [`capacity`]): a lease cannot be cloned, and dropping it gives the count
+//! back, so "exactly once" is a property of the types. The counts are
+//! shared by every worker; they are touched once per connection, never
+//! per byte.
+//!
+//! - [`capacity`]: the process-wide caps (`max_connections`, handshakes).
 
 pub mod access;
 pub(crate) mod balance;
+pub(crate) mod capacity;
 pub mod health;
 pub mod limits;
-
-/// Panics in debug builds when a lease is dropped instead of given back
-/// (unless the thread is already unwinding).
-fn lease_dropped(what: &str) {
-    debug_assert!(
-        std::thread::panicking(),
-        "a {what} lease was dropped, not given back"
-    );
-}

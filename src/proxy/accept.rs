@@ -1,22 +1,24 @@
-//! Taking in new clients: accepting in bounded batches, backing off when
-//! the process runs out of descriptors, turning away what the per-source
-//! limits and handshake caps refuse before any work is spent on it, and
-//! creating the pair of everything else.
+//! Taking in new clients, in a worker: accepting in bounded batches,
+//! backing off when the process runs out of descriptors, turning away
+//! what the per-source limits and the handshake caps refuse before any work
+//! is spent on it, and creating the pair of everything else.
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 use mio::net::TcpStream;
 
 use super::token::Registration;
-use super::{Proxy, context};
+use super::worker::{Worker, context};
 use crate::io::tls_session::TlsSession;
 use crate::io::{Endpoint, net};
-use crate::pair::PAIR_INTEREST;
-use crate::pair::{End, Pair, Side, Step};
+use crate::pair::{End, PAIR_INTEREST, Pair, Side, Step};
+use crate::policy::capacity::HandshakeSlot;
 use crate::policy::limits::source_key;
+use crate::upstream::Upstream;
 
 /// Connections accepted from one listener per loop turn before the loop
 /// goes back to relaying; the rest are taken next turn.
@@ -24,17 +26,16 @@ const ACCEPT_BATCH: usize = 128;
 /// How long accepting pauses when the process runs out of descriptors.
 const EXHAUSTION_BACKOFF: Duration = Duration::from_millis(100);
 
-impl Proxy {
+impl Worker {
     /// Accepts what the listeners have queued.
     pub(super) fn accept(&mut self, now: Instant) {
-        let w = &mut self.worker;
-        if let Some(resume) = w.accept_paused_until {
+        if let Some(resume) = self.accept_paused_until {
             if now < resume {
                 return;
             }
-            w.accept_paused_until = None;
+            self.accept_paused_until = None;
         }
-        let pending: Vec<usize> = w
+        let pending: Vec<usize> = self
             .listeners
             .iter()
             .filter(|(_, l)| l.pending)
@@ -42,7 +43,7 @@ impl Proxy {
             .collect();
         for index in pending {
             for _ in 0..ACCEPT_BATCH {
-                let Some(listener) = self.worker.listeners.get_mut(index) else {
+                let Some(listener) = self.listeners.get_mut(index) else {
                     break;
                 };
                 if !listener.pending {
@@ -50,7 +51,7 @@ impl Proxy {
                 }
                 match listener.socket.accept() {
                     Ok((stream, addr)) => {
-                        let upstream = listener.upstream;
+                        let upstream = listener.upstream.clone();
                         self.admit(upstream, stream, addr, now);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => listener.pending = false,
@@ -69,120 +70,148 @@ impl Proxy {
     /// Stops accepting for a moment instead of spinning on EMFILE/ENFILE;
     /// pairs keep being served and freed descriptors let accepting resume.
     fn pause_accepting(&mut self, e: &io::Error, now: Instant) {
-        let w = &mut self.worker;
-        w.accept_paused_until = Some(now + EXHAUSTION_BACKOFF);
-        if let Some(times) = w.exhaustion_log.allow(now) {
+        self.accept_paused_until = Some(now + EXHAUSTION_BACKOFF);
+        if let Some(times) = self.exhaustion_log.allow(now) {
             warn!(
                 "out of descriptors or socket memory ({e}); pausing accepts for {:?} \
                  ({times} more times since the last report), {} connections open",
                 EXHAUSTION_BACKOFF,
-                w.pairs.len()
+                self.pairs.len()
             );
         }
     }
 
     /// Takes in a new client: starts its TLS handshake, or connects it to
     /// a host, or refuses it.
-    fn admit(&mut self, upstream: usize, stream: TcpStream, addr: SocketAddr, now: Instant) {
-        if let Some(why) = self.turn_away(upstream, addr, now) {
-            self.shared.upstreams[upstream].count_refusal(why);
-            if let Some(times) = self.worker.drop_log.allow(now) {
-                let u = &self.shared.upstreams[upstream].name;
-                warn!(
-                    "closing new connections at accept: {addr} on `{u}`: {why} ({times} more since the last report)"
-                );
+    fn admit(
+        &mut self,
+        upstream: Arc<Upstream>,
+        stream: TcpStream,
+        addr: SocketAddr,
+        now: Instant,
+    ) {
+        let slot = match self.turn_away(&upstream, addr, now) {
+            Ok(slot) => slot,
+            Err(why) => {
+                self.counters(upstream.id).count_refusal(why);
+                if let Some(times) = self.drop_log.allow(now) {
+                    warn!(
+                        "closing new connections at accept: {addr} on `{}`: {why} ({times} more since the last report)",
+                        upstream.name
+                    );
+                }
+                return;
             }
-            return;
-        }
+        };
         net::prepare(&stream);
-        let (w, shared) = (&mut self.worker, &mut self.shared);
-        let key = w.pairs.vacant_entry().key();
+        let key = self.pairs.vacant_entry().key();
         let mut endpoint = Endpoint::new(stream);
         let token = Registration::Pair(key, Side::Client).token();
-        if let Err(e) = endpoint.register(w.poll.registry(), token, PAIR_INTEREST) {
+        if let Err(e) = endpoint.register(self.poll.registry(), token, PAIR_INTEREST) {
             return warn!("cannot register client {addr}: {e}");
         }
-        let id = w.next_id;
-        w.next_id += 1;
-        let tls = match (shared.upstreams[upstream].tls, &shared.tls) {
-            (true, Some((config, settings))) => {
-                match TlsSession::new(config.clone(), shared.settings.bulk_buffer()) {
-                    Ok(session) => Some((session, now + settings.handshake_timeout)),
+        let id = self.next_id;
+        self.next_id += 1;
+        let tls = match (slot, &self.snapshot.tls) {
+            (Some(slot), Some((config, settings))) => {
+                match TlsSession::new(config.clone(), self.snapshot.settings.bulk_buffer()) {
+                    Ok(session) => Some((session, slot, now + settings.handshake_timeout)),
                     Err(e) => return warn!("cannot start a TLS session for {addr}: {e}"),
                 }
             }
             _ => None,
         };
-        let mut ctx = context(&mut w.support, &w.poll, shared, upstream, key, now);
+        let uid = upstream.id;
+        self.counters(uid);
+        let mut ctx = context(
+            &mut self.support,
+            &self.poll,
+            &self.snapshot,
+            &self.shared,
+            &mut self.counters[uid],
+            key,
+            now,
+        );
         let (pair, step) = match tls {
-            Some((session, deadline)) => (
-                Pair::handshaking(id, upstream, (endpoint, addr), session, deadline, &mut ctx),
+            Some((session, slot, deadline)) => (
+                Pair::handshaking(
+                    id,
+                    upstream.clone(),
+                    (endpoint, addr),
+                    (session, slot),
+                    deadline,
+                    &mut ctx,
+                ),
                 Step::Continue,
             ),
-            None => Pair::connecting(id, upstream, (endpoint, addr), &mut ctx),
+            None => Pair::connecting(id, upstream.clone(), (endpoint, addr), &mut ctx),
         };
-        w.pairs.insert(pair);
+        self.pairs.insert(pair);
         match step {
             Step::Finish(end) => self.close(key, end, now),
             Step::Continue | Step::Again => self.schedule(key),
         }
-        self.host_results(upstream, now);
+        self.host_results(&upstream, now);
+    }
+
+    /// Why a new connection must be closed at once, before any work on it:
+    /// its source is over its rate, or too many handshakes are under way.
+    /// On a TLS upstream, the handshake slot it gets otherwise.
+    fn turn_away(
+        &mut self,
+        upstream: &Upstream,
+        addr: SocketAddr,
+        now: Instant,
+    ) -> Result<Option<HandshakeSlot>, &'static str> {
+        if let Some(sources) = self.shared.sources().as_mut() {
+            if sources.check(addr.ip(), now).is_err() {
+                return Err("source_rate_limited");
+            }
+        }
+        let (max, per_source) = match (upstream.tls, &self.snapshot.tls) {
+            (true, Some((_, tls))) => (tls.max_handshakes, tls.max_handshakes_per_source),
+            _ => return Ok(None),
+        };
+        match self.shared.capacity.handshake(addr.ip(), max, per_source) {
+            Ok(slot) => Ok(Some(slot)),
+            Err(true) => Err("source_handshake_capacity"),
+            Err(false) if self.make_handshake_room(addr, max, now) => self
+                .shared
+                .capacity
+                .handshake(addr.ip(), max, per_source)
+                .map(Some)
+                .map_err(|_| "handshake_capacity"),
+            Err(false) => Err("handshake_capacity"),
+        }
     }
 
     /// Every handshake slot is taken: if `client`'s source has fewer than
     /// its fair share of them (an equal share among the sources that
     /// hold any, itself included) while the busiest source has more, that
-    /// source's oldest (slowest) handshake makes room. A flood from a few
-    /// addresses then cannot keep everyone else from a handshake.
+    /// source's oldest (slowest) handshake in this worker makes room. A
+    /// flood from a few addresses then cannot keep everyone else from a
+    /// handshake.
     fn make_handshake_room(&mut self, client: SocketAddr, max: usize, now: Instant) -> bool {
-        let census = &self.worker.support.census;
-        let Some((busiest, most, sources)) = census.busiest_handshake_source() else {
+        let capacity = &self.shared.capacity;
+        let Some((busiest, most, sources)) = capacity.busiest_source() else {
             return false;
         };
-        let mine = census.handshakes_from(client.ip());
+        let mine = capacity.handshakes_from(client.ip());
         let fair = max / (sources + usize::from(mine == 0)).max(1);
         if mine >= fair || most <= fair || busiest == source_key(client.ip()) {
             return false;
         }
         let victim = self
-            .worker
             .pairs
             .iter()
             .filter(|(_, p)| p.is_handshaking() && source_key(p.client_addr.ip()) == busiest)
             .min_by_key(|(_, p)| p.started)
-            .map(|(key, p)| (key, p.upstream));
+            .map(|(key, p)| (key, p.upstream.id));
         let Some((key, upstream)) = victim else {
             return false;
         };
-        self.shared.upstreams[upstream].count_refusal("handshake_evicted");
+        self.counters(upstream).count_refusal("handshake_evicted");
         self.close(key, End::HandshakeEvicted, now);
         true
-    }
-
-    /// Why a new connection must be closed at once, before any work on it:
-    /// its source is over its rate, or too many handshakes are under way.
-    fn turn_away(
-        &mut self,
-        upstream: usize,
-        addr: SocketAddr,
-        now: Instant,
-    ) -> Option<&'static str> {
-        if let Some(sources) = self.shared.sources.as_mut() {
-            if sources.check(addr.ip(), now).is_err() {
-                return Some("source_rate_limited");
-            }
-        }
-        let limits = match (self.shared.upstreams[upstream].tls, &self.shared.tls) {
-            (true, Some((_, tls))) => (tls.max_handshakes, tls.max_handshakes_per_source),
-            _ => return None,
-        };
-        let census = &self.worker.support.census;
-        if census.handshakes_from(addr.ip()) >= limits.1 {
-            return Some("source_handshake_capacity");
-        }
-        if census.handshakes() >= limits.0 && !self.make_handshake_room(addr, limits.0, now) {
-            return Some("handshake_capacity");
-        }
-        None
     }
 }

@@ -1,37 +1,61 @@
-//! Health checks: one prober for the process. Probes are scheduled per
-//! host with a little jitter and run as non-blocking connects in the loop;
-//! their results, with those of real connects, feed each host's health
-//! record, and every up/down transition is logged once.
+//! Health checks: one prober for the process, on the control thread.
+//! Probes are scheduled per host with a little jitter and run as
+//! non-blocking connects; their results, like those of the workers' real
+//! connects, feed each host's shared health record, and every up/down
+//! transition is logged once.
 //!
 //! Without `[upstream.health]`, only hosts that real traffic took down are
 //! probed, until they come back; with it, every host is probed every interval.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use log::{info, warn};
 use slab::Slab;
 
-use super::Proxy;
+use super::control::Control;
 use super::probe::{Outcome, Probe};
 use super::timers::Timers;
 use super::token::Registration;
-use crate::pair::End;
-use crate::policy::balance::HostId;
+use super::worker::{Order, log_transition};
+use crate::policy::balance::{Host, HostCounters};
 use crate::upstream::Upstream;
 
-/// The prober's state: checks due, probes in flight, hosts gone down.
+/// A check that is due: when, and the host with its upstream.
+#[derive(Debug)]
+struct Due {
+    at: Instant,
+    upstream: Arc<Upstream>,
+    host: Arc<Host>,
+}
+
+impl PartialEq for Due {
+    fn eq(&self, other: &Due) -> bool {
+        self.at == other.at
+    }
+}
+impl Eq for Due {}
+impl PartialOrd for Due {
+    fn partial_cmp(&self, other: &Due) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Due {
+    fn cmp(&self, other: &Due) -> std::cmp::Ordering {
+        self.at.cmp(&other.at)
+    }
+}
+
+/// The prober's state: checks due, probes in flight.
 #[derive(Debug)]
 pub(super) struct HealthChecks {
     /// Health probes in flight, and their deadlines.
-    probes: Slab<Probe>,
+    probes: Slab<(Probe, Arc<Upstream>, Arc<Host>)>,
     probe_timers: Timers,
-    /// When each host's next check is due: (when, upstream, host). An entry
-    /// is live while it matches the host's `check.next`.
-    due: BinaryHeap<Reverse<(Instant, usize, HostId)>>,
-    /// Hosts that went down this turn, whose pairs `close_on_down` closes.
-    gone_down: Vec<(usize, HostId)>,
+    /// When each host's next check is due. An entry is live while it
+    /// matches the host's schedule.
+    due: BinaryHeap<Reverse<Due>>,
     /// State of the jitter generator for check intervals.
     jitter: u64,
     next_id: u64,
@@ -43,7 +67,6 @@ impl HealthChecks {
             probes: Slab::new(),
             probe_timers: Timers::default(),
             due: BinaryHeap::new(),
-            gone_down: Vec::new(),
             jitter: jitter_seed(),
             next_id: 1,
         }
@@ -51,7 +74,7 @@ impl HealthChecks {
 
     /// The earliest check or probe deadline.
     pub fn next_due(&self) -> Option<Instant> {
-        let check = self.due.peek().map(|Reverse((at, _, _))| *at);
+        let check = self.due.peek().map(|Reverse(d)| d.at);
         match (check, self.probe_timers.next()) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -59,39 +82,36 @@ impl HealthChecks {
     }
 
     /// Spreads the first checks of an upstream's hosts over one interval.
-    pub fn schedule_upstream(&mut self, u: &mut Upstream, upstream: usize, now: Instant) {
-        if !u.health.active || u.removed {
+    pub fn schedule_upstream(&mut self, u: &Arc<Upstream>, now: Instant) {
+        if !u.health.active {
             return;
         }
-        let interval = u.health.interval;
-        let ids: Vec<HostId> = u
-            .balancer
-            .hosts()
-            .filter(|(_, h)| !h.removed)
-            .map(|(id, _)| id)
-            .collect();
-        for host in ids {
-            let offset = interval.mul_f64(self.random_fraction());
-            self.schedule(u, upstream, host, now + offset);
+        for (_, host) in u.balancer.hosts() {
+            let offset = u.health.interval.mul_f64(self.random_fraction());
+            self.schedule(u, host, now + offset);
         }
     }
 
     /// Makes the host's next check due at `at` (unless one is due sooner).
-    fn schedule(&mut self, u: &mut Upstream, upstream: usize, host: HostId, at: Instant) {
-        let check = &mut u.balancer.host_mut(host).check;
+    fn schedule(&mut self, u: &Arc<Upstream>, host: &Arc<Host>, at: Instant) {
+        let mut check = host.schedule();
         if check.next.is_some_and(|due| due <= at) {
             return;
         }
         check.next = Some(at);
-        self.due.push(Reverse((at, upstream, host)));
+        self.due.push(Reverse(Due {
+            at,
+            upstream: u.clone(),
+            host: host.clone(),
+        }));
     }
 
     /// Schedules the next check after one interval (with jitter), if the
-    /// host still needs checks: active checks, or down with passive ones.
-    fn schedule_next(&mut self, u: &mut Upstream, upstream: usize, host: HostId, now: Instant) {
+    /// host still needs checks.
+    fn schedule_next(&mut self, u: &Arc<Upstream>, host: &Arc<Host>, now: Instant) {
         if needs_checks(u, host) {
             let at = now + self.jittered(u.health.interval);
-            self.schedule(u, upstream, host, at);
+            self.schedule(u, host, at);
         }
     }
 
@@ -113,64 +133,65 @@ impl HealthChecks {
 
 /// Whether a host is to be checked at all: active checks of a live host,
 /// or passive ones of a host that real traffic took down.
-fn needs_checks(u: &Upstream, host: HostId) -> bool {
-    let h = u.balancer.host(host);
-    !u.removed && !h.removed && (u.health.active || !h.is_up())
+fn needs_checks(u: &Upstream, host: &Host) -> bool {
+    !host.is_removed() && (u.health.active || !host.is_up())
 }
 
-impl Proxy {
+impl Control {
     /// Starts the checks that are due and times out probes that are late.
     pub(super) fn run_checks(&mut self, now: Instant) {
-        while let Some(&Reverse((due, upstream, host))) = self.checks.due.peek() {
-            if due > now {
+        while self.checks.due.peek().is_some_and(|Reverse(d)| d.at <= now) {
+            let Some(Reverse(due)) = self.checks.due.pop() else {
                 break;
+            };
+            {
+                let mut check = due.host.schedule();
+                if check.next != Some(due.at) {
+                    continue;
+                }
+                check.next = None;
+                if !needs_checks(&due.upstream, &due.host) || check.probing {
+                    continue;
+                }
             }
-            self.checks.due.pop();
-            let u = &mut self.shared.upstreams[upstream];
-            let check = &mut u.balancer.host_mut(host).check;
-            if check.next != Some(due) {
-                continue;
-            }
-            check.next = None;
-            if needs_checks(u, host) && !u.balancer.host(host).check.probing {
-                self.start_probe(upstream, host, now);
-            }
+            self.start_probe(due.upstream, due.host, now);
         }
         while let Some((_, key, id)) = self.checks.probe_timers.pop_due(now) {
-            if self.checks.probes.get(key).is_some_and(|p| p.id == id) {
+            if self
+                .checks
+                .probes
+                .get(key)
+                .is_some_and(|(p, _, _)| p.id == id)
+            {
                 self.finish_probe(key, Outcome::Failed("timed out".into()), now);
             }
         }
-        self.close_on_down(now);
     }
 
-    fn start_probe(&mut self, upstream: usize, host: HostId, now: Instant) {
-        let u = &self.shared.upstreams[upstream];
-        let addr = u.balancer.host(host).addr;
-        let deadline = now + u.health.timeout;
+    fn start_probe(&mut self, upstream: Arc<Upstream>, host: Arc<Host>, now: Instant) {
+        let deadline = now + upstream.health.timeout;
         let checks = &mut self.checks;
         let entry = checks.probes.vacant_entry();
         let key = entry.key();
         let id = checks.next_id;
         checks.next_id += 1;
         let token = Registration::Probe(key).token();
-        match Probe::start(addr, upstream, host, id, self.worker.poll.registry(), token) {
+        match Probe::start(host.addr, id, self.poll.registry(), token) {
             Ok(probe) => {
-                entry.insert(probe);
-                let u = &mut self.shared.upstreams[upstream];
-                u.balancer.host_mut(host).check.probing = true;
+                host.schedule().probing = true;
+                entry.insert((probe, upstream, host));
                 checks.probe_timers.push(deadline, key, id);
             }
-            Err(e) => self.check_done(upstream, host, false, &format!("connect: {e}"), now),
+            Err(e) => self.check_done(&upstream, &host, false, &format!("connect: {e}"), now),
         }
     }
 
     pub(super) fn on_probe_event(&mut self, key: usize, event: &mio::event::Event, now: Instant) {
-        let Some(probe) = self.checks.probes.get_mut(key) else {
+        let Some((probe, upstream, _)) = self.checks.probes.get_mut(key) else {
             return;
         };
         probe.on_event(event);
-        let health = &self.shared.upstreams[probe.upstream].health;
+        let health = &upstream.health;
         let outcome = probe.advance(health.send.as_deref(), health.expect.as_deref());
         if outcome != Outcome::Pending {
             self.finish_probe(key, outcome, now);
@@ -178,92 +199,68 @@ impl Proxy {
     }
 
     fn finish_probe(&mut self, key: usize, outcome: Outcome, now: Instant) {
-        let probe = self.checks.probes.remove(key);
-        let (upstream, host) = (probe.upstream, probe.host);
+        let (probe, upstream, host) = self.checks.probes.remove(key);
         probe.close();
-        let u = &mut self.shared.upstreams[upstream];
-        u.balancer.host_mut(host).check.probing = false;
+        host.schedule().probing = false;
         match outcome {
-            Outcome::Passed => self.check_done(upstream, host, true, "", now),
-            Outcome::Failed(why) => self.check_done(upstream, host, false, &why, now),
+            Outcome::Passed => self.check_done(&upstream, &host, true, "", now),
+            Outcome::Failed(why) => self.check_done(&upstream, &host, false, &why, now),
             Outcome::Pending => {}
         }
     }
 
     /// Counts a check result, applies it, and schedules the next check.
-    fn check_done(&mut self, upstream: usize, host: HostId, ok: bool, why: &str, now: Instant) {
-        let counters = &mut self.shared.upstreams[upstream]
-            .balancer
-            .host_mut(host)
-            .counters;
-        if ok {
-            counters.checks_passed += 1;
-        } else {
-            counters.checks_failed += 1;
-        }
-        self.host_result(upstream, host, ok, why, now);
-        let u = &mut self.shared.upstreams[upstream];
-        self.checks.schedule_next(u, upstream, host, now);
-    }
-
-    /// Feeds a check or real-connect result into the host's health; on a
-    /// transition, logs it once and acts on it.
-    pub(super) fn host_result(
+    fn check_done(
         &mut self,
-        upstream: usize,
-        host: HostId,
+        u: &Arc<Upstream>,
+        host: &Arc<Host>,
         ok: bool,
         why: &str,
         now: Instant,
     ) {
-        let u = &mut self.shared.upstreams[upstream];
-        let (rise, fall) = (u.health.rise, u.health.fall);
-        let Some(up) = u
-            .balancer
-            .record(host, ok, (rise, fall), u.health.slow_start, now)
-        else {
-            return;
-        };
-        let addr = u.balancer.host(host).addr;
+        let c = &host.counters;
+        HostCounters::count(if ok {
+            &c.checks_passed
+        } else {
+            &c.checks_failed
+        });
+        let h = &u.health;
+        if let Some(up) = host.record(ok, (h.rise, h.fall), h.slow_start, now) {
+            log_transition(u, host, up, why);
+            self.transitioned(u, host, up, now);
+        }
+        self.checks.schedule_next(u, host, now);
+    }
+
+    /// A worker's real connects took a host up or down.
+    pub(super) fn host_changed(
+        &mut self,
+        upstream: usize,
+        host: &Arc<Host>,
+        up: bool,
+        now: Instant,
+    ) {
+        let snapshot = self.shared.snapshot();
+        if let Some(u) = snapshot.upstream(upstream).cloned() {
+            self.transitioned(&u, host, up, now);
+        }
+    }
+
+    /// Acts on a transition: a host down without active checks gets probed
+    /// (no real traffic goes to it now); with `close_on_down`, every worker
+    /// closes its connections.
+    fn transitioned(&mut self, u: &Arc<Upstream>, host: &Arc<Host>, up: bool, now: Instant) {
         if up {
-            info!("`{}`: host {addr} is up", u.name);
             return;
         }
-        warn!("`{}`: host {addr} is down ({why})", u.name);
         if !u.health.active {
-            // Only probes can bring it back: no real traffic goes to it now.
-            self.checks.schedule_next(u, upstream, host, now);
+            self.checks.schedule_next(u, host, now);
         }
         if u.health.close_on_down {
-            // Closed at the end of the turn, when no pair is mid-transition.
-            self.checks.gone_down.push((upstream, host));
-        }
-    }
-
-    /// Closes the connections of hosts that went down (with `close_on_down`).
-    fn close_on_down(&mut self, now: Instant) {
-        while let Some((upstream, host)) = self.checks.gone_down.pop() {
-            if self.shared.upstreams[upstream].balancer.host(host).is_up() {
-                continue;
-            }
-            let doomed: Vec<usize> = self
-                .worker
-                .pairs
-                .iter()
-                .filter(|(_, p)| p.upstream == upstream && p.host_id() == Some(host))
-                .map(|(key, _)| key)
-                .collect();
-            for key in doomed {
-                self.close(key, End::HostDown, now);
+            for w in &self.workers {
+                w.send(Order::CloseHost(host.clone()));
             }
         }
-    }
-
-    /// Schedules the checks of an upstream (at start, or when a reload
-    /// changed them).
-    pub(super) fn schedule_upstream_checks(&mut self, upstream: usize, now: Instant) {
-        let u = &mut self.shared.upstreams[upstream];
-        self.checks.schedule_upstream(u, upstream, now);
     }
 }
 

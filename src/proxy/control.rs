@@ -1,29 +1,65 @@
-//! Everything that steers the loop rather than relaying: signals, commands
-//! from a [`Handle`], the admin endpoint (`/metrics`, `/status`,
-//! `/reload`), the counters snapshot, and graceful shutdown. Reload is in
-//! `reload.rs`.
+//! The control thread: everything that steers the workers rather than
+//! relaying. Signals, commands from a [`Handle`], the admin endpoint
+//! (`/metrics`, `/status`, `/reload`), the health prober (`checks.rs`),
+//! reload (`reload.rs`, whose file reads and parsing happen here, never on
+//! a worker), graceful shutdown, and the counters snapshot, which sums the
+//! workers' own counters.
+//!
+//! It runs its own `mio::Poll` with the admin listener, the probes, the
+//! signal pipe and a waker; workers reach it through the same channel as
+//! a [`Handle`] (host transitions, "stopped").
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::mpsc::{self, Sender};
-use std::time::Instant;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::time::{Duration, Instant};
 
 use log::{info, warn};
-use mio::Waker;
+use mio::net::TcpListener;
+use mio::{Events, Poll, Waker};
 use signal_hook::consts::SIGHUP;
+use signal_hook_mio::v1_0::Signals;
+use slab::Slab;
 
-use super::Proxy;
+use super::AdjustConfig;
+use super::checks::HealthChecks;
+use super::shared::Shared;
+use super::timers::Timers;
 use super::token::Registration;
+use super::worker::{Order, WorkerStats};
 use crate::admin::{self, AdminConn, AdminStep, HostStats, Request, Route, Stats, UpstreamStats};
+use crate::error::Error;
+use crate::logs::Throttle;
+use crate::policy::balance::Host;
+use crate::upstream::{Counters, Upstream};
 
-/// A request to the loop from another thread.
+/// How long the control thread waits for a worker's counters.
+const STATS_WAIT: Duration = Duration::from_secs(5);
+
+/// A request to the control thread, from a [`Handle`] or a worker.
 #[derive(Debug)]
 pub(super) enum Command {
     Shutdown,
     Stats(Sender<Stats>),
     Reload(Sender<Result<(), String>>),
+    /// A worker's real connects took a host up or down.
+    HostChanged {
+        upstream: usize,
+        host: Arc<Host>,
+        up: bool,
+    },
+    /// A worker has stopped accepting, with this many pairs to drain.
+    Draining {
+        worker: usize,
+        pairs: usize,
+    },
+    /// A worker has drained (or stopped) and exited its loop.
+    WorkerStopped(usize),
 }
 
-/// Talks to a running [`Proxy`] from another thread (tests, embedding).
+/// Talks to a running [`Proxy`](super::Proxy) from another thread (tests, embedding).
 #[derive(Debug, Clone)]
 pub struct Handle {
     commands: Sender<Command>,
@@ -45,7 +81,7 @@ impl Handle {
         let _ = self.send(Command::Shutdown);
     }
 
-    /// The loop's counters, or `None` once it has stopped.
+    /// The proxy's counters, or `None` once it has stopped.
     pub fn stats(&self) -> Option<Stats> {
         let (tx, rx) = mpsc::channel();
         self.send(Command::Stats(tx))?;
@@ -62,9 +98,114 @@ impl Handle {
     }
 }
 
-impl Proxy {
-    pub(super) fn on_signals(&mut self, now: Instant) {
-        let Some(signals) = self.control.signals.as_mut() else {
+/// The control thread's line to one worker.
+#[derive(Debug)]
+pub(super) struct WorkerLink {
+    pub orders: Sender<Order>,
+    pub waker: Arc<Waker>,
+    /// It has stopped accepting, with this many pairs to drain.
+    pub draining: Option<usize>,
+    pub stopped: bool,
+}
+
+impl WorkerLink {
+    pub fn send(&self, order: Order) {
+        if self.orders.send(order).is_ok() {
+            let _ = self.waker.wake();
+        }
+    }
+}
+
+/// What the control thread owns.
+pub(super) struct Control {
+    pub poll: Poll,
+    pub shared: Arc<Shared>,
+    pub workers: Vec<WorkerLink>,
+    pub checks: HealthChecks,
+    pub admin: Option<TcpListener>,
+    pub admin_conns: Slab<AdminConn>,
+    pub admin_timers: Timers,
+    /// Idle admin connections closed to make room for a new one.
+    pub admin_evictions: Throttle,
+    pub next_admin_id: u64,
+    /// The config file, re-read on SIGHUP and `POST /reload`.
+    pub config_path: Option<PathBuf>,
+    /// What the embedder changes in every config read from the file (the
+    /// binary: its command-line overrides).
+    pub adjust_config: Option<AdjustConfig>,
+    /// The admin address in force (changing it needs a restart).
+    pub config_admin: Option<SocketAddr>,
+    /// Upstream ids by name, stable for the process's life.
+    pub upstream_ids: HashMap<String, usize>,
+    /// Upstreams removed by a reload, and hosts removed from live ones,
+    /// shown in the counters while they still have connections.
+    pub retired: Vec<Arc<Upstream>>,
+    pub retired_hosts: Vec<(usize, Arc<Host>)>,
+    pub draining: bool,
+    pub signals: Option<Signals>,
+    pub commands: Receiver<Command>,
+    pub handle: Handle,
+    pub started: Instant,
+    pub reloads: u64,
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Control")
+            .field("workers", &self.workers.len())
+            .field("draining", &self.draining)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Control {
+    /// Serves until every worker has stopped.
+    pub fn run(mut self) -> Result<(), Error> {
+        let mut events = Events::with_capacity(256);
+        let now = Instant::now();
+        let snapshot = self.shared.snapshot();
+        for u in &snapshot.upstreams {
+            self.checks.schedule_upstream(u, now);
+        }
+        while self.workers.iter().any(|w| !w.stopped) {
+            let timeout = self.poll_timeout(Instant::now());
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(Error::Setup {
+                    what: "polling",
+                    source: e,
+                });
+            }
+            let now = Instant::now();
+            for event in events.iter() {
+                match Registration::of(event.token()) {
+                    Some(Registration::Probe(key)) => self.on_probe_event(key, event, now),
+                    Some(Registration::Admin(key)) => self.on_admin_event(key, event, now),
+                    Some(Registration::AdminListener) => self.accept_admin(now),
+                    Some(Registration::Signals) => self.on_signals(now),
+                    Some(Registration::Control) => self.on_commands(now),
+                    _ => {}
+                }
+            }
+            self.run_checks(now);
+            self.expire_admin(now);
+        }
+        info!("tcplb stopped");
+        Ok(())
+    }
+
+    fn poll_timeout(&self, now: Instant) -> Option<Duration> {
+        [self.checks.next_due(), self.admin_timers.next()]
+            .into_iter()
+            .flatten()
+            .min()
+            .map(|t| t.saturating_duration_since(now))
+    }
+
+    fn on_signals(&mut self, now: Instant) {
+        let Some(signals) = self.signals.as_mut() else {
             return;
         };
         let pending: Vec<i32> = signals.pending().collect();
@@ -77,8 +218,8 @@ impl Proxy {
         }
     }
 
-    pub(super) fn on_commands(&mut self, now: Instant) {
-        while let Ok(command) = self.control.commands.try_recv() {
+    fn on_commands(&mut self, now: Instant) {
+        while let Ok(command) = self.commands.try_recv() {
             match command {
                 Command::Shutdown => self.shutdown(now),
                 Command::Stats(reply) => {
@@ -87,85 +228,120 @@ impl Proxy {
                 Command::Reload(reply) => {
                     let _ = reply.send(self.reload(now));
                 }
+                Command::HostChanged { upstream, host, up } => {
+                    self.host_changed(upstream, &host, up, now);
+                }
+                Command::Draining { worker, pairs } => {
+                    self.workers[worker].draining = Some(pairs);
+                    if self
+                        .workers
+                        .iter()
+                        .all(|w| w.draining.is_some() || w.stopped)
+                    {
+                        let pairs: usize = self.workers.iter().filter_map(|w| w.draining).sum();
+                        let drain = self.shared.snapshot().settings.drain_timeout;
+                        info!(
+                            "shutting down: no longer accepting; draining {pairs} connections for up to {drain:?}"
+                        );
+                    }
+                }
+                Command::WorkerStopped(index) => self.workers[index].stopped = true,
             }
         }
     }
 
     /// First call: stop accepting and start the drain period. Second call: stop now.
-    pub(super) fn shutdown(&mut self, now: Instant) {
-        if self.control.drain_deadline.is_some() {
+    pub fn shutdown(&mut self, now: Instant) {
+        if self.draining {
             info!("second shutdown request: stopping now");
-            self.control.stop_now = true;
+            for w in &self.workers {
+                w.send(Order::StopNow);
+            }
             return;
         }
-        let w = &mut self.worker;
-        for mut listener in w.listeners.drain() {
-            let _ = w.poll.registry().deregister(&mut listener.socket);
+        self.draining = true;
+        let drain = self.shared.snapshot().settings.drain_timeout;
+        for w in &self.workers {
+            w.send(Order::Shutdown {
+                deadline: now + drain,
+            });
         }
-        for u in &mut self.shared.upstreams {
-            u.listener = None;
-        }
-        let drain = self.shared.settings.drain_timeout;
-        self.control.drain_deadline = Some(now + drain);
-        info!(
-            "shutting down: no longer accepting; draining {} connections for up to {drain:?}",
-            w.pairs.len(),
-        );
     }
 
-    pub(super) fn stats(&self, now: Instant) -> Stats {
-        let (w, shared) = (&self.worker, &self.shared);
-        Stats {
-            pairs: w.pairs.len(),
-            refusing: w.support.census.refusing(),
-            buffers_in_use: w.support.pool.in_use(),
-            handshakes: w.support.census.handshakes(),
-            uptime: now.saturating_duration_since(shared.started),
-            reloads: shared.reloads,
-            clients: shared
-                .access
-                .active()
-                .map(|(id, n)| (id.to_string(), n))
-                .collect(),
-            upstreams: shared
-                .upstreams
-                .iter()
-                .filter(|u| !u.removed || u.balancer.hosts().any(|(_, h)| h.active() > 0))
-                .map(|u| UpstreamStats {
+    /// The counters of every worker, summed, with the shared state.
+    pub fn stats(&self, now: Instant) -> Stats {
+        let mut total = WorkerStats::default();
+        let mut per_worker = Vec::new();
+        for w in self.workers.iter().filter(|w| !w.stopped) {
+            let (tx, rx) = mpsc::channel();
+            w.send(Order::Stats(tx));
+            let Ok(stats) = rx.recv_timeout(STATS_WAIT) else {
+                continue;
+            };
+            per_worker.push(stats.pairs);
+            total.pairs += stats.pairs;
+            total.refusing += stats.refusing;
+            total.buffers_in_use += stats.buffers_in_use;
+            if total.counters.len() < stats.counters.len() {
+                total
+                    .counters
+                    .resize_with(stats.counters.len(), Counters::default);
+            }
+            for (sum, c) in total.counters.iter_mut().zip(&stats.counters) {
+                sum.add(c);
+            }
+        }
+        let snapshot = self.shared.snapshot();
+        let none = Counters::default();
+        let busy = |u: &Upstream| u.balancer.hosts().any(|(_, h)| h.active() > 0);
+        let live = snapshot.upstreams.iter().map(|u| (u, false));
+        let retired = self.retired.iter().filter(|u| busy(u)).map(|u| (u, true));
+        let upstreams = live
+            .chain(retired)
+            .map(|(u, removed)| {
+                let c = total.counters.get(u.id).unwrap_or(&none);
+                let gone = self
+                    .retired_hosts
+                    .iter()
+                    .filter(|(id, h)| *id == u.id && h.active() > 0)
+                    .map(|(_, h)| h);
+                UpstreamStats {
                     name: u.name.clone(),
                     listen: u.listen,
                     tls: u.tls,
-                    removed: u.removed,
-                    refused: u.refused.iter().map(|(r, n)| (r.to_string(), *n)).collect(),
-                    ended: u.ended.iter().map(|(e, n)| (e.to_string(), *n)).collect(),
-                    bytes_up: u.bytes_up,
-                    bytes_down: u.bytes_down,
-                    durations: u.durations.clone(),
-                    undelivered_resets: u.undelivered_resets,
-                    undelivered_bytes: u.undelivered_bytes,
+                    removed,
+                    refused: c.refused.iter().map(|(r, n)| (r.to_string(), *n)).collect(),
+                    ended: c.ended.iter().map(|(e, n)| (e.to_string(), *n)).collect(),
+                    bytes_up: c.bytes_up,
+                    bytes_down: c.bytes_down,
+                    durations: c.durations.clone(),
+                    undelivered_resets: c.undelivered_resets,
+                    undelivered_bytes: c.undelivered_bytes,
                     hosts: u
                         .balancer
                         .hosts()
-                        .map(|(_, h)| HostStats {
-                            addr: h.addr,
-                            active: h.active(),
-                            up: h.is_up(),
-                            removed: h.removed,
-                            connections: h.counters.connections,
-                            connect_failures: h.counters.connect_failures,
-                            checks_passed: h.counters.checks_passed,
-                            checks_failed: h.counters.checks_failed,
-                            transitions: h.counters.transitions,
-                        })
+                        .map(|(_, h)| h)
+                        .chain(gone)
+                        .map(|h| host_stats(h))
                         .collect(),
-                })
-                .collect(),
+                }
+            })
+            .collect();
+        Stats {
+            pairs: total.pairs,
+            refusing: total.refusing,
+            buffers_in_use: total.buffers_in_use,
+            handshakes: self.shared.capacity.handshakes(),
+            uptime: now.saturating_duration_since(self.started),
+            reloads: self.reloads,
+            clients: snapshot.access.active(),
+            upstreams,
+            workers: per_worker,
         }
     }
 
-    pub(super) fn accept_admin(&mut self, now: Instant) {
-        let c = &mut self.control;
-        let Some(listener) = c.admin.as_ref() else {
+    fn accept_admin(&mut self, now: Instant) {
+        let Some(listener) = self.admin.as_ref() else {
             return;
         };
         loop {
@@ -174,63 +350,61 @@ impl Proxy {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(_) => return,
             };
-            if c.admin_conns.len() >= admin::MAX_CONNECTIONS {
+            if self.admin_conns.len() >= admin::MAX_CONNECTIONS {
                 // Idle connections must not lock a scrape out: the one
                 // that has waited longest without a request makes room.
-                let oldest = c
+                let oldest = self
                     .admin_conns
                     .iter()
                     .filter(|(_, conn)| conn.is_idle())
                     .min_by_key(|(_, conn)| conn.id)
                     .map(|(key, _)| key);
                 let Some(oldest) = oldest else { continue };
-                c.admin_conns.remove(oldest).abort();
-                if let Some(more) = c.admin_evictions.allow(now) {
+                self.admin_conns.remove(oldest).abort();
+                if let Some(more) = self.admin_evictions.allow(now) {
                     warn!(
                         "admin: {} connections open, closed the oldest idle one to take a new one ({more} more since the last report)",
                         admin::MAX_CONNECTIONS
                     );
                 }
             }
-            let entry = c.admin_conns.vacant_entry();
+            let entry = self.admin_conns.vacant_entry();
             let key = entry.key();
             let token = Registration::Admin(key).token();
-            let id = self.worker.next_id;
-            self.worker.next_id += 1;
-            let Ok(conn) = AdminConn::new(stream, id, now, self.worker.poll.registry(), token)
-            else {
+            let id = self.next_admin_id;
+            self.next_admin_id += 1;
+            let Ok(conn) = AdminConn::new(stream, id, now, self.poll.registry(), token) else {
                 continue;
             };
-            c.admin_timers.push(conn.deadline, key, id);
+            self.admin_timers.push(conn.deadline, key, id);
             entry.insert(conn);
         }
     }
 
-    pub(super) fn on_admin_event(&mut self, key: usize, event: &mio::event::Event, now: Instant) {
-        let Some(conn) = self.control.admin_conns.get_mut(key) else {
+    fn on_admin_event(&mut self, key: usize, event: &mio::event::Event, now: Instant) {
+        let Some(conn) = self.admin_conns.get_mut(key) else {
             return;
         };
         conn.on_event(event);
         loop {
-            match self.control.admin_conns[key].advance() {
+            match self.admin_conns[key].advance() {
                 AdminStep::Wait => return,
                 AdminStep::Close => {
-                    self.control.admin_conns.remove(key);
+                    self.admin_conns.remove(key);
                     return;
                 }
                 AdminStep::Request(request) => {
                     let answer = self.answer(&request, now);
-                    self.control.admin_conns[key].answer(answer);
+                    self.admin_conns[key].answer(answer);
                 }
             }
         }
     }
 
-    pub(super) fn expire_admin(&mut self, now: Instant) {
-        let c = &mut self.control;
-        while let Some((_, key, id)) = c.admin_timers.pop_due(now) {
-            if c.admin_conns.get(key).is_some_and(|conn| conn.id == id) {
-                c.admin_conns.remove(key).abort();
+    fn expire_admin(&mut self, now: Instant) {
+        while let Some((_, key, id)) = self.admin_timers.pop_due(now) {
+            if self.admin_conns.get(key).is_some_and(|conn| conn.id == id) {
+                self.admin_conns.remove(key).abort();
             }
         }
     }
@@ -241,5 +415,22 @@ impl Proxy {
             Route::Reload => admin::reloaded(self.reload(now)),
             Route::Answer(answer) => answer,
         }
+    }
+}
+
+fn host_stats(h: &Host) -> HostStats {
+    let c = &h.counters;
+    let n =
+        |counter: &std::sync::atomic::AtomicU64| counter.load(std::sync::atomic::Ordering::Relaxed);
+    HostStats {
+        addr: h.addr,
+        active: h.active(),
+        up: h.is_up(),
+        removed: h.is_removed(),
+        connections: n(&c.connections),
+        connect_failures: n(&c.connect_failures),
+        checks_passed: n(&c.checks_passed),
+        checks_failed: n(&c.checks_failed),
+        transitions: n(&c.transitions),
     }
 }

@@ -11,7 +11,6 @@ use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
 use crate::io::{Connect, Endpoint, Io};
-use crate::policy::balance::HostId;
 
 /// Bytes of a host's answer kept while looking for `expect`.
 const ANSWER_LIMIT: usize = 8 * 1024;
@@ -26,8 +25,6 @@ pub enum Outcome {
 
 #[derive(Debug)]
 pub struct Probe {
-    pub upstream: usize,
-    pub host: HostId,
     /// Tells this probe's timer entry from a later probe's in the same slot.
     pub id: u64,
     endpoint: Endpoint,
@@ -40,8 +37,6 @@ impl Probe {
     /// Starts the connect and registers the socket under `token`.
     pub fn start(
         addr: SocketAddr,
-        upstream: usize,
-        host: HostId,
         id: u64,
         registry: &Registry,
         token: Token,
@@ -49,8 +44,6 @@ impl Probe {
         let mut endpoint = Endpoint::new(TcpStream::connect(addr)?);
         endpoint.register(registry, token, Interest::READABLE | Interest::WRITABLE)?;
         Ok(Probe {
-            upstream,
-            host,
             id,
             endpoint,
             connected: false,

@@ -1,39 +1,42 @@
-//! Reload in place: a valid new config applies without a restart. New
-//! upstreams start listening (all binds succeed, or none is kept and the
-//! reload is rejected), removed ones stop; added hosts take traffic;
+//! Reload in place, on the control thread: the config file is read and
+//! checked here (never on a worker, so a slow or odd file cannot stall
+//! relaying), then a new snapshot is published and every worker told.
+//!
+//! New upstreams start listening (all binds succeed, or none is kept and
+//! the reload is rejected), removed ones stop; added hosts take traffic;
 //! removed hosts and upstreams take no new connections and their pairs
 //! drain for the drain period, then are closed; client rules, TLS material
-//! and settings apply to new connections. No other established connection
-//! is touched.
+//! and settings apply to new connections. Kept hosts keep their records
+//! (connection counts, health, counters), kept client identities their
+//! buckets. No other established connection is touched.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
 use log::{error, info, warn};
-use socket2::SockRef;
+use mio::net::TcpListener;
 
-use super::{Proxy, bind_listener};
+use super::control::Control;
+use super::shared::Snapshot;
+use super::worker::Order;
 use crate::config::Config;
 use crate::io::net;
-use crate::policy::limits::SourceLimiter;
-use crate::tls::TlsSettings;
+use crate::policy::access::Access;
+use crate::policy::balance::LoadBalancer;
 use crate::upstream::Upstream;
 
-/// A listener bound for a reload: upstream name, listener key, address.
-type FreshListener = (String, usize, std::net::SocketAddr);
-
-impl Proxy {
+impl Control {
     /// Re-reads the config file and applies it, or keeps the running config
     /// and says why (the messages of `tcplb check`).
     pub(super) fn reload(&mut self, now: Instant) -> Result<(), String> {
-        let result = match self.control.config_path.clone() {
+        let result = match self.config_path.clone() {
             None => Err("tcplb runs without --config: there is no file to reload".to_string()),
             Some(path) => self.reload_from(&path, now),
         };
         match &result {
             Ok(()) => {
-                self.shared.reloads += 1;
+                self.reloads += 1;
                 info!("configuration reloaded");
             }
             Err(e) => error!("reload rejected, the running configuration stays in force:\n{e}"),
@@ -42,11 +45,11 @@ impl Proxy {
     }
 
     fn reload_from(&mut self, path: &Path, now: Instant) -> Result<(), String> {
-        if self.control.drain_deadline.is_some() {
+        if self.draining {
             return Err("shutting down".to_string());
         }
         let mut config = Config::load(path).map_err(|e| e.to_string())?;
-        if let Some(adjust) = &self.control.adjust_config {
+        if let Some(adjust) = &self.adjust_config {
             config = adjust(config).map_err(|e| e.to_string())?;
         }
         let tls = match &config.tls {
@@ -56,228 +59,111 @@ impl Proxy {
             )),
             None => None,
         };
-        let fresh = self.bind_new_listeners(&config)?;
-        self.apply(config, tls, fresh, now);
-        Ok(())
-    }
-
-    /// Stops listening on listener `key`, if it is still open.
-    fn close_listener(&mut self, key: usize) {
-        let w = &mut self.worker;
-        if let Some(mut listener) = w.listeners.try_remove(key) {
-            let _ = w.poll.registry().deregister(&mut listener.socket);
+        let old = self.shared.snapshot();
+        let workers = self.workers.len();
+        // Every new listener first: all binds succeed, or none is kept.
+        let mut fresh: Vec<(usize, Vec<TcpListener>)> = Vec::new();
+        let mut upstreams = Vec::new();
+        for u in &config.upstreams {
+            let before = old.upstreams.iter().find(|o| o.name == u.name);
+            let id = self.upstream_id(&u.name);
+            let listen = match before.filter(|o| o.configured_listen == u.listen) {
+                Some(kept) => kept.listen,
+                None => {
+                    let s = &config.settings;
+                    let (group, local) =
+                        net::listen_group(u.listen, workers, s.backlog, s.socket_buffer).map_err(
+                            |e| {
+                                format!("upstream `{}`: cannot listen on {}: {e}", u.name, u.listen)
+                            },
+                        )?;
+                    fresh.push((id, group));
+                    local
+                }
+            };
+            let balancer = match before {
+                Some(o) => {
+                    let balancer = LoadBalancer::reuse(&o.balancer, &u.hosts);
+                    // Removed hosts stay visible while they have connections.
+                    let dropped = balancer.dropped_from(&o.balancer);
+                    self.retired_hosts
+                        .extend(dropped.into_iter().map(|h| (id, h)));
+                    balancer
+                }
+                None => LoadBalancer::new(u.hosts.clone()),
+            };
+            self.retired_hosts
+                .retain(|(i, h)| *i != id || !balancer.hosts().any(|(_, k)| Arc::ptr_eq(k, h)));
+            upstreams.push(Arc::new(Upstream {
+                id,
+                name: u.name.clone(),
+                configured_listen: u.listen,
+                listen,
+                balancer,
+                tls: u.tls,
+                health: u.health.clone(),
+            }));
         }
-    }
-
-    /// Applies a changed `socket_buffer` to the listeners kept across a
-    /// reload, so connections they accept from now on get it (connects to
-    /// hosts read the setting each time). Handing a fixed buffer back to
-    /// autotuning needs `SO_BUF_LOCK` (Linux 5.16), which socket2 does not
-    /// offer, so unsetting it waits for a restart.
-    fn resize_listener_buffers(&mut self, size: Option<usize>) {
-        let Some(size) = size else {
+        if config.admin != self.config_admin {
+            warn!("reload: a change of [admin] takes effect at the next start");
+        }
+        if old.settings.socket_buffer.is_some() && config.settings.socket_buffer.is_none() {
             warn!(
                 "reload: listeners kept from before keep their fixed socket buffers until the next start"
             );
-            return;
+        }
+        for o in &old.upstreams {
+            if !upstreams.iter().any(|u| u.id == o.id) {
+                info!(
+                    "upstream `{}` removed: no longer listening on {}; its connections drain",
+                    o.name, o.listen
+                );
+                // It stays visible while its hosts have connections.
+                o.balancer.retire_all();
+                self.retired.push(o.clone());
+            }
+        }
+        let snapshot = Snapshot {
+            settings: config.settings,
+            access: Access::reload(&old.access, config.clients),
+            tls,
+            upstreams,
         };
-        for (_, listener) in &self.worker.listeners {
-            // A bound listener always has its address.
-            let Ok(addr) = listener.socket.local_addr() else {
-                continue;
-            };
-            if let Err(e) = net::set_listener_buffers(&SockRef::from(&listener.socket), size, addr)
-            {
-                warn!("reload: listener {addr}: cannot set its socket buffers: {e}");
-            }
-        }
-    }
-
-    /// Binds the listeners the new config needs that do not exist yet, and
-    /// returns them for `apply` to place. All
-    /// or nothing: on any failure, the ones just bound are dropped.
-    fn bind_new_listeners(&mut self, config: &Config) -> Result<Vec<FreshListener>, String> {
-        let mut bound = Vec::new();
-        for u in &config.upstreams {
-            let existing = self
-                .shared
-                .upstreams
-                .iter()
-                .position(|o| o.name == u.name && !o.removed);
-            let keeps = existing.is_some_and(|i| {
-                self.shared.upstreams[i].configured_listen == u.listen
-                    && self.shared.upstreams[i].listener.is_some()
-            });
-            // Another live upstream may hold this address (a rename): it is handed over in `apply`.
-            let handed_over = self.shared.upstreams.iter().any(|o| {
-                !o.removed
-                    && o.configured_listen == u.listen
-                    && u.listen.port() != 0
-                    && o.listener.is_some()
-            });
-            if keeps || handed_over {
-                continue;
-            }
-            // The listener's upstream index is set when `apply` hands it over.
-            match bind_listener(
-                &self.worker.poll,
-                &mut self.worker.listeners,
-                usize::MAX,
-                u,
-                &config.settings,
-            ) {
-                Ok((key, local)) => bound.push((u.name.clone(), key, local)),
-                Err(e) => {
-                    for (_, key, _) in bound {
-                        self.close_listener(key);
-                    }
-                    return Err(e.to_string());
-                }
-            }
-        }
-        Ok(bound)
-    }
-
-    fn apply(
-        &mut self,
-        config: Config,
-        tls: Option<(Arc<rustls::ServerConfig>, TlsSettings)>,
-        fresh: Vec<FreshListener>,
-        now: Instant,
-    ) {
-        self.worker
-            .support
-            .pool
-            .resize(config.settings.buffer_size, config.settings.bulk_buffer());
-        if config.settings.source_limit != self.shared.settings.source_limit {
-            self.shared.sources = config.settings.source_limit.map(SourceLimiter::new);
-        }
-        if config.settings.socket_buffer != self.shared.settings.socket_buffer {
-            self.resize_listener_buffers(config.settings.socket_buffer);
-        }
-        if config.admin != self.control.config_admin {
-            warn!("reload: a change of [admin] takes effect at the next start");
-        }
-        self.shared.settings = config.settings.clone();
-        self.shared.tls = tls;
-        self.shared.access.reload(config.clients.clone());
-
-        let drain_by = now + self.shared.settings.drain_timeout;
-        let mut draining = Vec::new();
-        // Upstreams gone from the config: stop listening, drain.
-        for (index, u) in self.shared.upstreams.iter_mut().enumerate() {
-            if !u.removed && !config.upstreams.iter().any(|n| n.name == u.name) {
-                u.removed = true;
-                draining.push((index, None));
-            }
-        }
-        for new in &config.upstreams {
-            let index = match self
-                .shared
-                .upstreams
-                .iter()
-                .position(|o| o.name == new.name)
-            {
-                Some(index) => index,
-                None => {
-                    let u = Upstream::new(
-                        new.name.clone(),
-                        new.listen,
-                        new.listen,
-                        new.hosts.clone(),
-                        new.tls,
-                        new.health.clone(),
-                    );
-                    self.shared.upstreams.push(u);
-                    self.shared.upstreams.len() - 1
-                }
-            };
-            let u = &mut self.shared.upstreams[index];
-            let was_removed = std::mem::replace(&mut u.removed, false);
-            u.tls = new.tls;
-            let checks_changed =
-                u.health.active != new.health.active || u.health.interval != new.health.interval;
-            u.health = new.health.clone();
-            // Hosts: add the new ones, remove the ones gone (they drain).
-            for &addr in &new.hosts {
-                u.balancer.add(addr);
-            }
-            for host in 0..u.balancer.len() {
-                let h = u.balancer.host(host);
-                if !h.removed && !new.hosts.contains(&h.addr) {
-                    u.balancer.remove(host);
-                    draining.push((index, Some(host)));
-                }
-            }
-            if was_removed
-                || checks_changed
-                || u.configured_listen != new.listen
-                || u.listener.is_none()
-            {
-                self.schedule_upstream_checks(index, now);
-            }
-            self.relisten(index, new.listen, &fresh);
-        }
-        // Listeners of removed upstreams.
-        for index in 0..self.shared.upstreams.len() {
-            if self.shared.upstreams[index].removed {
-                if let Some(key) = self.shared.upstreams[index].listener.take() {
-                    self.close_listener(key);
-                }
-            }
-        }
-        // Pairs of removed hosts and upstreams get the drain period.
-        let keys: Vec<usize> = self
-            .worker
-            .pairs
+        let drain_by = now + snapshot.settings.drain_timeout;
+        let changed: Vec<Arc<Upstream>> = snapshot
+            .upstreams
             .iter()
-            .filter(|(_, p)| {
-                draining
-                    .iter()
-                    .any(|&(u, h)| p.upstream == u && (h.is_none() || p.host_id() == h))
+            .filter(|u| {
+                old.upstream(u.id).is_none_or(|o| {
+                    o.health.active != u.health.active
+                        || o.health.interval != u.health.interval
+                        || o.configured_listen != u.configured_listen
+                })
             })
-            .map(|(key, _)| key)
+            .cloned()
             .collect();
-        for key in keys {
-            self.worker.pairs[key].drain_by = Some(drain_by);
-            self.schedule(key);
+        self.shared.publish(snapshot);
+        self.config_admin = config.admin;
+        for w in &self.workers {
+            let listeners = fresh
+                .iter_mut()
+                .map(|(id, group)| (*id, group.remove(0)))
+                .collect();
+            w.send(Order::Reload {
+                listeners,
+                drain_by,
+            });
         }
-        self.control.config_admin = config.admin;
-        self.log_listening();
+        for u in &changed {
+            self.checks.schedule_upstream(u, now);
+        }
+        super::log_listening(&self.shared.snapshot());
+        Ok(())
     }
 
-    /// Points upstream `index` at the listener for `listen`: its own if the
-    /// address is unchanged, one bound for this reload, or one handed over
-    /// from another upstream that had the same address.
-    fn relisten(&mut self, index: usize, listen: std::net::SocketAddr, fresh: &[FreshListener]) {
-        let name = self.shared.upstreams[index].name.clone();
-        let current = self.shared.upstreams[index].listener;
-        if current.is_some() && self.shared.upstreams[index].configured_listen == listen {
-            return;
-        }
-        let (key, local) = if let Some((_, key, local)) = fresh.iter().find(|(n, _, _)| *n == name)
-        {
-            (*key, *local)
-        } else if let Some(other) = (0..self.shared.upstreams.len()).find(|&o| {
-            o != index
-                && self.shared.upstreams[o].configured_listen == listen
-                && self.shared.upstreams[o].listener.is_some()
-        }) {
-            let key = self.shared.upstreams[other]
-                .listener
-                .take()
-                .expect("checked above");
-            (key, self.shared.upstreams[other].listen)
-        } else {
-            return;
-        };
-        if let Some(old) = current.filter(|&old| old != key) {
-            self.close_listener(old);
-        }
-        self.worker.listeners[key].upstream = index;
-        let u = &mut self.shared.upstreams[index];
-        u.listener = Some(key);
-        u.configured_listen = listen;
-        u.listen = local;
+    /// The stable id of upstream `name` (a new one for a new name).
+    pub(super) fn upstream_id(&mut self, name: &str) -> usize {
+        let next = self.upstream_ids.len();
+        *self.upstream_ids.entry(name.to_string()).or_insert(next)
     }
 }
