@@ -119,6 +119,22 @@ struct SettingsArgs {
     /// Fixed kernel send and receive buffer of every relayed socket [default: autotuned].
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     socket_buffer: Option<usize>,
+    /// Worker threads, each with its own poll loop, or `auto` for one per core [default: 1].
+    #[arg(long, value_name = "N", value_parser = parse_workers)]
+    workers: Option<usize>,
+}
+
+/// `--workers`: a number from 1 to 1024, or `auto`.
+fn parse_workers(text: &str) -> Result<usize, String> {
+    if text == "auto" {
+        return Ok(Settings::auto_workers());
+    }
+    match text.parse::<usize>() {
+        Ok(n @ 1..=1024) => Ok(n),
+        _ => Err(format!(
+            "`{text}` is not a number of workers from 1 to 1024, or `auto`"
+        )),
+    }
 }
 
 impl SettingsArgs {
@@ -131,6 +147,7 @@ impl SettingsArgs {
         s.buffer_size = self.buffer_size.unwrap_or(s.buffer_size);
         s.bulk_buffer_size = self.bulk_buffer_size.unwrap_or(s.bulk_buffer_size);
         s.socket_buffer = self.socket_buffer.or(s.socket_buffer);
+        s.workers = self.workers.unwrap_or(s.workers);
         s
     }
 }

@@ -317,7 +317,7 @@ struct Served {
 }
 
 fn bind(config: &Config) -> (Served, SocketAddr, SocketAddr) {
-    let proxy = Proxy::bind(config).unwrap();
+    let proxy = Proxy::bind(&with_test_workers(config.clone())).unwrap();
     let addr = proxy.listen_addr(&config.upstreams[0].name).unwrap();
     let admin = proxy.admin_addr().unwrap();
     (Served { proxy }, addr, admin)

@@ -84,6 +84,27 @@ impl Capacity {
         max: usize,
         per_source: usize,
     ) -> Result<HandshakeSlot, bool> {
+        self.take_handshake(source, Some(max), per_source)
+    }
+
+    /// A handshake slot for `source` whatever the process cap, for a
+    /// client that just had another handshake evicted to make room (a
+    /// worker racing it to the freed slot cannot take it from under it;
+    /// the cap is exceeded by at most one per worker meanwhile).
+    pub fn handshake_evicting(
+        self: &Arc<Self>,
+        source: IpAddr,
+        per_source: usize,
+    ) -> Result<HandshakeSlot, bool> {
+        self.take_handshake(source, None, per_source)
+    }
+
+    fn take_handshake(
+        self: &Arc<Self>,
+        source: IpAddr,
+        max: Option<usize>,
+        per_source: usize,
+    ) -> Result<HandshakeSlot, bool> {
         let key = source_key(source);
         let mut by_source = self.sources();
         let mine = by_source.get(&key).copied().unwrap_or(0);
@@ -91,7 +112,7 @@ impl Capacity {
             return Err(true);
         }
         // Taken under the sources' lock, so the two caps move together.
-        if self.handshakes.load(Ordering::Acquire) >= max {
+        if max.is_some_and(|max| self.handshakes.load(Ordering::Acquire) >= max) {
             return Err(false);
         }
         self.handshakes.fetch_add(1, Ordering::AcqRel);

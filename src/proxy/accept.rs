@@ -178,7 +178,7 @@ impl Worker {
             Err(false) if self.make_handshake_room(addr, max, now) => self
                 .shared
                 .capacity
-                .handshake(addr.ip(), max, per_source)
+                .handshake_evicting(addr.ip(), per_source)
                 .map(Some)
                 .map_err(|_| "handshake_capacity"),
             Err(false) => Err("handshake_capacity"),

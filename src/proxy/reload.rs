@@ -67,7 +67,9 @@ impl Control {
         for u in &config.upstreams {
             let before = old.upstreams.iter().find(|o| o.name == u.name);
             let id = self.upstream_id(&u.name);
-            let listen = match before.filter(|o| o.configured_listen == u.listen) {
+            // The same address as configured, or the one a port 0 got.
+            let same = |o: &&Arc<Upstream>| o.configured_listen == u.listen || o.listen == u.listen;
+            let listen = match before.filter(same) {
                 Some(kept) => kept.listen,
                 None => {
                     let s = &config.settings;
@@ -137,7 +139,7 @@ impl Control {
                 old.upstream(u.id).is_none_or(|o| {
                     o.health.active != u.health.active
                         || o.health.interval != u.health.interval
-                        || o.configured_listen != u.configured_listen
+                        || o.listen != u.listen
                 })
             })
             .cloned()

@@ -174,7 +174,23 @@ pub struct Running {
     thread: Option<JoinHandle<Result<(), tcplb::Error>>>,
 }
 
+/// The number of workers the in-process tests run with: 1, or
+/// `TCPLB_TEST_WORKERS` (CI runs the behaviour tests again with 2).
+pub fn test_workers() -> usize {
+    std::env::var("TCPLB_TEST_WORKERS")
+        .map_or(1, |n| n.parse().expect("TCPLB_TEST_WORKERS is a number"))
+}
+
+/// `config` with the workers the tests run with, unless it set some.
+pub fn with_test_workers(mut config: Config) -> Config {
+    if config.settings.workers == 1 {
+        config.settings.workers = test_workers();
+    }
+    config
+}
+
 pub fn start(config: Config) -> Running {
+    let config = with_test_workers(config);
     let proxy = Proxy::bind(&config).unwrap();
     let addr = proxy.listen_addr(&config.upstreams[0].name).unwrap();
     let handle = proxy.handle();
