@@ -29,7 +29,7 @@ fn least_connections_is_exact_across_workers() {
         // One after another, each held: whichever worker takes a
         // connection, it sees the counts of all the others.
         let mut held: Vec<(TcpStream, String)> = Vec::new();
-        let mut open = |held: &mut Vec<(TcpStream, String)>| {
+        let open = |held: &mut Vec<(TcpStream, String)>| {
             let mut c = proxy.connect();
             let name = read_line(&mut c);
             held.push((c, name.clone()));
@@ -52,7 +52,10 @@ fn least_connections_is_exact_across_workers() {
             finish(held.remove(at).0);
         }
         let next: Vec<String> = (0..6).map(|_| open(&mut held)).collect();
-        assert!(next.iter().all(|name| name == "A"), "workers = {n}: {next:?}");
+        assert!(
+            next.iter().all(|name| name == "A"),
+            "workers = {n}: {next:?}"
+        );
         assert_eq!(proxy.host_counts(), [10, 10], "workers = {n}");
         for (c, _) in held {
             finish(c);
