@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::config::{RefusalMode, UpstreamConfig};
 use crate::policy::balance::LoadBalancer;
 use crate::policy::health::HealthSettings;
 
@@ -63,6 +64,8 @@ pub(crate) struct Upstream {
     /// Clients must complete an mTLS handshake and be admitted by the rules.
     pub tls: bool,
     pub health: HealthSettings,
+    /// How its refused clients are told (a line, FIN or RST).
+    pub refusal: RefusalMode,
     /// Removed by a reload: no longer listening; its pairs drain.
     pub removed: bool,
     /// Bytes relayed client to host and host to client.
@@ -82,22 +85,18 @@ pub(crate) struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(
-        name: String,
-        configured_listen: SocketAddr,
-        listen: SocketAddr,
-        hosts: Vec<SocketAddr>,
-        tls: bool,
-        health: HealthSettings,
-    ) -> Upstream {
+    /// The upstream `config` describes, bound to `listen` (the address
+    /// the kernel gave, when the config says port 0).
+    pub fn new(config: &UpstreamConfig, listen: SocketAddr) -> Upstream {
         Upstream {
-            name,
-            configured_listen,
+            name: config.name.clone(),
+            configured_listen: config.listen,
             listen,
             listener: None,
-            balancer: LoadBalancer::new(hosts),
-            tls,
-            health,
+            balancer: LoadBalancer::new(config.hosts.clone()),
+            tls: config.tls,
+            health: config.health.clone(),
+            refusal: config.refusal,
             removed: false,
             bytes_up: 0,
             bytes_down: 0,

@@ -338,6 +338,25 @@ fn a_dead_host_logs_its_failed_connects_once_a_second() {
     assert_eq!(refused + summed, 100);
 }
 
+#[test]
+fn refusal_close_in_the_file_closes_without_a_line_and_logs_the_code() {
+    let config = TempConfig::new(
+        "refusal",
+        &format!(
+            "[[upstream]]\nname = \"app\"\nlisten = \"127.0.0.1:0\"\nhosts = [\"{}\"]\nrefusal = \"close\"\n",
+            dead_addr()
+        ),
+    );
+    let bin = Binary::start(&["--config", config.arg()]);
+    let mut client = TcpStream::connect(bin.listen_addr()).unwrap();
+    client.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let got = read_to_end(&mut client).unwrap();
+    assert_eq!(String::from_utf8_lossy(&got), "", "no line");
+    finish(client);
+    let line = bin.wait_for_log("tcplb::access");
+    assert!(line.contains("end=upstream_unavailable"), "{line}");
+}
+
 /// The binary in quick mode in front of an echo host, with one live pair
 /// that has echoed a line.
 fn binary_with_live_pair(drain_timeout: &str) -> (Binary, TcpStream, SocketAddr, TestHost) {

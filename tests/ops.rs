@@ -89,6 +89,7 @@ fn upstream(name: &str, hosts: &[SocketAddr], health: HealthSettings) -> Upstrea
         hosts: hosts.to_vec(),
         tls: false,
         health,
+        refusal: Default::default(),
     }
 }
 
@@ -652,6 +653,26 @@ fn an_invalid_reload_keeps_the_running_config() {
     let mut c = TcpStream::connect(app).unwrap();
     c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
     assert_eq!(read_line(&mut c), "h1");
+    handle.shutdown();
+    handle.shutdown();
+    thread.join().unwrap().unwrap();
+}
+
+#[test]
+fn a_reload_changes_how_clients_are_refused() {
+    let file = ConfigFile::new("refusal");
+    let dead = upstream_toml("app", &[dead_addr()]);
+    file.write(&dead);
+    let (app, handle, thread) = run_reloadable(&file);
+    let mut c = TcpStream::connect(app).unwrap();
+    c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    assert!(read_line(&mut c).starts_with("ERROR upstream_unavailable:"));
+    file.write(&format!("{}\nrefusal = \"reset\"\n", dead.trim_end()));
+    handle.reload().unwrap();
+    let mut c = TcpStream::connect(app).unwrap();
+    c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let end = c.read(&mut [0u8; 64]).map_err(|e| e.kind());
+    assert_eq!(end, Err(std::io::ErrorKind::ConnectionReset));
     handle.shutdown();
     handle.shutdown();
     thread.join().unwrap().unwrap();

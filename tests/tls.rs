@@ -16,7 +16,7 @@ use common::pki::{self, Pki};
 use common::*;
 use tcplb::ClientRule;
 use tcplb::Limit;
-use tcplb::{Config, Settings, UpstreamConfig};
+use tcplb::{Config, RefusalMode, Settings, UpstreamConfig};
 
 fn rule(identity: &str, upstreams: &[&str], rate: f64, burst: u32, max: Option<u32>) -> ClientRule {
     ClientRule {
@@ -41,6 +41,7 @@ fn tls_config(
         hosts: hosts.to_vec(),
         tls: true,
         health: Default::default(),
+        refusal: Default::default(),
     };
     Config {
         settings: Settings::default(),
@@ -234,6 +235,51 @@ fn identity_not_allowed_on_the_upstream_is_unauthorized() {
     handle.shutdown();
     handle.shutdown();
     thread.join().unwrap().unwrap();
+}
+
+/// Connects `carol` (no rule: unauthorized) to `secure`, which refuses
+/// as `refusal` says; returns the stream after the handshake and the proxy.
+fn refused_over_tls(refusal: RefusalMode) -> (pki::TlsStream, Running, Pki, TestHost) {
+    let pki = Pki::new(&format!("refusal-{refusal:?}"));
+    let host = spawn_host("h", Behavior::Echo);
+    let mut config = tls_config(&pki, &[host.addr], alice_rules(), vec![]);
+    config.upstreams[0].refusal = refusal;
+    let proxy = start(config);
+    let carol = pki.client("carol");
+    let s = pki::connect(proxy.addr, pki.client_config(Some(&carol))).unwrap();
+    (s, proxy, pki, host)
+}
+
+/// The refused pair is gone and was counted as `unauthorized`.
+fn assert_counted_as_unauthorized(proxy: &Running) {
+    proxy.wait_until("closed the refused pair", |s| s.pairs == 0);
+    let stats = proxy.stats();
+    let code = [("unauthorized".to_string(), 1)];
+    assert_eq!(stats.upstreams[0].refused, code);
+    assert_eq!(stats.upstreams[0].ended, code);
+}
+
+#[test]
+fn refusal_close_over_tls_sends_close_notify_then_fin() {
+    let (mut s, proxy, _pki, host) = refused_over_tls(RefusalMode::Close);
+    // rustls reads 0 only after close_notify (a bare FIN is an error).
+    let mut got = Vec::new();
+    assert_eq!(s.read_to_end(&mut got).unwrap(), 0, "{got:?}");
+    let mut byte = [0u8; 1];
+    assert_eq!(s.sock.read(&mut byte).unwrap(), 0, "then FIN");
+    pki::close_write(&mut s);
+    assert_counted_as_unauthorized(&proxy);
+    assert_eq!(host.accepted.try_recv(), Err(TryRecvError::Empty));
+}
+
+#[test]
+fn refusal_reset_over_tls_sends_rst() {
+    let (mut s, proxy, _pki, host) = refused_over_tls(RefusalMode::Reset);
+    let mut got = Vec::new();
+    let end = s.read_to_end(&mut got).map_err(|e| e.kind());
+    assert_eq!((end, got), (Err(ErrorKind::ConnectionReset), Vec::new()));
+    assert_counted_as_unauthorized(&proxy);
+    assert_eq!(host.accepted.try_recv(), Err(TryRecvError::Empty));
 }
 
 #[test]

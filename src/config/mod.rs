@@ -118,6 +118,37 @@ pub struct UpstreamConfig {
     pub tls: bool,
     /// `[upstream.health]`; without it, checks are passive only.
     pub health: HealthSettings,
+    /// What a refused client of this upstream gets (`refusal`).
+    pub refusal: RefusalMode,
+}
+
+/// How an upstream turns a client away (its `refusal` key): the reason is
+/// logged and counted by its code whichever way the client is told.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RefusalMode {
+    /// One line, `ERROR code: why` (over TLS: then `close_notify`), then FIN.
+    #[default]
+    Line,
+    /// FIN without a line (over TLS: `close_notify`, then FIN), for
+    /// protocols whose clients would take a line for an answer.
+    Close,
+    /// RST at once, over TLS too: no line, no `close_notify`.
+    Reset,
+}
+
+impl RefusalMode {
+    /// The values of the `refusal` key, in the order of the variants.
+    pub const NAMES: [&'static str; 3] = ["line", "close", "reset"];
+
+    /// The mode a `refusal` value names.
+    pub fn from_name(name: &str) -> Option<RefusalMode> {
+        match name {
+            "line" => Some(RefusalMode::Line),
+            "close" => Some(RefusalMode::Close),
+            "reset" => Some(RefusalMode::Reset),
+            _ => None,
+        }
+    }
 }
 
 /// A complete, validated configuration.
@@ -194,6 +225,7 @@ impl Config {
                 hosts: resolved,
                 tls: false,
                 health: HealthSettings::default(),
+                refusal: RefusalMode::default(),
             }],
             tls: None,
             clients: Vec::new(),

@@ -10,14 +10,14 @@ use std::ops::Range;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
-use super::UpstreamConfig;
 use super::problems::Problems;
 use super::rules;
 use super::schema::{as_table, find, tables, unknown_keys};
 use super::values::{Value, Zero, address, boolean, duration, fill, integer, string};
+use super::{RefusalMode, UpstreamConfig};
 use crate::policy::health::HealthSettings;
 
-const UPSTREAM_KEYS: &[&str] = &["name", "listen", "hosts", "tls", "health"];
+const UPSTREAM_KEYS: &[&str] = &["name", "listen", "hosts", "tls", "refusal", "health"];
 const HEALTH_KEYS: &[&str] = &[
     "interval",
     "timeout",
@@ -94,14 +94,18 @@ fn upstream(
         let not_a_table = format!("{label}: `health` must be a table ([upstream.health])");
         as_table(p, v, not_a_table).and_then(|t| health(p, t, &label))
     });
-    let config = match (&name, &listen, hosts, tls, health) {
-        (Some(name), Some(listen), Some(hosts), Some(tls), Some(health)) => Some(UpstreamConfig {
-            name: name.get_ref().clone(),
-            listen: *listen.get_ref(),
-            hosts,
-            tls,
-            health,
-        }),
+    let refusal = find(table, "refusal").map_or(Some(RefusalMode::default()), |v| refusal(p, v));
+    let config = match (&name, &listen, hosts, tls, health, refusal) {
+        (Some(name), Some(listen), Some(hosts), Some(tls), Some(health), Some(refusal)) => {
+            Some(UpstreamConfig {
+                name: name.get_ref().clone(),
+                listen: *listen.get_ref(),
+                hosts,
+                tls,
+                health,
+                refusal,
+            })
+        }
         _ => None,
     };
     ParsedUpstream {
@@ -157,6 +161,18 @@ fn tls(p: &mut Problems<'_>, v: &Value<'_>, label: &str, tls_present: bool) -> O
         return None;
     }
     Some(tls)
+}
+
+/// `refusal` of an upstream: how its refused clients are told.
+fn refusal(p: &mut Problems<'_>, v: &Value<'_>) -> Option<RefusalMode> {
+    let name = string(p, v, "refusal")?;
+    let mode = RefusalMode::from_name(name);
+    if mode.is_none() {
+        let expected = RefusalMode::NAMES.map(|n| format!("\"{n}\"")).join(", ");
+        let message = format!("`refusal` must be one of {expected}, not \"{name}\"");
+        p.at(v.span(), message);
+    }
+    mode
 }
 
 /// `[upstream.health]`: its presence turns active checks on.
@@ -296,6 +312,29 @@ hosts = ["127.0.0.1:6380"]
         assert!(
             text.contains("8:1: unknown key `whatever` in the health table of upstream `a`"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn refusal_says_how_clients_are_turned_away() {
+        let upstream = |refusal: &str| {
+            format!(
+                "[[upstream]]\nname=\"a\"\nlisten=\"127.0.0.1:0\"\nhosts=[\"127.0.0.1:1\"]\n{refusal}"
+            )
+        };
+        let mode =
+            |text: &str| Config::parse(&upstream(text), "lb.toml").unwrap().upstreams[0].refusal;
+        assert_eq!(mode(""), RefusalMode::Line);
+        assert_eq!(mode("refusal = \"line\""), RefusalMode::Line);
+        assert_eq!(mode("refusal = \"close\""), RefusalMode::Close);
+        assert_eq!(mode("refusal = \"reset\""), RefusalMode::Reset);
+        assert_eq!(
+            problems(&upstream("refusal = \"drop\"")),
+            ["lb.toml:5:11: `refusal` must be one of \"line\", \"close\", \"reset\", not \"drop\""]
+        );
+        assert_eq!(
+            problems(&upstream("refusal = true")),
+            ["lb.toml:5:11: `refusal` must be a string"]
         );
     }
 

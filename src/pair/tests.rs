@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use mio::{Events, Poll, Token};
 
 use super::*;
+use crate::config::{RefusalMode, UpstreamConfig};
 use crate::io::Endpoint;
 use crate::policy::health::HealthSettings;
 
@@ -36,12 +37,15 @@ impl World {
             settings: Settings::default(),
             pool: BufferPool::new(16 * 1024, 64 * 1024, 1 << 20),
             upstream: Upstream::new(
-                "test".into(),
+                &UpstreamConfig {
+                    name: "test".into(),
+                    listen: "127.0.0.1:0".parse().unwrap(),
+                    hosts,
+                    tls: false,
+                    health: HealthSettings::default(),
+                    refusal: RefusalMode::default(),
+                },
                 "127.0.0.1:0".parse().unwrap(),
-                "127.0.0.1:0".parse().unwrap(),
-                hosts,
-                false,
-                HealthSettings::default(),
             ),
             access: Access::new(Vec::new()),
             census: Census::default(),

@@ -176,14 +176,7 @@ impl Proxy {
         let mut listeners = Slab::with_capacity(config.upstreams.len());
         for (index, u) in config.upstreams.iter().enumerate() {
             let (listener, local) = bind_listener(&poll, &mut listeners, index, u, &settings)?;
-            let mut upstream = Upstream::new(
-                u.name.clone(),
-                u.listen,
-                local,
-                u.hosts.clone(),
-                u.tls,
-                u.health.clone(),
-            );
+            let mut upstream = Upstream::new(u, local);
             upstream.listener = Some(listener);
             upstreams.push(upstream);
         }

@@ -180,14 +180,7 @@ impl Proxy {
             {
                 Some(index) => index,
                 None => {
-                    let u = Upstream::new(
-                        new.name.clone(),
-                        new.listen,
-                        new.listen,
-                        new.hosts.clone(),
-                        new.tls,
-                        new.health.clone(),
-                    );
+                    let u = Upstream::new(new, new.listen);
                     self.shared.upstreams.push(u);
                     self.shared.upstreams.len() - 1
                 }
@@ -195,6 +188,7 @@ impl Proxy {
             let u = &mut self.shared.upstreams[index];
             let was_removed = std::mem::replace(&mut u.removed, false);
             u.tls = new.tls;
+            u.refusal = new.refusal;
             let checks_changed =
                 u.health.active != new.health.active || u.health.interval != new.health.interval;
             u.health = new.health.clone();

@@ -160,6 +160,7 @@ pub fn config(hosts: &[SocketAddr], settings: Settings) -> Config {
             hosts: hosts.to_vec(),
             tls: false,
             health: Default::default(),
+            refusal: Default::default(),
         }],
         tls: None,
         clients: Vec::new(),
