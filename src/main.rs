@@ -173,13 +173,7 @@ fn check(file: &std::path::Path) -> ExitCode {
     });
     match loaded {
         Ok(config) => {
-            let hosts: usize = config.upstreams.iter().map(|u| u.hosts.len()).sum();
-            println!(
-                "{}: ok ({} upstreams, {} hosts)",
-                file.display(),
-                config.upstreams.len(),
-                hosts
-            );
+            println!("{}: ok ({})", file.display(), config.summary());
             ExitCode::SUCCESS
         }
         Err(e) => {

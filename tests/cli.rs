@@ -72,6 +72,13 @@ fn check_accepts_a_good_config() {
     assert!(out.status.success(), "{}", stderr(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("ok (2 upstreams, 4 hosts)"), "{stdout}");
+    let file = TempConfig::new(
+        "good-one",
+        "[[upstream]]\nname = \"a\"\nlisten = \"127.0.0.1:7000\"\nhosts = [\"127.0.0.1:9001\"]\n",
+    );
+    let out = tcplb(&["check", file.arg()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("ok (1 upstream, 1 host)"), "{stdout}");
 }
 
 #[test]

@@ -37,6 +37,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::error::{ConfigError, Error};
+use crate::logs::plural;
 use crate::policy::access::ClientRule;
 use crate::policy::health::HealthSettings;
 use crate::policy::limits::Limit;
@@ -140,6 +141,11 @@ impl RefusalMode {
     /// The values of the `refusal` key, in the order of the variants.
     pub const NAMES: [&'static str; 3] = ["line", "close", "reset"];
 
+    /// The `refusal` value that names this mode.
+    pub fn name(self) -> &'static str {
+        Self::NAMES[self as usize]
+    }
+
     /// The mode a `refusal` value names.
     pub fn from_name(name: &str) -> Option<RefusalMode> {
         match name {
@@ -180,6 +186,16 @@ impl Config {
             tls.resolve_paths(dir);
         }
         Ok(config)
+    }
+
+    /// How much it holds, in words: "2 upstreams, 3 hosts".
+    pub fn summary(&self) -> String {
+        let hosts = self.upstreams.iter().map(|u| u.hosts.len()).sum();
+        format!(
+            "{}, {}",
+            plural(self.upstreams.len(), "upstream"),
+            plural(hosts, "host")
+        )
     }
 
     /// Validates configuration text; `origin` names it in error messages.
@@ -308,6 +324,23 @@ hosts = ["127.0.0.1:9001", "127.0.0.1:9002", "[::1]:9003"]
         assert_eq!(config.settings.buffer_size, 16384);
         assert_eq!(config.upstreams.len(), 1);
         assert_eq!(config.upstreams[0].hosts[2], "[::1]:9003".parse().unwrap());
+    }
+
+    #[test]
+    fn the_summary_counts_in_words() {
+        let one = Config::quick(
+            "app",
+            "127.0.0.1:0",
+            &["127.0.0.1:1".to_string()],
+            Settings::default(),
+        )
+        .unwrap();
+        assert_eq!(one.summary(), "1 upstream, 1 host");
+        let mut two = one.clone();
+        two.upstreams.push(one.upstreams[0].clone());
+        two.upstreams[1].hosts.push("127.0.0.1:2".parse().unwrap());
+        assert_eq!(two.summary(), "2 upstreams, 3 hosts");
+        assert_eq!(RefusalMode::Reset.name(), "reset");
     }
 
     #[test]
