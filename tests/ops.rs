@@ -791,6 +791,63 @@ fn sighup_and_post_reload_reload_the_binary() {
 }
 
 #[test]
+fn a_reload_logs_what_it_changed_and_a_rejection_in_one_line() {
+    let (a, b) = (dead_addr(), dead_addr());
+    let file = ConfigFile::new("reload-log");
+    file.write(&format!(
+        "{}{}{}",
+        upstream_toml("keep", &[a]),
+        upstream_toml("change", &[a]),
+        upstream_toml("gone", &[a])
+    ));
+    let bin = Binary::start(&["--config", file.0.to_str().unwrap()]);
+    bin.wait_for_log(" ready: ");
+    file.write(&format!(
+        "{}{}{}",
+        upstream_toml("keep", &[a]),
+        upstream_toml("change", &[b]),
+        upstream_toml("new", &[a])
+    ));
+    bin.signal("HUP");
+    let lines = bin.log_until("configuration reloaded");
+    let logged = |needle: &str| lines.iter().any(|l| l.contains(needle));
+    assert!(
+        logged("reload: upstream `gone` removed, no longer listening on 127.0.0.1:"),
+        "{lines:#?}"
+    );
+    assert!(
+        logged("reload: upstream `new` added, listening on 127.0.0.1:"),
+        "{lines:#?}"
+    );
+    assert!(
+        logged(&format!(
+            "reload: upstream `change` changed: hosts added: {b}; hosts removed: {a}"
+        )),
+        "{lines:#?}"
+    );
+    assert!(
+        !logged("`keep`"),
+        "an unchanged upstream is not logged: {lines:#?}"
+    );
+    assert!(
+        logged("configuration reloaded: 1 upstream added, 1 removed, 1 changed, 1 unchanged"),
+        "{lines:#?}"
+    );
+    file.write("[[upstream]]\nname = \"app\"\nlisten = \"127.0.0.1:0\"\nhosts = []\nbogus = 1\n");
+    bin.signal("HUP");
+    let line = bin.wait_for_log("reload rejected");
+    assert!(
+        line.contains("the running configuration stays in force: "),
+        "{line}"
+    );
+    assert!(
+        line.contains("lb.toml:4:9: upstream `app` has no hosts; "),
+        "{line}"
+    );
+    assert!(line.contains("lb.toml:5:1: unknown key `bogus`"), "{line}");
+}
+
+#[test]
 fn close_on_down_closes_the_connections_of_a_down_host() {
     let mut a = ToggleHost::new("a");
     let health = HealthSettings {

@@ -294,8 +294,8 @@ impl Proxy {
         Ok(())
     }
 
-    /// Logs each live upstream's listen address and hosts (at start and
-    /// after a reload).
+    /// Logs each upstream's listen address and hosts, at start (a reload
+    /// logs what it changed instead).
     fn log_listening(&self) {
         for u in self.shared.upstreams.iter().filter(|u| !u.removed) {
             let hosts: Vec<String> = u

@@ -6,22 +6,170 @@
 //! and settings apply to new connections. No other established connection
 //! is touched.
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
 use socket2::SockRef;
 
 use super::{Proxy, bind_listener};
-use crate::config::Config;
+use crate::config::{Config, RefusalMode, Settings};
 use crate::io::net;
+use crate::logs::plural;
+use crate::policy::health::HealthSettings;
 use crate::policy::limits::SourceLimiter;
 use crate::tls::TlsSettings;
 use crate::upstream::Upstream;
 
 /// A listener bound for a reload: upstream name, listener key, address.
-type FreshListener = (String, usize, std::net::SocketAddr);
+type FreshListener = (String, usize, SocketAddr);
+
+/// What a reload changed, for the log: a line per upstream added, removed
+/// or changed (those left as they were are only counted), and one for
+/// `[defaults]`.
+#[derive(Debug, Default)]
+struct Changes {
+    lines: Vec<String>,
+    added: usize,
+    removed: usize,
+    changed: usize,
+    unchanged: usize,
+}
+
+impl Changes {
+    /// The closing words: "1 upstream added, 0 removed, 2 changed, 1 unchanged".
+    fn summary(&self) -> String {
+        format!(
+            "{} added, {} removed, {} changed, {} unchanged",
+            plural(self.added, "upstream"),
+            self.removed,
+            self.changed,
+            self.unchanged
+        )
+    }
+}
+
+/// An upstream as it was before the reload, to tell what changed.
+struct Before {
+    listen: SocketAddr,
+    hosts: Vec<SocketAddr>,
+    tls: bool,
+    refusal: RefusalMode,
+    health: HealthSettings,
+}
+
+impl Before {
+    fn of(u: &Upstream) -> Before {
+        Before {
+            listen: u.listen,
+            hosts: live_hosts(u),
+            tls: u.tls,
+            refusal: u.refusal,
+            health: u.health.clone(),
+        }
+    }
+
+    /// What differs in `u` now, in words; empty if nothing does.
+    fn differences(
+        &self,
+        u: &Upstream,
+        drained: &[(SocketAddr, u32)],
+        drain: Duration,
+    ) -> Vec<String> {
+        let mut out = Vec::new();
+        let now = live_hosts(u);
+        let added: Vec<String> = now
+            .iter()
+            .filter(|h| !self.hosts.contains(h))
+            .map(ToString::to_string)
+            .collect();
+        if !added.is_empty() {
+            out.push(format!("hosts added: {}", added.join(", ")));
+        }
+        if !drained.is_empty() {
+            let removed: Vec<String> = drained
+                .iter()
+                .map(|(addr, active)| format!("{addr}{}", draining_pairs(*active as usize, drain)))
+                .collect();
+            out.push(format!("hosts removed: {}", removed.join(", ")));
+        }
+        if u.listen != self.listen {
+            out.push(format!("listening on {} (was {})", u.listen, self.listen));
+        }
+        if u.tls != self.tls {
+            out.push(format!("tls = {} (was {})", u.tls, self.tls));
+        }
+        if u.refusal != self.refusal {
+            let (new, old) = (u.refusal.name(), self.refusal.name());
+            out.push(format!("refusal = \"{new}\" (was \"{old}\")"));
+        }
+        if u.health != self.health {
+            out.push("health checks changed".to_string());
+        }
+        out
+    }
+}
+
+/// The addresses of an upstream's hosts that take new connections.
+fn live_hosts(u: &Upstream) -> Vec<SocketAddr> {
+    u.balancer
+        .hosts()
+        .filter(|(_, h)| !h.removed)
+        .map(|(_, h)| h.addr)
+        .collect()
+}
+
+/// " (its 2 connections drain for 10s)", or nothing without connections.
+fn draining_pairs(connections: usize, drain: Duration) -> String {
+    if connections == 0 {
+        return String::new();
+    }
+    let noun = if connections == 1 {
+        "connection"
+    } else {
+        "connections"
+    };
+    let verb = if connections == 1 { "drains" } else { "drain" };
+    format!(" (its {connections} {noun} {verb} for {drain:?})")
+}
+
+/// The `[defaults]` keys whose values differ, by name.
+fn changed_settings(old: &Settings, new: &Settings) -> Vec<&'static str> {
+    let differs = [
+        (
+            "connect_timeout",
+            old.connect_timeout != new.connect_timeout,
+        ),
+        ("idle_timeout", old.idle_timeout != new.idle_timeout),
+        (
+            "half_close_timeout",
+            old.half_close_timeout != new.half_close_timeout,
+        ),
+        ("drain_timeout", old.drain_timeout != new.drain_timeout),
+        (
+            "max_connections",
+            old.max_connections != new.max_connections,
+        ),
+        ("buffer_size", old.buffer_size != new.buffer_size),
+        (
+            "bulk_buffer_size",
+            old.bulk_buffer_size != new.bulk_buffer_size,
+        ),
+        ("backlog", old.backlog != new.backlog),
+        ("socket_buffer", old.socket_buffer != new.socket_buffer),
+        (
+            "source_rate/source_burst",
+            old.source_limit != new.source_limit,
+        ),
+    ];
+    differs
+        .into_iter()
+        .filter(|(_, differs)| *differs)
+        .map(|(key, _)| key)
+        .collect()
+}
 
 impl Proxy {
     /// Re-reads the config file and applies it, or keeps the running config
@@ -31,17 +179,25 @@ impl Proxy {
             None => Err("tcplb runs without --config: there is no file to reload".to_string()),
             Some(path) => self.reload_from(&path, now),
         };
-        match &result {
-            Ok(()) => {
+        match result {
+            Ok(changes) => {
                 self.shared.reloads += 1;
-                info!("configuration reloaded");
+                for line in &changes.lines {
+                    info!("reload: {line}");
+                }
+                info!("configuration reloaded: {}", changes.summary());
+                Ok(())
             }
-            Err(e) => error!("reload rejected, the running configuration stays in force:\n{e}"),
+            Err(e) => {
+                // One line, however many problems: a log line per event.
+                let why = e.lines().collect::<Vec<_>>().join("; ");
+                error!("reload rejected, the running configuration stays in force: {why}");
+                Err(e)
+            }
         }
-        result
     }
 
-    fn reload_from(&mut self, path: &Path, now: Instant) -> Result<(), String> {
+    fn reload_from(&mut self, path: &Path, now: Instant) -> Result<Changes, String> {
         if self.control.drain_deadline.is_some() {
             return Err("shutting down".to_string());
         }
@@ -57,8 +213,7 @@ impl Proxy {
             None => None,
         };
         let fresh = self.bind_new_listeners(&config)?;
-        self.apply(config, tls, fresh, now);
-        Ok(())
+        Ok(self.apply(config, tls, fresh, now))
     }
 
     /// Stops listening on listener `key`, if it is still open.
@@ -138,13 +293,21 @@ impl Proxy {
         Ok(bound)
     }
 
+    /// Puts `config` in force and says what changed.
     fn apply(
         &mut self,
         config: Config,
         tls: Option<(Arc<rustls::ServerConfig>, TlsSettings)>,
         fresh: Vec<FreshListener>,
         now: Instant,
-    ) {
+    ) -> Changes {
+        let mut changes = Changes::default();
+        let settings = changed_settings(&self.shared.settings, &config.settings);
+        if !settings.is_empty() {
+            changes
+                .lines
+                .push(format!("[defaults] changed: {}", settings.join(", ")));
+        }
         self.worker
             .support
             .pool
@@ -162,22 +325,40 @@ impl Proxy {
         self.shared.tls = tls;
         self.shared.access.reload(config.clients.clone());
 
-        let drain_by = now + self.shared.settings.drain_timeout;
+        let drain = self.shared.settings.drain_timeout;
+        let drain_by = now + drain;
         let mut draining = Vec::new();
         // Upstreams gone from the config: stop listening, drain.
         for (index, u) in self.shared.upstreams.iter_mut().enumerate() {
             if !u.removed && !config.upstreams.iter().any(|n| n.name == u.name) {
                 u.removed = true;
                 draining.push((index, None));
+                let pairs = self
+                    .worker
+                    .pairs
+                    .iter()
+                    .filter(|(_, p)| p.upstream == index);
+                changes.removed += 1;
+                changes.lines.push(format!(
+                    "upstream `{}` removed, no longer listening on {}{}",
+                    u.name,
+                    u.listen,
+                    draining_pairs(pairs.count(), drain)
+                ));
             }
         }
         for new in &config.upstreams {
-            let index = match self
+            let existing = self
                 .shared
                 .upstreams
                 .iter()
-                .position(|o| o.name == new.name)
-            {
+                .position(|o| o.name == new.name);
+            // A new upstream, or one removed earlier and still draining, is "added".
+            let before = existing
+                .map(|i| &self.shared.upstreams[i])
+                .filter(|u| !u.removed)
+                .map(Before::of);
+            let index = match existing {
                 Some(index) => index,
                 None => {
                     let u = Upstream::new(new, new.listen);
@@ -186,6 +367,7 @@ impl Proxy {
                 }
             };
             let u = &mut self.shared.upstreams[index];
+            let mut drained = Vec::new();
             let was_removed = std::mem::replace(&mut u.removed, false);
             u.tls = new.tls;
             u.refusal = new.refusal;
@@ -199,6 +381,7 @@ impl Proxy {
             for host in 0..u.balancer.len() {
                 let h = u.balancer.host(host);
                 if !h.removed && !new.hosts.contains(&h.addr) {
+                    drained.push((h.addr, h.active()));
                     u.balancer.remove(host);
                     draining.push((index, Some(host)));
                 }
@@ -211,6 +394,33 @@ impl Proxy {
                 self.schedule_upstream_checks(index, now);
             }
             self.relisten(index, new.listen, &fresh);
+            let u = &self.shared.upstreams[index];
+            match before {
+                None => {
+                    changes.added += 1;
+                    let hosts: Vec<String> =
+                        live_hosts(u).iter().map(ToString::to_string).collect();
+                    changes.lines.push(format!(
+                        "upstream `{}` added, listening on {} -> {}",
+                        u.name,
+                        u.listen,
+                        hosts.join(", ")
+                    ));
+                }
+                Some(before) => {
+                    let differences = before.differences(u, &drained, drain);
+                    if differences.is_empty() {
+                        changes.unchanged += 1;
+                    } else {
+                        changes.changed += 1;
+                        changes.lines.push(format!(
+                            "upstream `{}` changed: {}",
+                            u.name,
+                            differences.join("; ")
+                        ));
+                    }
+                }
+            }
         }
         // Listeners of removed upstreams.
         for index in 0..self.shared.upstreams.len() {
@@ -237,13 +447,13 @@ impl Proxy {
             self.schedule(key);
         }
         self.control.config_admin = config.admin;
-        self.log_listening();
+        changes
     }
 
     /// Points upstream `index` at the listener for `listen`: its own if the
     /// address is unchanged, one bound for this reload, or one handed over
     /// from another upstream that had the same address.
-    fn relisten(&mut self, index: usize, listen: std::net::SocketAddr, fresh: &[FreshListener]) {
+    fn relisten(&mut self, index: usize, listen: SocketAddr, fresh: &[FreshListener]) {
         let name = self.shared.upstreams[index].name.clone();
         let current = self.shared.upstreams[index].listener;
         if current.is_some() && self.shared.upstreams[index].configured_listen == listen {
