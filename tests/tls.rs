@@ -191,6 +191,70 @@ fn expired_certificate_never_reaches_a_host() {
     assert_refused_without_host(&proxy, &host, pki.client_config(Some(&old)));
 }
 
+/// The binary serving `pki`'s files on one TLS upstream, `secure`, for
+/// `alice`; its config is written into the PKI's folder.
+fn tls_binary(pki: &Pki) -> Binary {
+    let path = pki.dir.join("lb.toml");
+    let text = format!(
+        "[tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n\n\
+         [[upstream]]\nname = \"secure\"\nlisten = \"127.0.0.1:0\"\nhosts = [\"{}\"]\n\n\
+         [[client]]\nidentity = \"alice\"\nupstreams = [\"secure\"]\nrate = 100\n",
+        pki.server_cert,
+        pki.server_key,
+        pki.ca_path,
+        dead_addr()
+    );
+    std::fs::write(&path, text).unwrap();
+    Binary::start(&["--config", path.to_str().unwrap()])
+}
+
+#[test]
+fn an_expired_certificate_is_logged_with_rfc3339_times() {
+    let pki = Pki::new("expired-log");
+    let bin = tls_binary(&pki);
+    let old = pki.client_with("alice", true);
+    let refused = pki::connect(bin.listen_addr(), pki.client_config(Some(&old)))
+        .and_then(|mut s| s.read(&mut [0u8; 16]));
+    assert!(refused.is_err(), "{refused:?}");
+    let line = bin.wait_for_log("handshake_failed");
+    assert!(
+        line.contains("(client certificate expired at 2021-01-01T00:00:00Z (it is now 20"),
+        "{line}"
+    );
+    assert!(!line.contains("UNIX"), "{line}");
+}
+
+/// A TLS 1.0 ClientHello, as old clients send it: no extensions at all
+/// (so no signature_algorithms), one cipher suite, null compression.
+fn tls10_client_hello() -> Vec<u8> {
+    let mut body = vec![0x03, 0x01];
+    body.extend([7u8; 32]);
+    body.push(0);
+    body.extend([0x00, 0x02, 0x00, 0x2f, 0x01, 0x00]);
+    let mut handshake = vec![0x01, 0, 0, body.len() as u8];
+    handshake.extend(body);
+    let mut record = vec![0x16, 0x03, 0x01, 0, handshake.len() as u8];
+    record.extend(handshake);
+    record
+}
+
+#[test]
+fn a_tls_1_0_client_is_logged_as_protocol_version_not_supported() {
+    let pki = Pki::new("tls10");
+    let bin = tls_binary(&pki);
+    let mut s = TcpStream::connect(bin.listen_addr()).unwrap();
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.write_all(&tls10_client_hello()).unwrap();
+    let mut alert = [0u8; 1];
+    s.read_exact(&mut alert).unwrap();
+    assert_eq!(alert[0], 0x15, "a TLS alert record");
+    let line = bin.wait_for_log("handshake_failed");
+    assert!(
+        line.contains("handshake_failed (protocol version not supported"),
+        "{line}"
+    );
+}
+
 #[test]
 fn revoked_certificate_never_reaches_a_host() {
     let pki = Pki::new("revoked");
@@ -505,7 +569,21 @@ fn bad_tls_files_are_start_up_errors_naming_the_file() {
     assert!(err.contains("does not match the certificate"), "{err}");
     let err = bind_error(&|t| t.crl = vec![garbage.clone()]);
     assert!(
-        err.contains("garbage.pem") && err.contains("malformed CRL"),
+        err.contains("garbage.pem") && err.contains("not a DER CRL"),
+        "{err}"
+    );
+    // A DER CRL with bytes after its end: said in words, not webpki's names.
+    use rustls::pki_types::CertificateRevocationListDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut der = CertificateRevocationListDer::from_pem_file(pki.crl(&[]))
+        .unwrap()
+        .to_vec();
+    der.extend_from_slice(b"junk");
+    let trailing = pki.dir.join("trailing.crl");
+    std::fs::write(&trailing, der).unwrap();
+    let err = bind_error(&|t| t.crl = vec![trailing.clone()]);
+    assert!(
+        err.contains("trailing.crl: no PEM CRL (\"BEGIN X509 CRL\"), and not a DER CRL: unexpected data after the CRL"),
         "{err}"
     );
 }

@@ -7,6 +7,12 @@
 //! a client certificate is required and must chain to the configured CA,
 //! be within its validity dates, be usable for client authentication, and
 //! not be revoked by any configured CRL. TLS 1.2 and 1.3 only.
+//!
+//! `reasons.rs` puts what rustls and webpki report into words.
+
+mod reasons;
+
+pub(crate) use reasons::handshake_failure;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -81,7 +87,7 @@ impl TlsSettings {
                 .build()
                 .map_err(|e| {
                     let at = self.crl.first().unwrap_or(&self.client_ca);
-                    problem(at, format!("cannot build the client verifier: {e}"))
+                    problem(at, reasons::verifier_error(&e))
                 })?;
         let mut config = ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -154,7 +160,7 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
     let bytes = read(path)?;
     let certs = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| problem(path, format!("malformed PEM: {e}")))?;
+        .map_err(|e| problem(path, format!("malformed PEM: {}", reasons::pem_error(&e))))?;
     if certs.is_empty() {
         return Err(problem(
             path,
@@ -162,8 +168,10 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
         ));
     }
     for cert in &certs {
-        webpki::EndEntityCert::try_from(cert)
-            .map_err(|e| problem(path, format!("malformed certificate: {e}")))?;
+        webpki::EndEntityCert::try_from(cert).map_err(|e| {
+            let why = reasons::webpki_error(&e);
+            problem(path, format!("malformed certificate: {why}"))
+        })?;
     }
     Ok(certs)
 }
@@ -183,15 +191,25 @@ fn read_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, 
     let bytes = read(path)?;
     let crls = CertificateRevocationListDer::pem_slice_iter(&bytes)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| problem(path, format!("malformed PEM: {e}")))?;
-    let crls = if crls.is_empty() {
-        vec![CertificateRevocationListDer::from(bytes)]
-    } else {
-        crls
-    };
+        .map_err(|e| problem(path, format!("malformed PEM: {}", reasons::pem_error(&e))))?;
+    if crls.is_empty() {
+        let crl = CertificateRevocationListDer::from(bytes);
+        return match webpki::OwnedCertRevocationList::from_der(&crl) {
+            Ok(_) => Ok(vec![crl]),
+            Err(e) => Err(problem(
+                path,
+                format!(
+                    "no PEM CRL (\"BEGIN X509 CRL\"), and not a DER CRL: {}",
+                    reasons::webpki_error(&e)
+                ),
+            )),
+        };
+    }
     for crl in &crls {
-        webpki::OwnedCertRevocationList::from_der(crl)
-            .map_err(|e| problem(path, format!("malformed CRL: {e}")))?;
+        webpki::OwnedCertRevocationList::from_der(crl).map_err(|e| {
+            let why = reasons::webpki_error(&e);
+            problem(path, format!("malformed CRL: {why}"))
+        })?;
     }
     Ok(crls)
 }
