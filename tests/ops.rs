@@ -111,6 +111,7 @@ fn config_with(upstreams: Vec<UpstreamConfig>) -> Config {
         tls: None,
         clients: Vec::new(),
         admin: Some(localhost()),
+        warnings: Vec::new(),
     }
 }
 

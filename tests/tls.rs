@@ -49,6 +49,7 @@ fn tls_config(
         tls: Some(pki.settings(crl, Duration::from_secs(10))),
         clients,
         admin: None,
+        warnings: Vec::new(),
     }
 }
 
@@ -581,6 +582,26 @@ fn bad_tls_files_are_start_up_errors_naming_the_file() {
     der.extend_from_slice(b"junk");
     let trailing = pki.dir.join("trailing.crl");
     std::fs::write(&trailing, der).unwrap();
+    // Serving refuses what could not work: an expired server certificate,
+    // a client CA that is not a CA.
+    let expired = pki.server_valid(
+        Some((
+            rcgen::date_time_ymd(2020, 1, 1),
+            rcgen::date_time_ymd(2021, 1, 1),
+        )),
+        "expired-server",
+    );
+    let err = bind_error(&|t| {
+        t.cert = expired.cert_path.clone();
+        t.key = expired.key_path.clone();
+    });
+    assert!(
+        err.contains("expired-server.pem: the server certificate expired at 2021-01-01T00:00:00Z"),
+        "{err}"
+    );
+    let leaf = pki.client("not-a-ca");
+    let err = bind_error(&|t| t.client_ca = leaf.cert_path.clone());
+    assert!(err.contains("not a CA certificate"), "{err}");
     let err = bind_error(&|t| t.crl = vec![trailing.clone()]);
     assert!(
         err.contains("trailing.crl: no PEM CRL (\"BEGIN X509 CRL\"), and not a DER CRL: unexpected data after the CRL"),

@@ -36,7 +36,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::error::{ConfigError, Error};
+use crate::error::{ConfigError, Error, Warning};
 use crate::logs::plural;
 use crate::policy::access::ClientRule;
 use crate::policy::health::HealthSettings;
@@ -170,6 +170,9 @@ pub struct Config {
     pub clients: Vec<ClientRule>,
     /// Where the admin listener (metrics, status, reload) binds.
     pub admin: Option<SocketAddr>,
+    /// What the source holds that is valid but likely wrong, with its
+    /// place (see [`Warning`]); logged when the config is put in force.
+    pub warnings: Vec<Warning>,
 }
 
 impl Config {
@@ -188,21 +191,29 @@ impl Config {
         Ok(config)
     }
 
-    /// How much it holds, in words: "2 upstreams, 3 hosts".
+    /// How much it holds, in words: "2 upstreams, 3 hosts" (and ", 1
+    /// warning" when there are warnings).
     pub fn summary(&self) -> String {
         let hosts = self.upstreams.iter().map(|u| u.hosts.len()).sum();
-        format!(
+        let mut summary = format!(
             "{}, {}",
             plural(self.upstreams.len(), "upstream"),
             plural(hosts, "host")
-        )
+        );
+        if !self.warnings.is_empty() {
+            summary = format!("{summary}, {}", plural(self.warnings.len(), "warning"));
+        }
+        summary
     }
 
-    /// Validates configuration text; `origin` names it in error messages.
+    /// Validates configuration text; `origin` names it in messages. What
+    /// is valid but likely wrong is in the config's `warnings`.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        let mut problems = Problems::new(text);
+        let mut problems = Problems::new(text, origin);
         let config = schema::document(&mut problems);
-        problems.finish(config, origin)
+        let (mut config, warnings) = problems.finish(config)?;
+        config.warnings = warnings;
+        Ok(config)
     }
 
     /// The configuration of quick mode: one upstream from command-line
@@ -213,7 +224,7 @@ impl Config {
         hosts: &[String],
         settings: Settings,
     ) -> Result<Config, ConfigError> {
-        let mut problems = Problems::new("");
+        let mut problems = Problems::new("", "command line");
         if let Err(why) = rules::name(name) {
             problems.general(format!("--name: {why}"));
         }
@@ -246,8 +257,9 @@ impl Config {
             tls: None,
             clients: Vec::new(),
             admin: None,
+            warnings: Vec::new(),
         });
-        problems.finish(config, "command line")
+        problems.finish(config).map(|(config, _)| config)
     }
 }
 
@@ -295,6 +307,17 @@ fn problems(text: &str) -> Vec<String> {
         .to_string()
         .lines()
         .map(str::to_string)
+        .collect()
+}
+
+/// The warnings of `text`, which must be valid, one line each.
+#[cfg(test)]
+fn warnings(text: &str) -> Vec<String> {
+    Config::parse(text, "lb.toml")
+        .unwrap()
+        .warnings
+        .iter()
+        .map(ToString::to_string)
         .collect()
 }
 

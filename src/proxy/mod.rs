@@ -38,7 +38,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use log::{info, warn};
 use mio::net::TcpListener;
@@ -163,10 +163,18 @@ impl Proxy {
     /// Binds every upstream's listen address. Nothing is accepted until [`run`](Proxy::run).
     pub fn bind(config: &Config) -> Result<Proxy, Error> {
         let setup = |what| move |source| Error::Setup { what, source };
+        let mut tls_warnings = Vec::new();
         let tls = match &config.tls {
-            Some(settings) => Some((settings.server_config()?, settings.clone())),
+            Some(settings) => {
+                let (server, warnings) = settings.load(SystemTime::now())?;
+                tls_warnings = warnings;
+                Some((server, settings.clone()))
+            }
             None => None,
         };
+        for warning in config.warnings.iter().chain(&tls_warnings) {
+            warn!("{warning}");
+        }
         let poll = Poll::new().map_err(setup("the poller"))?;
         let waker = Waker::new(poll.registry(), Registration::Control.token())
             .map_err(setup("the waker"))?;

@@ -9,13 +9,14 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use log::{error, info, warn};
 use socket2::SockRef;
 
 use super::{Proxy, bind_listener};
 use crate::config::{Config, RefusalMode, Settings};
+use crate::error::Warning;
 use crate::io::net;
 use crate::logs::plural;
 use crate::policy::health::HealthSettings;
@@ -31,6 +32,8 @@ type FreshListener = (String, usize, SocketAddr);
 /// `[defaults]`.
 #[derive(Debug, Default)]
 struct Changes {
+    /// The new config's warnings, its TLS files' included.
+    warnings: Vec<Warning>,
     lines: Vec<String>,
     added: usize,
     removed: usize,
@@ -182,6 +185,9 @@ impl Proxy {
         match result {
             Ok(changes) => {
                 self.shared.reloads += 1;
+                for warning in &changes.warnings {
+                    warn!("reload: {warning}");
+                }
                 for line in &changes.lines {
                     info!("reload: {line}");
                 }
@@ -205,15 +211,21 @@ impl Proxy {
         if let Some(adjust) = &self.control.adjust_config {
             config = adjust(config).map_err(|e| e.to_string())?;
         }
+        let mut warnings = std::mem::take(&mut config.warnings);
         let tls = match &config.tls {
-            Some(settings) => Some((
-                settings.server_config().map_err(|e| e.to_string())?,
-                settings.clone(),
-            )),
+            Some(settings) => {
+                let (server, tls_warnings) = settings
+                    .load(SystemTime::now())
+                    .map_err(|e| e.to_string())?;
+                warnings.extend(tls_warnings);
+                Some((server, settings.clone()))
+            }
             None => None,
         };
         let fresh = self.bind_new_listeners(&config)?;
-        Ok(self.apply(config, tls, fresh, now))
+        let mut changes = self.apply(config, tls, fresh, now);
+        changes.warnings = warnings;
+        Ok(changes)
     }
 
     /// Stops listening on listener `key`, if it is still open.

@@ -180,11 +180,15 @@ fn der_type(id: &webpki::DerTypeId) -> String {
 
 /// A time as RFC 3339 (`2026-11-25T10:00:00Z`).
 pub(crate) fn rfc3339(time: UnixTime) -> String {
-    i64::try_from(time.as_secs())
+    rfc3339_secs(i64::try_from(time.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// Seconds since 1970 as RFC 3339.
+pub(crate) fn rfc3339_secs(secs: i64) -> String {
+    OffsetDateTime::from_unix_timestamp(secs)
         .ok()
-        .and_then(|secs| OffsetDateTime::from_unix_timestamp(secs).ok())
         .and_then(|t| t.format(&Rfc3339).ok())
-        .unwrap_or_else(|| format!("{} s after 1970", time.as_secs()))
+        .unwrap_or_else(|| format!("{secs} s after 1970"))
 }
 
 /// A Rust name spelt out in words: `TrailingData(CertRevocationList)`

@@ -165,6 +165,7 @@ pub fn config(hosts: &[SocketAddr], settings: Settings) -> Config {
         tls: None,
         clients: Vec::new(),
         admin: None,
+        warnings: Vec::new(),
     }
 }
 
