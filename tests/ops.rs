@@ -804,7 +804,7 @@ fn a_reload_logs_what_it_changed_and_a_rejection_in_one_line() {
     let bin = Binary::start(&["--config", file.0.to_str().unwrap()]);
     bin.wait_for_log(" ready: ");
     file.write(&format!(
-        "{}{}{}",
+        "[defaults]\nbuffer_size = 4096\nbulk_buffer_size = 2048\n\n{}{}{}",
         upstream_toml("keep", &[a]),
         upstream_toml("change", &[b]),
         upstream_toml("new", &[a])
@@ -829,6 +829,14 @@ fn a_reload_logs_what_it_changed_and_a_rejection_in_one_line() {
     assert!(
         !logged("`keep`"),
         "an unchanged upstream is not logged: {lines:#?}"
+    );
+    assert!(
+        logged("reload: [defaults] changed: buffer_size, bulk_buffer_size"),
+        "{lines:#?}"
+    );
+    assert!(
+        logged("lb.toml:3:20: warning: `bulk_buffer_size` (2048) is below"),
+        "the new config's warnings: {lines:#?}"
     );
     assert!(
         logged("configuration reloaded: 1 upstream added, 1 removed, 1 changed, 1 unchanged"),
