@@ -5,7 +5,11 @@
 //! (unknown key, wrong type, bad address, duplicate name or port, upstream
 //! without hosts), each with its line and column. A [`Config`] value that
 //! exists is valid: upstream names are unique, listen ports do not collide,
-//! every upstream has at least one host, and every address is resolved.
+//! every upstream has at least one host (none on port 0 or on its own
+//! listen address), every address is resolved, and every client identity
+//! can match a certificate. What is valid but likely wrong (a TLS upstream
+//! no rule names, `bulk_buffer_size` below `buffer_size`) is in its
+//! `warnings`, each with its place.
 //!
 //! This file holds the public types and the entry points (a file, a text,
 //! quick mode, command-line settings). The parts:

@@ -2,7 +2,9 @@
 //! kept (the walk never stops at the first), each byte span the TOML
 //! parser gives is turned into a line and column of the text, and the
 //! report comes out sorted by place, problems without a place (line 0)
-//! first, each place's problems in the order they were found.
+//! first, each place's problems in the order they were found. Warnings
+//! (valid, but likely wrong) are kept apart: they come with the value when
+//! there is no problem, and among the problems, marked, when there is.
 
 use std::fmt::Display;
 use std::ops::Range;
