@@ -35,12 +35,15 @@ pub enum Error {
         source: io::Error,
     },
     /// A TLS certificate, key, CA or CRL file is missing, unreadable,
-    /// malformed or does not fit with the others.
+    /// malformed, out of its validity dates, or does not fit with the others.
     Tls {
         /// The file at fault.
         path: PathBuf,
         /// What is wrong with it, in words.
         problem: String,
+        /// `origin:line:column` of the key that named the file, when it
+        /// came from a config file.
+        at: Option<String>,
     },
     /// The poller, waker or signal handler could not be set up.
     Setup {
@@ -74,7 +77,12 @@ impl fmt::Display for Error {
                     "upstream `{upstream}`: cannot listen on {addr}: {source}{hint}"
                 )
             }
-            Error::Tls { path, problem } => write!(f, "TLS file {}: {problem}", path.display()),
+            Error::Tls { path, problem, at } => {
+                if let Some(at) = at {
+                    write!(f, "{at}: ")?;
+                }
+                write!(f, "TLS file {}: {problem}", path.display())
+            }
             Error::Setup { what, source } => write!(f, "cannot set up {what}: {source}"),
         }
     }
@@ -133,3 +141,24 @@ impl fmt::Display for ConfigError {
 }
 
 impl std::error::Error for ConfigError {}
+
+/// What a configuration holds that is valid but will likely not work as
+/// meant. `tcplb check` lists it (and fails on it with `--strict`);
+/// serving logs it at start and at each reload, and goes on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Warning {
+    /// `origin:line:column` of the key at fault, or only the origin (a
+    /// file name, "command line") when it has no place; may be empty.
+    pub at: String,
+    /// What is wrong and what follows from it.
+    pub message: String,
+}
+
+impl fmt::Display for Warning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if !self.at.is_empty() {
+            write!(f, "{}: ", self.at)?;
+        }
+        write!(f, "warning: {}", self.message)
+    }
+}

@@ -15,6 +15,15 @@ use std::time::{Duration, Instant};
 
 use log::info;
 
+/// `n` and the noun, in the plural unless `n` is 1: "1 host", "2 hosts".
+pub(crate) fn plural(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
 /// At most one log line per period about a recurring condition.
 #[derive(Debug, Default)]
 pub(crate) struct Throttle {

@@ -3,12 +3,12 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use clap::{Args, Parser, Subcommand};
 use tcplb::ClientRule;
 use tcplb::config::{self, check_settings, parse_duration, parse_size};
-use tcplb::error::{ConfigError, Problem};
+use tcplb::error::{ConfigError, Problem, Warning};
 use tcplb::tls::TlsSettings;
 use tcplb::{Config, Error, Proxy, Settings, certs, demo};
 
@@ -34,10 +34,13 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Validate a config file: print every problem with its line, exit non-zero if any.
+    /// Validate a config file: print every error and warning with its line, exit non-zero on an error.
     Check {
         /// The TOML config file to check.
         file: PathBuf,
+        /// Fail on warnings too (what is valid but will likely not work as meant).
+        #[arg(long)]
+        strict: bool,
     },
     /// Start three built-in echo hosts and tcplb in front of them on 127.0.0.1, plain and mTLS.
     Demo {
@@ -158,7 +161,7 @@ fn main() -> ExitCode {
         .format_timestamp_millis()
         .init();
     let result = match cli.command {
-        Some(Command::Check { file }) => return check(&file),
+        Some(Command::Check { file, strict }) => return check(&file, strict),
         Some(Command::Demo {
             listen,
             tls_listen,
@@ -183,20 +186,30 @@ fn main() -> ExitCode {
     }
 }
 
-fn check(file: &std::path::Path) -> ExitCode {
-    let loaded = Config::load(file).and_then(|config| match &config.tls {
-        Some(tls) => tls.server_config().map(|_| config),
-        None => Ok(config),
+/// `tcplb check`: the config's errors, or its warnings (which `strict`
+/// makes fatal), as serving would see them, TLS files included.
+fn check(file: &Path, strict: bool) -> ExitCode {
+    let loaded = Config::load(file).and_then(|mut config| {
+        if let Some(tls) = &config.tls {
+            let (_, warnings) = tls.load(SystemTime::now())?;
+            config.warnings.extend(warnings);
+        }
+        Ok(config)
     });
     match loaded {
         Ok(config) => {
-            let hosts: usize = config.upstreams.iter().map(|u| u.hosts.len()).sum();
-            println!(
-                "{}: ok ({} upstreams, {} hosts)",
-                file.display(),
-                config.upstreams.len(),
-                hosts
-            );
+            for warning in &config.warnings {
+                eprintln!("{warning}");
+            }
+            if strict && !config.warnings.is_empty() {
+                eprintln!(
+                    "{}: failed with --strict ({})",
+                    file.display(),
+                    config.summary()
+                );
+                return ExitCode::FAILURE;
+            }
+            println!("{}: ok ({})", file.display(), config.summary());
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -206,14 +219,24 @@ fn check(file: &std::path::Path) -> ExitCode {
     }
 }
 
-/// Command-line setting overrides are checked like the file's values.
+/// Command-line setting overrides are checked like the file's values
+/// (and warned about like them).
 fn with_overrides(mut config: Config, args: &SettingsArgs) -> Result<Config, Error> {
     config.settings = args.apply(config.settings);
     let problems = check_settings(&config.settings);
-    if problems.is_empty() {
-        return Ok(config);
+    if !problems.is_empty() {
+        return Err(command_line_errors(problems));
     }
-    Err(command_line_errors(problems))
+    let buffer = config.settings.buffer_size;
+    if let Some(bulk) = args.bulk_buffer_size.filter(|&bulk| bulk < buffer) {
+        config.warnings.push(Warning {
+            at: "command line".to_string(),
+            message: format!(
+                "--bulk-buffer-size {bulk} is below buffer_size ({buffer}): bulk buffers are {buffer} bytes, so there is no bulk upgrade"
+            ),
+        });
+    }
+    Ok(config)
 }
 
 fn serve(args: &ServeArgs) -> Result<(), Error> {
@@ -339,6 +362,7 @@ fn run_demo(listen: &str, tls_listen: &str, args: &SettingsArgs) -> Result<(), E
         handshake_timeout: TlsSettings::DEFAULT_HANDSHAKE_TIMEOUT,
         max_handshakes: TlsSettings::DEFAULT_MAX_HANDSHAKES,
         max_handshakes_per_source: TlsSettings::DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
+        places: Default::default(),
     });
     config.clients = vec![ClientRule {
         identity: "alice".to_string(),

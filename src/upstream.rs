@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::config::{RefusalMode, UpstreamConfig};
 use crate::policy::balance::LoadBalancer;
 use crate::policy::health::HealthSettings;
 
@@ -70,6 +71,31 @@ pub(crate) struct Upstream {
     /// Clients must complete an mTLS handshake and be admitted by the rules.
     pub tls: bool,
     pub health: HealthSettings,
+    /// How its refused clients are told (a line, FIN or RST).
+    pub refusal: RefusalMode,
+}
+
+impl Upstream {
+    /// The upstream `config` describes, with id `id`, bound to `listen`
+    /// (the address the kernel gave when the config says port 0), with
+    /// `balancer`'s hosts.
+    pub fn new(
+        id: usize,
+        config: &UpstreamConfig,
+        listen: SocketAddr,
+        balancer: LoadBalancer,
+    ) -> Upstream {
+        Upstream {
+            id,
+            name: config.name.clone(),
+            configured_listen: config.listen,
+            listen,
+            balancer,
+            tls: config.tls,
+            health: config.health.clone(),
+            refusal: config.refusal,
+        }
+    }
 }
 
 /// What one worker counts for one upstream: plain integers, summed over

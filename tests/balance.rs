@@ -3,12 +3,12 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::*;
-use tcplb::Settings;
+use tcplb::{RefusalMode, Settings};
 
 /// Connects a client and returns it with the name its host greeted it with.
 fn connect_named(proxy: &Running) -> (TcpStream, String) {
@@ -127,6 +127,56 @@ fn refusal_line_survives_a_client_that_already_sent_data() {
     let mut line = String::new();
     client.read_to_string(&mut line).unwrap();
     assert!(line.starts_with("ERROR upstream_unavailable:"), "{line:?}");
+}
+
+/// A proxy whose only host is dead, so every client is refused
+/// (`upstream_unavailable`), told as `refusal` says.
+fn refusing(refusal: RefusalMode) -> Running {
+    let mut config = config(&[dead_addr()], Settings::default());
+    config.upstreams[0].refusal = refusal;
+    start(config)
+}
+
+/// Waits for the refused pair to close, then checks it was counted by its
+/// code, as refused and as ended, whatever the client was told.
+fn assert_counted_as_unavailable(proxy: &Running) {
+    proxy.wait_until("closed the refused pair", |s| s.pairs == 0);
+    let stats = proxy.stats();
+    let code = [("upstream_unavailable".to_string(), 1)];
+    assert_eq!(stats.upstreams[0].refused, code);
+    assert_eq!(stats.upstreams[0].ended, code);
+}
+
+#[test]
+fn refusal_close_ends_with_fin_and_no_line() {
+    let proxy = refusing(RefusalMode::Close);
+    let mut client = proxy.connect();
+    // A request unread at refusal time must not turn the FIN into a RST.
+    client.write_all(b"PING\r\n").unwrap();
+    let got = read_to_end(&mut client).unwrap();
+    assert_eq!(String::from_utf8_lossy(&got), "", "FIN, no line");
+    finish(client);
+    assert_counted_as_unavailable(&proxy);
+}
+
+#[test]
+fn refusal_reset_ends_with_rst_and_no_line() {
+    let proxy = refusing(RefusalMode::Reset);
+    let mut client = proxy.connect();
+    let mut got = Vec::new();
+    let end = client.read_to_end(&mut got).map_err(|e| e.kind());
+    assert_eq!((end, got), (Err(ErrorKind::ConnectionReset), Vec::new()));
+    assert_counted_as_unavailable(&proxy);
+}
+
+#[test]
+fn refusal_line_is_the_default() {
+    let proxy = refusing(RefusalMode::default());
+    let mut client = proxy.connect();
+    let reply = String::from_utf8(read_to_end(&mut client).unwrap()).unwrap();
+    assert!(reply.starts_with("ERROR upstream_unavailable: "), "{reply}");
+    drop(client);
+    assert_counted_as_unavailable(&proxy);
 }
 
 #[test]

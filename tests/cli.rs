@@ -72,6 +72,13 @@ fn check_accepts_a_good_config() {
     assert!(out.status.success(), "{}", stderr(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("ok (2 upstreams, 4 hosts)"), "{stdout}");
+    let file = TempConfig::new(
+        "good-one",
+        "[[upstream]]\nname = \"a\"\nlisten = \"127.0.0.1:7000\"\nhosts = [\"127.0.0.1:9001\"]\n",
+    );
+    let out = tcplb(&["check", file.arg()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("ok (1 upstream, 1 host)"), "{stdout}");
 }
 
 #[test]
@@ -336,6 +343,25 @@ fn a_dead_host_logs_its_failed_connects_once_a_second() {
         "{warnings} connect warnings in {seconds} s"
     );
     assert_eq!(refused + summed, 100);
+}
+
+#[test]
+fn refusal_close_in_the_file_closes_without_a_line_and_logs_the_code() {
+    let config = TempConfig::new(
+        "refusal",
+        &format!(
+            "[[upstream]]\nname = \"app\"\nlisten = \"127.0.0.1:0\"\nhosts = [\"{}\"]\nrefusal = \"close\"\n",
+            dead_addr()
+        ),
+    );
+    let bin = Binary::start(&["--config", config.arg()]);
+    let mut client = TcpStream::connect(bin.listen_addr()).unwrap();
+    client.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let got = read_to_end(&mut client).unwrap();
+    assert_eq!(String::from_utf8_lossy(&got), "", "no line");
+    finish(client);
+    let line = bin.wait_for_log("tcplb::access");
+    assert!(line.contains("end=upstream_unavailable"), "{line}");
 }
 
 /// The binary in quick mode in front of an echo host, with one live pair
@@ -692,10 +718,14 @@ fn check_reads_the_tls_files_and_names_the_bad_one() {
     let out = tcplb(&["check", file.arg()]);
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
-    // Relative to the config file's folder.
+    // Relative to the config file's folder, at the key that named it.
     let expected = file.path.parent().unwrap().join("server.pem");
     assert!(
-        err.contains(&format!("TLS file {}: cannot read", expected.display())),
+        err.starts_with(&format!(
+            "{}:2:8: TLS file {}: cannot read",
+            file.arg(),
+            expected.display()
+        )),
         "{err}"
     );
     // With real files, the same config checks out.
@@ -711,4 +741,110 @@ fn check_reads_the_tls_files_and_names_the_bad_one() {
     assert!(out.status.success(), "{}", stderr(&out));
     let out = tcplb(&["check", file.arg()]);
     assert!(out.status.success(), "{}", stderr(&out));
+    // No [[client]] rule: valid, and warned about.
+    assert!(
+        stderr(&out).contains(&format!(
+            "{}:1:1: warning: [tls] has no [[client]] rule",
+            file.arg()
+        )),
+        "{}",
+        stderr(&out)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("ok (1 upstream, 1 host, 1 warning)"),
+        "{stdout}"
+    );
+}
+
+/// `tcplb check` (and `--strict`) on a config with one TLS upstream for
+/// `alice`, and the server certificate `server`.
+fn check_tls(
+    name: &str,
+    pki: &common::pki::Pki,
+    server: &common::pki::ClientCert,
+    strict: bool,
+) -> std::process::Output {
+    let file = TempConfig::new(
+        name,
+        &format!(
+            "[tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n\n\
+             [[upstream]]\nname = \"a\"\nlisten = \"127.0.0.1:7000\"\nhosts = [\"127.0.0.1:9001\"]\n\n\
+             [[client]]\nidentity = \"alice\"\nupstreams = [\"a\"]\nrate = 1\n",
+            server.cert_path, server.key_path, pki.ca_path
+        ),
+    );
+    let mut args = vec!["check", file.arg()];
+    if strict {
+        args.push("--strict");
+    }
+    tcplb(&args)
+}
+
+#[test]
+fn a_server_certificate_near_its_end_is_a_warning_that_strict_makes_fatal() {
+    let pki = common::pki::Pki::new("soon");
+    let now = time::OffsetDateTime::now_utc();
+    let soon = pki.server_valid(
+        Some((
+            now - time::Duration::days(80),
+            now + time::Duration::days(5),
+        )),
+        "soon",
+    );
+    let out = check_tls("soon", &pki, &soon, false);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains(":2:8: warning: TLS file "), "{err}");
+    assert!(
+        err.contains("soon.pem: the server certificate expires at 20"),
+        "{err}"
+    );
+    assert!(
+        err.contains(", in 4 days") || err.contains(", in 5 days"),
+        "{err}"
+    );
+    let out = check_tls("soon-strict", &pki, &soon, true);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("failed with --strict (1 upstream, 1 host, 1 warning)"),
+        "{}",
+        stderr(&out)
+    );
+    // Without warnings, --strict passes.
+    let server = pki.server_valid(None, "fine");
+    let out = check_tls("fine", &pki, &server, true);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stderr(&out), "");
+}
+
+#[test]
+fn serving_logs_the_warnings_at_start() {
+    let config = TempConfig::new(
+        "warn-serve",
+        "[defaults]\nbuffer_size = \"32KiB\"\nbulk_buffer_size = \"16KiB\"\n\n\
+         [[upstream]]\nname = \"a\"\nlisten = \"127.0.0.1:0\"\nhosts = [\"127.0.0.1:9001\"]\n",
+    );
+    let bin = Binary::start(&["--config", config.arg(), "--bulk-buffer-size", "8KiB"]);
+    let lines = bin.log_until(" ready: ");
+    let warned = |needle: &str| {
+        lines
+            .iter()
+            .any(|l| l.contains(" WARN ") && l.contains(needle))
+    };
+    assert!(
+        warned(":3:20: warning: `bulk_buffer_size` (16384) is below `buffer_size` (32768)"),
+        "{lines:#?}"
+    );
+    assert!(
+        warned("command line: warning: --bulk-buffer-size 8192 is below buffer_size (32768)"),
+        "{lines:#?}"
+    );
+    let out = tcplb(&["check", config.arg()]);
+    assert!(
+        stderr(&out)
+            .contains(":3:20: warning: `bulk_buffer_size` (16384) is below `buffer_size` (32768)"),
+        "{}",
+        stderr(&out)
+    );
 }

@@ -89,6 +89,7 @@ fn upstream(name: &str, hosts: &[SocketAddr], health: HealthSettings) -> Upstrea
         hosts: hosts.to_vec(),
         tls: false,
         health,
+        refusal: Default::default(),
     }
 }
 
@@ -110,6 +111,7 @@ fn config_with(upstreams: Vec<UpstreamConfig>) -> Config {
         tls: None,
         clients: Vec::new(),
         admin: Some(localhost()),
+        warnings: Vec::new(),
     }
 }
 
@@ -657,6 +659,26 @@ fn an_invalid_reload_keeps_the_running_config() {
     thread.join().unwrap().unwrap();
 }
 
+#[test]
+fn a_reload_changes_how_clients_are_refused() {
+    let file = ConfigFile::new("refusal");
+    let dead = upstream_toml("app", &[dead_addr()]);
+    file.write(&dead);
+    let (app, handle, thread) = run_reloadable(&file);
+    let mut c = TcpStream::connect(app).unwrap();
+    c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    assert!(read_line(&mut c).starts_with("ERROR upstream_unavailable:"));
+    file.write(&format!("{}\nrefusal = \"reset\"\n", dead.trim_end()));
+    handle.reload().unwrap();
+    let mut c = TcpStream::connect(app).unwrap();
+    c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let end = c.read(&mut [0u8; 64]).map_err(|e| e.kind());
+    assert_eq!(end, Err(std::io::ErrorKind::ConnectionReset));
+    handle.shutdown();
+    handle.shutdown();
+    thread.join().unwrap().unwrap();
+}
+
 /// A reload that sets `socket_buffer` applies it to the listener kept from
 /// before and to new connects to hosts; established pairs keep relaying.
 #[test]
@@ -767,6 +789,71 @@ fn sighup_and_post_reload_reload_the_binary() {
     let mut c = TcpStream::connect(app).unwrap();
     c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
     assert_eq!(read_line(&mut c), "h1");
+}
+
+#[test]
+fn a_reload_logs_what_it_changed_and_a_rejection_in_one_line() {
+    let (a, b) = (dead_addr(), dead_addr());
+    let file = ConfigFile::new("reload-log");
+    file.write(&format!(
+        "{}{}{}",
+        upstream_toml("keep", &[a]),
+        upstream_toml("change", &[a]),
+        upstream_toml("gone", &[a])
+    ));
+    let bin = Binary::start(&["--config", file.0.to_str().unwrap()]);
+    bin.wait_for_log(" ready: ");
+    file.write(&format!(
+        "[defaults]\nbuffer_size = 4096\nbulk_buffer_size = 2048\n\n{}{}{}",
+        upstream_toml("keep", &[a]),
+        upstream_toml("change", &[b]),
+        upstream_toml("new", &[a])
+    ));
+    bin.signal("HUP");
+    let lines = bin.log_until("configuration reloaded");
+    let logged = |needle: &str| lines.iter().any(|l| l.contains(needle));
+    assert!(
+        logged("reload: upstream `gone` removed, no longer listening on 127.0.0.1:"),
+        "{lines:#?}"
+    );
+    assert!(
+        logged("reload: upstream `new` added, listening on 127.0.0.1:"),
+        "{lines:#?}"
+    );
+    assert!(
+        logged(&format!(
+            "reload: upstream `change` changed: hosts added: {b}; hosts removed: {a}"
+        )),
+        "{lines:#?}"
+    );
+    assert!(
+        !logged("`keep`"),
+        "an unchanged upstream is not logged: {lines:#?}"
+    );
+    assert!(
+        logged("reload: [defaults] changed: buffer_size, bulk_buffer_size"),
+        "{lines:#?}"
+    );
+    assert!(
+        logged("lb.toml:3:20: warning: `bulk_buffer_size` (2048) is below"),
+        "the new config's warnings: {lines:#?}"
+    );
+    assert!(
+        logged("configuration reloaded: 1 upstream added, 1 removed, 1 changed, 1 unchanged"),
+        "{lines:#?}"
+    );
+    file.write("[[upstream]]\nname = \"app\"\nlisten = \"127.0.0.1:0\"\nhosts = []\nbogus = 1\n");
+    bin.signal("HUP");
+    let line = bin.wait_for_log("reload rejected");
+    assert!(
+        line.contains("the running configuration stays in force: "),
+        "{line}"
+    );
+    assert!(
+        line.contains("lb.toml:4:9: upstream `app` has no hosts; "),
+        "{line}"
+    );
+    assert!(line.contains("lb.toml:5:1: unknown key `bogus`"), "{line}");
 }
 
 #[test]

@@ -260,6 +260,7 @@ fn tls_proxy(pki: &Pki, host: SocketAddr) -> Running {
             hosts: vec![host],
             tls: true,
             health: Default::default(),
+            refusal: Default::default(),
         }],
         tls: Some(pki.settings(vec![], Duration::from_secs(10))),
         clients: vec![ClientRule {
@@ -270,6 +271,7 @@ fn tls_proxy(pki: &Pki, host: SocketAddr) -> Running {
             max_connections: None,
         }],
         admin: None,
+        warnings: Vec::new(),
     };
     start(config)
 }

@@ -16,7 +16,7 @@ use common::pki::{self, Pki};
 use common::*;
 use tcplb::ClientRule;
 use tcplb::Limit;
-use tcplb::{Config, Settings, UpstreamConfig};
+use tcplb::{Config, RefusalMode, Settings, UpstreamConfig};
 
 fn rule(identity: &str, upstreams: &[&str], rate: f64, burst: u32, max: Option<u32>) -> ClientRule {
     ClientRule {
@@ -41,6 +41,7 @@ fn tls_config(
         hosts: hosts.to_vec(),
         tls: true,
         health: Default::default(),
+        refusal: Default::default(),
     };
     Config {
         settings: Settings::default(),
@@ -48,6 +49,7 @@ fn tls_config(
         tls: Some(pki.settings(crl, Duration::from_secs(10))),
         clients,
         admin: None,
+        warnings: Vec::new(),
     }
 }
 
@@ -190,6 +192,70 @@ fn expired_certificate_never_reaches_a_host() {
     assert_refused_without_host(&proxy, &host, pki.client_config(Some(&old)));
 }
 
+/// The binary serving `pki`'s files on one TLS upstream, `secure`, for
+/// `alice`; its config is written into the PKI's folder.
+fn tls_binary(pki: &Pki) -> Binary {
+    let path = pki.dir.join("lb.toml");
+    let text = format!(
+        "[tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n\n\
+         [[upstream]]\nname = \"secure\"\nlisten = \"127.0.0.1:0\"\nhosts = [\"{}\"]\n\n\
+         [[client]]\nidentity = \"alice\"\nupstreams = [\"secure\"]\nrate = 100\n",
+        pki.server_cert,
+        pki.server_key,
+        pki.ca_path,
+        dead_addr()
+    );
+    std::fs::write(&path, text).unwrap();
+    Binary::start(&["--config", path.to_str().unwrap()])
+}
+
+#[test]
+fn an_expired_certificate_is_logged_with_rfc3339_times() {
+    let pki = Pki::new("expired-log");
+    let bin = tls_binary(&pki);
+    let old = pki.client_with("alice", true);
+    let refused = pki::connect(bin.listen_addr(), pki.client_config(Some(&old)))
+        .and_then(|mut s| s.read(&mut [0u8; 16]));
+    assert!(refused.is_err(), "{refused:?}");
+    let line = bin.wait_for_log("handshake_failed");
+    assert!(
+        line.contains("(client certificate expired at 2021-01-01T00:00:00Z (it is now 20"),
+        "{line}"
+    );
+    assert!(!line.contains("UNIX"), "{line}");
+}
+
+/// A TLS 1.0 ClientHello, as old clients send it: no extensions at all
+/// (so no signature_algorithms), one cipher suite, null compression.
+fn tls10_client_hello() -> Vec<u8> {
+    let mut body = vec![0x03, 0x01];
+    body.extend([7u8; 32]);
+    body.push(0);
+    body.extend([0x00, 0x02, 0x00, 0x2f, 0x01, 0x00]);
+    let mut handshake = vec![0x01, 0, 0, body.len() as u8];
+    handshake.extend(body);
+    let mut record = vec![0x16, 0x03, 0x01, 0, handshake.len() as u8];
+    record.extend(handshake);
+    record
+}
+
+#[test]
+fn a_tls_1_0_client_is_logged_as_protocol_version_not_supported() {
+    let pki = Pki::new("tls10");
+    let bin = tls_binary(&pki);
+    let mut s = TcpStream::connect(bin.listen_addr()).unwrap();
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.write_all(&tls10_client_hello()).unwrap();
+    let mut alert = [0u8; 1];
+    s.read_exact(&mut alert).unwrap();
+    assert_eq!(alert[0], 0x15, "a TLS alert record");
+    let line = bin.wait_for_log("handshake_failed");
+    assert!(
+        line.contains("handshake_failed (protocol version not supported"),
+        "{line}"
+    );
+}
+
 #[test]
 fn revoked_certificate_never_reaches_a_host() {
     let pki = Pki::new("revoked");
@@ -234,6 +300,51 @@ fn identity_not_allowed_on_the_upstream_is_unauthorized() {
     handle.shutdown();
     handle.shutdown();
     thread.join().unwrap().unwrap();
+}
+
+/// Connects `carol` (no rule: unauthorized) to `secure`, which refuses
+/// as `refusal` says; returns the stream after the handshake and the proxy.
+fn refused_over_tls(refusal: RefusalMode) -> (pki::TlsStream, Running, Pki, TestHost) {
+    let pki = Pki::new(&format!("refusal-{refusal:?}"));
+    let host = spawn_host("h", Behavior::Echo);
+    let mut config = tls_config(&pki, &[host.addr], alice_rules(), vec![]);
+    config.upstreams[0].refusal = refusal;
+    let proxy = start(config);
+    let carol = pki.client("carol");
+    let s = pki::connect(proxy.addr, pki.client_config(Some(&carol))).unwrap();
+    (s, proxy, pki, host)
+}
+
+/// The refused pair is gone and was counted as `unauthorized`.
+fn assert_counted_as_unauthorized(proxy: &Running) {
+    proxy.wait_until("closed the refused pair", |s| s.pairs == 0);
+    let stats = proxy.stats();
+    let code = [("unauthorized".to_string(), 1)];
+    assert_eq!(stats.upstreams[0].refused, code);
+    assert_eq!(stats.upstreams[0].ended, code);
+}
+
+#[test]
+fn refusal_close_over_tls_sends_close_notify_then_fin() {
+    let (mut s, proxy, _pki, host) = refused_over_tls(RefusalMode::Close);
+    // rustls reads 0 only after close_notify (a bare FIN is an error).
+    let mut got = Vec::new();
+    assert_eq!(s.read_to_end(&mut got).unwrap(), 0, "{got:?}");
+    let mut byte = [0u8; 1];
+    assert_eq!(s.sock.read(&mut byte).unwrap(), 0, "then FIN");
+    pki::close_write(&mut s);
+    assert_counted_as_unauthorized(&proxy);
+    assert_eq!(host.accepted.try_recv(), Err(TryRecvError::Empty));
+}
+
+#[test]
+fn refusal_reset_over_tls_sends_rst() {
+    let (mut s, proxy, _pki, host) = refused_over_tls(RefusalMode::Reset);
+    let mut got = Vec::new();
+    let end = s.read_to_end(&mut got).map_err(|e| e.kind());
+    assert_eq!((end, got), (Err(ErrorKind::ConnectionReset), Vec::new()));
+    assert_counted_as_unauthorized(&proxy);
+    assert_eq!(host.accepted.try_recv(), Err(TryRecvError::Empty));
 }
 
 #[test]
@@ -459,7 +570,41 @@ fn bad_tls_files_are_start_up_errors_naming_the_file() {
     assert!(err.contains("does not match the certificate"), "{err}");
     let err = bind_error(&|t| t.crl = vec![garbage.clone()]);
     assert!(
-        err.contains("garbage.pem") && err.contains("malformed CRL"),
+        err.contains("garbage.pem") && err.contains("not a DER CRL"),
+        "{err}"
+    );
+    // A DER CRL with bytes after its end: said in words, not webpki's names.
+    use rustls::pki_types::CertificateRevocationListDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut der = CertificateRevocationListDer::from_pem_file(pki.crl(&[]))
+        .unwrap()
+        .to_vec();
+    der.extend_from_slice(b"junk");
+    let trailing = pki.dir.join("trailing.crl");
+    std::fs::write(&trailing, der).unwrap();
+    // Serving refuses what could not work: an expired server certificate,
+    // a client CA that is not a CA.
+    let expired = pki.server_valid(
+        Some((
+            rcgen::date_time_ymd(2020, 1, 1),
+            rcgen::date_time_ymd(2021, 1, 1),
+        )),
+        "expired-server",
+    );
+    let err = bind_error(&|t| {
+        t.cert = expired.cert_path.clone();
+        t.key = expired.key_path.clone();
+    });
+    assert!(
+        err.contains("expired-server.pem: the server certificate expired at 2021-01-01T00:00:00Z"),
+        "{err}"
+    );
+    let leaf = pki.client("not-a-ca");
+    let err = bind_error(&|t| t.client_ca = leaf.cert_path.clone());
+    assert!(err.contains("not a CA certificate"), "{err}");
+    let err = bind_error(&|t| t.crl = vec![trailing.clone()]);
+    assert!(
+        err.contains("trailing.crl: no PEM CRL (\"BEGIN X509 CRL\"), and not a DER CRL: unexpected data after the CRL"),
         "{err}"
     );
 }

@@ -25,7 +25,7 @@ fn least_connections_is_exact_across_workers() {
     for n in [1, 2, 4] {
         let a = spawn_host("A", Behavior::Named);
         let b = spawn_host("B", Behavior::Named);
-        let proxy = start(config(&[a.addr, b.addr], workers(n)));
+        let proxy = start_as_given(config(&[a.addr, b.addr], workers(n)));
         // One after another, each held: whichever worker takes a
         // connection, it sees the counts of all the others.
         let mut held: Vec<(TcpStream, String)> = Vec::new();
@@ -66,7 +66,7 @@ fn least_connections_is_exact_across_workers() {
 #[test]
 fn every_worker_carries_pairs() {
     let host = spawn_host("h", Behavior::Echo);
-    let proxy = start(config(&[host.addr], workers(2)));
+    let proxy = start_as_given(config(&[host.addr], workers(2)));
     let held: Vec<TcpStream> = (0..64)
         .map(|i| {
             let mut c = proxy.connect();
@@ -92,7 +92,7 @@ fn max_connections_holds_for_the_whole_process() {
         max_connections: 10,
         ..workers(4)
     };
-    let proxy = start(config(&[host.addr], settings));
+    let proxy = start_as_given(config(&[host.addr], settings));
     let mut relayed = Vec::new();
     let mut overloaded = 0;
     for i in 0..30 {

@@ -46,7 +46,50 @@ pub(super) fn clients(
         p.at(span, message.to_string());
     }
     unique_identities(p, &parsed);
+    if tls_present {
+        unused_tls_upstreams(p, root, upstreams, &parsed);
+    }
     parsed
+}
+
+/// A TLS upstream that no rule names refuses every client (`unauthorized`):
+/// valid, and useful to lock everyone out, but likely a mistake, so a
+/// warning, once at `[tls]` when there are no rules at all.
+fn unused_tls_upstreams(
+    p: &mut Problems<'_>,
+    root: &DeTable<'_>,
+    upstreams: &[ParsedUpstream],
+    clients: &[ParsedClient],
+) {
+    let tls_upstreams = upstreams
+        .iter()
+        .filter(|u| u.config.as_ref().is_some_and(|c| c.tls));
+    if clients.is_empty() {
+        if tls_upstreams.count() > 0 {
+            let span = find(root, "tls").map_or(0..0, |v| v.span());
+            let message = "[tls] has no [[client]] rule: every client of a TLS upstream will be refused as `unauthorized`";
+            p.warn(span, message.to_string());
+        }
+        return;
+    }
+    // A rule with a problem is already reported; what it would allow is unknown.
+    let Some(rules) = clients
+        .iter()
+        .map(|c| c.rule.as_ref())
+        .collect::<Option<Vec<_>>>()
+    else {
+        return;
+    };
+    for u in tls_upstreams {
+        let Some(name) = &u.name else { continue };
+        if !rules.iter().any(|r| r.upstreams.contains(name.get_ref())) {
+            let message = format!(
+                "upstream `{}` speaks TLS but no [[client]] rule names it: every client will be refused as `unauthorized`",
+                name.get_ref()
+            );
+            p.warn(name.span(), message);
+        }
+    }
 }
 
 fn client(
@@ -172,7 +215,91 @@ fn unique_identities(p: &mut Problems<'_>, clients: &[ParsedClient]) {
 
 #[cfg(test)]
 mod tests {
-    use crate::config::problems;
+    use crate::config::{problems, warnings};
+
+    const TLS: &str = "[tls]\ncert = \"s.pem\"\nkey = \"s.key\"\nclient_ca = \"ca.pem\"\n\n\
+        [[upstream]]\nname = \"a\"\nlisten = \"127.0.0.1:0\"\nhosts = [\"127.0.0.1:1\"]\n\n\
+        [[upstream]]\nname = \"b\"\nlisten = \"127.0.0.1:0\"\nhosts = [\"127.0.0.1:1\"]\n";
+
+    #[test]
+    fn identities_that_can_never_match_are_errors() {
+        let rule = |identity: &str| {
+            format!(
+                "{TLS}\n[[client]]\nidentity = \"{identity}\"\nupstreams = [\"a\", \"b\"]\nrate = 1\n"
+            )
+        };
+        for good in [
+            "alice",
+            "spiffe://example.org/bob",
+            "urn:uuid:1234",
+            "*.example.org",
+            "svc_a.internal",
+        ] {
+            assert!(
+                crate::config::Config::parse(&rule(good), "lb.toml").is_ok(),
+                "{good}"
+            );
+        }
+        for (bad, why) in [
+            ("10.0.0.1", "is an IP address, which never matches"),
+            ("::1", "is an IP address, which never matches"),
+            (
+                "CN=alice",
+                "looks like a subject name (`CN=...`), which is never used",
+            ),
+            ("O=Org,CN=alice", "looks like a subject name"),
+            ("-alice-", "is neither a DNS name nor a URI"),
+        ] {
+            let found = problems(&rule(bad));
+            assert_eq!(found.len(), 1, "{bad}: {found:?}");
+            assert!(
+                found[0].starts_with("lb.toml:17:12: `identity` "),
+                "{bad}: {found:?}"
+            );
+            assert!(found[0].contains(why), "{bad}: {found:?}");
+        }
+    }
+
+    #[test]
+    fn tls_upstreams_no_rule_names_are_warnings() {
+        assert_eq!(
+            warnings(TLS),
+            [
+                "lb.toml:1:1: warning: [tls] has no [[client]] rule: every client of a TLS upstream will be refused as `unauthorized`"
+            ]
+        );
+        let only_a =
+            format!("{TLS}\n[[client]]\nidentity = \"alice\"\nupstreams = [\"a\"]\nrate = 1\n");
+        assert_eq!(
+            warnings(&only_a),
+            [
+                "lb.toml:12:8: warning: upstream `b` speaks TLS but no [[client]] rule names it: every client will be refused as `unauthorized`"
+            ]
+        );
+        let plain = TLS.replace(
+            "hosts = [\"127.0.0.1:1\"]\n",
+            "hosts = [\"127.0.0.1:1\"]\ntls = false\n",
+        );
+        assert_eq!(
+            warnings(&plain),
+            Vec::<String>::new(),
+            "no TLS upstream, nobody refused"
+        );
+        // Among errors, warnings are listed too.
+        let broken =
+            format!("{TLS}\n[[client]]\nidentity = \"alice\"\nupstreams = [\"a\"]\nrate = 0\n");
+        let found = problems(&broken);
+        assert!(
+            found.iter().all(|p| !p.contains("warning")),
+            "a broken rule names nothing for sure: {found:?}"
+        );
+        let found = problems(&format!("{TLS}bogus = 1\n"));
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(
+            found[0].starts_with("lb.toml:1:1: warning: [tls] has no [[client]] rule"),
+            "{found:?}"
+        );
+    }
 
     #[test]
     fn client_rules_are_checked_against_upstreams() {

@@ -5,7 +5,11 @@
 //! (unknown key, wrong type, bad address, duplicate name or port, upstream
 //! without hosts), each with its line and column. A [`Config`] value that
 //! exists is valid: upstream names are unique, listen ports do not collide,
-//! every upstream has at least one host, and every address is resolved.
+//! every upstream has at least one host (none on port 0 or on its own
+//! listen address), every address is resolved, and every client identity
+//! can match a certificate. What is valid but likely wrong (a TLS upstream
+//! no rule names, `bulk_buffer_size` below `buffer_size`) is in its
+//! `warnings`, each with its place.
 //!
 //! This file holds the public types and the entry points (a file, a text,
 //! quick mode, command-line settings). The parts:
@@ -37,7 +41,8 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::error::{ConfigError, Error};
+use crate::error::{ConfigError, Error, Warning};
+use crate::logs::plural;
 use crate::policy::access::ClientRule;
 use crate::policy::health::HealthSettings;
 use crate::policy::limits::Limit;
@@ -129,6 +134,42 @@ pub struct UpstreamConfig {
     pub tls: bool,
     /// `[upstream.health]`; without it, checks are passive only.
     pub health: HealthSettings,
+    /// What a refused client of this upstream gets (`refusal`).
+    pub refusal: RefusalMode,
+}
+
+/// How an upstream turns a client away (its `refusal` key): the reason is
+/// logged and counted by its code whichever way the client is told.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RefusalMode {
+    /// One line, `ERROR code: why` (over TLS: then `close_notify`), then FIN.
+    #[default]
+    Line,
+    /// FIN without a line (over TLS: `close_notify`, then FIN), for
+    /// protocols whose clients would take a line for an answer.
+    Close,
+    /// RST at once, over TLS too: no line, no `close_notify`.
+    Reset,
+}
+
+impl RefusalMode {
+    /// The values of the `refusal` key, in the order of the variants.
+    pub const NAMES: [&'static str; 3] = ["line", "close", "reset"];
+
+    /// The `refusal` value that names this mode.
+    pub fn name(self) -> &'static str {
+        Self::NAMES[self as usize]
+    }
+
+    /// The mode a `refusal` value names.
+    pub fn from_name(name: &str) -> Option<RefusalMode> {
+        match name {
+            "line" => Some(RefusalMode::Line),
+            "close" => Some(RefusalMode::Close),
+            "reset" => Some(RefusalMode::Reset),
+            _ => None,
+        }
+    }
 }
 
 /// A complete, validated configuration.
@@ -144,6 +185,9 @@ pub struct Config {
     pub clients: Vec<ClientRule>,
     /// Where the admin listener (metrics, status, reload) binds.
     pub admin: Option<SocketAddr>,
+    /// What the source holds that is valid but likely wrong, with its
+    /// place (see [`Warning`]); logged when the config is put in force.
+    pub warnings: Vec<Warning>,
 }
 
 impl Config {
@@ -162,11 +206,29 @@ impl Config {
         Ok(config)
     }
 
-    /// Validates configuration text; `origin` names it in error messages.
+    /// How much it holds, in words: "2 upstreams, 3 hosts" (and ", 1
+    /// warning" when there are warnings).
+    pub fn summary(&self) -> String {
+        let hosts = self.upstreams.iter().map(|u| u.hosts.len()).sum();
+        let mut summary = format!(
+            "{}, {}",
+            plural(self.upstreams.len(), "upstream"),
+            plural(hosts, "host")
+        );
+        if !self.warnings.is_empty() {
+            summary = format!("{summary}, {}", plural(self.warnings.len(), "warning"));
+        }
+        summary
+    }
+
+    /// Validates configuration text; `origin` names it in messages. What
+    /// is valid but likely wrong is in the config's `warnings`.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        let mut problems = Problems::new(text);
+        let mut problems = Problems::new(text, origin);
         let config = schema::document(&mut problems);
-        problems.finish(config, origin)
+        let (mut config, warnings) = problems.finish(config)?;
+        config.warnings = warnings;
+        Ok(config)
     }
 
     /// The configuration of quick mode: one upstream from command-line
@@ -177,7 +239,7 @@ impl Config {
         hosts: &[String],
         settings: Settings,
     ) -> Result<Config, ConfigError> {
-        let mut problems = Problems::new("");
+        let mut problems = Problems::new("", "command line");
         if let Err(why) = rules::name(name) {
             problems.general(format!("--name: {why}"));
         }
@@ -205,12 +267,14 @@ impl Config {
                 hosts: resolved,
                 tls: false,
                 health: HealthSettings::default(),
+                refusal: RefusalMode::default(),
             }],
             tls: None,
             clients: Vec::new(),
             admin: None,
+            warnings: Vec::new(),
         });
-        problems.finish(config, "command line")
+        problems.finish(config).map(|(config, _)| config)
     }
 }
 
@@ -261,6 +325,17 @@ fn problems(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// The warnings of `text`, which must be valid, one line each.
+#[cfg(test)]
+fn warnings(text: &str) -> Vec<String> {
+    Config::parse(text, "lb.toml")
+        .unwrap()
+        .warnings
+        .iter()
+        .map(ToString::to_string)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -287,6 +362,23 @@ hosts = ["127.0.0.1:9001", "127.0.0.1:9002", "[::1]:9003"]
         assert_eq!(config.settings.buffer_size, 16384);
         assert_eq!(config.upstreams.len(), 1);
         assert_eq!(config.upstreams[0].hosts[2], "[::1]:9003".parse().unwrap());
+    }
+
+    #[test]
+    fn the_summary_counts_in_words() {
+        let one = Config::quick(
+            "app",
+            "127.0.0.1:0",
+            &["127.0.0.1:1".to_string()],
+            Settings::default(),
+        )
+        .unwrap();
+        assert_eq!(one.summary(), "1 upstream, 1 host");
+        let mut two = one.clone();
+        two.upstreams.push(one.upstreams[0].clone());
+        two.upstreams[1].hosts.push("127.0.0.1:2".parse().unwrap());
+        assert_eq!(two.summary(), "2 upstreams, 3 hosts");
+        assert_eq!(RefusalMode::Reset.name(), "reset");
     }
 
     #[test]

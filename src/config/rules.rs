@@ -72,12 +72,40 @@ pub(super) fn probe_bytes(text: &str) -> Result<Vec<u8>, String> {
     Ok(text.as_bytes().to_vec())
 }
 
-/// A client identity as certificates carry it (a URI or DNS name SAN).
+/// A client identity as certificates carry it: a URI SAN (`scheme:...`)
+/// or a DNS name SAN (`*.` wildcards included), compared as written.
+/// Anything else can never match a certificate, so it is refused.
 pub(super) fn identity(identity: &str) -> Result<(), &'static str> {
     if identity.is_empty() || identity.chars().any(char::is_whitespace) {
         return Err("must be a DNS name or URI without spaces");
     }
-    Ok(())
+    if identity.parse::<std::net::IpAddr>().is_ok() {
+        return Err(
+            "is an IP address, which never matches: identities are a certificate's DNS or URI names, never its IP addresses",
+        );
+    }
+    let dns = |name: &str| rustls_pki_types::DnsName::try_from(name).is_ok();
+    let wildcard = identity.strip_prefix("*.").is_some_and(dns);
+    if is_uri(identity) || dns(identity) || wildcard {
+        return Ok(());
+    }
+    if identity.contains('=') {
+        return Err(
+            "looks like a subject name (`CN=...`), which is never used: identities are a certificate's DNS or URI names",
+        );
+    }
+    Err("is neither a DNS name nor a URI (`scheme:...`), so no certificate name can match it")
+}
+
+/// Whether `text` starts with a URI scheme and a colon (RFC 3986:
+/// a letter, then letters, digits, '+', '-' or '.').
+fn is_uri(text: &str) -> bool {
+    let Some((scheme, _)) = text.split_once(':') else {
+        return false;
+    };
+    let mut chars = scheme.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
 }
 
 /// Upstream names appear in logs and metric labels, so they are kept plain.

@@ -20,7 +20,7 @@ use super::upstreams::upstreams;
 use super::values::{Zero, address, duration, fill, integer, rate, size, string};
 use super::{Config, Settings, rules};
 use crate::policy::limits::Limit;
-use crate::tls::TlsSettings;
+use crate::tls::{TlsPlaces, TlsSettings};
 
 const TOP_KEYS: &[&str] = &["defaults", "tls", "upstream", "client", "admin"];
 const DEFAULTS_KEYS: &[&str] = &[
@@ -77,6 +77,7 @@ pub(super) fn document(p: &mut Problems<'_>) -> Option<Config> {
         tls,
         clients: clients?,
         admin,
+        warnings: Vec::new(),
     })
 }
 
@@ -122,6 +123,15 @@ fn defaults(p: &mut Problems<'_>, root: &DeTable<'_>) -> Option<Settings> {
         _ => integer(p, v, "workers", rules::WORKERS).map(|n| n as usize),
     });
     ok &= fill(&mut s.workers, workers);
+    if let Some(v) = find(table, "bulk_buffer_size").filter(|_| ok) {
+        if s.bulk_buffer_size < s.buffer_size {
+            let message = format!(
+                "`bulk_buffer_size` ({}) is below `buffer_size` ({}): bulk buffers will be {} bytes, so there is no bulk upgrade",
+                s.bulk_buffer_size, s.buffer_size, s.buffer_size
+            );
+            p.warn(v.span(), message);
+        }
+    }
     ok.then_some(s)
 }
 
@@ -151,15 +161,21 @@ fn tls(p: &mut Problems<'_>, root: &DeTable<'_>) -> Option<Option<TlsSettings>> 
     };
     let table = as_table(p, value, "`tls` must be a table ([tls])".to_string())?;
     unknown_keys(p, table, TLS_KEYS, "in [tls]");
-    let mut path = |key: &str| match find(table, key) {
-        Some(v) => string(p, v, key).map(PathBuf::from),
+    let mut places = TlsPlaces::default();
+    let mut path = |key: &str, place: &mut Option<String>| match find(table, key) {
+        Some(v) => {
+            *place = Some(p.place(v.span()));
+            string(p, v, key).map(PathBuf::from)
+        }
         None => {
             p.at(value.span(), format!("[tls] has no `{key}`"));
             None
         }
     };
-    let (cert, key, client_ca) = (path("cert"), path("key"), path("client_ca"));
-    let crl = crl(p, table);
+    let cert = path("cert", &mut places.cert);
+    let key = path("key", &mut places.key);
+    let client_ca = path("client_ca", &mut places.client_ca);
+    let crl = crl(p, table, &mut places.crl);
     let handshake_timeout = find(table, "handshake_timeout")
         .map_or(Some(TlsSettings::DEFAULT_HANDSHAKE_TIMEOUT), |v| {
             duration(p, v, "handshake_timeout", Zero::Refused)
@@ -182,20 +198,32 @@ fn tls(p: &mut Problems<'_>, root: &DeTable<'_>) -> Option<Option<TlsSettings>> 
         handshake_timeout: handshake_timeout?,
         max_handshakes: max_handshakes?,
         max_handshakes_per_source: max_handshakes_per_source?,
+        places,
     }))
 }
 
-/// `crl` of `[tls]`: one file name or an array of them.
-fn crl(p: &mut Problems<'_>, table: &DeTable<'_>) -> Option<Vec<PathBuf>> {
+/// `crl` of `[tls]`: one file name or an array of them; `places` gets
+/// where each is named.
+fn crl(
+    p: &mut Problems<'_>,
+    table: &DeTable<'_>,
+    places: &mut Vec<String>,
+) -> Option<Vec<PathBuf>> {
     let Some(v) = find(table, "crl") else {
         return Some(Vec::new());
     };
     match v.get_ref() {
-        DeValue::String(s) => Some(vec![PathBuf::from(s.as_ref())]),
+        DeValue::String(s) => {
+            places.push(p.place(v.span()));
+            Some(vec![PathBuf::from(s.as_ref())])
+        }
         DeValue::Array(items) => {
             let paths: Vec<Option<PathBuf>> = items
                 .iter()
-                .map(|item| string(p, item, "crl").map(PathBuf::from))
+                .map(|item| {
+                    places.push(p.place(item.span()));
+                    string(p, item, "crl").map(PathBuf::from)
+                })
                 .collect();
             paths.into_iter().collect()
         }
@@ -228,7 +256,7 @@ mod tests {
     use std::path::PathBuf;
     use std::time::Duration;
 
-    use crate::config::{Config, problems};
+    use crate::config::{Config, problems, warnings};
     use crate::policy::limits::Limit;
 
     #[test]
@@ -311,6 +339,25 @@ hosts = ["127.0.0.1:1", "nope"]
             format!("[defaults]\nbuffer_size = \"128KiB\"\nbulk_buffer_size = 16384\n{base}");
         let config = Config::parse(&text, "x").unwrap();
         assert_eq!(config.settings.bulk_buffer(), 128 * 1024);
+        // Raised, and said so.
+        assert_eq!(
+            warnings(&text),
+            [
+                "lb.toml:3:20: warning: `bulk_buffer_size` (16384) is below `buffer_size` (131072): bulk buffers will be 131072 bytes, so there is no bulk upgrade"
+            ]
+        );
+        let equal = format!("[defaults]\nbuffer_size = 4096\nbulk_buffer_size = 4096\n{base}");
+        assert_eq!(
+            warnings(&equal),
+            Vec::<String>::new(),
+            "equal turns the upgrade off"
+        );
+        let unset = format!("[defaults]\nbuffer_size = \"128KiB\"\n{base}");
+        assert_eq!(
+            warnings(&unset),
+            Vec::<String>::new(),
+            "the default follows"
+        );
         let found = problems(&format!("[defaults]\nbuffer_size = 512\n{base}"));
         assert_eq!(
             found,

@@ -10,14 +10,14 @@ use std::ops::Range;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
-use super::UpstreamConfig;
 use super::problems::Problems;
 use super::rules;
 use super::tables::{as_table, find, tables, unknown_keys};
 use super::values::{Value, Zero, address, boolean, duration, fill, integer, string};
+use super::{RefusalMode, UpstreamConfig};
 use crate::policy::health::HealthSettings;
 
-const UPSTREAM_KEYS: &[&str] = &["name", "listen", "hosts", "tls", "health"];
+const UPSTREAM_KEYS: &[&str] = &["name", "listen", "hosts", "tls", "refusal", "health"];
 const HEALTH_KEYS: &[&str] = &[
     "interval",
     "timeout",
@@ -83,7 +83,7 @@ fn upstream(
         }
     };
     let hosts = match find(table, "hosts") {
-        Some(v) => hosts(p, v, &label),
+        Some(v) => hosts(p, v, &label, listen.as_ref().map(|l| *l.get_ref())),
         None => {
             p.at(span, format!("{label} has no `hosts`"));
             None
@@ -94,14 +94,18 @@ fn upstream(
         let not_a_table = format!("{label}: `health` must be a table ([upstream.health])");
         as_table(p, v, not_a_table).and_then(|t| health(p, t, &label))
     });
-    let config = match (&name, &listen, hosts, tls, health) {
-        (Some(name), Some(listen), Some(hosts), Some(tls), Some(health)) => Some(UpstreamConfig {
-            name: name.get_ref().clone(),
-            listen: *listen.get_ref(),
-            hosts,
-            tls,
-            health,
-        }),
+    let refusal = find(table, "refusal").map_or(Some(RefusalMode::default()), |v| refusal(p, v));
+    let config = match (&name, &listen, hosts, tls, health, refusal) {
+        (Some(name), Some(listen), Some(hosts), Some(tls), Some(health), Some(refusal)) => {
+            Some(UpstreamConfig {
+                name: name.get_ref().clone(),
+                listen: *listen.get_ref(),
+                hosts,
+                tls,
+                health,
+                refusal,
+            })
+        }
         _ => None,
     };
     ParsedUpstream {
@@ -122,7 +126,14 @@ fn name(p: &mut Problems<'_>, v: &Value<'_>) -> Option<Spanned<String>> {
     }
 }
 
-fn hosts(p: &mut Problems<'_>, v: &Value<'_>, label: &str) -> Option<Vec<SocketAddr>> {
+/// `hosts` of an upstream: none twice, none on port 0, none that is the
+/// upstream's own `listen` address (tcplb would connect to itself).
+fn hosts(
+    p: &mut Problems<'_>,
+    v: &Value<'_>,
+    label: &str,
+    listen: Option<SocketAddr>,
+) -> Option<Vec<SocketAddr>> {
     let DeValue::Array(items) = v.get_ref() else {
         let message = format!("{label}: `hosts` must be an array of \"host:port\" strings");
         p.at(v.span(), message);
@@ -141,6 +152,22 @@ fn hosts(p: &mut Problems<'_>, v: &Value<'_>, label: &str) -> Option<Vec<SocketA
                 let message = format!("{label}: host {} is listed twice", addr.get_ref());
                 p.at(item.span(), message);
             }
+            Some(addr) if addr.get_ref().port() == 0 => {
+                ok = false;
+                let message = format!(
+                    "{label}: host {} has port 0, which nothing can be connected to",
+                    addr.get_ref()
+                );
+                p.at(item.span(), message);
+            }
+            Some(addr) if listen.is_some_and(|l| loops_back(l, *addr.get_ref())) => {
+                ok = false;
+                let message = format!(
+                    "{label}: host {} is the upstream's own listen address: tcplb would connect to itself, each connection making another",
+                    addr.get_ref()
+                );
+                p.at(item.span(), message);
+            }
             Some(addr) => hosts.push(*addr.get_ref()),
             None => ok = false,
         }
@@ -157,6 +184,18 @@ fn tls(p: &mut Problems<'_>, v: &Value<'_>, label: &str, tls_present: bool) -> O
         return None;
     }
     Some(tls)
+}
+
+/// `refusal` of an upstream: how its refused clients are told.
+fn refusal(p: &mut Problems<'_>, v: &Value<'_>) -> Option<RefusalMode> {
+    let name = string(p, v, "refusal")?;
+    let mode = RefusalMode::from_name(name);
+    if mode.is_none() {
+        let expected = RefusalMode::NAMES.map(|n| format!("\"{n}\"")).join(", ");
+        let message = format!("`refusal` must be one of {expected}, not \"{name}\"");
+        p.at(v.span(), message);
+    }
+    mode
 }
 
 /// `[upstream.health]`: its presence turns active checks on.
@@ -225,6 +264,20 @@ fn distinct_listens(p: &mut Problems<'_>, upstreams: &[ParsedUpstream]) {
             p.at(listen.span(), message);
         }
     }
+}
+
+/// Whether connecting to `host` reaches the listener on `listen`: the
+/// same address, or a loopback address on the port of a wildcard listener
+/// (IPv6 wildcards take IPv4 too). Other local addresses are not known
+/// here, so a host on another interface address is not caught.
+fn loops_back(listen: SocketAddr, host: SocketAddr) -> bool {
+    if listen.port() == 0 || listen.port() != host.port() {
+        return false;
+    }
+    listen.ip() == host.ip()
+        || (listen.ip().is_unspecified()
+            && (host.ip().is_loopback() || host.ip().is_unspecified())
+            && (listen.is_ipv6() || host.is_ipv4()))
 }
 
 /// Two listen addresses collide when they share a port and either the same IP
@@ -296,6 +349,62 @@ hosts = ["127.0.0.1:6380"]
         assert!(
             text.contains("8:1: unknown key `whatever` in the health table of upstream `a`"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn refusal_says_how_clients_are_turned_away() {
+        let upstream = |refusal: &str| {
+            format!(
+                "[[upstream]]\nname=\"a\"\nlisten=\"127.0.0.1:0\"\nhosts=[\"127.0.0.1:1\"]\n{refusal}"
+            )
+        };
+        let mode =
+            |text: &str| Config::parse(&upstream(text), "lb.toml").unwrap().upstreams[0].refusal;
+        assert_eq!(mode(""), RefusalMode::Line);
+        assert_eq!(mode("refusal = \"line\""), RefusalMode::Line);
+        assert_eq!(mode("refusal = \"close\""), RefusalMode::Close);
+        assert_eq!(mode("refusal = \"reset\""), RefusalMode::Reset);
+        assert_eq!(
+            problems(&upstream("refusal = \"drop\"")),
+            ["lb.toml:5:11: `refusal` must be one of \"line\", \"close\", \"reset\", not \"drop\""]
+        );
+        assert_eq!(
+            problems(&upstream("refusal = true")),
+            ["lb.toml:5:11: `refusal` must be a string"]
+        );
+    }
+
+    #[test]
+    fn hosts_that_cannot_work_are_errors() {
+        let found = problems(
+            r#"[[upstream]]
+name = "a"
+listen = "127.0.0.1:7000"
+hosts = ["127.0.0.1:0", "127.0.0.1:7000", "127.0.0.1:7001"]
+
+[[upstream]]
+name = "b"
+listen = "0.0.0.0:7002"
+hosts = ["127.0.0.1:7002", "[::1]:7002", "10.0.0.1:7002"]
+"#,
+        );
+        assert_eq!(
+            found,
+            [
+                "lb.toml:4:10: upstream `a`: host 127.0.0.1:0 has port 0, which nothing can be connected to",
+                "lb.toml:4:25: upstream `a`: host 127.0.0.1:7000 is the upstream's own listen address: tcplb would connect to itself, each connection making another",
+                "lb.toml:9:10: upstream `b`: host 127.0.0.1:7002 is the upstream's own listen address: tcplb would connect to itself, each connection making another",
+            ]
+        );
+        let any: SocketAddr = "[::]:80".parse().unwrap();
+        assert!(loops_back(any, "127.0.0.1:80".parse().unwrap()));
+        assert!(loops_back(any, "[::1]:80".parse().unwrap()));
+        assert!(!loops_back(any, "127.0.0.1:81".parse().unwrap()));
+        let zero: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        assert!(
+            !loops_back(zero, zero),
+            "port 0 listens on a port of its own"
         );
     }
 

@@ -153,22 +153,25 @@ pub(super) fn integer(
     key: &str,
     bounds: RangeInclusive<i64>,
 ) -> Option<i64> {
-    let parsed = match v.get_ref() {
-        DeValue::Integer(i) => i64::from_str_radix(i.as_str(), i.radix()).ok(),
-        _ => None,
-    };
     let (min, max) = (*bounds.start(), *bounds.end());
-    match parsed {
-        Some(n) if bounds.contains(&n) => Some(n),
-        Some(n) => {
-            p.at(
-                v.span(),
-                format!("`{key}` must be between {min} and {max}, not {n}"),
-            );
+    let out_of_bounds = |p: &mut Problems<'_>, written: &str| {
+        let message = format!("`{key}` must be between {min} and {max}, not {written}");
+        p.at(v.span(), message);
+    };
+    let DeValue::Integer(i) = v.get_ref() else {
+        p.at(v.span(), format!("`{key}` must be an integer"));
+        return None;
+    };
+    match i64::from_str_radix(i.as_str(), i.radix()) {
+        Ok(n) if bounds.contains(&n) => Some(n),
+        Ok(n) => {
+            out_of_bounds(p, &n.to_string());
             None
         }
-        None => {
-            p.at(v.span(), format!("`{key}` must be an integer"));
+        // Too large even for i64: out of bounds all the same, shown as written.
+        Err(_) => {
+            let written = p.text().get(v.span()).unwrap_or(i.as_str()).to_string();
+            out_of_bounds(p, &written);
             None
         }
     }
@@ -177,9 +180,11 @@ pub(super) fn integer(
 /// An integer or a float, finite.
 pub(super) fn number(p: &mut Problems<'_>, v: &Value<'_>, key: &str) -> Option<f64> {
     let parsed = match v.get_ref() {
+        // Beyond i64 an integer is still a number (a rule then bounds it).
         DeValue::Integer(i) => i64::from_str_radix(i.as_str(), i.radix())
+            .map(|n| n as f64)
             .ok()
-            .map(|n| n as f64),
+            .or_else(|| (i.radix() == 10).then(|| i.as_str().parse().ok()).flatten()),
         DeValue::Float(f) => f.as_str().replace('_', "").parse::<f64>().ok(),
         _ => None,
     };
@@ -277,6 +282,25 @@ mod tests {
                 "{value}"
             );
         }
+    }
+
+    #[test]
+    fn integers_too_large_for_any_type_are_out_of_bounds() {
+        let base = "[[upstream]]\nname=\"x\"\nlisten=\"127.0.0.1:0\"\nhosts=[\"127.0.0.1:1\"]\n";
+        let found = problems(&format!(
+            "[defaults]\nmax_connections = 99999999999999999999\nbacklog = -99999999999999999999\nsource_rate = 99999999999999999999\nbuffer_size = 0x7fffffffffffffffff\n{base}"
+        ));
+        assert_eq!(
+            found,
+            [
+                "lb.toml:2:19: `max_connections` must be between 1 and 4294967295, not 99999999999999999999",
+                "lb.toml:3:11: `backlog` must be between 1 and 65535, not -99999999999999999999",
+                "lb.toml:4:15: `source_rate` must be between 1/86400 (one a day) and 1000000 per second, not 100000000000000000000",
+                "lb.toml:5:15: `buffer_size` must be between 1024 and 67108864, not 0x7fffffffffffffffff",
+            ]
+        );
+        let found = problems(&format!("[defaults]\nbacklog = 1.5\n{base}"));
+        assert_eq!(found, ["lb.toml:2:11: `backlog` must be an integer"]);
     }
 
     #[test]

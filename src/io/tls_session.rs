@@ -79,7 +79,7 @@ impl TlsSession {
                 Err(e) => {
                     // rustls queued an alert saying why; send it if we can.
                     let _ = self.flush(ep);
-                    return Handshake::Failed(e.to_string());
+                    return Handshake::Failed(crate::tls::handshake_failure(&e));
                 }
             }
         }

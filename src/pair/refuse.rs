@@ -1,11 +1,15 @@
-//! Turning a client away: one line saying why (over TLS: the line, then
-//! `close_notify`), FIN, then reading and dropping what the client still
-//! sends until it finishes, so that closing does not turn into a reset
-//! that could destroy the line before it is read.
+//! Turning a client away, the way its upstream's `refusal` says: by
+//! default one line saying why (over TLS: the line, then `close_notify`),
+//! FIN, then reading and dropping what the client still sends until it
+//! finishes, so that closing does not turn into a reset that could destroy
+//! the line before it is read. `close` does the same without the line;
+//! `reset` closes at once with RST. Every refusal is logged and counted
+//! by its code whichever way the client is told.
 
 use log::info;
 
 use super::{Context, End, Pair, REFUSAL_LINGER, REFUSING_CAP, Refusal, State, Step};
+use crate::config::RefusalMode;
 use crate::io::endpoint::Discarded;
 
 /// Bytes of a refused client's input read and dropped before giving up on a
@@ -16,7 +20,11 @@ const DISCARD_LIMIT: usize = 64 * 1024;
 /// How far a refusal has got.
 #[derive(Debug, Default)]
 pub(super) struct Progress {
-    /// Bytes of the line sent (over TLS: queued into the session).
+    /// No line: only FIN (over TLS: `close_notify`, then FIN).
+    silent: bool,
+    /// The line (and over TLS `close_notify`) is queued into the session.
+    queued: bool,
+    /// Bytes of the line written to a plain socket.
     written: usize,
     /// The client's write side is shut (after the line, and `close_notify`).
     shut: bool,
@@ -27,7 +35,7 @@ pub(super) struct Progress {
 
 impl Pair {
     /// Refuses the client: logs and counts it once, gives back its client
-    /// count, and sends the line.
+    /// count, and tells the client as its upstream's `refusal` says.
     pub(super) fn refuse_with(&mut self, ctx: &mut Context<'_>, refusal: Refusal) -> Step {
         self.unlogged = !ctx.logs.refusals.allow(refusal.code(), ctx.now);
         if !self.unlogged {
@@ -50,10 +58,22 @@ impl Pair {
         // A refused client holds no place in its rule's count, nor a host.
         self.client.lease = None;
         self.slot = None;
+        let silent = match self.upstream.refusal {
+            RefusalMode::Line => false,
+            RefusalMode::Close => true,
+            RefusalMode::Reset => {
+                // Decided here, not at close: a reload may change the mode.
+                self.client.endpoint.abort();
+                return Step::Finish(End::Refused(refusal));
+            }
+        };
         let deadline = ctx.now + REFUSAL_LINGER;
         self.transition(ctx.census, |_| State::Refusing {
             refusal,
-            progress: Progress::default(),
+            progress: Progress {
+                silent,
+                ..Progress::default()
+            },
             deadline,
         });
         // A fresh socket can take a short line: try now rather than a turn later.
@@ -66,8 +86,8 @@ impl Pair {
         step
     }
 
-    /// Sends what is left of the line, then reads and drops the client's
-    /// input until it finishes.
+    /// Sends what is left of the line (if it says one), then reads and
+    /// drops the client's input until it finishes.
     pub(super) fn refuse(&mut self, _ctx: &mut Context<'_>) -> Step {
         let State::Refusing {
             refusal, progress, ..
@@ -76,14 +96,18 @@ impl Pair {
             unreachable!("only refusing pairs refuse");
         };
         let end = Step::Finish(End::Refused(*refusal));
-        let line = refusal.line();
+        let line = if progress.silent {
+            String::new()
+        } else {
+            refusal.line()
+        };
         let client = &mut self.client;
         let ep = &mut client.endpoint;
         let sent = match client.tls.as_deref_mut() {
             Some(tls) => {
-                if progress.written == 0 {
+                if !progress.queued {
                     tls.queue_last_words(line.as_bytes());
-                    progress.written = line.len();
+                    progress.queued = true;
                 }
                 tls.flush(ep).map(|_| !tls.wants_write())
             }

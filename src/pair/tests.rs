@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use mio::{Events, Poll, Token};
 
 use super::*;
+use crate::config::{RefusalMode, UpstreamConfig};
 use crate::io::Endpoint;
 use crate::policy::balance::LoadBalancer;
 use crate::policy::health::HealthSettings;
@@ -38,15 +39,19 @@ impl World {
             poll: Poll::new().unwrap(),
             settings: Settings::default(),
             pool: BufferPool::new(16 * 1024, 64 * 1024, 1 << 20),
-            upstream: Arc::new(Upstream {
-                id: 0,
-                name: "test".into(),
-                configured_listen: "127.0.0.1:0".parse().unwrap(),
-                listen: "127.0.0.1:0".parse().unwrap(),
-                balancer: LoadBalancer::new(hosts),
-                tls: false,
-                health: HealthSettings::default(),
-            }),
+            upstream: Arc::new(Upstream::new(
+                0,
+                &UpstreamConfig {
+                    name: "test".into(),
+                    listen: "127.0.0.1:0".parse().unwrap(),
+                    hosts: hosts.clone(),
+                    tls: false,
+                    health: HealthSettings::default(),
+                    refusal: RefusalMode::default(),
+                },
+                "127.0.0.1:0".parse().unwrap(),
+                LoadBalancer::new(hosts),
+            )),
             counters: Counters::default(),
             access: Access::new(Vec::new()),
             capacity: Arc::default(),

@@ -135,6 +135,7 @@ impl Capacity {
     }
 
     /// Handshakes in progress from `source`'s address (or IPv6 /64).
+    #[cfg(test)]
     pub fn handshakes_from(&self, source: IpAddr) -> usize {
         self.sources()
             .get(&source_key(source))
@@ -142,15 +143,23 @@ impl Capacity {
             .unwrap_or(0)
     }
 
-    /// The source with the most handshakes in progress, how many it has,
-    /// and how many sources have any.
-    pub fn busiest_source(&self) -> Option<(IpAddr, usize, usize)> {
+    /// The sources that hold more than their fair share of handshakes,
+    /// with how many they hold, when `client`'s source holds less than
+    /// its own (empty otherwise). A fair share is an equal part of `max`
+    /// among the sources that hold any, the client's included.
+    pub fn over_fair_share(&self, client: IpAddr, max: usize) -> HashMap<IpAddr, usize> {
         let by_source = self.sources();
-        let sources = by_source.len();
+        let client = source_key(client);
+        let mine = by_source.get(&client).copied().unwrap_or(0);
+        let fair = max / (by_source.len() + usize::from(mine == 0)).max(1);
+        if mine >= fair {
+            return HashMap::new();
+        }
         by_source
             .iter()
-            .max_by_key(|(_, n)| **n)
-            .map(|(ip, n)| (*ip, *n, sources))
+            .filter(|(source, n)| **n > fair && **source != client)
+            .map(|(source, n)| (*source, *n))
+            .collect()
     }
 }
 
@@ -182,9 +191,26 @@ mod tests {
         let s3 = c.handshake(b, 3, 2).unwrap();
         assert_eq!(c.handshakes_from(b2), 1, "one IPv6 /64");
         assert_eq!(c.handshake(b2, 3, 2).err(), Some(false), "in all");
-        assert_eq!(c.busiest_source(), Some((a, 2, 2)));
         drop((s1, s2, s3));
         assert_eq!((c.handshakes(), c.handshakes_from(a)), (0, 0));
-        assert_eq!(c.busiest_source(), None);
+    }
+
+    #[test]
+    fn only_sources_over_a_fair_share_give_way_to_one_under_it() {
+        let c = Arc::new(Capacity::default());
+        let [a, b, d]: [IpAddr; 3] =
+            ["10.0.0.1", "10.0.0.2", "10.0.0.3"].map(|s| s.parse().unwrap());
+        let slots: Vec<_> = [a, a, a, a, b, b]
+            .into_iter()
+            .map(|ip| c.handshake(ip, 6, 6).unwrap())
+            .collect();
+        // Three sources with d: a fair share is 2; only a holds more.
+        assert_eq!(c.over_fair_share(d, 6), HashMap::from([(a, 4)]));
+        // Between a and b alone a fair share is 3: b may take one of a's,
+        // a (over its share) nobody's.
+        assert_eq!(c.over_fair_share(b, 6), HashMap::from([(a, 4)]));
+        assert!(c.over_fair_share(a, 6).is_empty());
+        drop(slots);
+        assert!(c.over_fair_share(d, 6).is_empty());
     }
 }

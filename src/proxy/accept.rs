@@ -3,6 +3,7 @@
 //! what the per-source limits and the handshake caps refuse before any work
 //! is spent on it, and creating the pair of everything else.
 
+use std::cmp::Reverse;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -187,26 +188,25 @@ impl Worker {
 
     /// Every handshake slot is taken: if `client`'s source has fewer than
     /// its fair share of them (an equal share among the sources that
-    /// hold any, itself included) while the busiest source has more, that
-    /// source's oldest (slowest) handshake in this worker makes room. A
-    /// flood from a few addresses then cannot keep everyone else from a
-    /// handshake.
+    /// hold any, itself included), the oldest (slowest) handshake in this
+    /// worker of the source furthest over its share makes room. A flood
+    /// from a few addresses then cannot keep everyone else from a
+    /// handshake, whichever worker its handshakes landed on.
     fn make_handshake_room(&mut self, client: SocketAddr, max: usize, now: Instant) -> bool {
-        let capacity = &self.shared.capacity;
-        let Some((busiest, most, sources)) = capacity.busiest_source() else {
-            return false;
-        };
-        let mine = capacity.handshakes_from(client.ip());
-        let fair = max / (sources + usize::from(mine == 0)).max(1);
-        if mine >= fair || most <= fair || busiest == source_key(client.ip()) {
+        let over = self.shared.capacity.over_fair_share(client.ip(), max);
+        if over.is_empty() {
             return false;
         }
         let victim = self
             .pairs
             .iter()
-            .filter(|(_, p)| p.is_handshaking() && source_key(p.client_addr.ip()) == busiest)
-            .min_by_key(|(_, p)| p.started)
-            .map(|(key, p)| (key, p.upstream.id));
+            .filter(|(_, p)| p.is_handshaking())
+            .filter_map(|(key, p)| {
+                let held = over.get(&source_key(p.client_addr.ip()))?;
+                Some((key, p, *held))
+            })
+            .min_by_key(|(_, p, held)| (Reverse(*held), p.started))
+            .map(|(key, p, _)| (key, p.upstream.id));
         let Some((key, upstream)) = victim else {
             return false;
         };

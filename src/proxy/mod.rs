@@ -45,7 +45,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::mpsc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use log::{info, warn};
 use mio::net::TcpListener;
@@ -90,10 +90,18 @@ impl Proxy {
     /// accepted until [`run`](Proxy::run).
     pub fn bind(config: &Config) -> Result<Proxy, Error> {
         let setup = |what| move |source| Error::Setup { what, source };
+        let mut tls_warnings = Vec::new();
         let tls = match &config.tls {
-            Some(settings) => Some((settings.server_config()?, settings.clone())),
+            Some(settings) => {
+                let (server, warnings) = settings.load(SystemTime::now())?;
+                tls_warnings = warnings;
+                Some((server, settings.clone()))
+            }
             None => None,
         };
+        for warning in config.warnings.iter().chain(&tls_warnings) {
+            warn!("{warning}");
+        }
         let n = config.settings.workers.max(1);
         let s = &config.settings;
         let mut upstreams = Vec::with_capacity(config.upstreams.len());
@@ -106,15 +114,8 @@ impl Proxy {
                     source,
                 })?;
             groups.push((id, group));
-            upstreams.push(Arc::new(Upstream {
-                id,
-                name: u.name.clone(),
-                configured_listen: u.listen,
-                listen: local,
-                balancer: LoadBalancer::new(u.hosts.clone()),
-                tls: u.tls,
-                health: u.health.clone(),
-            }));
+            let balancer = LoadBalancer::new(u.hosts.clone());
+            upstreams.push(Arc::new(Upstream::new(id, u, local, balancer)));
         }
         let shared = Arc::new(Shared::new(Snapshot {
             settings: config.settings.clone(),

@@ -57,10 +57,12 @@ pub(super) enum Order {
     /// Report counters.
     Stats(Sender<WorkerStats>),
     /// A new snapshot is in force: take it, with these new listeners;
-    /// pairs of removed upstreams and hosts get until `drain_by`.
+    /// pairs of removed upstreams and hosts get until `drain_by`. The
+    /// worker answers on `applied` once it accepts under the new config.
     Reload {
         listeners: Vec<(usize, TcpListener)>,
         drain_by: Instant,
+        applied: Sender<()>,
     },
     /// Stop accepting; let pairs finish until `deadline`, then close them.
     Shutdown { deadline: Instant },
@@ -296,7 +298,11 @@ impl Worker {
                 Order::Reload {
                     listeners,
                     drain_by,
-                } => self.reload(listeners, drain_by),
+                    applied,
+                } => {
+                    self.reload(listeners, drain_by);
+                    let _ = applied.send(());
+                }
                 Order::Shutdown { deadline } => self.shutdown(deadline),
                 Order::StopNow => self.stop_now = true,
                 Order::CloseHost(host) => self.close_host(&host, now),

@@ -160,10 +160,12 @@ pub fn config(hosts: &[SocketAddr], settings: Settings) -> Config {
             hosts: hosts.to_vec(),
             tls: false,
             health: Default::default(),
+            refusal: Default::default(),
         }],
         tls: None,
         clients: Vec::new(),
         admin: None,
+        warnings: Vec::new(),
     }
 }
 
@@ -190,7 +192,12 @@ pub fn with_test_workers(mut config: Config) -> Config {
 }
 
 pub fn start(config: Config) -> Running {
-    let config = with_test_workers(config);
+    start_as_given(with_test_workers(config))
+}
+
+/// `start` with exactly the workers `config` names, whatever
+/// `TCPLB_TEST_WORKERS` says.
+pub fn start_as_given(config: Config) -> Running {
     let proxy = Proxy::bind(&config).unwrap();
     let addr = proxy.listen_addr(&config.upstreams[0].name).unwrap();
     let handle = proxy.handle();

@@ -73,22 +73,32 @@ impl Pki {
             server_cert: PathBuf::new(),
             server_key: PathBuf::new(),
         };
-        let server = pki.issue(
-            vec![SanType::DnsName("localhost".try_into().unwrap())],
-            ExtendedKeyUsagePurpose::ServerAuth,
-            false,
-            "server",
-        );
+        let server = pki.server_valid(None, "server");
         pki.server_cert = server.cert_path;
         pki.server_key = server.key_path;
         pki
+    }
+
+    /// A server certificate (for "localhost") valid from and until the
+    /// given times, or for rcgen's default centuries; written as `file`.
+    pub fn server_valid(
+        &self,
+        validity: Option<(time::OffsetDateTime, time::OffsetDateTime)>,
+        file: &str,
+    ) -> ClientCert {
+        self.issue(
+            vec![SanType::DnsName("localhost".try_into().unwrap())],
+            ExtendedKeyUsagePurpose::ServerAuth,
+            validity,
+            file,
+        )
     }
 
     fn issue(
         &self,
         sans: Vec<SanType>,
         usage: ExtendedKeyUsagePurpose,
-        expired: bool,
+        validity: Option<(time::OffsetDateTime, time::OffsetDateTime)>,
         file: &str,
     ) -> ClientCert {
         let key = KeyPair::generate().unwrap();
@@ -99,9 +109,9 @@ impl Pki {
         params.extended_key_usages = vec![usage];
         let serial = SEQUENCE.fetch_add(1, Ordering::Relaxed);
         params.serial_number = Some(SerialNumber::from(serial));
-        if expired {
-            params.not_before = date_time_ymd(2020, 1, 1);
-            params.not_after = date_time_ymd(2021, 1, 1);
+        if let Some((not_before, not_after)) = validity {
+            params.not_before = not_before;
+            params.not_after = not_after;
         }
         let issuer = Issuer::from_params(&self.ca_params, &self.ca_key);
         let cert = params.signed_by(&key, &issuer).unwrap();
@@ -130,10 +140,11 @@ impl Pki {
             SanType::DnsName(name.try_into().unwrap())
         };
         let file = format!("client-{}", SEQUENCE.fetch_add(1, Ordering::Relaxed));
+        let validity = expired.then(|| (date_time_ymd(2020, 1, 1), date_time_ymd(2021, 1, 1)));
         self.issue(
             vec![san],
             ExtendedKeyUsagePurpose::ClientAuth,
-            expired,
+            validity,
             &file,
         )
     }
@@ -172,6 +183,7 @@ impl Pki {
             handshake_timeout,
             max_handshakes: TlsSettings::DEFAULT_MAX_HANDSHAKES,
             max_handshakes_per_source: TlsSettings::DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
+            places: Default::default(),
         }
     }
 
