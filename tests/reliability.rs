@@ -258,20 +258,70 @@ fn digest_until_eof(s: &mut TcpStream) -> std::io::Result<(Vec<u8>, usize)> {
     }
 }
 
+/// What a chaos host received of a transfer whose client reset.
+#[derive(Debug)]
+struct ResetTransfer {
+    seed: u64,
+    /// Bytes of the seeded stream that arrived before the stream ended.
+    received: u64,
+    /// Every one of them was the stream's next byte.
+    exact: bool,
+    /// The stream ended with ECONNRESET (not EOF, not a timeout).
+    reset: bool,
+}
+
+/// Reads a seeded stream until it ends, checking every byte, and reports it.
+fn check_until_reset(conn: &mut TcpStream, seed: u64, resets: &mpsc::Sender<ResetTransfer>) {
+    let mut stream = Stream::new(seed, usize::MAX);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut received = 0;
+    let mut exact = true;
+    let reset = loop {
+        match conn.read(&mut buf) {
+            Ok(0) => break false,
+            Ok(n) => {
+                exact &= buf[..n] == stream.next(n)[..];
+                received += n as u64;
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => break e.kind() == ErrorKind::ConnectionReset,
+        }
+    };
+    let _ = resets.send(ResetTransfer {
+        seed,
+        received,
+        exact,
+        reset,
+    });
+}
+
 /// A host that speaks a one-byte mode first: `E` echoes everything; `H`
 /// reads a seed and a length, streams that many seeded bytes, half-closes,
-/// then reads the client's seeded stream to EOF and checks it.
-fn spawn_chaos_host(ok: Arc<AtomicU64>, bad: Arc<AtomicU64>) -> SocketAddr {
+/// then reads the client's seeded stream to EOF and checks it; `R` reads
+/// a seed, then checks the client's seeded stream until it ends (the
+/// client resets) and reports what arrived to `resets`.
+fn spawn_chaos_host(
+    ok: Arc<AtomicU64>,
+    bad: Arc<AtomicU64>,
+    resets: mpsc::Sender<ResetTransfer>,
+) -> SocketAddr {
     let listener = TcpListener::bind(localhost()).unwrap();
     let addr = listener.local_addr().unwrap();
     thread::spawn(move || {
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { continue };
-            let (ok, bad) = (ok.clone(), bad.clone());
+            let (ok, bad, resets) = (ok.clone(), bad.clone(), resets.clone());
             thread::spawn(move || {
                 let _ = conn.set_read_timeout(Some(Duration::from_secs(300)));
                 let mut mode = [0u8; 1];
                 if conn.read_exact(&mut mode).is_err() {
+                    return;
+                }
+                if mode[0] == b'R' {
+                    let mut seed = [0u8; 8];
+                    if conn.read_exact(&mut seed).is_ok() {
+                        check_until_reset(&mut conn, u64::from_le_bytes(seed), &resets);
+                    }
                     return;
                 }
                 if mode[0] == b'H' {
@@ -317,9 +367,17 @@ fn spawn_chaos_host(ok: Arc<AtomicU64>, bad: Arc<AtomicU64>) -> SocketAddr {
     addr
 }
 
-/// One chaos client; returns whether its transfer was checked and correct
-/// (`None` for the clients that reset on purpose).
-fn chaos_client(addr: SocketAddr, i: usize, bytes: usize) -> Option<bool> {
+/// How one chaos client's transfer went.
+enum Transfer {
+    /// Completed, and checked by the client: whether it was correct.
+    Checked(bool),
+    /// Reset by the client after `acknowledged` bytes of its stream had
+    /// been acknowledged by tcplb's kernel; the host checks and reports it.
+    Reset { seed: u64, acknowledged: u64 },
+}
+
+/// One chaos client.
+fn chaos_client(addr: SocketAddr, i: usize, bytes: usize) -> Transfer {
     let mut rng = Rng::new(i as u64 * 7 + 1);
     let seed = i as u64 * 1000;
     let mut s = TcpStream::connect(addr).unwrap();
@@ -336,7 +394,7 @@ fn chaos_client(addr: SocketAddr, i: usize, bytes: usize) -> Option<bool> {
             });
             let (digest, len) = digest_until_eof(&mut s).unwrap();
             send.join().unwrap();
-            Some(len == bytes && digest == Stream::digest(seed, bytes))
+            Transfer::Checked(len == bytes && digest == Stream::digest(seed, bytes))
         }
         // Host half-closes first; both directions are checked.
         2 => {
@@ -347,16 +405,26 @@ fn chaos_client(addr: SocketAddr, i: usize, bytes: usize) -> Option<bool> {
             let down_ok = len == bytes && digest == Stream::digest(seed, bytes);
             send_stream(&mut s, seed + 1, bytes, &mut rng).unwrap();
             s.shutdown(Shutdown::Write).unwrap();
-            Some(down_ok)
+            Transfer::Checked(down_ok)
         }
-        // Resets in the middle of the transfer.
+        // Resets in the middle of the transfer, without waiting for its
+        // bytes to leave: whatever tcplb's kernel has acknowledged must
+        // reach the host (bytes still in this kernel's queue are lost).
         _ => {
-            s.write_all(b"E").unwrap();
-            let _ = send_stream(&mut s, seed, bytes / 2 + 1, &mut rng);
+            let mut head = vec![b'R'];
+            head.extend_from_slice(&seed.to_le_bytes());
+            s.write_all(&head).unwrap();
+            let len = bytes / 2 + 1;
+            send_stream(&mut s, seed, len, &mut rng).unwrap();
+            let unacked = tcplb::SendQueues::new()
+                .unacked_between(s.local_addr().unwrap(), s.peer_addr().unwrap())
+                .unwrap();
             socket2::SockRef::from(&s)
                 .set_linger(Some(Duration::ZERO))
                 .unwrap();
-            None
+            // The header was written first, so it is acknowledged first.
+            let acknowledged = (len as u64).saturating_sub(u64::from(unacked));
+            Transfer::Reset { seed, acknowledged }
         }
     }
 }
@@ -365,9 +433,10 @@ fn integrity(clients: usize, bytes: usize) {
     let _alone = alone();
     let ok = Arc::new(AtomicU64::new(0));
     let bad = Arc::new(AtomicU64::new(0));
+    let (resets, reset_reports) = mpsc::channel();
     let hosts = [
-        spawn_chaos_host(ok.clone(), bad.clone()),
-        spawn_chaos_host(ok.clone(), bad.clone()),
+        spawn_chaos_host(ok.clone(), bad.clone(), resets.clone()),
+        spawn_chaos_host(ok.clone(), bad.clone(), resets),
     ];
     let lb = Tcplb::start(&upstream("chaos", &hosts), None);
     let baseline = lb.bin.fd_count();
@@ -376,9 +445,23 @@ fn integrity(clients: usize, bytes: usize) {
     let workers: Vec<_> = (0..clients)
         .map(|i| thread::spawn(move || chaos_client(addr, i, bytes)))
         .collect();
-    let results: Vec<Option<bool>> = workers.into_iter().map(|w| w.join().unwrap()).collect();
-    let checked = results.iter().filter(|r| r.is_some()).count();
-    let wrong = results.iter().filter(|r| **r == Some(false)).count();
+    let results: Vec<Transfer> = workers.into_iter().map(|w| w.join().unwrap()).collect();
+    let took = started.elapsed();
+    let checked = results
+        .iter()
+        .filter(|r| matches!(r, Transfer::Checked(_)))
+        .count();
+    let wrong = results
+        .iter()
+        .filter(|r| matches!(r, Transfer::Checked(false)))
+        .count();
+    let acknowledged: HashMap<u64, u64> = results
+        .iter()
+        .filter_map(|r| match r {
+            Transfer::Reset { seed, acknowledged } => Some((*seed, *acknowledged)),
+            Transfer::Checked(_) => None,
+        })
+        .collect();
     let settled = lb.settles(baseline, Duration::from_secs(2));
     // Host-side checks of the host-half-closes-first clients finish on the
     // hosts' threads, a moment after the clients are done.
@@ -391,14 +474,56 @@ fn integrity(clients: usize, bytes: usize) {
     }
     let host_checked = ok.load(Ordering::SeqCst);
     let host_wrong = bad.load(Ordering::SeqCst);
-    let pass = wrong == 0 && host_wrong == 0 && settled.is_some() && host_checked == expected;
+    // Each reset transfer's host reports once its stream has ended.
+    let mut received = HashMap::new();
+    while received.len() < acknowledged.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(transfer) = reset_reports.recv_timeout(left) else {
+            break;
+        };
+        received.insert(transfer.seed, transfer);
+    }
+    let mut delivered = 0;
+    let mut failures = Vec::new();
+    for (seed, &acked) in &acknowledged {
+        match received.get(seed) {
+            Some(t) if t.exact && t.reset && t.received >= acked => delivered += 1,
+            Some(t) => failures.push(format!(
+                "seed {seed}: {} bytes received{} of {acked} acknowledged, then {}",
+                t.received,
+                if t.exact { "" } else { " (not the stream)" },
+                if t.reset {
+                    "the reset"
+                } else {
+                    "EOF or a timeout"
+                }
+            )),
+            None => failures.push(format!(
+                "seed {seed}: no host report (its header never arrived)"
+            )),
+        }
+    }
+    failures.sort();
+    failures.truncate(3);
+    let reset_bytes: u64 = received.values().map(|t| t.received).sum();
+    let acked_bytes: u64 = acknowledged.values().sum();
+    let resets_ok = delivered == acknowledged.len();
+    let pass =
+        wrong == 0 && host_wrong == 0 && settled.is_some() && host_checked == expected && resets_ok;
     report(
         "1 integrity under chaos",
         format!(
-            "{clients} clients x {} KiB in {:.1?}: {checked}+{host_checked} checked, {} mismatches, fds/pairs back in {:?}",
+            "{clients} clients x {} KiB in {:.1?}: {checked}+{host_checked} checked, {} mismatches; {} reset transfers: acknowledged prefix ({acked_bytes} bytes) delivered {delivered}/{}, {reset_bytes} bytes checked{}; fds/pairs back in {:?}",
             bytes / 1024,
-            started.elapsed(),
+            took,
             wrong as u64 + host_wrong,
+            acknowledged.len(),
+            acknowledged.len(),
+            if resets_ok {
+                String::new()
+            } else {
+                format!(" ({})", failures.join("; "))
+            },
             settled
         ),
         pass,
