@@ -77,7 +77,8 @@ pub fn init(dir: &Path, server_names: &[String], clients: &[String]) -> Result<W
 
     let write = |file: &str, text: &str| -> Result<PathBuf, Error> {
         let path = dir.join(file);
-        std::fs::write(&path, text).map_err(|source| Error::Setup {
+        let private = file.ends_with(".key");
+        write_file(&path, text, private).map_err(|source| Error::Setup {
             what: "a certificate file",
             source: std::io::Error::new(source.kind(), format!("{}: {source}", path.display())),
         })?;
@@ -112,6 +113,30 @@ pub fn init(dir: &Path, server_names: &[String], clients: &[String]) -> Result<W
         server_key,
         clients: written,
     })
+}
+
+/// Writes a certificate (mode 0644 less the umask) or, `private`, a key
+/// (mode 0600). A key file is created with its mode, never chmod-ed once
+/// its bytes are in: an existing file (which others may be able to read)
+/// is removed first, and `create_new` refuses to follow a symbolic link
+/// planted in its place.
+fn write_file(path: &Path, text: &str, private: bool) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if !private {
+        return std::fs::write(path, text);
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()
 }
 
 fn name(common_name: &str) -> DistinguishedName {
