@@ -1,7 +1,7 @@
 //! The `tcplb` command: parses flags, builds a [`Config`], and runs the
 //! library's [`Proxy`] on the main thread.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -58,16 +58,34 @@ enum Command {
 #[derive(Debug, Subcommand)]
 enum CertsCommand {
     /// Create a CA, a server certificate and client certificates, and print the config that uses them.
+    ///
+    /// What it prints is a TOML config (its notes are comments): `> lb.toml`
+    /// saves it. An existing CA in DIR is kept: issue more certificates from
+    /// it with --ca-cert/--ca-key, or replace it with --force.
     Init {
         /// Directory to write the PEM files to (created if missing).
         #[arg(long, value_name = "DIR", default_value = "certs")]
         dir: PathBuf,
-        /// Name (DNS or IP) the server certificate is for; repeat for more.
-        #[arg(long = "server-name", value_name = "NAME", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+        /// Name (DNS or IP) the server certificate is for; repeat for more
+        /// [default: localhost and 127.0.0.1 with a new CA; none with --ca-cert].
+        #[arg(long = "server-name", value_name = "NAME")]
         server_names: Vec<String>,
         /// A client to issue a certificate for (DNS name or URI SAN); repeat for more.
-        #[arg(long = "client", value_name = "NAME", required = true)]
+        #[arg(
+            long = "client",
+            value_name = "NAME",
+            required_unless_present = "ca_cert"
+        )]
         clients: Vec<String>,
+        /// Sign with this existing CA certificate instead of making a new CA (with --ca-key).
+        #[arg(long, value_name = "FILE", requires = "ca_key")]
+        ca_cert: Option<PathBuf>,
+        /// The existing CA's private key (with --ca-cert).
+        #[arg(long, value_name = "FILE", requires = "ca_cert")]
+        ca_key: Option<PathBuf>,
+        /// Replace an existing ca.pem and ca.key in DIR (what the old CA signed stops being accepted).
+        #[arg(long, conflicts_with = "ca_cert")]
+        force: bool,
     },
 }
 
@@ -168,7 +186,21 @@ fn main() -> ExitCode {
             dir,
             server_names,
             clients,
-        })) => certs_init(&dir, &server_names, &clients),
+            ca_cert,
+            ca_key,
+            force,
+        })) => {
+            let ca = match (ca_cert, ca_key) {
+                (Some(cert), Some(key)) => certs::Ca::Existing { cert, key },
+                _ => certs::Ca::New { replace: force },
+            };
+            certs_init(certs::Request {
+                dir,
+                ca,
+                server_names,
+                clients,
+            })
+        }
         None => serve(&cli.serve),
     };
     match result {
@@ -271,37 +303,117 @@ fn command_line_errors(messages: impl IntoIterator<Item = String>) -> Error {
     })
 }
 
-fn certs_init(dir: &Path, server_names: &[String], clients: &[String]) -> Result<(), Error> {
-    let written = certs::init(dir, server_names, clients)?;
-    println!(
-        "Wrote a development CA, a server certificate and {} client certificates to {}:",
-        clients.len(),
-        dir.display()
-    );
-    for (name, cert, key) in &written.clients {
-        println!("  {name}: {} {}", cert.display(), key.display());
+fn certs_init(mut request: certs::Request) -> Result<(), Error> {
+    let new_ca = matches!(request.ca, certs::Ca::New { .. });
+    if new_ca && request.server_names.is_empty() {
+        request.server_names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
     }
-    println!("\nConfig that uses them (paths are relative to the config file's folder):\n");
-    println!("[tls]");
-    println!("cert = \"{}\"", written.server_cert.display());
-    println!("key = \"{}\"", written.server_key.display());
-    println!("client_ca = \"{}\"\n", written.ca.display());
-    println!(
-        "[[upstream]]\nname = \"app\"\nlisten = \"127.0.0.1:7443\"\nhosts = [\"127.0.0.1:9001\"]\n"
-    );
-    for client in clients {
-        println!("[[client]]\nidentity = \"{client}\"\nupstreams = [\"app\"]\nrate = 10\n");
+    if request.server_names.is_empty() && request.clients.is_empty() {
+        eprintln!("tcplb: nothing to issue: give --client NAME or --server-name NAME");
+        std::process::exit(2);
     }
-    if let Some((name, cert, key)) = written.clients.first() {
-        println!("Try it as {name}:");
-        println!(
-            "  openssl s_client -quiet -connect 127.0.0.1:7443 -cert {} -key {} -CAfile {}",
-            cert.display(),
-            key.display(),
-            written.ca.display()
-        );
-    }
+    let written = certs::init(&request)?;
+    print!("{}", certs_config(&request, &written));
     Ok(())
+}
+
+/// What `certs init` prints: a TOML config that uses what it wrote (or,
+/// with no server certificate, the client rules to add), its notes as
+/// comments, so that `> lb.toml` saves a config `tcplb check` accepts.
+fn certs_config(request: &certs::Request, written: &certs::Written) -> String {
+    let mut out = String::new();
+    let mut line = |text: &str| {
+        out.push_str(text);
+        out.push('\n');
+    };
+    let made = match &written.ca_key {
+        Some(_) => "a new development CA",
+        None => "certificates from the CA",
+    };
+    line(&format!(
+        "# tcplb certs init: {made}, in {}:",
+        request.dir.display()
+    ));
+    match &written.ca_key {
+        Some(key) => line(&format!(
+            "#   CA: {} (its key {}: keep it to issue more with --ca-cert/--ca-key)",
+            written.ca.display(),
+            key.display()
+        )),
+        None => line(&format!("#   CA: {} (kept as it is)", written.ca.display())),
+    }
+    if let Some(server) = &written.server {
+        line(&format!(
+            "#   server ({}): {} {}",
+            request.server_names.join(", "),
+            server.cert.display(),
+            server.key.display()
+        ));
+    }
+    for (name, files) in &written.clients {
+        line(&format!(
+            "#   client {name}: {} {}",
+            files.cert.display(),
+            files.key.display()
+        ));
+    }
+    line("#");
+    match &written.server {
+        Some(server) => {
+            line("# A config that uses them; save it in this folder (`> lb.toml`), as its");
+            line("# paths are relative to the config file's folder. Then: tcplb check lb.toml");
+            line("");
+            line("[tls]");
+            line(&format!("cert = {}", toml_string(&server.cert)));
+            line(&format!("key = {}", toml_string(&server.key)));
+            line(&format!("client_ca = {}", toml_string(&written.ca)));
+            line("");
+            line("[[upstream]]");
+            line("name = \"app\"");
+            line("listen = \"127.0.0.1:7443\"");
+            line("hosts = [\"127.0.0.1:9001\"]");
+        }
+        None => line(&format!(
+            "# Rules for the new clients, to add to the config whose [tls] client_ca is {}:",
+            written.ca.display()
+        )),
+    }
+    for (name, _) in &written.clients {
+        line("");
+        line("[[client]]");
+        line(&format!("identity = {}", toml_string(name)));
+        line("upstreams = [\"app\"]");
+        line("rate = 10");
+    }
+    if let (Some(_), Some((name, files))) = (&written.server, written.clients.first()) {
+        line("");
+        line(&format!("# Try it as {name} (the input ends with Ctrl-D):"));
+        line(&format!(
+            "#   openssl s_client -quiet -no_ign_eof -nocommands -connect 127.0.0.1:7443 -cert {} -key {} -CAfile {}",
+            files.cert.display(),
+            files.key.display(),
+            written.ca.display()
+        ));
+    }
+    out
+}
+
+/// A TOML basic string of `text`: quotes, backslashes and control
+/// characters escaped.
+fn toml_string(text: impl AsRef<std::ffi::OsStr>) -> String {
+    let text = text.as_ref().to_string_lossy();
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 fn run_demo(listen: &str, tls_listen: &str, args: &SettingsArgs) -> Result<(), Error> {
@@ -315,11 +427,17 @@ fn run_demo(listen: &str, tls_listen: &str, args: &SettingsArgs) -> Result<(), E
         hosts.push(addr.to_string());
     }
     let dir = std::env::temp_dir().join(format!("tcplb-demo-{}", std::process::id()));
-    let written = certs::init(
-        &dir,
-        &["localhost".to_string(), "127.0.0.1".to_string()],
-        &["alice".to_string()],
-    )?;
+    let written = certs::init(&certs::Request {
+        dir: dir.clone(),
+        // The directory is this run's own; one a killed run left behind is replaced.
+        ca: certs::Ca::New { replace: true },
+        server_names: vec!["localhost".to_string(), "127.0.0.1".to_string()],
+        clients: vec!["alice".to_string()],
+    })?;
+    let server = written
+        .server
+        .clone()
+        .expect("the demo's server certificate");
     let defaults = Settings {
         max_connections: demo::DEMO_MAX_CONNECTIONS,
         ..Settings::default()
@@ -332,8 +450,8 @@ fn run_demo(listen: &str, tls_listen: &str, args: &SettingsArgs) -> Result<(), E
     secure.tls = true;
     config.upstreams.push(secure);
     config.tls = Some(TlsSettings {
-        cert: written.server_cert.clone(),
-        key: written.server_key.clone(),
+        cert: server.cert,
+        key: server.key,
         client_ca: written.ca.clone(),
         crl: Vec::new(),
         handshake_timeout: TlsSettings::DEFAULT_HANDSHAKE_TIMEOUT,
@@ -354,7 +472,7 @@ fn run_demo(listen: &str, tls_listen: &str, args: &SettingsArgs) -> Result<(), E
     let tls_addr = proxy
         .listen_addr("demo-mtls")
         .expect("the mTLS upstream exists");
-    let (_, alice_cert, alice_key) = &written.clients[0];
+    let (_, alice) = &written.clients[0];
     println!(
         "tcplb demo: three echo hosts ({}) behind tcplb on {addr}",
         hosts.join(", ")
@@ -372,8 +490,8 @@ fn run_demo(listen: &str, tls_listen: &str, args: &SettingsArgs) -> Result<(), E
     println!("(certificates made for this run in {}):", dir.display());
     println!(
         "  openssl s_client -quiet -connect {tls_addr} -cert {} -key {} -CAfile {}",
-        alice_cert.display(),
-        alice_key.display(),
+        alice.cert.display(),
+        alice.key.display(),
         written.ca.display()
     );
     println!("Press Ctrl-C to stop.");
