@@ -426,9 +426,9 @@ fn run_demo(listen: &str, tls_listen: &str, args: &SettingsArgs) -> Result<(), E
         })?;
         hosts.push(addr.to_string());
     }
-    let dir = std::env::temp_dir().join(format!("tcplb-demo-{}", std::process::id()));
+    let dir = DemoDir(std::env::temp_dir().join(format!("tcplb-demo-{}", std::process::id())));
     let written = certs::init(&certs::Request {
-        dir: dir.clone(),
+        dir: dir.0.clone(),
         // The directory is this run's own; one a killed run left behind is replaced.
         ca: certs::Ca::New { replace: true },
         server_names: vec!["localhost".to_string(), "127.0.0.1".to_string()],
@@ -487,7 +487,7 @@ fn run_demo(listen: &str, tls_listen: &str, args: &SettingsArgs) -> Result<(), E
     );
     println!();
     println!("The same hosts over mutual TLS on {tls_addr}, for the client identity `alice` only");
-    println!("(certificates made for this run in {}):", dir.display());
+    println!("(certificates made for this run in {}):", dir.0.display());
     println!(
         "  openssl s_client -quiet -connect {tls_addr} -cert {} -key {} -CAfile {}",
         alice.cert.display(),
@@ -495,7 +495,15 @@ fn run_demo(listen: &str, tls_listen: &str, args: &SettingsArgs) -> Result<(), E
         written.ca.display()
     );
     println!("Press Ctrl-C to stop.");
-    let result = proxy.run();
-    let _ = std::fs::remove_dir_all(&dir);
-    result
+    proxy.run()
+}
+
+/// The demo's certificate directory, removed however the demo ends: a
+/// signal, or a start that failed (a port taken) after the keys were written.
+struct DemoDir(PathBuf);
+
+impl Drop for DemoDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

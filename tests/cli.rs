@@ -494,16 +494,22 @@ fn demo_serves_greeting_echo_hosts() {
         ]
     );
     // The printed mTLS command works as printed.
+    let mut certs_dir = None;
     let command = loop {
         let mut line = String::new();
         assert!(
             stdout.read_line(&mut line).unwrap() > 0,
             "no openssl command printed"
         );
+        if let Some(dir) = line.split("made for this run in ").nth(1) {
+            certs_dir = Some(PathBuf::from(dir.trim().trim_end_matches("):")));
+        }
         if line.trim_start().starts_with("openssl s_client") {
             break line;
         }
     };
+    let certs_dir = certs_dir.expect("the certificates' directory is printed");
+    assert!(certs_dir.join("alice.key").is_file(), "{certs_dir:?}");
     let words: Vec<&str> = command.split_whitespace().collect();
     let mut openssl = Command::new(words[0])
         .args(&words[1..])
@@ -530,6 +536,7 @@ fn demo_serves_greeting_echo_hosts() {
         .status()
         .unwrap();
     assert!(child.wait().unwrap().success());
+    assert!(!certs_dir.exists(), "{certs_dir:?} left behind");
 }
 
 #[test]
@@ -711,4 +718,39 @@ fn check_reads_the_tls_files_and_names_the_bad_one() {
     assert!(out.status.success(), "{}", stderr(&out));
     let out = tcplb(&["check", file.arg()]);
     assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn a_failed_demo_start_leaves_no_key_directory_behind() {
+    let taken = TcpListener::bind(localhost()).unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    for flag in ["--listen", "--tls-listen"] {
+        // The demo's temporary directory goes under TMPDIR.
+        let tmp = std::env::temp_dir().join(format!(
+            "tcplb-test-{}-demo-fails{flag}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&tmp).unwrap();
+        let (listen, tls_listen) = match flag {
+            "--listen" => (addr.as_str(), "127.0.0.1:0"),
+            _ => ("127.0.0.1:0", addr.as_str()),
+        };
+        let out = Command::new(env!("CARGO_BIN_EXE_tcplb"))
+            .env("TMPDIR", &tmp)
+            .args(["demo", "--listen", listen, "--tls-listen", tls_listen])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{flag}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(&format!("cannot listen on {addr}")),
+            "{flag}: {}",
+            stderr(&out)
+        );
+        let left: Vec<_> = std::fs::read_dir(&tmp)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        std::fs::remove_dir_all(&tmp).unwrap();
+        assert!(left.is_empty(), "{flag}: left behind {left:?}");
+    }
 }
