@@ -40,6 +40,12 @@ enum Command {
         file: PathBuf,
     },
     /// Start three built-in echo hosts and tcplb in front of them on 127.0.0.1, plain and mTLS.
+    // The demo runs with its own connection cap (it bounds the demo hosts'
+    // threads), so its help states that default, not [defaults]'.
+    #[command(mut_arg("max_connections", |arg| arg.help(format!(
+        "Connections relayed at once; the excess gets `ERROR overloaded` [default: {}]",
+        demo::DEMO_MAX_CONNECTIONS
+    ))))]
     Demo {
         /// Address of the demo's plain-TCP upstream.
         #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7777")]

@@ -754,3 +754,33 @@ fn a_failed_demo_start_leaves_no_key_directory_behind() {
         assert!(left.is_empty(), "{flag}: left behind {left:?}");
     }
 }
+
+#[test]
+fn demo_help_states_the_connection_cap_the_demo_runs_with() {
+    let help = String::from_utf8(tcplb(&["demo", "--help"]).stdout).unwrap();
+    let line = help
+        .lines()
+        .find(|l| l.contains("--max-connections"))
+        .unwrap_or_else(|| panic!("no --max-connections in:\n{help}"));
+    let shown: usize = line
+        .split("[default: ")
+        .nth(1)
+        .and_then(|rest| rest.split(']').next())
+        .unwrap_or_else(|| panic!("no default in {line:?}"))
+        .parse()
+        .unwrap();
+    let mut bin = Binary::start(&[
+        "demo",
+        "--listen",
+        "127.0.0.1:0",
+        "--tls-listen",
+        "127.0.0.1:0",
+    ]);
+    let ready = bin.wait_for_log(" ready: ");
+    assert!(
+        ready.contains(&format!("max_connections={shown} ")),
+        "help says {shown}, the demo runs with: {ready}"
+    );
+    bin.signal("TERM");
+    assert_eq!(bin.wait().0, Some(0));
+}
