@@ -452,19 +452,14 @@ fn no_descriptor_leaks_after_clients_leave() {
 
 #[test]
 fn demo_serves_greeting_echo_hosts() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tcplb"))
-        .args([
-            "demo",
-            "--listen",
-            "127.0.0.1:0",
-            "--tls-listen",
-            "127.0.0.1:0",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut bin = Binary::start(&[
+        "demo",
+        "--listen",
+        "127.0.0.1:0",
+        "--tls-listen",
+        "127.0.0.1:0",
+    ]);
+    let mut stdout = BufReader::new(bin.child.stdout.take().unwrap());
     let mut first = String::new();
     stdout.read_line(&mut first).unwrap();
     let addr: SocketAddr = first
@@ -493,6 +488,12 @@ fn demo_serves_greeting_echo_hosts() {
             "hello from host-3"
         ]
     );
+    // A plain upstream has no client identity to log.
+    for _ in 0..3 {
+        let access = bin.wait_for_log("tcplb::access");
+        assert!(access.contains("`demo` host="), "{access}");
+        assert!(!access.contains("identity="), "{access}");
+    }
     // The printed mTLS command works as printed.
     let mut certs_dir = None;
     let command = loop {
@@ -530,12 +531,14 @@ fn demo_serves_greeting_echo_hosts() {
     assert_eq!(echo, "over tls\n");
     drop(input);
     let _ = openssl.wait();
+    let access = bin.wait_for_log("`demo-mtls`");
+    assert!(
+        access.contains("`demo-mtls` identity=alice host="),
+        "{access}"
+    );
     // SIGTERM lets the demo remove its temporary certificates.
-    Command::new("kill")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    assert!(child.wait().unwrap().success());
+    bin.signal("TERM");
+    assert_eq!(bin.wait().0, Some(0));
     assert!(!certs_dir.exists(), "{certs_dir:?} left behind");
 }
 
