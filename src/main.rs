@@ -1,7 +1,7 @@
 //! The `tcplb` command: parses flags, builds a [`Config`], and runs the
 //! library's [`Proxy`] on the main thread.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -59,6 +59,23 @@ enum Command {
     /// Development certificates for mTLS.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Ask a running tcplb to reload its config file, and wait for the outcome.
+    ///
+    /// Sends POST /reload to its admin listener. Exits 0 once the new config
+    /// is in force; 1, with the reason, if tcplb rejected it (the running
+    /// config stays) or did not answer; 2 if no admin address is given or
+    /// found. For systemd's ExecReload=.
+    Reload {
+        /// The running tcplb's admin listener (its --admin or [admin] listen).
+        #[arg(long, value_name = "ADDR", required_unless_present = "config")]
+        admin: Option<String>,
+        /// Take the admin address from this config file's [admin] listen (the rest of the file is not checked here).
+        #[arg(short, long, value_name = "FILE", conflicts_with = "admin")]
+        config: Option<PathBuf>,
+        /// How long to wait for the outcome.
+        #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -207,6 +224,11 @@ fn main() -> ExitCode {
                 clients,
             })
         }
+        Some(Command::Reload {
+            admin,
+            config,
+            timeout,
+        }) => return reload(admin.as_deref(), config.as_deref(), timeout),
         None => serve(&cli.serve),
     };
     match result {
@@ -239,6 +261,40 @@ fn check(file: &std::path::Path) -> ExitCode {
         }
         Err(e) => {
             eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `tcplb reload`: 0 once the new config is in force, 1 if it was rejected
+/// or tcplb did not answer, 2 if there is no address to ask.
+fn reload(admin: Option<&str>, config: Option<&Path>, timeout: Duration) -> ExitCode {
+    let addr = match (admin, config) {
+        (Some(admin), _) => config::resolve(admin).map_err(|why| format!("--admin {admin}: {why}")),
+        (None, Some(file)) => match Config::admin_address(file) {
+            Ok(Some(addr)) => Ok(addr),
+            Ok(None) => Err(format!(
+                "{} has no [admin] listen address to ask; give the running tcplb's with --admin ADDR",
+                file.display()
+            )),
+            Err(e) => Err(e.to_string()),
+        },
+        (None, None) => unreachable!("clap requires --admin or --config"),
+    };
+    let addr = match addr {
+        Ok(addr) => addr,
+        Err(why) => {
+            eprintln!("tcplb: {why}");
+            return ExitCode::from(2);
+        }
+    };
+    match tcplb::admin::client::reload(addr, timeout) {
+        Ok(answer) => {
+            println!("tcplb on {addr}: {answer}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tcplb: {e}");
             ExitCode::FAILURE
         }
     }
