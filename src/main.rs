@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use tcplb::ClientRule;
 use tcplb::config::{self, check_settings, parse_duration, parse_size};
 use tcplb::error::{ConfigError, Problem};
@@ -59,6 +59,17 @@ enum Command {
     /// Development certificates for mTLS.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Print a shell completion script, e.g. `tcplb completions bash > /etc/bash_completion.d/tcplb`.
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page tcplb(1), or write it and one page per subcommand to a folder.
+    Man {
+        /// Write tcplb.1, tcplb-check.1, tcplb-reload.1, ... into this folder instead.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
     /// Ask a running tcplb to reload its config file, and wait for the outcome.
     ///
     /// Sends POST /reload to its admin listener. Exits 0 once the new config
@@ -224,6 +235,22 @@ fn main() -> ExitCode {
                 clients,
             })
         }
+        Some(Command::Completions { shell }) => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "tcplb", &mut script);
+            return print_out(&script);
+        }
+        Some(Command::Man { dir: None }) => {
+            let mut page = Vec::new();
+            return match clap_mangen::Man::new(man_command()).render(&mut page) {
+                Ok(()) => print_out(&page),
+                Err(e) => {
+                    eprintln!("tcplb: cannot render the man page: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Some(Command::Man { dir: Some(dir) }) => man_pages(&dir),
         Some(Command::Reload {
             admin,
             config,
@@ -264,6 +291,44 @@ fn check(file: &std::path::Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Writes generated text to stdout; a closed pipe or a full disk is an
+/// error to report, not a panic.
+fn print_out(bytes: &[u8]) -> ExitCode {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tcplb: cannot write to stdout: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The command line as man pages show it: the same, except that the
+/// example lines of the top-level help become paragraphs, which roff would
+/// otherwise run together.
+fn man_command() -> clap::Command {
+    let cmd = Cli::command();
+    let about = cmd.get_long_about().map(|a| a.to_string());
+    match about {
+        Some(about) => cmd.long_about(about.replace('\n', "\n\n")),
+        None => cmd,
+    }
+}
+
+/// `tcplb man --dir DIR`: tcplb.1 and a page per subcommand.
+fn man_pages(dir: &Path) -> Result<(), Error> {
+    let setup = |source| Error::Setup {
+        what: "the man pages",
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(setup)?;
+    clap_mangen::generate_to(man_command(), dir).map_err(setup)?;
+    println!("man pages written to {}", dir.display());
+    Ok(())
 }
 
 /// `tcplb reload`: 0 once the new config is in force, 1 if it was rejected
