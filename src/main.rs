@@ -342,7 +342,10 @@ fn reload(admin: Option<&str>, config: Option<&Path>, timeout: Duration) -> Exit
                 "{} has no [admin] listen address to ask; give the running tcplb's with --admin ADDR",
                 file.display()
             )),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(format!(
+                "nothing reloaded: the admin address to ask cannot be read from {}:\n{e}",
+                file.display()
+            )),
         },
         (None, None) => unreachable!("clap requires --admin or --config"),
     };
