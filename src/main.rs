@@ -610,8 +610,10 @@ fn run_demo(listen: &str, tls_listen: &str, args: &SettingsArgs) -> Result<(), E
     println!(
         "Each connection goes to the host with the fewest connections; the host greets you and echoes your lines."
     );
+    // Both commands end at the end of their input (Ctrl-D): nc -N sends
+    // its FIN then reads what is left; s_client -quiet alone would never end.
     println!(
-        "Try it from another terminal:  nc {} {}",
+        "Try it from another terminal:  nc -N {} {}",
         addr.ip(),
         addr.port()
     );
@@ -619,12 +621,12 @@ fn run_demo(listen: &str, tls_listen: &str, args: &SettingsArgs) -> Result<(), E
     println!("The same hosts over mutual TLS on {tls_addr}, for the client identity `alice` only");
     println!("(certificates made for this run in {}):", dir.0.display());
     println!(
-        "  openssl s_client -quiet -connect {tls_addr} -cert {} -key {} -CAfile {}",
+        "  openssl s_client -quiet -no_ign_eof -nocommands -connect {tls_addr} -cert {} -key {} -CAfile {}",
         alice.cert.display(),
         alice.key.display(),
         written.ca.display()
     );
-    println!("Press Ctrl-C to stop.");
+    println!("Ctrl-D ends a client's input; Ctrl-C here stops the demo.");
     proxy.run()
 }
 

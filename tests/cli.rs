@@ -450,6 +450,19 @@ fn no_descriptor_leaks_after_clients_leave() {
     }
 }
 
+/// Waits for a client command to end by itself, failing the test if it
+/// has not within IO_TIMEOUT.
+fn wait_bounded(child: &mut std::process::Child, command: &str) {
+    let deadline = std::time::Instant::now() + IO_TIMEOUT;
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("`{command}` did not end at the end of its input");
+        }
+        std::thread::yield_now();
+    }
+}
+
 #[test]
 fn demo_serves_greeting_echo_hosts() {
     let mut bin = Binary::start(&[
@@ -494,8 +507,8 @@ fn demo_serves_greeting_echo_hosts() {
         assert!(access.contains("`demo` host="), "{access}");
         assert!(!access.contains("identity="), "{access}");
     }
-    // The printed mTLS command works as printed.
-    let mut certs_dir = None;
+    // The printed commands work as printed.
+    let (mut certs_dir, mut nc) = (None, None);
     let command = loop {
         let mut line = String::new();
         assert!(
@@ -505,16 +518,35 @@ fn demo_serves_greeting_echo_hosts() {
         if let Some(dir) = line.split("made for this run in ").nth(1) {
             certs_dir = Some(PathBuf::from(dir.trim().trim_end_matches("):")));
         }
+        if let Some(command) = line.split("another terminal:").nth(1) {
+            nc = Some(command.trim().to_string());
+        }
         if line.trim_start().starts_with("openssl s_client") {
             break line;
         }
     };
+    // nc: ends by itself at the end of its input, with every answer shown.
+    let nc = nc.expect("an nc command is printed");
+    let words: Vec<&str> = nc.split_whitespace().collect();
+    let mut child = Command::new(words[0])
+        .args(&words[1..])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("nc (netcat-openbsd) is installed (.ci/run installs it)");
+    child.stdin.take().unwrap().write_all(b"by nc\n").unwrap();
+    wait_bounded(&mut child, &nc);
+    let mut shown = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut shown).unwrap();
+    assert!(
+        shown.starts_with("hello from host-") && shown.ends_with("\nby nc\n"),
+        "{nc}: {shown:?}"
+    );
     let certs_dir = certs_dir.expect("the certificates' directory is printed");
     assert!(certs_dir.join("alice.key").is_file(), "{certs_dir:?}");
     let words: Vec<&str> = command.split_whitespace().collect();
     let mut openssl = Command::new(words[0])
         .args(&words[1..])
-        .args(["-no_ign_eof"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -529,8 +561,9 @@ fn demo_serves_greeting_echo_hosts() {
     let mut echo = String::new();
     out.read_line(&mut echo).unwrap();
     assert_eq!(echo, "over tls\n");
+    // The end of its input ends the command as printed.
     drop(input);
-    let _ = openssl.wait();
+    wait_bounded(&mut openssl, &command);
     let access = bin.wait_for_log("`demo-mtls`");
     assert!(
         access.contains("`demo-mtls` identity=alice host="),
