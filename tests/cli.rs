@@ -820,3 +820,44 @@ fn demo_help_states_the_connection_cap_the_demo_runs_with() {
     bin.signal("TERM");
     assert_eq!(bin.wait().0, Some(0));
 }
+
+#[test]
+fn access_lines_are_filtered_out_by_their_target() {
+    // The README's example: RUST_LOG=info,tcplb::access=off.
+    let host = spawn_host("h", Behavior::Echo);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tcplb"))
+        .args(["--listen", "127.0.0.1:0", "--host", &host.addr.to_string()])
+        .env("RUST_LOG", "info,tcplb::access=off")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut log = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut lines = Vec::new();
+    let addr = loop {
+        let line = log.next().expect("a start-up line").unwrap();
+        lines.push(line.clone());
+        if line.contains("listening on ") {
+            break addr_after(&line, "listening on ");
+        }
+    };
+    let mut client = TcpStream::connect(addr).unwrap();
+    client.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    client.write_all(b"hello\n").unwrap();
+    assert_eq!(read_line(&mut client), "hello");
+    finish(client);
+    Command::new("kill")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    lines.extend(log.map(Result::unwrap));
+    assert!(child.wait().unwrap().success());
+    assert!(
+        lines.iter().any(|l| l.contains("tcplb stopped")),
+        "{lines:#?}"
+    );
+    // No access line, under whatever target it might be logged.
+    assert!(
+        !lines.iter().any(|l| l.contains(" end=closed")),
+        "{lines:#?}"
+    );
+}
