@@ -16,6 +16,7 @@ use tcplb::{Config, Error, Proxy, Settings, certs, demo};
 ///
 /// Quick mode:  tcplb --listen 127.0.0.1:7000 --host 127.0.0.1:9001 --host 127.0.0.1:9002
 /// Config mode: tcplb --config lb.toml
+/// Reload it:   tcplb reload --config lb.toml
 /// Try it:      tcplb demo
 /// mTLS:        tcplb certs init --dir certs --client alice
 #[derive(Debug, Parser)]
