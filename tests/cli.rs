@@ -776,17 +776,18 @@ fn a_failed_demo_start_leaves_no_key_directory_behind() {
             .args(["demo", "--listen", listen, "--tls-listen", tls_listen])
             .output()
             .unwrap();
+        let left: Vec<_> = std::fs::read_dir(&tmp)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        // Removed before any assertion, so a failure leaves nothing either.
+        std::fs::remove_dir_all(&tmp).unwrap();
         assert_eq!(out.status.code(), Some(1), "{flag}: {}", stderr(&out));
         assert!(
             stderr(&out).contains(&format!("cannot listen on {addr}")),
             "{flag}: {}",
             stderr(&out)
         );
-        let left: Vec<_> = std::fs::read_dir(&tmp)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
-        std::fs::remove_dir_all(&tmp).unwrap();
         assert!(left.is_empty(), "{flag}: left behind {left:?}");
     }
 }
