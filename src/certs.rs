@@ -2,6 +2,11 @@
 //! a server certificate and client certificates whose SANs are the client
 //! names, made with rcgen. Not for production: the CA key sits next to
 //! the certificates it signed.
+//!
+//! Invariants: every key file is created with mode 0600; an existing CA
+//! is never replaced unless asked to (the certificates it signed would
+//! stop being accepted), and more certificates can be issued from it;
+//! nothing is written until every certificate asked for is made.
 
 use std::path::{Path, PathBuf};
 
@@ -9,58 +14,115 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose,
 };
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, UnixTime};
 use time::{Duration, OffsetDateTime, Time};
 
 use crate::error::Error;
+use crate::tls::{MAX_FILE, read_file};
 
 /// Validity of generated certificates, from yesterday.
 const VALID_DAYS: i64 = 825;
 
+/// The CA that signs the certificates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ca {
+    /// A new CA, written as `ca.pem`/`ca.key` in the directory. An
+    /// existing `ca.pem` or `ca.key` there is refused unless `replace`:
+    /// the certificates it signed would stop chaining.
+    New {
+        /// Overwrite an existing CA (`--force`).
+        replace: bool,
+    },
+    /// An existing CA, to issue more certificates (`--ca-cert`/`--ca-key`).
+    Existing {
+        /// Its certificate (PEM).
+        cert: PathBuf,
+        /// Its private key (PEM).
+        key: PathBuf,
+    },
+}
+
+/// What [`init`] is asked to make.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// Where the files go (created if missing).
+    pub dir: PathBuf,
+    /// Who signs.
+    pub ca: Ca,
+    /// DNS names or IP addresses of the server certificate; empty for none.
+    pub server_names: Vec<String>,
+    /// One client certificate per name: a DNS SAN, or a URI SAN when the
+    /// name contains "://".
+    pub clients: Vec<String>,
+}
+
+/// A certificate and its key, as written.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    /// The certificate (`<name>.pem`).
+    pub cert: PathBuf,
+    /// Its private key (`<name>.key`, mode 0600).
+    pub key: PathBuf,
+}
+
 /// What [`init`] wrote.
 #[derive(Debug, Clone)]
 pub struct Written {
-    /// The CA certificate (`ca.pem`).
+    /// The CA certificate: `ca.pem` as written, or the existing one given.
     pub ca: PathBuf,
-    /// The server certificate (`server.pem`).
-    pub server_cert: PathBuf,
-    /// The server's key (`server.key`).
-    pub server_key: PathBuf,
-    /// (client name, certificate, key)
-    pub clients: Vec<(String, PathBuf, PathBuf)>,
+    /// The new CA's key (`ca.key`); `None` for an existing CA.
+    pub ca_key: Option<PathBuf>,
+    /// The server certificate (`server.pem`/`server.key`), if asked for.
+    pub server: Option<Issued>,
+    /// (client name, its certificate), in the order asked.
+    pub clients: Vec<(String, Issued)>,
 }
 
-/// Creates `dir` and writes `ca.pem`/`ca.key`, `server.pem`/`server.key`
-/// (for `server_names`, DNS names or IP addresses) and `<client>.pem`/
-/// `<client>.key` for each client, whose certificate carries the name as a
-/// DNS SAN, or as a URI SAN when it contains "://".
-pub fn init(dir: &Path, server_names: &[String], clients: &[String]) -> Result<Written, Error> {
+/// Issues what `request` asks for and writes it to `request.dir`, the
+/// server's as `server.pem`/`server.key` and each client's as
+/// `<client>.pem`/`<client>.key`; with [`Ca::New`], the CA too. Every
+/// certificate is made, and checked to chain to the CA, before any file is
+/// written, so a failure (an existing CA, a key that does not belong to
+/// its certificate, a malformed name) leaves the directory as it was.
+pub fn init(request: &Request) -> Result<Written, Error> {
+    let dir = &request.dir;
     let fail = |what: &str, e: rcgen::Error| Error::Setup {
         what: "certificates",
         source: std::io::Error::other(format!("{what}: {e}")),
     };
-    std::fs::create_dir_all(dir).map_err(|source| Error::Setup {
-        what: "the certificate directory",
-        source,
-    })?;
     let (not_before, not_after) = validity(OffsetDateTime::now_utc());
 
-    let ca_key = KeyPair::generate().map_err(|e| fail("CA key", e))?;
-    let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(|e| fail("CA", e))?;
-    ca.distinguished_name = name("tcplb development CA");
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    (ca.not_before, ca.not_after) = (not_before, not_after);
-    let ca_cert = ca.self_signed(&ca_key).map_err(|e| fail("CA", e))?;
-    let ca_key_pem = ca_key.serialize_pem();
-    let issuer = Issuer::new(ca, ca_key);
+    // The signer, and the new CA's files to write (None for an existing CA).
+    let (issuer, ca_der, new_ca) = match &request.ca {
+        Ca::New { replace } => {
+            if !replace {
+                refuse_existing_ca(dir)?;
+            }
+            let ca_key = KeyPair::generate().map_err(|e| fail("CA key", e))?;
+            let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(|e| fail("CA", e))?;
+            ca.distinguished_name = name("tcplb development CA");
+            ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            ca.key_usages = vec![
+                KeyUsagePurpose::KeyCertSign,
+                KeyUsagePurpose::CrlSign,
+                KeyUsagePurpose::DigitalSignature,
+            ];
+            (ca.not_before, ca.not_after) = (not_before, not_after);
+            let ca_cert = ca.self_signed(&ca_key).map_err(|e| fail("CA", e))?;
+            let files = (ca_cert.pem(), ca_key.serialize_pem());
+            (Issuer::new(ca, ca_key), ca_cert.der().clone(), Some(files))
+        }
+        Ca::Existing { cert, key } => {
+            let (issuer, der) = existing_ca(cert, key)?;
+            (issuer, der, None)
+        }
+    };
 
-    let issue = |names: Vec<String>, uri: bool, usage: ExtendedKeyUsagePurpose| {
+    let issue = |names: &[String], usage: ExtendedKeyUsagePurpose| {
+        let uri = names[0].contains("://");
         let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(if uri { Vec::new() } else { names.clone() })?;
+        let mut params = CertificateParams::new(if uri { Vec::new() } else { names.to_vec() })?;
         if uri {
             params.subject_alt_names = names
                 .iter()
@@ -72,46 +134,200 @@ pub fn init(dir: &Path, server_names: &[String], clients: &[String]) -> Result<W
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         (params.not_before, params.not_after) = (not_before, not_after);
         let cert = params.signed_by(&key, &issuer)?;
-        Ok::<_, rcgen::Error>((cert.pem(), key.serialize_pem()))
+        Ok::<_, rcgen::Error>((cert, key.serialize_pem()))
     };
+    // (file stem, certificate PEM, key PEM), checked against the CA.
+    let mut files = Vec::new();
+    if !request.server_names.is_empty() {
+        let (cert, key) = issue(&request.server_names, ExtendedKeyUsagePurpose::ServerAuth)
+            .map_err(|e| fail("server certificate", e))?;
+        chains_to(
+            &ca_der,
+            cert.der(),
+            webpki::KeyUsage::server_auth(),
+            &request.ca,
+        )?;
+        files.push(("server".to_string(), cert.pem(), key));
+    }
+    for client in &request.clients {
+        let (cert, key) = issue(
+            std::slice::from_ref(client),
+            ExtendedKeyUsagePurpose::ClientAuth,
+        )
+        .map_err(|e| fail(&format!("certificate for {client}"), e))?;
+        chains_to(
+            &ca_der,
+            cert.der(),
+            webpki::KeyUsage::client_auth(),
+            &request.ca,
+        )?;
+        files.push((file_stem(client), cert.pem(), key));
+    }
 
-    let write = |file: &str, text: &str| -> Result<PathBuf, Error> {
+    std::fs::create_dir_all(dir).map_err(|source| Error::Setup {
+        what: "the certificate directory",
+        source,
+    })?;
+    let write = |file: String, text: &str, private: bool| -> Result<PathBuf, Error> {
         let path = dir.join(file);
-        std::fs::write(&path, text).map_err(|source| Error::Setup {
+        write_file(&path, text, private).map_err(|source| Error::Setup {
             what: "a certificate file",
             source: std::io::Error::new(source.kind(), format!("{}: {source}", path.display())),
         })?;
         Ok(path)
     };
-    let ca_path = write("ca.pem", &ca_cert.pem())?;
-    write("ca.key", &ca_key_pem)?;
-    let (cert, key) = issue(
-        server_names.to_vec(),
-        false,
-        ExtendedKeyUsagePurpose::ServerAuth,
-    )
-    .map_err(|e| fail("server certificate", e))?;
-    let server_cert = write("server.pem", &cert)?;
-    let server_key = write("server.key", &key)?;
-    let mut written = Vec::new();
-    for client in clients {
-        let (cert, key) = issue(
-            vec![client.clone()],
-            client.contains("://"),
-            ExtendedKeyUsagePurpose::ClientAuth,
-        )
-        .map_err(|e| fail(&format!("certificate for {client}"), e))?;
-        let stem = file_stem(client);
-        let cert_path = write(&format!("{stem}.pem"), &cert)?;
-        let key_path = write(&format!("{stem}.key"), &key)?;
-        written.push((client.clone(), cert_path, key_path));
-    }
+    let (ca, ca_key) = match (&request.ca, new_ca) {
+        (_, Some((cert, key))) => (
+            write("ca.pem".into(), &cert, false)?,
+            Some(write("ca.key".into(), &key, true)?),
+        ),
+        (Ca::Existing { cert, .. }, None) => (cert.clone(), None),
+        (Ca::New { .. }, None) => unreachable!("a new CA has files"),
+    };
+    let mut issued = files.into_iter().map(|(stem, cert, key)| {
+        Ok(Issued {
+            cert: write(format!("{stem}.pem"), &cert, false)?,
+            key: write(format!("{stem}.key"), &key, true)?,
+        })
+    });
+    let server = match request.server_names.is_empty() {
+        true => None,
+        false => Some(issued.next().expect("the server's files")?),
+    };
+    let clients = request
+        .clients
+        .iter()
+        .cloned()
+        .zip(issued)
+        .map(|(client, files)| Ok((client, files?)))
+        .collect::<Result<_, Error>>()?;
     Ok(Written {
-        ca: ca_path,
-        server_cert,
-        server_key,
-        clients: written,
+        ca,
+        ca_key,
+        server,
+        clients,
     })
+}
+
+/// An existing `ca.pem` or `ca.key` in `dir`, named, unless there is none.
+fn refuse_existing_ca(dir: &Path) -> Result<(), Error> {
+    for file in ["ca.pem", "ca.key"] {
+        let path = dir.join(file);
+        if path.symlink_metadata().is_ok() {
+            let (cert, key) = (dir.join("ca.pem"), dir.join("ca.key"));
+            return Err(Error::Tls {
+                path,
+                problem: format!(
+                    "already exists: a new CA would leave the certificates it signed \
+                     unaccepted; issue more from it with --ca-cert {} --ca-key {}, or \
+                     replace it with --force",
+                    cert.display(),
+                    key.display()
+                ),
+                at: None,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The signer of an existing CA, and its certificate's DER.
+fn existing_ca(
+    cert: &Path,
+    key: &Path,
+) -> Result<(Issuer<'static, KeyPair>, CertificateDer<'static>), Error> {
+    let bad = |path: &Path, problem: String| Error::Tls {
+        path: path.to_path_buf(),
+        problem,
+        at: None,
+    };
+    let read = |path: &Path| {
+        let bytes = read_file(path, MAX_FILE).map_err(|e| bad(path, e))?;
+        String::from_utf8(bytes).map_err(|_| bad(path, "not PEM text".to_string()))
+    };
+    let (cert_pem, key_pem) = (read(cert)?, read(key)?);
+    let der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| {
+        bad(
+            cert,
+            format!("no certificate (expected PEM \"BEGIN CERTIFICATE\"): {e}"),
+        )
+    })?;
+    let signing_key = KeyPair::from_pem(&key_pem).map_err(|e| {
+        bad(
+            key,
+            format!("no private key (expected PEM \"BEGIN PRIVATE KEY\"): {e}"),
+        )
+    })?;
+    let issuer = Issuer::from_ca_cert_der(&der, signing_key)
+        .map_err(|e| bad(cert, format!("not a usable CA certificate: {e}")))?;
+    Ok((issuer, der))
+}
+
+/// With an existing CA, checks that `cert` chains to its certificate for
+/// `usage`: signed with a key that is not the certificate's own, it would
+/// be accepted nowhere.
+fn chains_to(
+    ca: &CertificateDer<'_>,
+    cert: &CertificateDer<'_>,
+    usage: webpki::KeyUsage,
+    origin: &Ca,
+) -> Result<(), Error> {
+    let Ca::Existing { key, .. } = origin else {
+        return Ok(());
+    };
+    let broken = |problem: String| Error::Tls {
+        path: key.clone(),
+        problem,
+        at: None,
+    };
+    let anchor = webpki::anchor_from_trusted_cert(ca)
+        .map_err(|e| broken(format!("its CA certificate cannot be a trust anchor: {e}")))?;
+    let leaf = webpki::EndEntityCert::try_from(cert)
+        .map_err(|e| broken(format!("it issued a malformed certificate: {e}")))?;
+    leaf.verify_for_usage(
+        webpki::ALL_VERIFICATION_ALGS,
+        &[anchor],
+        &[],
+        UnixTime::now(),
+        usage,
+        None,
+        None,
+    )
+    .map_err(|e| {
+        broken(match e {
+            webpki::Error::InvalidSignatureForPublicKey | webpki::Error::UnknownIssuer => {
+                "certificates signed with this key do not chain to the CA certificate: \
+                 it is not that CA's key"
+                    .to_string()
+            }
+            e => format!("certificates it signs would not be accepted: {e}"),
+        })
+    })?;
+    Ok(())
+}
+
+/// Writes a certificate (mode 0644 less the umask) or, `private`, a key
+/// (mode 0600). A key file is created with its mode, never chmod-ed once
+/// its bytes are in: an existing file (which others may be able to read)
+/// is removed first, and `create_new` refuses to follow a symbolic link
+/// planted in its place.
+fn write_file(path: &Path, text: &str, private: bool) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if !private {
+        return std::fs::write(path, text);
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()
 }
 
 fn name(common_name: &str) -> DistinguishedName {

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use tcplb::ClientRule;
 use tcplb::config::{self, check_settings, parse_duration, parse_size};
 use tcplb::error::{ConfigError, Problem, Warning};
@@ -16,6 +16,7 @@ use tcplb::{Config, Error, Proxy, Settings, certs, demo};
 ///
 /// Quick mode:  tcplb --listen 127.0.0.1:7000 --host 127.0.0.1:9001 --host 127.0.0.1:9002
 /// Config mode: tcplb --config lb.toml
+/// Reload it:   tcplb reload --config lb.toml
 /// Try it:      tcplb demo
 /// mTLS:        tcplb certs init --dir certs --client alice
 #[derive(Debug, Parser)]
@@ -43,6 +44,12 @@ enum Command {
         strict: bool,
     },
     /// Start three built-in echo hosts and tcplb in front of them on 127.0.0.1, plain and mTLS.
+    // The demo runs with its own connection cap (it bounds the demo hosts'
+    // threads), so its help states that default, not [defaults]'.
+    #[command(mut_arg("max_connections", |arg| arg.help(format!(
+        "Connections relayed at once; the excess gets `ERROR overloaded` [default: {}]",
+        demo::DEMO_MAX_CONNECTIONS
+    ))))]
     Demo {
         /// Address of the demo's plain-TCP upstream.
         #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7777")]
@@ -56,21 +63,67 @@ enum Command {
     /// Development certificates for mTLS.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Print a shell completion script, e.g. `tcplb completions bash > /etc/bash_completion.d/tcplb`.
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page tcplb(1), or write it and one page per subcommand to a folder.
+    Man {
+        /// Write tcplb.1, tcplb-check.1, tcplb-reload.1, ... into this folder instead.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+    /// Ask a running tcplb to reload its config file, and wait for the outcome.
+    ///
+    /// Sends POST /reload to its admin listener. Exits 0 once the new config
+    /// is in force; 1, with the reason, if tcplb rejected it (the running
+    /// config stays) or did not answer; 2 if no admin address is given or
+    /// found. For systemd's ExecReload=.
+    Reload {
+        /// The running tcplb's admin listener (its --admin or [admin] listen).
+        #[arg(long, value_name = "ADDR", required_unless_present = "config")]
+        admin: Option<String>,
+        /// Take the admin address from this config file's [admin] listen (the rest of the file is not checked here).
+        #[arg(short, long, value_name = "FILE", conflicts_with = "admin")]
+        config: Option<PathBuf>,
+        /// How long to wait for the outcome.
+        #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 enum CertsCommand {
     /// Create a CA, a server certificate and client certificates, and print the config that uses them.
+    ///
+    /// What it prints is a TOML config (its notes are comments): `> lb.toml`
+    /// saves it. An existing CA in DIR is kept: issue more certificates from
+    /// it with --ca-cert/--ca-key, or replace it with --force.
     Init {
         /// Directory to write the PEM files to (created if missing).
         #[arg(long, value_name = "DIR", default_value = "certs")]
         dir: PathBuf,
-        /// Name (DNS or IP) the server certificate is for; repeat for more.
-        #[arg(long = "server-name", value_name = "NAME", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+        /// Name (DNS or IP) the server certificate is for; repeat for more
+        /// [default: localhost and 127.0.0.1 with a new CA; none with --ca-cert].
+        #[arg(long = "server-name", value_name = "NAME")]
         server_names: Vec<String>,
         /// A client to issue a certificate for (DNS name or URI SAN); repeat for more.
-        #[arg(long = "client", value_name = "NAME", required = true)]
+        #[arg(
+            long = "client",
+            value_name = "NAME",
+            required_unless_present = "ca_cert"
+        )]
         clients: Vec<String>,
+        /// Sign with this existing CA certificate instead of making a new CA (with --ca-key).
+        #[arg(long, value_name = "FILE", requires = "ca_key")]
+        ca_cert: Option<PathBuf>,
+        /// The existing CA's private key (with --ca-cert).
+        #[arg(long, value_name = "FILE", requires = "ca_cert")]
+        ca_key: Option<PathBuf>,
+        /// Replace an existing ca.pem and ca.key in DIR (what the old CA signed stops being accepted).
+        #[arg(long, conflicts_with = "ca_cert")]
+        force: bool,
     },
 }
 
@@ -171,7 +224,42 @@ fn main() -> ExitCode {
             dir,
             server_names,
             clients,
-        })) => certs_init(&dir, &server_names, &clients),
+            ca_cert,
+            ca_key,
+            force,
+        })) => {
+            let ca = match (ca_cert, ca_key) {
+                (Some(cert), Some(key)) => certs::Ca::Existing { cert, key },
+                _ => certs::Ca::New { replace: force },
+            };
+            certs_init(certs::Request {
+                dir,
+                ca,
+                server_names,
+                clients,
+            })
+        }
+        Some(Command::Completions { shell }) => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "tcplb", &mut script);
+            return print_out(&script);
+        }
+        Some(Command::Man { dir: None }) => {
+            let mut page = Vec::new();
+            return match clap_mangen::Man::new(man_command()).render(&mut page) {
+                Ok(()) => print_out(&page),
+                Err(e) => {
+                    eprintln!("tcplb: cannot render the man page: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Some(Command::Man { dir: Some(dir) }) => man_pages(&dir),
+        Some(Command::Reload {
+            admin,
+            config,
+            timeout,
+        }) => return reload(admin.as_deref(), config.as_deref(), timeout),
         None => serve(&cli.serve),
     };
     match result {
@@ -214,6 +302,81 @@ fn check(file: &Path, strict: bool) -> ExitCode {
         }
         Err(e) => {
             eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Writes generated text to stdout; a closed pipe or a full disk is an
+/// error to report, not a panic.
+fn print_out(bytes: &[u8]) -> ExitCode {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tcplb: cannot write to stdout: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The command line as man pages show it: the same, except that the
+/// example lines of the top-level help become paragraphs, which roff would
+/// otherwise run together.
+fn man_command() -> clap::Command {
+    let cmd = Cli::command();
+    let about = cmd.get_long_about().map(|a| a.to_string());
+    match about {
+        Some(about) => cmd.long_about(about.replace('\n', "\n\n")),
+        None => cmd,
+    }
+}
+
+/// `tcplb man --dir DIR`: tcplb.1 and a page per subcommand.
+fn man_pages(dir: &Path) -> Result<(), Error> {
+    let setup = |source| Error::Setup {
+        what: "the man pages",
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(setup)?;
+    clap_mangen::generate_to(man_command(), dir).map_err(setup)?;
+    println!("man pages written to {}", dir.display());
+    Ok(())
+}
+
+/// `tcplb reload`: 0 once the new config is in force, 1 if it was rejected
+/// or tcplb did not answer, 2 if there is no address to ask.
+fn reload(admin: Option<&str>, config: Option<&Path>, timeout: Duration) -> ExitCode {
+    let addr = match (admin, config) {
+        (Some(admin), _) => config::resolve(admin).map_err(|why| format!("--admin {admin}: {why}")),
+        (None, Some(file)) => match Config::admin_address(file) {
+            Ok(Some(addr)) => Ok(addr),
+            Ok(None) => Err(format!(
+                "{} has no [admin] listen address to ask; give the running tcplb's with --admin ADDR",
+                file.display()
+            )),
+            Err(e) => Err(format!(
+                "nothing reloaded: the admin address to ask cannot be read from {}:\n{e}",
+                file.display()
+            )),
+        },
+        (None, None) => unreachable!("clap requires --admin or --config"),
+    };
+    let addr = match addr {
+        Ok(addr) => addr,
+        Err(why) => {
+            eprintln!("tcplb: {why}");
+            return ExitCode::from(2);
+        }
+    };
+    match tcplb::admin::client::reload(addr, timeout) {
+        Ok(answer) => {
+            println!("tcplb on {addr}: {answer}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tcplb: {e}");
             ExitCode::FAILURE
         }
     }
@@ -294,37 +457,117 @@ fn command_line_errors(messages: impl IntoIterator<Item = String>) -> Error {
     })
 }
 
-fn certs_init(dir: &Path, server_names: &[String], clients: &[String]) -> Result<(), Error> {
-    let written = certs::init(dir, server_names, clients)?;
-    println!(
-        "Wrote a development CA, a server certificate and {} client certificates to {}:",
-        clients.len(),
-        dir.display()
-    );
-    for (name, cert, key) in &written.clients {
-        println!("  {name}: {} {}", cert.display(), key.display());
+fn certs_init(mut request: certs::Request) -> Result<(), Error> {
+    let new_ca = matches!(request.ca, certs::Ca::New { .. });
+    if new_ca && request.server_names.is_empty() {
+        request.server_names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
     }
-    println!("\nConfig that uses them (paths are relative to the config file's folder):\n");
-    println!("[tls]");
-    println!("cert = \"{}\"", written.server_cert.display());
-    println!("key = \"{}\"", written.server_key.display());
-    println!("client_ca = \"{}\"\n", written.ca.display());
-    println!(
-        "[[upstream]]\nname = \"app\"\nlisten = \"127.0.0.1:7443\"\nhosts = [\"127.0.0.1:9001\"]\n"
-    );
-    for client in clients {
-        println!("[[client]]\nidentity = \"{client}\"\nupstreams = [\"app\"]\nrate = 10\n");
+    if request.server_names.is_empty() && request.clients.is_empty() {
+        eprintln!("tcplb: nothing to issue: give --client NAME or --server-name NAME");
+        std::process::exit(2);
     }
-    if let Some((name, cert, key)) = written.clients.first() {
-        println!("Try it as {name}:");
-        println!(
-            "  openssl s_client -quiet -connect 127.0.0.1:7443 -cert {} -key {} -CAfile {}",
-            cert.display(),
-            key.display(),
-            written.ca.display()
-        );
-    }
+    let written = certs::init(&request)?;
+    print!("{}", certs_config(&request, &written));
     Ok(())
+}
+
+/// What `certs init` prints: a TOML config that uses what it wrote (or,
+/// with no server certificate, the client rules to add), its notes as
+/// comments, so that `> lb.toml` saves a config `tcplb check` accepts.
+fn certs_config(request: &certs::Request, written: &certs::Written) -> String {
+    let mut out = String::new();
+    let mut line = |text: &str| {
+        out.push_str(text);
+        out.push('\n');
+    };
+    let made = match &written.ca_key {
+        Some(_) => "a new development CA",
+        None => "certificates from the CA",
+    };
+    line(&format!(
+        "# tcplb certs init: {made}, in {}:",
+        request.dir.display()
+    ));
+    match &written.ca_key {
+        Some(key) => line(&format!(
+            "#   CA: {} (its key {}: keep it to issue more with --ca-cert/--ca-key)",
+            written.ca.display(),
+            key.display()
+        )),
+        None => line(&format!("#   CA: {} (kept as it is)", written.ca.display())),
+    }
+    if let Some(server) = &written.server {
+        line(&format!(
+            "#   server ({}): {} {}",
+            request.server_names.join(", "),
+            server.cert.display(),
+            server.key.display()
+        ));
+    }
+    for (name, files) in &written.clients {
+        line(&format!(
+            "#   client {name}: {} {}",
+            files.cert.display(),
+            files.key.display()
+        ));
+    }
+    line("#");
+    match &written.server {
+        Some(server) => {
+            line("# A config that uses them; save it in this folder (`> lb.toml`), as its");
+            line("# paths are relative to the config file's folder. Then: tcplb check lb.toml");
+            line("");
+            line("[tls]");
+            line(&format!("cert = {}", toml_string(&server.cert)));
+            line(&format!("key = {}", toml_string(&server.key)));
+            line(&format!("client_ca = {}", toml_string(&written.ca)));
+            line("");
+            line("[[upstream]]");
+            line("name = \"app\"");
+            line("listen = \"127.0.0.1:7443\"");
+            line("hosts = [\"127.0.0.1:9001\"]");
+        }
+        None => line(&format!(
+            "# Rules for the new clients, to add to the config whose [tls] client_ca is {}:",
+            written.ca.display()
+        )),
+    }
+    for (name, _) in &written.clients {
+        line("");
+        line("[[client]]");
+        line(&format!("identity = {}", toml_string(name)));
+        line("upstreams = [\"app\"]");
+        line("rate = 10");
+    }
+    if let (Some(_), Some((name, files))) = (&written.server, written.clients.first()) {
+        line("");
+        line(&format!("# Try it as {name} (the input ends with Ctrl-D):"));
+        line(&format!(
+            "#   openssl s_client -quiet -no_ign_eof -nocommands -connect 127.0.0.1:7443 -cert {} -key {} -CAfile {}",
+            files.cert.display(),
+            files.key.display(),
+            written.ca.display()
+        ));
+    }
+    out
+}
+
+/// A TOML basic string of `text`: quotes, backslashes and control
+/// characters escaped.
+fn toml_string(text: impl AsRef<std::ffi::OsStr>) -> String {
+    let text = text.as_ref().to_string_lossy();
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 fn run_demo(listen: &str, tls_listen: &str, args: &SettingsArgs) -> Result<(), Error> {
@@ -337,12 +580,18 @@ fn run_demo(listen: &str, tls_listen: &str, args: &SettingsArgs) -> Result<(), E
         })?;
         hosts.push(addr.to_string());
     }
-    let dir = std::env::temp_dir().join(format!("tcplb-demo-{}", std::process::id()));
-    let written = certs::init(
-        &dir,
-        &["localhost".to_string(), "127.0.0.1".to_string()],
-        &["alice".to_string()],
-    )?;
+    let dir = DemoDir(std::env::temp_dir().join(format!("tcplb-demo-{}", std::process::id())));
+    let written = certs::init(&certs::Request {
+        dir: dir.0.clone(),
+        // The directory is this run's own; one a killed run left behind is replaced.
+        ca: certs::Ca::New { replace: true },
+        server_names: vec!["localhost".to_string(), "127.0.0.1".to_string()],
+        clients: vec!["alice".to_string()],
+    })?;
+    let server = written
+        .server
+        .clone()
+        .expect("the demo's server certificate");
     let defaults = Settings {
         max_connections: demo::DEMO_MAX_CONNECTIONS,
         ..Settings::default()
@@ -355,8 +604,8 @@ fn run_demo(listen: &str, tls_listen: &str, args: &SettingsArgs) -> Result<(), E
     secure.tls = true;
     config.upstreams.push(secure);
     config.tls = Some(TlsSettings {
-        cert: written.server_cert.clone(),
-        key: written.server_key.clone(),
+        cert: server.cert,
+        key: server.key,
         client_ca: written.ca.clone(),
         crl: Vec::new(),
         handshake_timeout: TlsSettings::DEFAULT_HANDSHAKE_TIMEOUT,
@@ -378,7 +627,7 @@ fn run_demo(listen: &str, tls_listen: &str, args: &SettingsArgs) -> Result<(), E
     let tls_addr = proxy
         .listen_addr("demo-mtls")
         .expect("the mTLS upstream exists");
-    let (_, alice_cert, alice_key) = &written.clients[0];
+    let (_, alice) = &written.clients[0];
     println!(
         "tcplb demo: three echo hosts ({}) behind tcplb on {addr}",
         hosts.join(", ")
@@ -386,22 +635,32 @@ fn run_demo(listen: &str, tls_listen: &str, args: &SettingsArgs) -> Result<(), E
     println!(
         "Each connection goes to the host with the fewest connections; the host greets you and echoes your lines."
     );
+    // Both commands end at the end of their input (Ctrl-D): nc -N sends
+    // its FIN then reads what is left; s_client -quiet alone would never end.
     println!(
-        "Try it from another terminal:  nc {} {}",
+        "Try it from another terminal:  nc -N {} {}",
         addr.ip(),
         addr.port()
     );
     println!();
     println!("The same hosts over mutual TLS on {tls_addr}, for the client identity `alice` only");
-    println!("(certificates made for this run in {}):", dir.display());
+    println!("(certificates made for this run in {}):", dir.0.display());
     println!(
-        "  openssl s_client -quiet -connect {tls_addr} -cert {} -key {} -CAfile {}",
-        alice_cert.display(),
-        alice_key.display(),
+        "  openssl s_client -quiet -no_ign_eof -nocommands -connect {tls_addr} -cert {} -key {} -CAfile {}",
+        alice.cert.display(),
+        alice.key.display(),
         written.ca.display()
     );
-    println!("Press Ctrl-C to stop.");
-    let result = proxy.run();
-    let _ = std::fs::remove_dir_all(&dir);
-    result
+    println!("Ctrl-D ends a client's input; Ctrl-C here stops the demo.");
+    proxy.run()
+}
+
+/// The demo's certificate directory, removed however the demo ends: a
+/// signal, or a start that failed (a port taken) after the keys were written.
+struct DemoDir(PathBuf);
+
+impl Drop for DemoDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

@@ -476,21 +476,29 @@ fn no_descriptor_leaks_after_clients_leave() {
     }
 }
 
+/// Waits for a client command to end by itself, failing the test if it
+/// has not within IO_TIMEOUT.
+fn wait_bounded(child: &mut std::process::Child, command: &str) {
+    let deadline = std::time::Instant::now() + IO_TIMEOUT;
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("`{command}` did not end at the end of its input");
+        }
+        std::thread::yield_now();
+    }
+}
+
 #[test]
 fn demo_serves_greeting_echo_hosts() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tcplb"))
-        .args([
-            "demo",
-            "--listen",
-            "127.0.0.1:0",
-            "--tls-listen",
-            "127.0.0.1:0",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut bin = Binary::start(&[
+        "demo",
+        "--listen",
+        "127.0.0.1:0",
+        "--tls-listen",
+        "127.0.0.1:0",
+    ]);
+    let mut stdout = BufReader::new(bin.child.stdout.take().unwrap());
     let mut first = String::new();
     stdout.read_line(&mut first).unwrap();
     let addr: SocketAddr = first
@@ -519,21 +527,52 @@ fn demo_serves_greeting_echo_hosts() {
             "hello from host-3"
         ]
     );
-    // The printed mTLS command works as printed.
+    // A plain upstream has no client identity to log.
+    for _ in 0..3 {
+        let access = bin.wait_for_log("tcplb::access");
+        assert!(access.contains("`demo` host="), "{access}");
+        assert!(!access.contains("identity="), "{access}");
+    }
+    // The printed commands work as printed.
+    let (mut certs_dir, mut nc) = (None, None);
     let command = loop {
         let mut line = String::new();
         assert!(
             stdout.read_line(&mut line).unwrap() > 0,
             "no openssl command printed"
         );
+        if let Some(dir) = line.split("made for this run in ").nth(1) {
+            certs_dir = Some(PathBuf::from(dir.trim().trim_end_matches("):")));
+        }
+        if let Some(command) = line.split("another terminal:").nth(1) {
+            nc = Some(command.trim().to_string());
+        }
         if line.trim_start().starts_with("openssl s_client") {
             break line;
         }
     };
+    // nc: ends by itself at the end of its input, with every answer shown.
+    let nc = nc.expect("an nc command is printed");
+    let words: Vec<&str> = nc.split_whitespace().collect();
+    let mut child = Command::new(words[0])
+        .args(&words[1..])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("nc (netcat-openbsd) is installed (.ci/run installs it)");
+    child.stdin.take().unwrap().write_all(b"by nc\n").unwrap();
+    wait_bounded(&mut child, &nc);
+    let mut shown = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut shown).unwrap();
+    assert!(
+        shown.starts_with("hello from host-") && shown.ends_with("\nby nc\n"),
+        "{nc}: {shown:?}"
+    );
+    let certs_dir = certs_dir.expect("the certificates' directory is printed");
+    assert!(certs_dir.join("alice.key").is_file(), "{certs_dir:?}");
     let words: Vec<&str> = command.split_whitespace().collect();
     let mut openssl = Command::new(words[0])
         .args(&words[1..])
-        .args(["-no_ign_eof"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -548,14 +587,18 @@ fn demo_serves_greeting_echo_hosts() {
     let mut echo = String::new();
     out.read_line(&mut echo).unwrap();
     assert_eq!(echo, "over tls\n");
+    // The end of its input ends the command as printed.
     drop(input);
-    let _ = openssl.wait();
+    wait_bounded(&mut openssl, &command);
+    let access = bin.wait_for_log("`demo-mtls`");
+    assert!(
+        access.contains("`demo-mtls` identity=alice host="),
+        "{access}"
+    );
     // SIGTERM lets the demo remove its temporary certificates.
-    Command::new("kill")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    assert!(child.wait().unwrap().success());
+    bin.signal("TERM");
+    assert_eq!(bin.wait().0, Some(0));
+    assert!(!certs_dir.exists(), "{certs_dir:?} left behind");
 }
 
 #[test]
@@ -846,5 +889,112 @@ fn serving_logs_the_warnings_at_start() {
             .contains(":3:20: warning: `bulk_buffer_size` (16384) is below `buffer_size` (32768)"),
         "{}",
         stderr(&out)
+    );
+}
+
+#[test]
+fn a_failed_demo_start_leaves_no_key_directory_behind() {
+    let taken = TcpListener::bind(localhost()).unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    for flag in ["--listen", "--tls-listen"] {
+        // The demo's temporary directory goes under TMPDIR.
+        let tmp = std::env::temp_dir().join(format!(
+            "tcplb-test-{}-demo-fails{flag}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&tmp).unwrap();
+        let (listen, tls_listen) = match flag {
+            "--listen" => (addr.as_str(), "127.0.0.1:0"),
+            _ => ("127.0.0.1:0", addr.as_str()),
+        };
+        let out = Command::new(env!("CARGO_BIN_EXE_tcplb"))
+            .env("TMPDIR", &tmp)
+            .args(["demo", "--listen", listen, "--tls-listen", tls_listen])
+            .output()
+            .unwrap();
+        let left: Vec<_> = std::fs::read_dir(&tmp)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        // Removed before any assertion, so a failure leaves nothing either.
+        std::fs::remove_dir_all(&tmp).unwrap();
+        assert_eq!(out.status.code(), Some(1), "{flag}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(&format!("cannot listen on {addr}")),
+            "{flag}: {}",
+            stderr(&out)
+        );
+        assert!(left.is_empty(), "{flag}: left behind {left:?}");
+    }
+}
+
+#[test]
+fn demo_help_states_the_connection_cap_the_demo_runs_with() {
+    let help = String::from_utf8(tcplb(&["demo", "--help"]).stdout).unwrap();
+    let line = help
+        .lines()
+        .find(|l| l.contains("--max-connections"))
+        .unwrap_or_else(|| panic!("no --max-connections in:\n{help}"));
+    let shown: usize = line
+        .split("[default: ")
+        .nth(1)
+        .and_then(|rest| rest.split(']').next())
+        .unwrap_or_else(|| panic!("no default in {line:?}"))
+        .parse()
+        .unwrap();
+    let mut bin = Binary::start(&[
+        "demo",
+        "--listen",
+        "127.0.0.1:0",
+        "--tls-listen",
+        "127.0.0.1:0",
+    ]);
+    let ready = bin.wait_for_log(" ready: ");
+    assert!(
+        ready.contains(&format!("max_connections={shown} ")),
+        "help says {shown}, the demo runs with: {ready}"
+    );
+    bin.signal("TERM");
+    assert_eq!(bin.wait().0, Some(0));
+}
+
+#[test]
+fn access_lines_are_filtered_out_by_their_target() {
+    // The README's example: RUST_LOG=info,tcplb::access=off.
+    let host = spawn_host("h", Behavior::Echo);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tcplb"))
+        .args(["--listen", "127.0.0.1:0", "--host", &host.addr.to_string()])
+        .env("RUST_LOG", "info,tcplb::access=off")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut log = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut lines = Vec::new();
+    let addr = loop {
+        let line = log.next().expect("a start-up line").unwrap();
+        lines.push(line.clone());
+        if line.contains("listening on ") {
+            break addr_after(&line, "listening on ");
+        }
+    };
+    let mut client = TcpStream::connect(addr).unwrap();
+    client.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    client.write_all(b"hello\n").unwrap();
+    assert_eq!(read_line(&mut client), "hello");
+    finish(client);
+    Command::new("kill")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    lines.extend(log.map(Result::unwrap));
+    assert!(child.wait().unwrap().success());
+    assert!(
+        lines.iter().any(|l| l.contains("tcplb stopped")),
+        "{lines:#?}"
+    );
+    // No access line, under whatever target it might be logged.
+    assert!(
+        !lines.iter().any(|l| l.contains(" end=closed")),
+        "{lines:#?}"
     );
 }

@@ -875,3 +875,76 @@ fn close_on_down_closes_the_connections_of_a_down_host() {
     assert!(!stats.upstreams[0].hosts[0].up);
     assert_eq!(stats.pairs, 0);
 }
+
+/// `tcplb reload` with `args`: (exit code, stdout, stderr).
+fn reload_command(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tcplb"))
+        .arg("reload")
+        .args(args)
+        .output()
+        .unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.code(), text(&out.stdout), text(&out.stderr))
+}
+
+#[test]
+fn the_reload_command_waits_for_the_outcome_and_fails_on_rejection() {
+    let h1 = spawn_host("h1", Behavior::Named);
+    let h2 = spawn_host("h2", Behavior::Named);
+    let file = ConfigFile::new("reload-command");
+    let path = file.0.to_str().unwrap();
+    file.write(&format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n\n{}",
+        upstream_toml("app", &[h1.addr])
+    ));
+    let bin = Binary::start(&["--config", path]);
+    let app = bin.listen_addr_of("app");
+    let admin = bin.admin_addr().to_string();
+    // The file now names the address the running tcplb listens on, as a
+    // deployed config does (a change of [admin] waits for a restart).
+    let with_admin = |hosts: &[SocketAddr]| {
+        format!(
+            "[admin]\nlisten = \"{admin}\"\n\n{}",
+            upstream_toml("app", hosts)
+        )
+    };
+    file.write(&with_admin(&[h2.addr]));
+    let (code, out, err) = reload_command(&["--config", path]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out.trim(), format!("tcplb on {admin}: reloaded"));
+    // It returned after the reload: the new host takes the next client.
+    let mut c = TcpStream::connect(app).unwrap();
+    c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    assert_eq!(read_line(&mut c), "h2");
+
+    // A config the running tcplb rejects: non-zero, with the reason, and
+    // the running config stays in force.
+    file.write(&format!(
+        "{}[defaults]\nidle_timeout = 5\n",
+        with_admin(&[h1.addr])
+    ));
+    let (code, _, err) = reload_command(&["--admin", &admin]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("reload rejected"), "{err}");
+    assert!(
+        err.contains(&format!("{path}:10:16: `idle_timeout` must be a string")),
+        "{err}"
+    );
+    let mut c = TcpStream::connect(app).unwrap();
+    c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    assert_eq!(read_line(&mut c), "h2");
+
+    // Nothing listens there: non-zero, naming the address.
+    let dead = dead_addr().to_string();
+    let (code, _, err) = reload_command(&["--admin", &dead]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!("cannot ask the admin listener on {dead}")),
+        "{err}"
+    );
+    // A file without [admin]: nothing to ask.
+    file.write(&upstream_toml("app", &[h1.addr]));
+    let (code, _, err) = reload_command(&["--config", path]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("has no [admin] listen address"), "{err}");
+}

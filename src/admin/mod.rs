@@ -3,11 +3,13 @@
 //! connection, then close. This module holds the connection (read the
 //! request, write the answer, wait for the client to close) and the routes
 //! the loop calls; `http` parses and encodes, `metrics` holds the [`Stats`]
-//! snapshot and its Prometheus text, `status` its JSON. Requests are
+//! snapshot and its Prometheus text, `status` its JSON, and [`client`] is
+//! the other end of `POST /reload` (`tcplb reload`). Requests are
 //! bounded in size ([`MAX_REQUEST`]) and time ([`TIMEOUT`]), and
 //! connections in number ([`MAX_CONNECTIONS`]).
 #![warn(missing_docs)]
 
+pub mod client;
 mod http;
 mod metrics;
 mod status;

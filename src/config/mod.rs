@@ -221,6 +221,18 @@ impl Config {
         summary
     }
 
+    /// The `[admin] listen` address of a config file (`None` without
+    /// `[admin]`), read without checking the rest of the file: the running
+    /// tcplb that `tcplb reload` asks is listening there whatever the new
+    /// file's other problems are.
+    pub fn admin_address(path: &Path) -> Result<Option<SocketAddr>, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::ReadConfig {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        admin_in(&text, &path.display().to_string()).map_err(Error::Config)
+    }
+
     /// Validates configuration text; `origin` names it in messages. What
     /// is valid but likely wrong is in the config's `warnings`.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
@@ -276,6 +288,13 @@ impl Config {
         });
         problems.finish(config).map(|(config, _)| config)
     }
+}
+
+/// The `[admin] listen` address of configuration text, the rest unchecked.
+fn admin_in(text: &str, origin: &str) -> Result<Option<SocketAddr>, ConfigError> {
+    let mut problems = Problems::new(text, origin);
+    let admin = schema::admin_only(&mut problems);
+    problems.finish(admin).map(|(admin, _)| admin)
 }
 
 /// Checks settings given as plain values (command-line flags applied over
@@ -379,6 +398,21 @@ hosts = ["127.0.0.1:9001", "127.0.0.1:9002", "[::1]:9003"]
         two.upstreams[1].hosts.push("127.0.0.1:2".parse().unwrap());
         assert_eq!(two.summary(), "2 upstreams, 3 hosts");
         assert_eq!(RefusalMode::Reset.name(), "reset");
+    }
+
+    #[test]
+    fn the_admin_address_is_read_whatever_else_is_wrong() {
+        let broken_elsewhere =
+            "[defaults]\nidle_timeout = 5\n\n[admin]\nlisten = \"127.0.0.1:9900\"\n";
+        assert!(Config::parse(broken_elsewhere, "lb.toml").is_err());
+        assert_eq!(
+            admin_in(broken_elsewhere, "lb.toml"),
+            Ok(Some("127.0.0.1:9900".parse().unwrap()))
+        );
+        assert_eq!(admin_in("[[upstream]]\nname = 1\n", "lb.toml"), Ok(None));
+        let bad = admin_in("[admin]\nlisten = \"nowhere\"\n", "lb.toml").unwrap_err();
+        assert!(bad.to_string().starts_with("lb.toml:2:10: "), "{bad}");
+        assert!(admin_in("[admin\n", "lb.toml").is_err());
     }
 
     #[test]

@@ -235,6 +235,20 @@ fn crl(
     }
 }
 
+/// Only `[admin]` of the document, whatever else it holds: the address
+/// `tcplb reload` asks, even when the rest of the file is what a reload
+/// would reject.
+pub(super) fn admin_only(p: &mut Problems<'_>) -> Option<Option<SocketAddr>> {
+    match DeTable::parse(p.text()) {
+        Ok(root) => admin(p, root.get_ref()),
+        Err(e) => {
+            let message = format!("invalid TOML: {}", e.message().trim());
+            p.at(e.span().unwrap_or(0..0), message);
+            None
+        }
+    }
+}
+
 /// `[admin]`: `Some(None)` when it is absent.
 fn admin(p: &mut Problems<'_>, root: &DeTable<'_>) -> Option<Option<SocketAddr>> {
     let Some(value) = find(root, "admin") else {

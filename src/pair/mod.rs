@@ -542,12 +542,16 @@ impl Pair {
         if self.unlogged {
             return;
         }
+        // Only a TLS client has an identity to log (`-` for one without).
+        let (label, identity) = match &self.client.tls {
+            Some(_) => (" identity=", self.identity.as_deref().unwrap_or("-")),
+            None => ("", ""),
+        };
         info!(
             target: "tcplb::access",
-            "{} `{}` identity={} host={} up={} down={} ms={} end={}",
+            "{} `{}`{label}{identity} host={} up={} down={} ms={} end={}",
             self.client_addr,
             self.upstream.name,
-            self.identity.as_deref().unwrap_or("-"),
             host_addr.map_or("-".to_string(), |a| a.to_string()),
             bytes.0,
             bytes.1,
