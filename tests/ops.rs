@@ -19,20 +19,34 @@ use tcplb::HealthSettings;
 use tcplb::{Config, Proxy, Settings, UpstreamConfig};
 
 /// A greeting echo host that can be stopped (its port then refuses) and
-/// started again on the same port.
+/// started again on the same port. The port stays reserved while it is
+/// stopped (a socket bound with `SO_REUSEPORT` that never listens), so no
+/// other test's listener can take it meanwhile.
 struct ToggleHost {
     addr: SocketAddr,
     name: String,
+    _port: socket2::Socket,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     accepted: Arc<AtomicUsize>,
 }
 
+/// A socket for `addr` that shares its port with the other sockets of a
+/// [`ToggleHost`].
+fn shared_port_socket() -> socket2::Socket {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_reuse_port(true).unwrap();
+    socket
+}
+
 impl ToggleHost {
     fn new(name: &str) -> ToggleHost {
+        let port = shared_port_socket();
+        port.bind(&localhost().into()).unwrap();
         let mut host = ToggleHost {
-            addr: dead_addr(),
+            addr: port.local_addr().unwrap().as_socket().unwrap(),
             name: name.to_string(),
+            _port: port,
             stop: Arc::new(AtomicBool::new(false)),
             thread: None,
             accepted: Arc::new(AtomicUsize::new(0)),
@@ -42,7 +56,10 @@ impl ToggleHost {
     }
 
     fn start(&mut self) {
-        let listener = TcpListener::bind(self.addr).unwrap();
+        let socket = shared_port_socket();
+        socket.bind(&self.addr.into()).unwrap();
+        socket.listen(128).unwrap();
+        let listener = TcpListener::from(socket);
         self.stop.store(false, Ordering::SeqCst);
         let (stop, accepted, name) = (self.stop.clone(), self.accepted.clone(), self.name.clone());
         self.thread = Some(thread::spawn(move || {

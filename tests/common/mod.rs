@@ -113,10 +113,21 @@ fn serve(
     }
 }
 
-/// An address on which nothing listens: connects to it are refused.
+/// Ports held bound (never listening) for the life of the test process.
+static DEAD_PORTS: std::sync::Mutex<Vec<socket2::Socket>> = std::sync::Mutex::new(Vec::new());
+
+/// An address on which nothing listens, and nothing will: connects to it
+/// are refused. Its port stays bound, without listening, for the rest of
+/// the test process: a port that was merely freed can be handed to the
+/// next `bind(127.0.0.1:0)` of a test running beside, and the "dead" host
+/// would then answer (health checks saw such a host come up).
 pub fn dead_addr() -> SocketAddr {
-    let listener = TcpListener::bind(localhost()).unwrap();
-    listener.local_addr().unwrap()
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    socket.bind(&localhost().into()).unwrap();
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    DEAD_PORTS.lock().unwrap().push(socket);
+    addr
 }
 
 /// A listener whose accept queue is full, so further SYNs go unanswered:
