@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 use std::sync::mpsc::{self, Sender};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use log::{info, warn};
 use mio::Waker;
@@ -21,6 +21,8 @@ pub(super) enum Command {
     Shutdown,
     Stats(Sender<Stats>),
     Reload(Sender<Result<(), String>>),
+    /// Move the loop's clock ahead; answered once the loop runs on it.
+    AdvanceClock(Duration, Sender<()>),
 }
 
 /// Talks to a running [`Proxy`] from another thread (tests, embedding).
@@ -60,6 +62,19 @@ impl Handle {
         rx.recv()
             .unwrap_or_else(|_| Err("tcplb is not running".to_string()))
     }
+
+    /// Moves the loop's clock `by` ahead, as if that much time had passed
+    /// at once: what falls due within it (timeouts, drain periods, health
+    /// checks, rate refills, slow-start ramps) is acted on at the next
+    /// turn. Returns once the loop runs on the moved clock; `None` once it
+    /// has stopped. For tests, which can cross an hour-long timeout this
+    /// way without waiting for it, and without a race against a real
+    /// clock; tcplb itself never calls it.
+    pub fn advance_clock(&self, by: Duration) -> Option<()> {
+        let (tx, rx) = mpsc::channel();
+        self.send(Command::AdvanceClock(by, tx))?;
+        rx.recv().ok()
+    }
 }
 
 impl Proxy {
@@ -86,6 +101,10 @@ impl Proxy {
                 }
                 Command::Reload(reply) => {
                     let _ = reply.send(self.reload(now));
+                }
+                Command::AdvanceClock(by, reply) => {
+                    self.control.clock.ahead += by;
+                    self.control.clock.waiters.push(reply);
                 }
             }
         }

@@ -120,6 +120,27 @@ struct Shared {
     reloads: u64,
 }
 
+/// The loop's clock: the system's monotonic clock, read once a turn, plus
+/// however far [`Handle::advance_clock`] has moved it ahead (zero unless
+/// a test did).
+#[derive(Debug, Default)]
+struct Clock {
+    ahead: Duration,
+    /// Callers of `advance_clock`, answered once a turn runs on the moved clock.
+    waiters: Vec<mpsc::Sender<()>>,
+}
+
+impl Clock {
+    /// The one reading of the clock a turn.
+    fn read(&mut self) -> Instant {
+        let now = Instant::now() + self.ahead;
+        for waiter in self.waiters.drain(..) {
+            let _ = waiter.send(());
+        }
+        now
+    }
+}
+
 /// What steers the loop rather than relaying.
 struct Control {
     admin: Option<TcpListener>,
@@ -136,6 +157,7 @@ struct Control {
     config_admin: Option<SocketAddr>,
     drain_deadline: Option<Instant>,
     stop_now: bool,
+    clock: Clock,
     signals: Option<Signals>,
     commands: Receiver<control::Command>,
     handle: Handle,
@@ -235,6 +257,7 @@ impl Proxy {
                 config_admin: config.admin,
                 drain_deadline: None,
                 stop_now: false,
+                clock: Clock::default(),
                 signals: None,
                 commands,
                 handle: Handle::new(tx, Arc::new(waker)),
@@ -337,7 +360,7 @@ impl Proxy {
             info!("admin listening on {addr} (GET /metrics, GET /status, POST /reload)");
         }
         let mut events = Events::with_capacity(1024);
-        let mut now = Instant::now();
+        let mut now = self.control.clock.read();
         for upstream in 0..self.shared.upstreams.len() {
             self.checks
                 .schedule_upstream(&mut self.shared.upstreams[upstream], upstream, now);
@@ -353,8 +376,7 @@ impl Proxy {
                     source: e,
                 });
             }
-            // The one reading of the clock this turn.
-            now = Instant::now();
+            now = self.control.clock.read();
             for event in events.iter() {
                 self.dispatch(event, now);
             }
@@ -405,7 +427,7 @@ impl Proxy {
 
     fn poll_timeout(&self, now: Instant) -> Option<Duration> {
         let w = &self.worker;
-        if !w.runnable.is_empty() {
+        if !w.runnable.is_empty() || !self.control.clock.waiters.is_empty() {
             return Some(Duration::ZERO);
         }
         let mut next = w.timers.next();
