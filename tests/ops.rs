@@ -813,10 +813,10 @@ fn close_on_down_closes_the_connections_of_a_down_host() {
     let (mut c, name) = greeting(&proxy);
     assert_eq!(name, "a");
     a.stop();
-    // The established connection is cut when the checks take the host down.
-    let mut buf = [0u8; 8];
-    let end = c.read(&mut buf);
-    assert!(matches!(end, Ok(0) | Err(_)), "{end:?}");
+    // The established connection (whose host thread still serves it) is
+    // cut when the checks take the host down: fall × interval, and room
+    // for a busy machine.
+    assert_eq!(closed_within(&mut c, Duration::from_secs(5)), Closed::Reset);
     let stats = proxy.stats();
     assert!(!stats.upstreams[0].hosts[0].up);
     assert_eq!(stats.pairs, 0);

@@ -288,6 +288,47 @@ pub fn read_line(s: &mut TcpStream) -> String {
     String::from_utf8(line).unwrap()
 }
 
+/// How a connection that its peer closed ends for a reader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closed {
+    /// A FIN: the read returned 0.
+    Eof,
+    /// A reset.
+    Reset,
+}
+
+/// Reads from `s` until the peer closes it, waiting at most `within`: a
+/// read that times out, or data, fails the test (a connection left open
+/// must not pass for one that was closed).
+pub fn closed_within(s: &mut TcpStream, within: Duration) -> Closed {
+    s.set_read_timeout(Some(within)).unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    match s.read(&mut buf) {
+        Ok(0) => Closed::Eof,
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Closed::Reset,
+        other => panic!(
+            "not closed within {within:?}: {other:?} after {:?}",
+            started.elapsed()
+        ),
+    }
+}
+
+/// Asserts that `outcome` is the error of a connection the peer refused
+/// or closed (a TLS alert, EOF, a reset), not of one that timed out.
+pub fn assert_refused<T>(outcome: &io::Result<T>, what: &str) {
+    match outcome {
+        Ok(_) => panic!("{what}: not refused"),
+        Err(e) => assert!(
+            !matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ),
+            "{what}: timed out instead of being refused: {e}"
+        ),
+    }
+}
+
 /// Reads until EOF.
 pub fn read_to_end(s: &mut TcpStream) -> io::Result<Vec<u8>> {
     let mut out = Vec::new();
