@@ -458,24 +458,56 @@ fn bad_tls_files_are_start_up_errors_naming_the_file() {
     );
 }
 
+/// Backpressure over TLS with a client that reads nothing until the
+/// stream has stalled: as over plain TCP (see `relay.rs`), tcplb stops
+/// reading from the host, and what it holds is its buffer plus the TLS
+/// session's queue of records, which tcplb caps at its bulk buffer size
+/// (`set_buffer_limit`). The buffers are 16 KiB here, below rustls' own
+/// default cap (64 KiB), so the bound holds only if tcplb set its cap.
 #[test]
-fn backpressure_holds_over_tls() {
-    // More than all the buffers on the way hold, read slowly by the client.
-    const TOTAL: usize = 24 << 20;
+fn backpressure_over_tls_bounds_the_sessions_records_too() {
+    const TOTAL: usize = 64 << 20;
     let pki = Pki::new("backpressure");
-    let listener = std::net::TcpListener::bind(localhost()).unwrap();
-    let addr = listener.local_addr().unwrap();
-    let payload = Rng::new(21).bytes(TOTAL);
-    let to_send = payload.clone();
-    std::thread::spawn(move || {
-        let (mut conn, _) = listener.accept().unwrap();
-        conn.write_all(&to_send).unwrap();
-    });
-    let proxy = start(tls_config(&pki, &[addr], alice_rules(), vec![]));
+    let payload = std::sync::Arc::new(Rng::new(21).bytes(TOTAL));
+    let host = spawn_streaming_host(payload.clone());
+    let mut config = tls_config(&pki, &[host.addr], alice_rules(), vec![]);
+    config.settings.buffer_size = 16 << 10;
+    config.settings.bulk_buffer_size = 16 << 10;
+    let bound = 2 * config.settings.bulk_buffer() as i64;
+    let proxy = start(config);
     let alice = pki.client("alice");
     let mut s = pki::connect(proxy.addr, pki.client_config(Some(&alice))).unwrap();
-    let got = proxy.read_one_way(&mut s, TOTAL);
-    assert!(got == payload);
+    let ends = (s.sock.local_addr().unwrap(), proxy.addr);
+    // What tcplb wrote for the handshake: the stream starts only now.
+    let handshake = socket_counts(ends.1, ends.0).written();
+    s.write_all(b"g").unwrap();
+    let tcplb_end = host.peer.recv_timeout(IO_TIMEOUT).unwrap();
+    let stalled = stalled_backlog(&host, tcplb_end, ends);
+    // Records carry a little more than their plaintext: if anything, this
+    // understates what tcplb holds, by some bytes per 16 KiB record.
+    let held = stalled.held_by_tcplb(handshake);
+    println!("stalled: {stalled:?}, tcplb holds {held} bytes");
+    assert!(
+        stalled.written < TOTAL as u64,
+        "the host's writes stopped before the end: {stalled:?}"
+    );
+    assert!(
+        stalled.from_host.unread > 0,
+        "tcplb leaves the host's bytes unread in its kernel: {stalled:?}"
+    );
+    assert!(
+        held > 0 && held <= bound,
+        "tcplb holds {held} bytes (bound {bound}): {stalled:?}"
+    );
+    assert_eq!(proxy.stats().buffers_in_use, 1);
+    // The reader catches up: the stream resumes, byte-exact.
+    let mut got = vec![0u8; TOTAL];
+    s.read_exact(&mut got).unwrap();
+    assert!(got == *payload, "the stream differs");
+    pki::close_write(&mut s);
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
 }
 
 #[test]
