@@ -763,3 +763,108 @@ fn a_handshake_flood_from_a_few_addresses_does_not_starve_other_clients() {
         "each client took the slot of a flood handshake: {evicted}"
     );
 }
+
+/// A config file for the binary in `pki`'s folder: its `[tls]`, a TLS
+/// upstream `secure` and a TLS upstream `other` in front of `host`, and
+/// `clients` (`[[client]]` tables); returns its path.
+fn tls_config_file(pki: &Pki, host: SocketAddr, clients: &str) -> String {
+    let path = pki.dir.join("lb.toml");
+    let upstream = |name: &str| {
+        format!(
+            "[[upstream]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\nhosts = [\"{host}\"]\n\n"
+        )
+    };
+    std::fs::write(
+        &path,
+        format!(
+            "[tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n\n{}{}{clients}",
+            pki.server_cert,
+            pki.server_key,
+            pki.ca_path,
+            upstream("secure"),
+            upstream("other"),
+        ),
+    )
+    .unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+/// Failed handshakes (here: clients without a certificate) are logged at
+/// most once a second, each line with the count of those not logged, and
+/// a flood of them cannot fill the log with access lines either.
+#[test]
+fn failed_handshakes_are_logged_at_most_once_a_second() {
+    let pki = Pki::new("hslog");
+    let host = spawn_host("h", Behavior::Echo);
+    let file = tls_config_file(&pki, host.addr, "");
+    let mut bin = Binary::start(&["--config", &file]);
+    let addr = bin.listen_addr_of("secure");
+    let started = Instant::now();
+    let fail = || {
+        let outcome =
+            pki::connect(addr, pki.client_config(None)).and_then(|mut s| s.read(&mut [0u8; 8]));
+        assert_refused(&outcome, "a handshake without a certificate");
+    };
+    // A burst, then more until one starts over a second after the burst
+    // ended: that one is surely logged again.
+    let mut failed = 0;
+    for _ in 0..20 {
+        fail();
+        failed += 1;
+    }
+    let burst_done = Instant::now();
+    loop {
+        let at = Instant::now();
+        fail();
+        failed += 1;
+        if at >= burst_done + Duration::from_secs(1) {
+            break;
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    bin.signal("TERM");
+    let (_, log) = bin.wait();
+    let lines: Vec<&String> = log
+        .iter()
+        .filter(|l| l.contains("refused: handshake_failed"))
+        .collect();
+    // Each line says how many went unlogged since the one before.
+    let reported: u64 = lines
+        .iter()
+        .map(|l| {
+            let count = l.rsplit_once(" more since the last report").unwrap().0;
+            1 + count.rsplit_once('(').unwrap().1.parse::<u64>().unwrap()
+        })
+        .sum();
+    println!(
+        "{failed} failed handshakes in {seconds:.2} s: {} lines, reporting {reported}",
+        lines.len()
+    );
+    assert!(
+        lines.len() >= 2 && lines.len() as f64 <= seconds.floor() + 1.0,
+        "{} lines in {seconds:.2} s: {lines:#?}",
+        lines.len()
+    );
+    assert!(reported <= failed, "{reported} reported of {failed}");
+    assert!(
+        reported > 20,
+        "the second line counts the burst: {lines:#?}"
+    );
+    // Their access lines share the refusals' budget (10 a second), and
+    // the rest are summed up: every one is logged or counted.
+    let access = log
+        .iter()
+        .filter(|l| l.contains("tcplb::access") && l.contains("end=handshake_failed"))
+        .count();
+    let summed: u64 = log
+        .iter()
+        .filter_map(|l| l.split("handshake_failed=").nth(1))
+        .map(|n| n.split_whitespace().next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    println!("{access} access lines, {summed} summed up");
+    assert!(
+        access as f64 <= 10.0 * (seconds.floor() + 1.0),
+        "{access} access lines in {seconds:.2} s"
+    );
+    assert_eq!(access as u64 + summed, failed);
+}

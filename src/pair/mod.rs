@@ -441,7 +441,8 @@ impl Pair {
         match self.state {
             State::Handshaking { .. } => {
                 debug!("{} handshake timed out", self.client_addr);
-                ctx.upstream.count_refusal("handshake_timeout");
+                let refusals = &mut ctx.logs.refusals;
+                self.count_silent_refusal("handshake_timeout", ctx.upstream, refusals, ctx.now);
                 Step::Finish(End::HandshakeTimeout)
             }
             State::Connecting { .. } => {
@@ -472,11 +473,27 @@ impl Pair {
                         self.client_addr, ctx.upstream.name
                     );
                 }
-                ctx.upstream.count_refusal("handshake_failed");
+                let refusals = &mut ctx.logs.refusals;
+                self.count_silent_refusal("handshake_failed", ctx.upstream, refusals, ctx.now);
                 Step::Finish(End::HandshakeFailed)
             }
             Handshake::Gone => Step::Finish(End::Reset(Side::Client)),
         }
+    }
+
+    /// Counts a refusal that sends the client no line (a failed, timed-out
+    /// or evicted handshake). Anyone can cause these as fast as refusals,
+    /// so their access lines share the refusals' log budget: beyond it,
+    /// they are summed up instead of logged one by one.
+    pub fn count_silent_refusal(
+        &mut self,
+        code: &'static str,
+        upstream: &mut Upstream,
+        refusals: &mut RefusalLog,
+        now: Instant,
+    ) {
+        upstream.count_refusal(code);
+        self.unlogged = !refusals.allow(code, now);
     }
 
     /// The TLS handshake is done: identify the client, apply its rules,

@@ -154,7 +154,12 @@ impl Proxy {
         let Some((key, upstream)) = victim else {
             return false;
         };
-        self.shared.upstreams[upstream].count_refusal("handshake_evicted");
+        self.worker.pairs[key].count_silent_refusal(
+            "handshake_evicted",
+            &mut self.shared.upstreams[upstream],
+            &mut self.worker.support.logs.refusals,
+            now,
+        );
         self.close(key, End::HandshakeEvicted, now);
         true
     }
