@@ -789,6 +789,87 @@ fn tls_config_file(pki: &Pki, host: SocketAddr, clients: &str) -> String {
     path.to_str().unwrap().to_string()
 }
 
+/// SHA-256 of a certificate, in lowercase hex.
+fn sha256_hex(cert: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, cert)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The binary's log of a TLS upstream: each refusal is logged once with
+/// the client's address, identity, certificate fingerprint, upstream and
+/// reason, and every access line carries the identity, refused or not.
+#[test]
+fn refusals_and_access_lines_name_the_identity_and_certificate() {
+    let pki = Pki::new("logs");
+    let host = spawn_host("h", Behavior::Echo);
+    let file = tls_config_file(
+        &pki,
+        host.addr,
+        "[[client]]\nidentity = \"alice\"\nupstreams = [\"secure\"]\nrate = 100\n",
+    );
+    let mut bin = Binary::start(&["--config", &file]);
+    let secure = bin.listen_addr_of("secure");
+    let other = bin.listen_addr_of("other");
+    let alice = pki.client("alice");
+    let carol = pki.client("spiffe://example.org/carol");
+    // Served: alice on `secure`.
+    let mut s = pki::connect(secure, pki.client_config(Some(&alice))).unwrap();
+    let served = s.sock.local_addr().unwrap();
+    s.write_all(b"hi\n").unwrap();
+    assert_eq!(pki::read_line(&mut s).unwrap(), "hi");
+    pki::close_write(&mut s);
+    s.read_to_end(&mut Vec::new()).unwrap();
+    // Refused: alice on `other` (not allowed there), carol anywhere (unknown).
+    let mut refused = Vec::new();
+    for (cert, addr) in [(&alice, other), (&carol, secure)] {
+        let mut s = pki::connect(addr, pki.client_config(Some(cert))).unwrap();
+        let line = pki::read_line(&mut s).unwrap();
+        assert!(line.starts_with("ERROR unauthorized: "), "{line}");
+        refused.push(s.sock.local_addr().unwrap());
+    }
+    bin.signal("TERM");
+    let (code, log) = bin.wait();
+    assert_eq!(code, Some(0));
+    let lines_of = |addr: SocketAddr, needle: &str| -> Vec<&String> {
+        log.iter()
+            .filter(|l| l.contains(&format!("{addr} ")) && l.contains(needle))
+            .collect()
+    };
+    let cases = [
+        (refused[0], "other", "alice", &alice),
+        (refused[1], "secure", "spiffe://example.org/carol", &carol),
+    ];
+    for (addr, upstream, identity, cert) in cases {
+        let refusal = lines_of(addr, "refused:");
+        let fields = format!(
+            "{addr} `{upstream}` refused: unauthorized identity={identity} cert_sha256={}",
+            sha256_hex(cert.cert.as_ref())
+        );
+        assert_eq!(refusal.len(), 1, "one refusal line for {addr}: {log:#?}");
+        assert!(refusal[0].contains(&fields), "{fields}\nin {}", refusal[0]);
+        let access = lines_of(addr, "tcplb::access");
+        assert_eq!(access.len(), 1, "{log:#?}");
+        assert!(
+            access[0].contains(&format!("identity={identity} host=- "))
+                && access[0].contains("end=unauthorized"),
+            "{}",
+            access[0]
+        );
+    }
+    let access = lines_of(served, "tcplb::access");
+    assert_eq!(access.len(), 1, "{log:#?}");
+    let expected = format!("{served} `secure` identity=alice host={} ", host.addr);
+    assert!(
+        access[0].contains(&expected) && access[0].contains("end=closed"),
+        "{expected}\nin {}",
+        access[0]
+    );
+    assert!(lines_of(served, "refused:").is_empty(), "{log:#?}");
+}
+
 /// Failed handshakes (here: clients without a certificate) are logged at
 /// most once a second, each line with the count of those not logged, and
 /// a flood of them cannot fill the log with access lines either.
