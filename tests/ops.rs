@@ -656,6 +656,73 @@ fn connections_of_a_removed_host_close_when_the_drain_period_ends() {
     thread.join().unwrap().unwrap();
 }
 
+/// A reload that removes an upstream closes its listener at once; its
+/// established connections keep relaying for the drain period, then are
+/// closed. The loop's clock is moved on by the test, so the drain period
+/// is an hour that no real time races.
+#[test]
+fn a_reload_that_removes_an_upstream_stops_listening_and_drains_its_pairs() {
+    let drain = Duration::from_secs(3600);
+    let h1 = spawn_host("h1", Behavior::Named);
+    let h2 = spawn_host("h2", Behavior::Echo);
+    let file = ConfigFile::new("remove-upstream");
+    let header = "[defaults]\ndrain_timeout = \"1h\"\nidle_timeout = \"1d\"\n\n";
+    file.write(&format!(
+        "{header}{}{}",
+        upstream_toml("app", &[h1.addr]),
+        upstream_toml("extra", &[h2.addr])
+    ));
+    let (app, handle, thread) = run_reloadable(&file);
+    let extra_of =
+        |stats: &tcplb::Stats| stats.upstreams.iter().find(|u| u.name == "extra").cloned();
+    let extra = extra_of(&handle.stats().unwrap()).unwrap().listen;
+    let mut rng = Rng::new(17);
+    let mut c = TcpStream::connect(extra).unwrap();
+    c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    echo_rounds(&mut c, &mut rng, 2);
+
+    file.write(&format!("{header}{}", upstream_toml("app", &[h1.addr])));
+    handle.reload().unwrap();
+    let refused = TcpStream::connect(extra).map_err(|e| e.kind());
+    assert_eq!(
+        refused.err(),
+        Some(std::io::ErrorKind::ConnectionRefused),
+        "still listening on {extra}"
+    );
+    // Through most of the drain period, the connection relays.
+    echo_rounds(&mut c, &mut rng, 2);
+    handle.advance_clock(drain * 3 / 4).unwrap();
+    echo_rounds(&mut c, &mut rng, 2);
+    let stats = handle.stats().unwrap();
+    let removed = extra_of(&stats).expect("listed while its pairs drain");
+    assert!(
+        removed.removed && removed.hosts[0].active == 1,
+        "{removed:?}"
+    );
+    // Then it is cut.
+    handle.advance_clock(drain / 2).unwrap();
+    assert_eq!(closed_within(&mut c, Duration::from_secs(5)), Closed::Reset);
+    proxy_settles(&handle);
+    let stats = handle.stats().unwrap();
+    assert!(extra_of(&stats).is_none(), "{stats:?}");
+    // The upstream that stayed serves as before.
+    let mut c = TcpStream::connect(app).unwrap();
+    c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    assert_eq!(read_line(&mut c), "h1");
+    handle.shutdown();
+    handle.shutdown();
+    thread.join().unwrap().unwrap();
+}
+
+/// Waits (bounded) until the loop holds no pair.
+fn proxy_settles(handle: &tcplb::Handle) {
+    let deadline = Instant::now() + IO_TIMEOUT;
+    while handle.stats().unwrap().pairs > 0 {
+        assert!(Instant::now() < deadline, "pairs left");
+        thread::yield_now();
+    }
+}
+
 #[test]
 fn an_invalid_reload_keeps_the_running_config() {
     let h1 = spawn_host("h1", Behavior::Named);
