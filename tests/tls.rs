@@ -764,29 +764,96 @@ fn a_handshake_flood_from_a_few_addresses_does_not_starve_other_clients() {
     );
 }
 
-/// A config file for the binary in `pki`'s folder: its `[tls]`, a TLS
-/// upstream `secure` and a TLS upstream `other` in front of `host`, and
-/// `clients` (`[[client]]` tables); returns its path.
+/// A config file for the binary in `pki`'s folder: see [`tls_config_text`].
 fn tls_config_file(pki: &Pki, host: SocketAddr, clients: &str) -> String {
     let path = pki.dir.join("lb.toml");
+    std::fs::write(&path, tls_config_text(pki, host, clients)).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+/// A config with `pki`'s `[tls]`, a TLS upstream `secure` and a TLS
+/// upstream `other` in front of `host`, and `clients` (`[[client]]` tables).
+fn tls_config_text(pki: &Pki, host: SocketAddr, clients: &str) -> String {
     let upstream = |name: &str| {
         format!(
             "[[upstream]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\nhosts = [\"{host}\"]\n\n"
         )
     };
-    std::fs::write(
-        &path,
-        format!(
-            "[tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n\n{}{}{clients}",
-            pki.server_cert,
-            pki.server_key,
-            pki.ca_path,
-            upstream("secure"),
-            upstream("other"),
-        ),
+    format!(
+        "[tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n\n{}{}{clients}",
+        pki.server_cert,
+        pki.server_key,
+        pki.ca_path,
+        upstream("secure"),
+        upstream("other"),
     )
-    .unwrap();
-    path.to_str().unwrap().to_string()
+}
+
+/// One `[[client]]` rule for `identity` on `secure`.
+fn client_toml(identity: &str) -> String {
+    format!("[[client]]\nidentity = \"{identity}\"\nupstreams = [\"secure\"]\nrate = 100\n\n")
+}
+
+/// Writes a line over `s` and reads its echo.
+fn echo_line(s: &mut pki::TlsStream, line: &str) {
+    s.write_all(format!("{line}\n").as_bytes()).unwrap();
+    assert_eq!(pki::read_line(s).unwrap(), line);
+}
+
+/// A reload applies new TLS material (server certificate, client CA)
+/// and new client rules to new connections, and leaves an established
+/// one alone.
+#[test]
+fn a_reload_applies_new_certificates_and_client_rules() {
+    let old = Pki::new("reload-old");
+    let new = Pki::new("reload-new");
+    let host = spawn_host("h", Behavior::Echo);
+    let file = tls_config_file(&old, host.addr, &client_toml("alice"));
+    let config = Config::load(std::path::Path::new(&file)).unwrap();
+    let mut proxy = tcplb::Proxy::bind(&config).unwrap();
+    proxy.set_config_path(file.clone().into());
+    let secure = proxy.listen_addr("secure").unwrap();
+    let handle = proxy.handle();
+    let thread = std::thread::spawn(move || proxy.run());
+    let alice_old = old.client("alice");
+    let mut before = pki::connect(secure, old.client_config(Some(&alice_old))).unwrap();
+    echo_line(&mut before, "before");
+
+    // Another CA, another server certificate, and bob instead of alice.
+    std::fs::write(&file, tls_config_text(&new, host.addr, &client_toml("bob"))).unwrap();
+    handle.reload().unwrap();
+    // The server presents the new certificate: a client that trusts only
+    // the old CA turns it down.
+    let outcome = pki::connect(secure, old.client_config(Some(&alice_old)));
+    match &outcome {
+        Err(e) => assert!(e.to_string().contains("UnknownIssuer"), "{e}"),
+        Ok(_) => panic!("the old server certificate is still served"),
+    }
+    // Client certificates must chain to the new CA...
+    let bob_old = old.client("bob");
+    let mut config = (*new.client_config(None)).clone();
+    config.client_auth_cert_resolver = old
+        .client_config(Some(&bob_old))
+        .client_auth_cert_resolver
+        .clone();
+    let outcome = pki::connect(secure, std::sync::Arc::new(config)).and_then(|mut s| {
+        s.write_all(b"x\n")?;
+        pki::read_line(&mut s)
+    });
+    assert_refused(&outcome, "a client certificate of the old CA");
+    // ...and the new rules decide: bob is in, alice is not.
+    let bob = new.client("bob");
+    let mut s = pki::connect(secure, new.client_config(Some(&bob))).unwrap();
+    echo_line(&mut s, "bob");
+    let alice = new.client("alice");
+    let mut s = pki::connect(secure, new.client_config(Some(&alice))).unwrap();
+    let line = pki::read_line(&mut s).unwrap();
+    assert!(line.starts_with("ERROR unauthorized: "), "{line}");
+    // The connection made before the reload relays as before.
+    echo_line(&mut before, "after");
+    handle.shutdown();
+    handle.shutdown();
+    thread.join().unwrap().unwrap();
 }
 
 /// SHA-256 of a certificate, in lowercase hex.
@@ -805,11 +872,7 @@ fn sha256_hex(cert: &[u8]) -> String {
 fn refusals_and_access_lines_name_the_identity_and_certificate() {
     let pki = Pki::new("logs");
     let host = spawn_host("h", Behavior::Echo);
-    let file = tls_config_file(
-        &pki,
-        host.addr,
-        "[[client]]\nidentity = \"alice\"\nupstreams = [\"secure\"]\nrate = 100\n",
-    );
+    let file = tls_config_file(&pki, host.addr, &client_toml("alice"));
     let mut bin = Binary::start(&["--config", &file]);
     let secure = bin.listen_addr_of("secure");
     let other = bin.listen_addr_of("other");
