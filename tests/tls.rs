@@ -206,6 +206,16 @@ fn revoked_certificate_never_reaches_a_host() {
 }
 
 #[test]
+fn a_certificate_not_for_client_authentication_never_reaches_a_host() {
+    let pki = Pki::new("eku");
+    let host = spawn_host("h", Behavior::Echo);
+    let proxy = start(tls_config(&pki, &[host.addr], alice_rules(), vec![]));
+    // Right CA, dates and identity; its extended key usage is serverAuth.
+    let server_only = pki.server_only("alice");
+    assert_refused_without_host(&proxy, &host, pki.client_config(Some(&server_only)));
+}
+
+#[test]
 fn identity_not_allowed_on_the_upstream_is_unauthorized() {
     let pki = Pki::new("authz");
     let host = spawn_host("h", Behavior::Echo);
