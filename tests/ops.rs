@@ -193,6 +193,54 @@ fn a_killed_host_goes_down_gets_nothing_and_comes_back() {
     assert_eq!(stats.upstreams[0].hosts[1].transitions, 0);
 }
 
+/// A host that comes back up with `slow_start` counts as busier than it
+/// is, less so as its ramp goes on: just back, with no connection, it
+/// loses to a host with 15; halfway through the ramp it wins. The ramp
+/// runs on the loop's clock, which the test moves on.
+#[test]
+fn slow_start_ramps_a_returning_host_in() {
+    let a = ToggleHost::new("a");
+    let mut b = ToggleHost::new("b");
+    let ramp = Duration::from_secs(3600);
+    let health = HealthSettings {
+        slow_start: Some(ramp),
+        ..fast_checks()
+    };
+    let mut config = config_with(vec![upstream("test", &[a.addr, b.addr], health)]);
+    config.settings.idle_timeout = Duration::from_secs(86_400);
+    let proxy = start(config);
+    proxy.wait_until("saw both hosts up", |s| {
+        host_up(s, a.addr) && host_up(s, b.addr)
+    });
+    b.stop();
+    proxy.wait_until("took b down", |s| !host_up(s, b.addr));
+    let mut held: Vec<TcpStream> = (0..10)
+        .map(|_| {
+            let (c, name) = greeting(&proxy);
+            assert_eq!(name, "a", "b is down");
+            c
+        })
+        .collect();
+    b.start();
+    proxy.wait_until("brought b back", |s| host_up(s, b.addr));
+    // Fresh from its ramp's start, b has 5 % of its weight: its 0
+    // connections count as 20, more than a's 10 to 14.
+    for _ in 0..5 {
+        let (c, name) = greeting(&proxy);
+        assert_eq!(name, "a", "b just came back");
+        held.push(c);
+    }
+    // Halfway through, its 0 connections count as 2.
+    proxy.handle.advance_clock(ramp / 2).unwrap();
+    let (c, name) = greeting(&proxy);
+    assert_eq!(name, "b", "halfway through b's ramp");
+    held.push(c);
+    assert_eq!(proxy.host_counts(), [15, 1]);
+    for c in held {
+        finish(c);
+    }
+}
+
 #[test]
 fn a_host_failing_one_check_in_three_never_flaps() {
     // Answers +PONG to two probes out of three, -ERR to the third.
