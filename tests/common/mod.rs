@@ -374,6 +374,26 @@ impl Binary {
         Binary::spawn(&mut cmd)
     }
 
+    /// Starts `WRAPPER... tcplb ARGS` (a tool that runs tcplb as its child,
+    /// such as strace).
+    pub fn start_wrapped(wrapper: &[&str], args: &[&str]) -> Binary {
+        let mut cmd = Command::new(wrapper[0]);
+        cmd.args(&wrapper[1..])
+            .arg(env!("CARGO_BIN_EXE_tcplb"))
+            .args(args);
+        Binary::spawn(&mut cmd)
+    }
+
+    /// The process ids of the process's children.
+    pub fn children(&self) -> Vec<u32> {
+        let pid = self.pid();
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .unwrap()
+            .split_whitespace()
+            .map(|p| p.parse().unwrap())
+            .collect()
+    }
+
     fn spawn(cmd: &mut Command) -> Binary {
         let mut child = cmd
             .env("RUST_LOG", "info")
