@@ -250,7 +250,10 @@ fn identity_not_allowed_on_the_upstream_is_unauthorized() {
 fn over_burst_is_rate_limited_then_admitted_after_refill() {
     let pki = Pki::new("rate");
     let host = spawn_host("h", Behavior::Echo);
-    let rules = vec![rule("alice", &["secure"], 5.0, 2, None)];
+    // One new connection per 100 s, two at once: no real time passing
+    // during the test refills the bucket; the test moves the loop's
+    // clock on instead.
+    let rules = vec![rule("alice", &["secure"], 0.01, 2, None)];
     let proxy = start(tls_config(&pki, &[host.addr], rules, vec![]));
     let alice = pki.client("alice");
     let config = pki.client_config(Some(&alice));
@@ -261,17 +264,27 @@ fn over_burst_is_rate_limited_then_admitted_after_refill() {
         assert_eq!(pki::read_line(&mut s).unwrap(), "in");
         open.push(s);
     }
-    let mut s = pki::connect(proxy.addr, config.clone()).unwrap();
-    let line = pki::read_line(&mut s).unwrap();
-    assert!(line.starts_with("ERROR rate_limited: "), "{line}");
-    let secs: u64 = line
-        .split("retry after ")
-        .nth(1)
-        .and_then(|r| r.trim_end_matches(" s").parse().ok())
-        .unwrap_or_else(|| panic!("no retry-after hint: {line}"));
-    assert!((1..=2).contains(&secs), "{line}");
-    // Wait out the hint (the refill is the feature under test), then retry.
-    std::thread::sleep(Duration::from_millis(210));
+    let refused = |config| {
+        let mut s = pki::connect(proxy.addr, config).unwrap();
+        let line = pki::read_line(&mut s).unwrap();
+        assert!(line.starts_with("ERROR rate_limited: "), "{line}");
+        line.split("retry after ")
+            .nth(1)
+            .and_then(|r| r.trim_end_matches(" s").parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no retry-after hint: {line}"))
+    };
+    let secs = refused(config.clone());
+    assert!((99..=100).contains(&secs), "retry after {secs} s");
+    // Not refilled two seconds before the hint (the hint rounds the
+    // wait up to whole seconds)...
+    proxy
+        .handle
+        .advance_clock(Duration::from_secs(secs - 2))
+        .unwrap();
+    let again = refused(config.clone());
+    assert!((1..=2).contains(&again), "retry after {again} s");
+    // ...and refilled at it.
+    proxy.handle.advance_clock(Duration::from_secs(2)).unwrap();
     let mut s = pki::connect(proxy.addr, config).unwrap();
     s.write_all(b"again\n").unwrap();
     assert_eq!(pki::read_line(&mut s).unwrap(), "again");
