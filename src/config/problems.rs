@@ -2,7 +2,9 @@
 //! kept (the walk never stops at the first), each byte span the TOML
 //! parser gives is turned into a line and column of the text, and the
 //! report comes out sorted by place, problems without a place (line 0)
-//! first, each place's problems in the order they were found.
+//! first, each place's problems in the order they were found. The report
+//! also carries the one choice the walk leaves to its caller: whether a
+//! `name:port` address is looked up or reported.
 
 use std::fmt::Display;
 use std::ops::Range;
@@ -13,6 +15,8 @@ use crate::error::{ConfigError, Problem};
 pub(super) struct Problems<'t> {
     text: &'t str,
     found: Vec<Problem>,
+    /// Host names in addresses are looked up (else they are problems).
+    lookups: bool,
 }
 
 impl<'t> Problems<'t> {
@@ -22,7 +26,21 @@ impl<'t> Problems<'t> {
         Problems {
             text,
             found: Vec::new(),
+            lookups: true,
         }
+    }
+
+    /// Like [`new`](Self::new), for a walk that looks no host name up.
+    pub(super) fn without_lookups(text: &'t str) -> Self {
+        Problems {
+            lookups: false,
+            ..Problems::new(text)
+        }
+    }
+
+    /// Whether the walk may look host names up.
+    pub(super) fn lookups(&self) -> bool {
+        self.lookups
     }
 
     /// The source text the spans point into.
