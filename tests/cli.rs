@@ -7,6 +7,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use common::*;
 
@@ -640,6 +641,67 @@ fn out_of_descriptors_keeps_serving_and_accepts_again_when_freed() {
     assert_eq!(read_line(&mut waiting), "h");
     waiting.write_all(b"in\n").unwrap();
     assert_eq!(read_line(&mut waiting), "in");
+}
+
+/// ENFILE (the system's file table is full) cannot be caused safely for
+/// one process: the limit, `fs.file-max`, is machine-wide, so lowering it
+/// would fail every other process on the machine too, and root is exempt
+/// from it anyway. So strace makes tcplb's first three accepts fail with
+/// ENFILE, as the kernel would: tcplb must pause 100 ms each time instead
+/// of spinning, say so once, then take the client that waited.
+#[test]
+fn enfile_pauses_accepting_logs_once_and_recovers() {
+    let host = spawn_host("h", Behavior::Named);
+    let hosts = host.addr.to_string();
+    let trace = std::env::temp_dir().join(format!("tcplb-enfile-{}.strace", std::process::id()));
+    let trace_arg = trace.to_str().unwrap();
+    let mut bin = Binary::start_wrapped(
+        &[
+            "strace",
+            "-f",
+            "-o",
+            trace_arg,
+            "-e",
+            "trace=accept4",
+            "-e",
+            "inject=accept4:error=ENFILE:when=1..3",
+        ],
+        &["--listen", "127.0.0.1:0", "--host", &hosts],
+    );
+    let addr = bin.listen_addr();
+    let started = std::time::Instant::now();
+    let mut client = TcpStream::connect(addr).unwrap();
+    client.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    assert_eq!(read_line(&mut client), "h");
+    let waited = started.elapsed();
+    finish(client);
+    let tcplb = bin.children();
+    assert_eq!(tcplb.len(), 1, "strace runs tcplb");
+    let status = Command::new("kill")
+        .args(["-TERM", &tcplb[0].to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (code, log) = bin.wait();
+    assert_eq!(code, Some(0), "{log:#?}");
+    let calls = std::fs::read_to_string(&trace).unwrap();
+    let _ = std::fs::remove_file(&trace);
+    let accepts = calls.lines().filter(|l| l.contains("accept4(")).count();
+    let injected = calls.matches("ENFILE").count();
+    println!("served after {waited:?}; {accepts} accept4 calls, {injected} failed with ENFILE");
+    assert_eq!(injected, 3, "{calls}");
+    // Three failures, the accept that worked, and one that found no more.
+    assert!(accepts <= 5, "accept spins:\n{calls}");
+    assert!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_secs(5),
+        "served after {waited:?}, not after three pauses of 100 ms"
+    );
+    let warnings: Vec<&String> = log
+        .iter()
+        .filter(|l| l.contains("out of descriptors"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{log:#?}");
+    assert!(warnings[0].contains("os error 23"), "{}", warnings[0]);
 }
 
 #[test]

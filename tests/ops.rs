@@ -19,20 +19,34 @@ use tcplb::HealthSettings;
 use tcplb::{Config, Proxy, Settings, UpstreamConfig};
 
 /// A greeting echo host that can be stopped (its port then refuses) and
-/// started again on the same port.
+/// started again on the same port. The port stays reserved while it is
+/// stopped (a socket bound with `SO_REUSEPORT` that never listens), so no
+/// other test's listener can take it meanwhile.
 struct ToggleHost {
     addr: SocketAddr,
     name: String,
+    _port: socket2::Socket,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     accepted: Arc<AtomicUsize>,
 }
 
+/// A socket for `addr` that shares its port with the other sockets of a
+/// [`ToggleHost`].
+fn shared_port_socket() -> socket2::Socket {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_reuse_port(true).unwrap();
+    socket
+}
+
 impl ToggleHost {
     fn new(name: &str) -> ToggleHost {
+        let port = shared_port_socket();
+        port.bind(&localhost().into()).unwrap();
         let mut host = ToggleHost {
-            addr: dead_addr(),
+            addr: port.local_addr().unwrap().as_socket().unwrap(),
             name: name.to_string(),
+            _port: port,
             stop: Arc::new(AtomicBool::new(false)),
             thread: None,
             accepted: Arc::new(AtomicUsize::new(0)),
@@ -42,7 +56,10 @@ impl ToggleHost {
     }
 
     fn start(&mut self) {
-        let listener = TcpListener::bind(self.addr).unwrap();
+        let socket = shared_port_socket();
+        socket.bind(&self.addr.into()).unwrap();
+        socket.listen(128).unwrap();
+        let listener = TcpListener::from(socket);
         self.stop.store(false, Ordering::SeqCst);
         let (stop, accepted, name) = (self.stop.clone(), self.accepted.clone(), self.name.clone());
         self.thread = Some(thread::spawn(move || {
@@ -93,14 +110,37 @@ fn upstream(name: &str, hosts: &[SocketAddr], health: HealthSettings) -> Upstrea
     }
 }
 
+/// Checks every 100 ms. A probe of a live host on a busy machine may take
+/// longer than that, and must not fail for it; a dead host's port
+/// refuses at once, whatever the timeout.
 fn fast_checks() -> HealthSettings {
     HealthSettings {
         active: true,
         interval: Duration::from_millis(100),
-        timeout: Duration::from_millis(100),
+        timeout: Duration::from_secs(1),
         rise: 2,
         fall: 3,
         ..HealthSettings::default()
+    }
+}
+
+/// Like [`Running::wait_until`], and also returns the last snapshot
+/// before `done` held (if any was taken) and the first one where it did.
+fn watch_until(
+    proxy: &Running,
+    what: &str,
+    done: impl Fn(&tcplb::Stats) -> bool,
+) -> (Option<tcplb::Stats>, tcplb::Stats) {
+    let deadline = Instant::now() + IO_TIMEOUT;
+    let mut before = None;
+    loop {
+        let stats = proxy.stats();
+        if done(&stats) {
+            return (before, stats);
+        }
+        assert!(Instant::now() < deadline, "never {what}: {stats:?}");
+        before = Some(stats);
+        thread::yield_now();
     }
 }
 
@@ -141,15 +181,22 @@ fn a_killed_host_goes_down_gets_nothing_and_comes_back() {
         host_up(s, a.addr) && host_up(s, b.addr)
     });
 
+    let failed_before = proxy.stats().upstreams[0].hosts[0].checks_failed;
     a.stop();
     let killed = Instant::now();
-    proxy.wait_until("took the killed host down", |s| !host_up(s, a.addr));
+    let (last_up, down) = watch_until(&proxy, "took the killed host down", |s| !host_up(s, a.addr));
     let took = killed.elapsed();
-    // fall × interval + one timeout, with room for jitter and a busy machine.
-    assert!(
-        took < Duration::from_millis(3 * 110 + 100 + 700),
-        "down after {took:?}"
-    );
+    // Down at the third failed check (fall 3) since the kill: not before,
+    // and (as far as the snapshots show) not after.
+    let failed = |s: &tcplb::Stats| s.upstreams[0].hosts[0].checks_failed - failed_before;
+    assert!(failed(&down) >= 3, "down after {} failures", failed(&down));
+    if let Some(up) = &last_up {
+        assert!(failed(up) <= 2, "still up after {} failures", failed(up));
+    }
+    // Three checks 100 ms (± 10 %) apart, 330 ms at most, and over a
+    // second to spare for a busy machine: checks that came at several
+    // times their interval would not make it.
+    assert!(took < Duration::from_millis(1500), "down after {took:?}");
     let before = a.accepted.load(Ordering::SeqCst);
     for _ in 0..6 {
         let (c, name) = greeting(&proxy);
@@ -157,8 +204,18 @@ fn a_killed_host_goes_down_gets_nothing_and_comes_back() {
         finish(c);
     }
 
+    let passed_before = proxy.stats().upstreams[0].hosts[0].checks_passed;
     a.start();
-    proxy.wait_until("brought the host back", |s| host_up(s, a.addr));
+    let (last_down, up) = watch_until(&proxy, "brought the host back", |s| host_up(s, a.addr));
+    let passed = |s: &tcplb::Stats| s.upstreams[0].hosts[0].checks_passed - passed_before;
+    assert!(passed(&up) >= 2, "up after {} passes", passed(&up));
+    if let Some(down) = &last_down {
+        assert!(
+            passed(down) <= 1,
+            "still down after {} passes",
+            passed(down)
+        );
+    }
     let names: Vec<String> = (0..4)
         .map(|_| {
             let (c, name) = greeting(&proxy);
@@ -176,6 +233,54 @@ fn a_killed_host_goes_down_gets_nothing_and_comes_back() {
     );
     assert_eq!(host.transitions, 2, "down once, up once: {host:?}");
     assert_eq!(stats.upstreams[0].hosts[1].transitions, 0);
+}
+
+/// A host that comes back up with `slow_start` counts as busier than it
+/// is, less so as its ramp goes on: just back, with no connection, it
+/// loses to a host with 15; halfway through the ramp it wins. The ramp
+/// runs on the loop's clock, which the test moves on.
+#[test]
+fn slow_start_ramps_a_returning_host_in() {
+    let a = ToggleHost::new("a");
+    let mut b = ToggleHost::new("b");
+    let ramp = Duration::from_secs(3600);
+    let health = HealthSettings {
+        slow_start: Some(ramp),
+        ..fast_checks()
+    };
+    let mut config = config_with(vec![upstream("test", &[a.addr, b.addr], health)]);
+    config.settings.idle_timeout = Duration::from_secs(86_400);
+    let proxy = start(config);
+    proxy.wait_until("saw both hosts up", |s| {
+        host_up(s, a.addr) && host_up(s, b.addr)
+    });
+    b.stop();
+    proxy.wait_until("took b down", |s| !host_up(s, b.addr));
+    let mut held: Vec<TcpStream> = (0..10)
+        .map(|_| {
+            let (c, name) = greeting(&proxy);
+            assert_eq!(name, "a", "b is down");
+            c
+        })
+        .collect();
+    b.start();
+    proxy.wait_until("brought b back", |s| host_up(s, b.addr));
+    // Fresh from its ramp's start, b has 5 % of its weight: its 0
+    // connections count as 20, more than a's 10 to 14.
+    for _ in 0..5 {
+        let (c, name) = greeting(&proxy);
+        assert_eq!(name, "a", "b just came back");
+        held.push(c);
+    }
+    // Halfway through, its 0 connections count as 2.
+    proxy.handle.advance_clock(ramp / 2).unwrap();
+    let (c, name) = greeting(&proxy);
+    assert_eq!(name, "b", "halfway through b's ramp");
+    held.push(c);
+    assert_eq!(proxy.host_counts(), [15, 1]);
+    for c in held {
+        finish(c);
+    }
 }
 
 #[test]
@@ -233,8 +338,9 @@ fn every_host_down_gives_no_healthy_host_at_once() {
     let mut c = proxy.connect();
     let reply = String::from_utf8(read_to_end(&mut c).unwrap()).unwrap();
     assert!(reply.starts_with("ERROR no_healthy_host: "), "{reply}");
+    // At once: not after trying the hosts for a connect timeout (5 s).
     assert!(
-        started.elapsed() < Duration::from_millis(500),
+        started.elapsed() < Settings::default().connect_timeout / 2,
         "{:?}",
         started.elapsed()
     );
@@ -593,6 +699,10 @@ fn reload_adds_and_removes_without_dropping_connections() {
 
 #[test]
 fn connections_of_a_removed_host_close_when_the_drain_period_ends() {
+    let drain = Duration::from_millis(300);
+    // Room for a busy machine, and far below IO_TIMEOUT: a pair left open
+    // fails the test instead of passing as a read that timed out.
+    let margin = Duration::from_secs(3);
     let h1 = spawn_host("h1", Behavior::Named);
     let h2 = spawn_host("h2", Behavior::Named);
     let file = ConfigFile::new("drain");
@@ -612,10 +722,22 @@ fn connections_of_a_removed_host_close_when_the_drain_period_ends() {
     let reloaded = Instant::now();
     handle.reload().unwrap();
     let mut removed = on.remove("h2").unwrap();
+    removed.set_read_timeout(Some(drain + margin)).unwrap();
     let mut buf = [0u8; 8];
-    let end = removed.read(&mut buf);
-    assert!(matches!(end, Ok(0) | Err(_)), "{end:?}");
-    assert!(reloaded.elapsed() >= Duration::from_millis(300));
+    let end = removed.read(&mut buf).map_err(|e| e.kind());
+    let waited = reloaded.elapsed();
+    // Cut short, so reset, not ended with a FIN.
+    assert_eq!(
+        end,
+        Err(std::io::ErrorKind::ConnectionReset),
+        "after {waited:?}"
+    );
+    assert!(
+        waited >= drain && waited < drain + margin,
+        "closed {waited:?} after the reload, drain period {drain:?}"
+    );
+    let ended = &handle.stats().unwrap().upstreams[0].ended;
+    assert!(ended.contains(&("removed".to_string(), 1)), "{ended:?}");
     // The connection on the host that stayed is untouched.
     let mut kept = on.remove("h1").unwrap();
     kept.write_all(b"still here\n").unwrap();
@@ -623,6 +745,73 @@ fn connections_of_a_removed_host_close_when_the_drain_period_ends() {
     handle.shutdown();
     handle.shutdown();
     thread.join().unwrap().unwrap();
+}
+
+/// A reload that removes an upstream closes its listener at once; its
+/// established connections keep relaying for the drain period, then are
+/// closed. The loop's clock is moved on by the test, so the drain period
+/// is an hour that no real time races.
+#[test]
+fn a_reload_that_removes_an_upstream_stops_listening_and_drains_its_pairs() {
+    let drain = Duration::from_secs(3600);
+    let h1 = spawn_host("h1", Behavior::Named);
+    let h2 = spawn_host("h2", Behavior::Echo);
+    let file = ConfigFile::new("remove-upstream");
+    let header = "[defaults]\ndrain_timeout = \"1h\"\nidle_timeout = \"1d\"\n\n";
+    file.write(&format!(
+        "{header}{}{}",
+        upstream_toml("app", &[h1.addr]),
+        upstream_toml("extra", &[h2.addr])
+    ));
+    let (app, handle, thread) = run_reloadable(&file);
+    let extra_of =
+        |stats: &tcplb::Stats| stats.upstreams.iter().find(|u| u.name == "extra").cloned();
+    let extra = extra_of(&handle.stats().unwrap()).unwrap().listen;
+    let mut rng = Rng::new(17);
+    let mut c = TcpStream::connect(extra).unwrap();
+    c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    echo_rounds(&mut c, &mut rng, 2);
+
+    file.write(&format!("{header}{}", upstream_toml("app", &[h1.addr])));
+    handle.reload().unwrap();
+    let refused = TcpStream::connect(extra).map_err(|e| e.kind());
+    assert_eq!(
+        refused.err(),
+        Some(std::io::ErrorKind::ConnectionRefused),
+        "still listening on {extra}"
+    );
+    // Through most of the drain period, the connection relays.
+    echo_rounds(&mut c, &mut rng, 2);
+    handle.advance_clock(drain * 3 / 4).unwrap();
+    echo_rounds(&mut c, &mut rng, 2);
+    let stats = handle.stats().unwrap();
+    let removed = extra_of(&stats).expect("listed while its pairs drain");
+    assert!(
+        removed.removed && removed.hosts[0].active == 1,
+        "{removed:?}"
+    );
+    // Then it is cut.
+    handle.advance_clock(drain / 2).unwrap();
+    assert_eq!(closed_within(&mut c, Duration::from_secs(5)), Closed::Reset);
+    proxy_settles(&handle);
+    let stats = handle.stats().unwrap();
+    assert!(extra_of(&stats).is_none(), "{stats:?}");
+    // The upstream that stayed serves as before.
+    let mut c = TcpStream::connect(app).unwrap();
+    c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    assert_eq!(read_line(&mut c), "h1");
+    handle.shutdown();
+    handle.shutdown();
+    thread.join().unwrap().unwrap();
+}
+
+/// Waits (bounded) until the loop holds no pair.
+fn proxy_settles(handle: &tcplb::Handle) {
+    let deadline = Instant::now() + IO_TIMEOUT;
+    while handle.stats().unwrap().pairs > 0 {
+        assert!(Instant::now() < deadline, "pairs left");
+        thread::yield_now();
+    }
 }
 
 #[test]
@@ -753,10 +942,21 @@ fn flags_still_override_the_file_after_a_reload() {
     let mut rest = Vec::new();
     let _ = c.read_to_end(&mut rest);
     let closed_after = idle.elapsed();
+    // Closed for being idle, at the flag's 300 ms (the file's default is
+    // an hour): the access line says why, and how long the pair lived by
+    // tcplb's clock, which cannot be shorter than its idle timeout.
     assert!(
-        closed_after >= Duration::from_millis(250) && closed_after < Duration::from_secs(5),
+        closed_after < Duration::from_secs(5),
         "closed after {closed_after:?}, not at the flag's 300 ms idle timeout"
     );
+    let access = bin.wait_for_log("tcplb::access");
+    assert!(access.contains("end=idle_timeout"), "{access}");
+    let ms: u64 = access
+        .split(" ms=")
+        .nth(1)
+        .and_then(|m| m.split(' ').next()?.parse().ok())
+        .unwrap();
+    assert!((300..5000).contains(&ms), "{access}");
 }
 
 #[test]
@@ -867,10 +1067,10 @@ fn close_on_down_closes_the_connections_of_a_down_host() {
     let (mut c, name) = greeting(&proxy);
     assert_eq!(name, "a");
     a.stop();
-    // The established connection is cut when the checks take the host down.
-    let mut buf = [0u8; 8];
-    let end = c.read(&mut buf);
-    assert!(matches!(end, Ok(0) | Err(_)), "{end:?}");
+    // The established connection (whose host thread still serves it) is
+    // cut when the checks take the host down: fall × interval, and room
+    // for a busy machine.
+    assert_eq!(closed_within(&mut c, Duration::from_secs(5)), Closed::Reset);
     let stats = proxy.stats();
     assert!(!stats.upstreams[0].hosts[0].up);
     assert_eq!(stats.pairs, 0);

@@ -206,29 +206,47 @@ fn host_reset_reaches_client_as_reset() {
     assert_eq!(proxy.stats().pairs, 0);
 }
 
+/// A host streams faster than its client reads: the client reads nothing
+/// until the stream has stalled. tcplb must then have stopped reading
+/// from the host (bytes wait unread in tcplb's kernel and the host's
+/// writes no longer progress) while holding at most one bulk buffer of
+/// the stream, which is the documented bound, all measured from outside
+/// tcplb; and once the client reads, every byte arrives.
 #[test]
-fn backpressure_holds_bounded_buffers_and_resumes() {
-    // More than every socket buffer on the way can hold, so the proxy must
-    // stop reading the host while the client lags, and resume when it reads.
-    const TOTAL: usize = 32 << 20;
-    let listener = TcpListener::bind(localhost()).unwrap();
-    let addr = listener.local_addr().unwrap();
-    let payload = Rng::new(11).bytes(TOTAL);
-    let to_send = payload.clone();
-    let (progress_tx, progress) = mpsc::channel();
-    thread::spawn(move || {
-        let (mut conn, _) = listener.accept().unwrap();
-        for chunk in to_send.chunks(1 << 20) {
-            conn.write_all(chunk).unwrap();
-            progress_tx.send(()).unwrap();
-        }
-    });
-    let proxy = start(config(&[addr], Settings::default()));
+fn backpressure_stops_reading_the_sender_and_bounds_what_tcplb_holds() {
+    // More than the kernels on the way hold, so the host's writes block.
+    const TOTAL: usize = 64 << 20;
+    let payload = std::sync::Arc::new(Rng::new(11).bytes(TOTAL));
+    let host = spawn_streaming_host(payload.clone());
+    let settings = Settings::default();
+    let bound = settings.bulk_buffer() as i64;
+    let proxy = start(config(&[host.addr], settings));
     let mut client = proxy.connect();
-    // Let the host get going before the client reads anything.
-    progress.recv_timeout(IO_TIMEOUT).unwrap();
-    let got = proxy.read_one_way(&mut client, TOTAL);
-    assert!(got == payload);
+    client.write_all(b"g").unwrap();
+    let tcplb_end = host.peer.recv_timeout(IO_TIMEOUT).unwrap();
+    let ends = (client.local_addr().unwrap(), proxy.addr);
+    let stalled = stalled_backlog(&host, tcplb_end, ends);
+    let held = stalled.held_by_tcplb(0);
+    println!("stalled: {stalled:?}, tcplb holds {held} bytes");
+    assert!(
+        stalled.written < TOTAL as u64,
+        "the host's writes stopped before the end: {stalled:?}"
+    );
+    assert!(
+        stalled.from_host.unread > 0,
+        "tcplb leaves the host's bytes unread in its kernel: {stalled:?}"
+    );
+    assert!(
+        held > 0 && held <= bound,
+        "tcplb holds {held} bytes (bound {bound}): {stalled:?}"
+    );
+    assert_eq!(proxy.stats().buffers_in_use, 1);
+    // The reader catches up: the stream resumes, byte-exact.
+    let mut got = vec![0u8; TOTAL];
+    client.read_exact(&mut got).unwrap();
+    assert!(got == *payload, "the stream differs");
+    finish(client);
+    proxy.wait_until("released the buffers", |s| s.buffers_in_use == 0);
 }
 
 #[test]

@@ -38,26 +38,27 @@ fn idle_pair_is_closed_at_the_idle_timeout() {
 #[test]
 fn traffic_keeps_a_pair_past_the_idle_timeout() {
     let host = spawn_host("h", Behavior::Echo);
-    let idle = Duration::from_millis(400);
+    let idle = Duration::from_secs(3600);
     let settings = Settings {
         idle_timeout: idle,
         ..Settings::default()
     };
     let proxy = start(config(&[host.addr], settings));
     let mut client = proxy.connect();
-    let started = Instant::now();
-    // A byte every 100 ms for three idle periods; every one is echoed.
-    let mut sent = 0;
-    while started.elapsed() < idle * 3 {
+    // A byte every three quarters of the idle timeout on the loop's clock
+    // (moved on by the test, so no real time is raced), for three idle
+    // periods; every one is echoed.
+    let mut byte = [0u8; 1];
+    for _ in 0..4 {
         client.write_all(b"x").unwrap();
-        let mut byte = [0u8; 1];
         client.read_exact(&mut byte).unwrap();
-        sent += 1;
-        thread::sleep(Duration::from_millis(100));
+        proxy.handle.advance_clock(idle * 3 / 4).unwrap();
     }
-    assert!(sent >= 6);
     assert_eq!(proxy.stats().pairs, 1);
-    finish(client);
+    // The timeout was armed all along: a whole quiet period closes the pair.
+    proxy.handle.advance_clock(idle / 2).unwrap();
+    assert_eq!(read_to_end(&mut client).unwrap().len(), 0);
+    assert_eq!(proxy.stats().pairs, 0);
 }
 
 #[test]
@@ -103,18 +104,29 @@ fn half_closed_pair_is_closed_at_its_bound() {
 #[test]
 fn idle_clock_starts_when_the_connect_completes() {
     // The connect takes longer than the idle timeout (a black-holed host,
-    // then failover); the pair must still get its full idle period.
+    // then failover); the pair must still get its full idle period. The
+    // loop's clock is moved on by the test, so no real time is raced.
     let hole = black_hole();
     let live = spawn_host("live", Behavior::Named);
+    let connect_timeout = Duration::from_secs(1800);
+    let idle = Duration::from_secs(1200);
     let settings = Settings {
-        connect_timeout: Duration::from_millis(600),
-        idle_timeout: Duration::from_millis(300),
+        connect_timeout,
+        idle_timeout: idle,
         ..Settings::default()
     };
     let proxy = start(config(&[hole.addr, live.addr], settings));
     let mut client = proxy.connect();
+    // The first pick of a fresh balancer is the first host: the black hole.
+    proxy.wait_until("started the connect to the black hole", |s| {
+        s.upstreams[0].hosts[0].active == 1
+    });
+    proxy.handle.advance_clock(connect_timeout).unwrap();
     assert_eq!(read_line(&mut client), "live");
+    // Most of an idle period after the connect, and the pair still relays.
+    proxy.handle.advance_clock(idle * 3 / 4).unwrap();
     client.write_all(b"ping\n").unwrap();
     assert_eq!(read_line(&mut client), "ping");
+    assert_eq!(proxy.host_counts(), [0, 1]);
     finish(client);
 }

@@ -236,7 +236,19 @@ impl Config {
     /// Validates configuration text; `origin` names it in messages. What
     /// is valid but likely wrong is in the config's `warnings`.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        let mut problems = Problems::new(text, origin);
+        Config::walk(Problems::new(text, origin))
+    }
+
+    /// Like [`parse`](Self::parse), but never asks the resolver: every
+    /// address must be literal (`IPv4:port` or `[IPv6]:port`), and a
+    /// `name:port` is reported as a problem. For readers that must not
+    /// touch the network or depend on what it answers, such as the fuzz
+    /// target.
+    pub fn parse_without_lookups(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        Config::walk(Problems::without_lookups(text, origin))
+    }
+
+    fn walk(mut problems: Problems<'_>) -> Result<Config, ConfigError> {
         let config = schema::document(&mut problems);
         let (mut config, warnings) = problems.finish(config)?;
         config.warnings = warnings;
@@ -413,6 +425,37 @@ hosts = ["127.0.0.1:9001", "127.0.0.1:9002", "[::1]:9003"]
         let bad = admin_in("[admin]\nlisten = \"nowhere\"\n", "lb.toml").unwrap_err();
         assert!(bad.to_string().starts_with("lb.toml:2:10: "), "{bad}");
         assert!(admin_in("[admin\n", "lb.toml").is_err());
+    }
+
+    #[test]
+    fn a_reading_without_lookups_takes_literal_addresses_and_reports_names() {
+        let text = |host: &str| {
+            format!(
+                "[admin]\nlisten = \"[::1]:9900\"\n\n[[upstream]]\nname = \"a\"\n\
+                 listen = \"127.0.0.1:7000\"\nhosts = [\"127.0.0.1:9001\", \"{host}\"]\n"
+            )
+        };
+        let literal = text("[::1]:9002");
+        assert_eq!(
+            Config::parse_without_lookups(&literal, "lb.toml").unwrap(),
+            Config::parse(&literal, "lb.toml").unwrap()
+        );
+        // A name the resolver answers at once (from /etc/hosts) with lookups...
+        let named = text("localhost:9002");
+        assert!(Config::parse(&named, "lb.toml").is_ok());
+        // ...and one it cannot (a DNS query) are the same problem without.
+        for name in ["localhost", "backend.invalid"] {
+            let err = Config::parse_without_lookups(&text(&format!("{name}:9002")), "lb.toml")
+                .unwrap_err()
+                .to_string();
+            assert_eq!(
+                err,
+                format!(
+                    "lb.toml:7:28: `hosts` address `{name}:9002`: `{name}` is a name, and this \
+                     reading looks no name up (use an IP address)"
+                ),
+            );
+        }
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //! first, each place's problems in the order they were found. Warnings
 //! (valid, but likely wrong) are kept apart: they come with the value when
 //! there is no problem, and among the problems, marked, when there is.
+//! The report also carries the one choice the walk leaves to its caller:
+//! whether a `name:port` address is looked up or reported.
 
 use std::fmt::Display;
 use std::ops::Range;
@@ -19,6 +21,8 @@ pub(super) struct Problems<'t> {
     found: Vec<Problem>,
     /// Valid but likely wrong: reported, but the value stands.
     warnings: Vec<Problem>,
+    /// Host names in addresses are looked up (else they are problems).
+    lookups: bool,
 }
 
 impl<'t> Problems<'t> {
@@ -31,7 +35,21 @@ impl<'t> Problems<'t> {
             origin,
             found: Vec::new(),
             warnings: Vec::new(),
+            lookups: true,
         }
+    }
+
+    /// Like [`new`](Self::new), for a walk that looks no host name up.
+    pub(super) fn without_lookups(text: &'t str, origin: &'t str) -> Self {
+        Problems {
+            lookups: false,
+            ..Problems::new(text, origin)
+        }
+    }
+
+    /// Whether the walk may look host names up.
+    pub(super) fn lookups(&self) -> bool {
+        self.lookups
     }
 
     /// The source text the spans point into.

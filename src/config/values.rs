@@ -23,6 +23,12 @@ pub(super) type Value<'i> = Spanned<DeValue<'i>>;
 /// The error is a sentence without the text itself, for the caller to
 /// put after the flag or key it came from.
 pub fn resolve(text: &str) -> Result<SocketAddr, String> {
+    address_of(text, true)
+}
+
+/// [`resolve`], or, without `lookups`, only a literal address: a name is
+/// then an error, and nothing is asked of the resolver.
+fn address_of(text: &str, lookups: bool) -> Result<SocketAddr, String> {
     if let Ok(addr) = text.parse::<SocketAddr>() {
         return Ok(addr);
     }
@@ -34,6 +40,11 @@ pub fn resolve(text: &str) -> Result<SocketAddr, String> {
     }
     if port.parse::<u16>().is_err() {
         return Err(format!("`{port}` is not a port number (0-65535)"));
+    }
+    if !lookups {
+        return Err(format!(
+            "`{host}` is a name, and this reading looks no name up (use an IP address)"
+        ));
     }
     match text.to_socket_addrs() {
         Ok(mut addrs) => addrs
@@ -250,14 +261,14 @@ pub(super) fn size(p: &mut Problems<'_>, v: &Value<'_>, key: &str) -> Option<usi
     }
 }
 
-/// A `host:port` string, resolved now.
+/// A `host:port` string, resolved now (unless the walk looks no name up).
 pub(super) fn address(
     p: &mut Problems<'_>,
     v: &Value<'_>,
     key: &str,
 ) -> Option<Spanned<SocketAddr>> {
     let text = string(p, v, key)?;
-    match resolve(text) {
+    match address_of(text, p.lookups()) {
         Ok(addr) => Some(Spanned::new(v.span(), addr)),
         Err(why) => {
             p.at(v.span(), format!("`{key}` address `{text}`: {why}"));

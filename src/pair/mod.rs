@@ -412,7 +412,8 @@ impl Pair {
         match self.state {
             State::Handshaking { .. } => {
                 debug!("{} handshake timed out", self.client_addr);
-                ctx.counters.count_refusal("handshake_timeout");
+                let refusals = &mut ctx.logs.refusals;
+                self.count_silent_refusal("handshake_timeout", ctx.counters, refusals, ctx.now);
                 Step::Finish(End::HandshakeTimeout)
             }
             State::Connecting { .. } => {
@@ -443,11 +444,27 @@ impl Pair {
                         self.client_addr, self.upstream.name
                     );
                 }
-                ctx.counters.count_refusal("handshake_failed");
+                let refusals = &mut ctx.logs.refusals;
+                self.count_silent_refusal("handshake_failed", ctx.counters, refusals, ctx.now);
                 Step::Finish(End::HandshakeFailed)
             }
             Handshake::Gone => Step::Finish(End::Reset(Side::Client)),
         }
+    }
+
+    /// Counts a refusal that sends the client no line (a failed, timed-out
+    /// or evicted handshake). Anyone can cause these as fast as refusals,
+    /// so their access lines share the refusals' log budget: beyond it,
+    /// they are summed up instead of logged one by one.
+    pub fn count_silent_refusal(
+        &mut self,
+        code: &'static str,
+        counters: &mut Counters,
+        refusals: &mut RefusalLog,
+        now: Instant,
+    ) {
+        counters.count_refusal(code);
+        self.unlogged = !refusals.allow(code, now);
     }
 
     /// The TLS handshake is done: identify the client, apply its rules,

@@ -210,7 +210,13 @@ impl Worker {
         let Some((key, upstream)) = victim else {
             return false;
         };
-        self.counters(upstream).count_refusal("handshake_evicted");
+        self.counters(upstream);
+        self.pairs[key].count_silent_refusal(
+            "handshake_evicted",
+            &mut self.counters[upstream],
+            &mut self.support.logs.refusals,
+            now,
+        );
         self.close(key, End::HandshakeEvicted, now);
         true
     }

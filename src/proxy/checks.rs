@@ -271,3 +271,68 @@ fn jitter_seed() -> u64 {
         .map_or(0, |d| d.subsec_nanos());
     (u64::from(nanos) << 32 | u64::from(std::process::id())) | 1
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use super::*;
+    use crate::config::{RefusalMode, UpstreamConfig};
+    use crate::policy::balance::LoadBalancer;
+    use crate::policy::health::HealthSettings;
+
+    fn checks() -> HealthChecks {
+        let mut checks = HealthChecks::new();
+        checks.jitter = 0x9E37_79B9_7F4A_7C15;
+        checks
+    }
+
+    #[test]
+    fn check_intervals_vary_by_at_most_ten_percent_either_way() {
+        let mut checks = checks();
+        let interval = Duration::from_secs(2);
+        let gaps: Vec<Duration> = (0..10_000).map(|_| checks.jittered(interval)).collect();
+        let (low, high) = (interval.mul_f64(0.9), interval.mul_f64(1.1));
+        assert!(gaps.iter().all(|g| (low..=high).contains(g)));
+        // And they do vary, over the whole window.
+        let (min, max) = (gaps.iter().min().unwrap(), gaps.iter().max().unwrap());
+        assert!(*min < interval.mul_f64(0.91) && *max > interval.mul_f64(1.09));
+    }
+
+    #[test]
+    fn first_checks_are_spread_over_one_interval() {
+        let hosts: Vec<SocketAddr> = (0..100u16)
+            .map(|i| SocketAddr::from(([127, 0, 0, 1], 9000 + i)))
+            .collect();
+        let health = HealthSettings {
+            active: true,
+            ..HealthSettings::default()
+        };
+        let interval = health.interval;
+        let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let config = UpstreamConfig {
+            name: "u".into(),
+            listen: addr,
+            hosts: hosts.clone(),
+            tls: false,
+            health,
+            refusal: RefusalMode::default(),
+        };
+        let upstream = Arc::new(Upstream::new(0, &config, addr, LoadBalancer::new(hosts)));
+        let mut checks = checks();
+        let t0 = Instant::now();
+        checks.schedule_upstream(&upstream, t0);
+        let due: Vec<Duration> = checks
+            .due
+            .iter()
+            .map(|Reverse(due)| due.at.duration_since(t0))
+            .collect();
+        assert_eq!(due.len(), 100);
+        assert!(due.iter().all(|d| *d < interval));
+        let (min, max) = (due.iter().min().unwrap(), due.iter().max().unwrap());
+        assert!(
+            *min < interval / 10 && *max > interval * 9 / 10,
+            "{min:?}..{max:?}"
+        );
+    }
+}

@@ -57,6 +57,10 @@ pub(super) enum Command {
     },
     /// A worker has drained (or stopped) and exited its loop.
     WorkerStopped(usize),
+    /// Move every loop's clock ahead; the sender is dropped (by the
+    /// control thread and by each worker it is handed to) once a turn runs
+    /// on the moved clock.
+    AdvanceClock(Duration, Sender<()>),
 }
 
 /// Talks to a running [`Proxy`](super::Proxy) from another thread (tests, embedding).
@@ -95,6 +99,23 @@ impl Handle {
             .ok_or_else(|| "tcplb is not running".to_string())?;
         rx.recv()
             .unwrap_or_else(|_| Err("tcplb is not running".to_string()))
+    }
+
+    /// Moves the clock of every loop (the workers' and the control
+    /// thread's) `by` ahead, as if that much time had passed at once: what
+    /// falls due within it (timeouts, drain periods, health checks, rate
+    /// refills, slow-start ramps) is acted on at the next turn. Returns
+    /// once every loop runs on the moved clock; `None` once tcplb has
+    /// stopped. For tests, which can cross an hour-long timeout this
+    /// way without waiting for it, and without a race against a real
+    /// clock; tcplb itself never calls it.
+    pub fn advance_clock(&self, by: Duration) -> Option<()> {
+        let (tx, rx) = mpsc::channel();
+        self.send(Command::AdvanceClock(by, tx))?;
+        // Nothing is ever sent: the call returns when the last holder of
+        // `tx` has dropped it.
+        let _ = rx.recv();
+        Some(())
     }
 }
 
@@ -147,6 +168,9 @@ pub(super) struct Control {
     pub handle: Handle,
     pub started: Instant,
     pub reloads: u64,
+    /// Callers of `advance_clock`, answered (dropped) once a turn runs on
+    /// the moved clock.
+    pub clock_waiters: Vec<Sender<()>>,
 }
 
 impl std::fmt::Debug for Control {
@@ -162,13 +186,13 @@ impl Control {
     /// Serves until every worker has stopped.
     pub fn run(mut self) -> Result<(), Error> {
         let mut events = Events::with_capacity(256);
-        let now = Instant::now();
+        let now = self.shared.clock.now();
         let snapshot = self.shared.snapshot();
         for u in &snapshot.upstreams {
             self.checks.schedule_upstream(u, now);
         }
         while self.workers.iter().any(|w| !w.stopped) {
-            let timeout = self.poll_timeout(Instant::now());
+            let timeout = self.poll_timeout(self.shared.clock.now());
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == std::io::ErrorKind::Interrupted {
                     continue;
@@ -178,7 +202,8 @@ impl Control {
                     source: e,
                 });
             }
-            let now = Instant::now();
+            let now = self.shared.clock.now();
+            self.clock_waiters.clear();
             for event in events.iter() {
                 match Registration::of(event.token()) {
                     Some(Registration::Probe(key)) => self.on_probe_event(key, event, now),
@@ -197,6 +222,9 @@ impl Control {
     }
 
     fn poll_timeout(&self, now: Instant) -> Option<Duration> {
+        if !self.clock_waiters.is_empty() {
+            return Some(Duration::ZERO);
+        }
         [self.checks.next_due(), self.admin_timers.next()]
             .into_iter()
             .flatten()
@@ -246,6 +274,13 @@ impl Control {
                     }
                 }
                 Command::WorkerStopped(index) => self.workers[index].stopped = true,
+                Command::AdvanceClock(by, reply) => {
+                    self.shared.clock.advance(by);
+                    for worker in self.workers.iter().filter(|w| !w.stopped) {
+                        worker.send(Order::ClockMoved(reply.clone()));
+                    }
+                    self.clock_waiters.push(reply);
+                }
             }
         }
     }

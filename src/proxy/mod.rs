@@ -194,6 +194,7 @@ impl Proxy {
                 handle: Handle::new(tx, waker),
                 started: Instant::now(),
                 reloads: 0,
+                clock_waiters: Vec::new(),
             },
             workers,
         })

@@ -10,6 +10,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use crate::config::Settings;
 use crate::policy::access::Access;
@@ -45,6 +46,29 @@ pub(super) struct Shared {
     pub capacity: Arc<Capacity>,
     /// Per-source connection rates (`source_rate`), taken at accept.
     sources: Mutex<Option<SourceLimiter>>,
+    /// The clock every loop reads once a turn.
+    pub clock: Clock,
+}
+
+/// The process's clock: the system's monotonic clock plus however far
+/// [`Handle::advance_clock`](super::Handle::advance_clock) has moved it
+/// ahead (zero unless a test did). One atomic load a loop turn.
+#[derive(Debug, Default)]
+pub(super) struct Clock {
+    ahead_nanos: AtomicU64,
+}
+
+impl Clock {
+    /// Now, on this clock.
+    pub fn now(&self) -> Instant {
+        Instant::now() + Duration::from_nanos(self.ahead_nanos.load(Ordering::Relaxed))
+    }
+
+    /// Moves it `by` ahead, for every loop at once.
+    pub fn advance(&self, by: Duration) {
+        let nanos = u64::try_from(by.as_nanos()).unwrap_or(u64::MAX);
+        self.ahead_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
 }
 
 impl Shared {
@@ -55,6 +79,7 @@ impl Shared {
             generation: AtomicU64::new(1),
             capacity: Arc::default(),
             sources: Mutex::new(sources),
+            clock: Clock::default(),
         }
     }
 

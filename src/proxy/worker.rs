@@ -70,6 +70,8 @@ pub(super) enum Order {
     StopNow,
     /// This host went down and its upstream has `close_on_down`.
     CloseHost(Arc<Host>),
+    /// The clock was moved ahead: drop the sender once a turn runs on it.
+    ClockMoved(Sender<()>),
 }
 
 /// What a worker counts, for the control thread to sum.
@@ -127,6 +129,9 @@ pub(super) struct Worker {
     link: Link,
     drain_deadline: Option<Instant>,
     stop_now: bool,
+    /// Callers of `advance_clock`, answered (dropped) once a turn runs on
+    /// the moved clock.
+    clock_waiters: Vec<Sender<()>>,
 }
 
 impl Worker {
@@ -170,6 +175,7 @@ impl Worker {
             link,
             drain_deadline: None,
             stop_now: false,
+            clock_waiters: Vec::new(),
         };
         for (upstream, socket) in listeners {
             worker
@@ -211,7 +217,7 @@ impl Worker {
     /// Serves until a shutdown has drained or a stop.
     pub fn run(mut self) {
         let mut events = Events::with_capacity(1024);
-        let mut now = Instant::now();
+        let mut now = self.shared.clock.now();
         loop {
             let timeout = self.poll_timeout(now);
             if let Err(e) = self.poll.poll(&mut events, timeout) {
@@ -222,7 +228,8 @@ impl Worker {
                 break;
             }
             // The one reading of the clock this turn.
-            now = Instant::now();
+            now = self.shared.clock.now();
+            self.clock_waiters.clear();
             for event in events.iter() {
                 self.dispatch(event, now);
             }
@@ -265,7 +272,7 @@ impl Worker {
     }
 
     fn poll_timeout(&self, now: Instant) -> Option<Duration> {
-        if !self.runnable.is_empty() {
+        if !self.runnable.is_empty() || !self.clock_waiters.is_empty() {
             return Some(Duration::ZERO);
         }
         let mut next = self.timers.next();
@@ -306,6 +313,7 @@ impl Worker {
                 Order::Shutdown { deadline } => self.shutdown(deadline),
                 Order::StopNow => self.stop_now = true,
                 Order::CloseHost(host) => self.close_host(&host, now),
+                Order::ClockMoved(waiter) => self.clock_waiters.push(waiter),
             }
         }
     }

@@ -113,10 +113,21 @@ fn serve(
     }
 }
 
-/// An address on which nothing listens: connects to it are refused.
+/// Ports held bound (never listening) for the life of the test process.
+static DEAD_PORTS: std::sync::Mutex<Vec<socket2::Socket>> = std::sync::Mutex::new(Vec::new());
+
+/// An address on which nothing listens, and nothing will: connects to it
+/// are refused. Its port stays bound, without listening, for the rest of
+/// the test process: a port that was merely freed can be handed to the
+/// next `bind(127.0.0.1:0)` of a test running beside, and the "dead" host
+/// would then answer (health checks saw such a host come up).
 pub fn dead_addr() -> SocketAddr {
-    let listener = TcpListener::bind(localhost()).unwrap();
-    listener.local_addr().unwrap()
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    socket.bind(&localhost().into()).unwrap();
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    DEAD_PORTS.lock().unwrap().push(socket);
+    addr
 }
 
 /// A listener whose accept queue is full, so further SYNs go unanswered:
@@ -221,24 +232,6 @@ impl Running {
         self.handle.stats().expect("proxy is running")
     }
 
-    /// Reads `total` bytes of a one-way download from `s` in small reads,
-    /// checking every 4 MiB that the proxy holds at most one buffer (only
-    /// one direction moves, and a slow reader must not make it buffer more).
-    pub fn read_one_way(&self, s: &mut impl Read, total: usize) -> Vec<u8> {
-        let mut got = Vec::with_capacity(total);
-        let mut chunk = [0u8; 4096];
-        while got.len() < total {
-            if got.len() % (4 << 20) < chunk.len() {
-                let stats = self.stats();
-                assert!(stats.buffers_in_use <= 1, "one direction moves: {stats:?}");
-            }
-            let n = s.read(&mut chunk).unwrap();
-            assert!(n > 0, "EOF after {} bytes", got.len());
-            got.extend_from_slice(&chunk[..n]);
-        }
-        got
-    }
-
     /// Active connection count per host, in config order.
     pub fn host_counts(&self) -> Vec<u32> {
         self.stats().upstreams[0]
@@ -298,6 +291,47 @@ pub fn read_line(s: &mut TcpStream) -> String {
         }
     }
     String::from_utf8(line).unwrap()
+}
+
+/// How a connection that its peer closed ends for a reader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closed {
+    /// A FIN: the read returned 0.
+    Eof,
+    /// A reset.
+    Reset,
+}
+
+/// Reads from `s` until the peer closes it, waiting at most `within`: a
+/// read that times out, or data, fails the test (a connection left open
+/// must not pass for one that was closed).
+pub fn closed_within(s: &mut TcpStream, within: Duration) -> Closed {
+    s.set_read_timeout(Some(within)).unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    match s.read(&mut buf) {
+        Ok(0) => Closed::Eof,
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Closed::Reset,
+        other => panic!(
+            "not closed within {within:?}: {other:?} after {:?}",
+            started.elapsed()
+        ),
+    }
+}
+
+/// Asserts that `outcome` is the error of a connection the peer refused
+/// or closed (a TLS alert, EOF, a reset), not of one that timed out.
+pub fn assert_refused<T>(outcome: &io::Result<T>, what: &str) {
+    match outcome {
+        Ok(_) => panic!("{what}: not refused"),
+        Err(e) => assert!(
+            !matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ),
+            "{what}: timed out instead of being refused: {e}"
+        ),
+    }
 }
 
 /// Reads until EOF.
@@ -361,6 +395,26 @@ impl Binary {
         cmd.args([limit.as_str(), "--", env!("CARGO_BIN_EXE_tcplb")])
             .args(args);
         Binary::spawn(&mut cmd)
+    }
+
+    /// Starts `WRAPPER... tcplb ARGS` (a tool that runs tcplb as its child,
+    /// such as strace).
+    pub fn start_wrapped(wrapper: &[&str], args: &[&str]) -> Binary {
+        let mut cmd = Command::new(wrapper[0]);
+        cmd.args(&wrapper[1..])
+            .arg(env!("CARGO_BIN_EXE_tcplb"))
+            .args(args);
+        Binary::spawn(&mut cmd)
+    }
+
+    /// The process ids of the process's children.
+    pub fn children(&self) -> Vec<u32> {
+        let pid = self.pid();
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .unwrap()
+            .split_whitespace()
+            .map(|p| p.parse().unwrap())
+            .collect()
     }
 
     fn spawn(cmd: &mut Command) -> Binary {
@@ -505,4 +559,159 @@ pub fn kernel_buffers(filter: &str) -> Vec<(u64, u64)> {
             (field("rb"), field("tb"))
         })
         .collect()
+}
+
+/// What the kernel counts of the established TCP socket from `local` to
+/// `peer`, as `ss -ti` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketCounts {
+    /// Arrived, not read by the socket's owner (`Recv-Q`).
+    pub unread: u64,
+    /// Written by the owner, not acknowledged by the peer (`Send-Q`).
+    pub unacked: u64,
+    /// Data received since the connection was set up (`bytes_received`).
+    pub received: u64,
+    /// Data the peer acknowledged (`bytes_acked`; on an accepted socket
+    /// only data, on a connecting one the SYN too).
+    pub acked: u64,
+}
+
+impl SocketCounts {
+    /// What the owner has read so far.
+    pub fn read(&self) -> u64 {
+        self.received - self.unread
+    }
+
+    /// What the owner of an accepted socket has written so far.
+    pub fn written(&self) -> u64 {
+        self.acked + self.unacked
+    }
+}
+
+pub fn socket_counts(local: SocketAddr, peer: SocketAddr) -> SocketCounts {
+    let out = Command::new("ss")
+        .args(["-tinH", "state", "established"])
+        .args(["src", &local.to_string(), "dst", &peer.to_string()])
+        .output()
+        .expect("`ss` (from iproute2) runs");
+    assert!(out.status.success(), "ss: {out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let words: Vec<&str> = text.split_whitespace().collect();
+    assert!(
+        words.len() > 4 && text.matches(&peer.to_string()).count() == 1,
+        "one socket {local} -> {peer}: {text:?}"
+    );
+    // ss leaves out a counter that is zero.
+    let counter = |name: &str| {
+        words
+            .iter()
+            .find_map(|w| w.strip_prefix(name)?.strip_prefix(':')?.parse().ok())
+            .unwrap_or(0)
+    };
+    SocketCounts {
+        unread: words[0].parse().unwrap(),
+        unacked: words[1].parse().unwrap(),
+        received: counter("bytes_received"),
+        acked: counter("bytes_acked"),
+    }
+}
+
+/// A host that writes `payload` to its first connection as fast as its
+/// kernel takes it, counting what the kernel took; it starts once it has
+/// read one byte from the client (so nothing it sends is mistaken for
+/// what came before, such as a TLS handshake), and closes once the
+/// client has finished.
+pub struct StreamingHost {
+    pub addr: SocketAddr,
+    /// Bytes the host's writes have handed to its kernel so far.
+    pub written: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// tcplb's end of the connection, once accepted.
+    pub peer: mpsc::Receiver<SocketAddr>,
+}
+
+pub fn spawn_streaming_host(payload: std::sync::Arc<Vec<u8>>) -> StreamingHost {
+    use std::sync::atomic::Ordering;
+    let listener = TcpListener::bind(localhost()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let written = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = written.clone();
+    let (tx, peer) = mpsc::channel();
+    thread::spawn(move || {
+        let (mut conn, from) = listener.accept().unwrap();
+        tx.send(from).unwrap();
+        let mut go = [0u8; 1];
+        if conn.read_exact(&mut go).is_err() {
+            return;
+        }
+        let mut at = 0;
+        while at < payload.len() {
+            let end = payload.len().min(at + (64 << 10));
+            let Ok(n) = conn.write(&payload[at..end]) else {
+                return;
+            };
+            at += n;
+            counter.store(at, Ordering::SeqCst);
+        }
+        // Open until the client finishes, so a stream that did not stall
+        // shows as one that reached its end.
+        let _ = conn.read(&mut go);
+    });
+    StreamingHost {
+        addr,
+        written,
+        peer,
+    }
+}
+
+/// A one-way stream from a host through tcplb to a client that reads
+/// nothing, seen from outside tcplb: what the host wrote, and the
+/// kernel's counts of tcplb's two sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backlog {
+    /// Handed to the host's kernel.
+    pub written: u64,
+    /// tcplb's socket to the host.
+    pub from_host: SocketCounts,
+    /// tcplb's socket to the client.
+    pub to_client: SocketCounts,
+}
+
+impl Backlog {
+    /// What tcplb has read from the host and not written to the client:
+    /// what it holds in its own memory. Over TLS, what it wrote is
+    /// records (a little more than the plaintext they carry), counted
+    /// from `written_before` (the handshake's bytes).
+    pub fn held_by_tcplb(&self, written_before: u64) -> i64 {
+        self.from_host.read() as i64 - (self.to_client.written() - written_before) as i64
+    }
+}
+
+/// Samples the [`Backlog`] of `host`'s stream to the client at
+/// `client` (its local address, tcplb's listen address) until nothing
+/// has moved for 300 ms, and returns it: the stream is stalled then, and
+/// the figures are one consistent picture.
+pub fn stalled_backlog(
+    host: &StreamingHost,
+    tcplb_end: SocketAddr,
+    client: (SocketAddr, SocketAddr),
+) -> Backlog {
+    let sample = || Backlog {
+        written: host.written.load(std::sync::atomic::Ordering::SeqCst) as u64,
+        from_host: socket_counts(tcplb_end, host.addr),
+        to_client: socket_counts(client.1, client.0),
+    };
+    let deadline = std::time::Instant::now() + IO_TIMEOUT;
+    let mut last = sample();
+    let mut quiet = 0;
+    while quiet < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stream never stalled: {last:?}"
+        );
+        thread::sleep(Duration::from_millis(100));
+        let now = sample();
+        quiet = if now == last { quiet + 1 } else { 0 };
+        last = now;
+    }
+    last
 }

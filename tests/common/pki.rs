@@ -133,6 +133,18 @@ impl Pki {
         self.client_with(name, false)
     }
 
+    /// A certificate for `name` from this CA whose extended key usage is
+    /// server authentication only, not client authentication.
+    pub fn server_only(&self, name: &str) -> ClientCert {
+        let file = format!("server-only-{}", SEQUENCE.fetch_add(1, Ordering::Relaxed));
+        self.issue(
+            vec![SanType::DnsName(name.try_into().unwrap())],
+            ExtendedKeyUsagePurpose::ServerAuth,
+            None,
+            &file,
+        )
+    }
+
     pub fn client_with(&self, name: &str, expired: bool) -> ClientCert {
         let san = if name.contains("://") {
             SanType::URI(name.try_into().unwrap())
