@@ -11,7 +11,8 @@
 //! - `io`: sockets with their readiness, one direction's flow, relay
 //!   buffers (pooled so that idle pairs hold none), TLS sessions;
 //! - `policy`: balancing, health, client rules and rate limits, free of I/O;
-//! - [`config`]: the TOML schema and its validation.
+//! - [`config`]: the TOML schema and its validation;
+//! - `dns`: looking host names up (the system's resolver, or a DNS server).
 //!
 //! The binary (`src/main.rs`) parses the command line into a [`Config`],
 //! [`Proxy::bind`]s it and [`Proxy::run`]s it.
@@ -20,6 +21,7 @@ pub mod admin;
 pub mod certs;
 pub mod config;
 pub mod demo;
+mod dns;
 pub mod error;
 mod io;
 mod logs;

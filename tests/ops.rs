@@ -104,6 +104,7 @@ fn upstream(name: &str, hosts: &[SocketAddr], health: HealthSettings) -> Upstrea
         name: name.to_string(),
         listen: localhost(),
         hosts: hosts.to_vec(),
+        names: Vec::new(),
         tls: false,
         health,
         refusal: Default::default(),

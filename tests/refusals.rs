@@ -20,6 +20,7 @@ fn upstream(hosts: &[SocketAddr], tls: bool, health: HealthSettings) -> Upstream
         name: UPSTREAM.to_string(),
         listen: localhost(),
         hosts: hosts.to_vec(),
+        names: Vec::new(),
         tls,
         health,
         refusal: Default::default(),

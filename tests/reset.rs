@@ -258,6 +258,7 @@ fn tls_proxy(pki: &Pki, host: SocketAddr) -> Running {
             name: "secure".to_string(),
             listen: localhost(),
             hosts: vec![host],
+            names: Vec::new(),
             tls: true,
             health: Default::default(),
             refusal: Default::default(),

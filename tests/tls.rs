@@ -39,6 +39,7 @@ fn tls_config(
         name: name.to_string(),
         listen: localhost(),
         hosts: hosts.to_vec(),
+        names: Vec::new(),
         tls: true,
         health: Default::default(),
         refusal: Default::default(),

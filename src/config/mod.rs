@@ -41,6 +41,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use crate::dns::Resolver;
 use crate::error::{ConfigError, Error, Warning};
 use crate::logs::plural;
 use crate::policy::access::ClientRule;
@@ -48,6 +49,7 @@ use crate::policy::health::HealthSettings;
 use crate::policy::limits::Limit;
 use crate::tls::TlsSettings;
 use problems::Problems;
+use values::Written;
 
 pub use values::{parse_duration, parse_size, resolve};
 
@@ -87,6 +89,13 @@ pub struct Settings {
     /// the cores available). Takes effect at start; a reload keeps the
     /// number running.
     pub workers: usize,
+    /// How often the names of hosts given as `name:port` are looked up
+    /// again while tcplb runs; zero looks them up only when the config is
+    /// read (at start and on reload).
+    pub resolve_interval: Duration,
+    /// The DNS server names are looked up from; `None` for the system's
+    /// resolver (getaddrinfo: `/etc/hosts`, then `/etc/resolv.conf`).
+    pub resolver: Option<SocketAddr>,
 }
 
 impl Settings {
@@ -115,6 +124,8 @@ impl Default for Settings {
             socket_buffer: None,
             source_limit: None,
             workers: 1,
+            resolve_interval: Duration::from_secs(30),
+            resolver: None,
         }
     }
 }
@@ -128,14 +139,54 @@ pub struct UpstreamConfig {
     /// The address clients connect to; unique among the upstreams (port 0
     /// lets the kernel choose).
     pub listen: SocketAddr,
-    /// The hosts behind it: at least one, none listed twice.
+    /// The hosts given by address, none listed twice (those given by name
+    /// are in `names`; [`addresses`](Self::addresses) has them all).
     pub hosts: Vec<SocketAddr>,
+    /// The hosts given by name (`name:port`), each with the addresses it
+    /// resolves to: every one of them is a host.
+    pub names: Vec<HostName>,
     /// Clients must speak mTLS (default: true when `[tls]` exists).
     pub tls: bool,
     /// `[upstream.health]`; without it, checks are passive only.
     pub health: HealthSettings,
     /// What a refused client of this upstream gets (`refusal`).
     pub refusal: RefusalMode,
+}
+
+impl UpstreamConfig {
+    /// Every host address: those given by address, then those of each
+    /// name, in file order, none twice (an address two entries give is
+    /// one host).
+    pub fn addresses(&self) -> Vec<SocketAddr> {
+        let mut all = self.hosts.clone();
+        for addr in self.names.iter().flat_map(|n| &n.addrs) {
+            if !all.contains(addr) {
+                all.push(*addr);
+            }
+        }
+        all
+    }
+}
+
+/// A host given by name, `name:port`: looked up when the config is read,
+/// and again every `resolve_interval` while tcplb runs. Each of its
+/// addresses, A and AAAA, is a host of the upstream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostName {
+    /// The name, as written (without the port).
+    pub name: String,
+    /// The port every address of the name is given.
+    pub port: u16,
+    /// Its addresses with the port, sorted: what it resolved to when the
+    /// config was read (none if it did not resolve, which
+    /// `resolve_interval` allows), later what it resolves to now.
+    pub addrs: Vec<SocketAddr>,
+}
+
+impl std::fmt::Display for HostName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.name, self.port)
+    }
 }
 
 /// How an upstream turns a client away (its `refusal` key): the reason is
@@ -209,7 +260,7 @@ impl Config {
     /// How much it holds, in words: "2 upstreams, 3 hosts" (and ", 1
     /// warning" when there are warnings).
     pub fn summary(&self) -> String {
-        let hosts = self.upstreams.iter().map(|u| u.hosts.len()).sum();
+        let hosts = self.upstreams.iter().map(|u| u.addresses().len()).sum();
         let mut summary = format!(
             "{}, {}",
             plural(self.upstreams.len(), "upstream"),
@@ -273,13 +324,28 @@ impl Config {
         if hosts.is_empty() {
             problems.general("at least one --host is required".to_string());
         }
-        let mut resolved: Vec<SocketAddr> = Vec::new();
+        let resolver = Resolver::of(settings.resolver);
+        let (mut literal, mut names): (Vec<SocketAddr>, Vec<HostName>) = (Vec::new(), Vec::new());
         for host in hosts {
-            match resolve(host) {
-                Ok(addr) if resolved.contains(&addr) => {
-                    problems.general(format!("--host {host}: listed twice"))
+            let twice = || format!("--host {host}: listed twice");
+            match values::written(host) {
+                Ok(Written::Literal(addr)) if literal.contains(&addr) => problems.general(twice()),
+                Ok(Written::Literal(addr)) => literal.push(addr),
+                Ok(Written::Name(name, port))
+                    if names
+                        .iter()
+                        .any(|n| n.port == port && n.name.eq_ignore_ascii_case(name)) =>
+                {
+                    problems.general(twice())
                 }
-                Ok(addr) => resolved.push(addr),
+                Ok(Written::Name(name, port)) => match values::look_up(resolver, name, port) {
+                    Ok(addrs) => names.push(HostName {
+                        name: name.to_string(),
+                        port,
+                        addrs,
+                    }),
+                    Err(why) => problems.general(format!("--host {host}: {why}")),
+                },
                 Err(why) => problems.general(format!("--host {host}: {why}")),
             }
         }
@@ -288,7 +354,8 @@ impl Config {
             upstreams: vec![UpstreamConfig {
                 name: name.to_string(),
                 listen,
-                hosts: resolved,
+                hosts: literal,
+                names,
                 tls: false,
                 health: HealthSettings::default(),
                 refusal: RefusalMode::default(),

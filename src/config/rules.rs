@@ -108,6 +108,28 @@ fn is_uri(text: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
 }
 
+/// The name part of a `name:port` address: one that DNS (or
+/// `/etc/hosts`) could know, so that a typo is an error at once rather
+/// than a name looked up forever. Dot-separated labels of letters, digits,
+/// '-' and '_', each 1 to 63 long and neither starting nor ending with
+/// '-', at most 253 in all (a final dot allowed).
+pub(super) fn host_name(name: &str) -> Result<(), String> {
+    let labels = name.strip_suffix('.').unwrap_or(name);
+    let label_ok = |l: &str| {
+        (1..=63).contains(&l.len())
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
+    };
+    if labels.len() > 253 || !labels.split('.').all(label_ok) {
+        return Err(format!(
+            "`{name}` is not a host name (dot-separated labels of letters, digits, '-' and '_', at most 63 each, none starting or ending with '-')"
+        ));
+    }
+    Ok(())
+}
+
 /// Upstream names appear in logs and metric labels, so they are kept plain.
 pub(super) fn name(name: &str) -> Result<(), String> {
     if name.is_empty() {

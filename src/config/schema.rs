@@ -8,7 +8,7 @@
 //! reports every problem. A walker returns `None` when its table had a
 //! problem (already reported), and the whole document is then invalid.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use toml::de::{DeTable, DeValue};
@@ -16,8 +16,8 @@ use toml::de::{DeTable, DeValue};
 use super::clients::clients;
 use super::problems::Problems;
 use super::tables::{as_table, find, unknown_keys};
-use super::upstreams::upstreams;
-use super::values::{Zero, address, duration, fill, integer, rate, size, string};
+use super::upstreams::{Lookups, upstreams};
+use super::values::{Value, Zero, address, duration, fill, integer, rate, size, string};
 use super::{Config, Settings, rules};
 use crate::policy::limits::Limit;
 use crate::tls::{TlsPlaces, TlsSettings};
@@ -36,6 +36,8 @@ const DEFAULTS_KEYS: &[&str] = &[
     "source_rate",
     "source_burst",
     "workers",
+    "resolve_interval",
+    "resolver",
 ];
 const TLS_KEYS: &[&str] = &[
     "cert",
@@ -64,7 +66,10 @@ pub(super) fn document(p: &mut Problems<'_>) -> Option<Config> {
     let tls_present = find(root, "tls").is_some();
     let tls = tls(p, root);
     let admin = admin(p, root);
-    let upstreams = upstreams(p, root, tls_present);
+    let lookups = settings
+        .as_ref()
+        .map_or_else(|| Lookups::of(&Settings::default()), Lookups::of);
+    let upstreams = upstreams(p, root, tls_present, lookups);
     let clients = clients(p, root, &upstreams, tls_present);
 
     let settings = settings?;
@@ -99,6 +104,7 @@ fn defaults(p: &mut Problems<'_>, root: &DeTable<'_>) -> Option<Settings> {
             Zero::Refused,
         ),
         ("drain_timeout", &mut s.drain_timeout, Zero::Allowed),
+        ("resolve_interval", &mut s.resolve_interval, Zero::Allowed),
     ];
     for (key, slot, zero) in durations {
         ok &= fill(slot, find(table, key).map(|v| duration(p, v, key, zero)));
@@ -123,6 +129,8 @@ fn defaults(p: &mut Problems<'_>, root: &DeTable<'_>) -> Option<Settings> {
         _ => integer(p, v, "workers", rules::WORKERS).map(|n| n as usize),
     });
     ok &= fill(&mut s.workers, workers);
+    let resolver = find(table, "resolver").map(|v| resolver(p, v).map(Some));
+    ok &= fill(&mut s.resolver, resolver);
     if let Some(v) = find(table, "bulk_buffer_size").filter(|_| ok) {
         if s.bulk_buffer_size < s.buffer_size {
             let message = format!(
@@ -133,6 +141,27 @@ fn defaults(p: &mut Problems<'_>, root: &DeTable<'_>) -> Option<Settings> {
         }
     }
     ok.then_some(s)
+}
+
+/// `resolver` of `[defaults]`: an IP address, with a port or without
+/// (53). Not a name: finding it would need a resolver.
+fn resolver(p: &mut Problems<'_>, v: &Value<'_>) -> Option<SocketAddr> {
+    let text = string(p, v, "resolver")?;
+    let server = text.parse::<SocketAddr>().ok().or_else(|| {
+        text.parse::<IpAddr>()
+            .ok()
+            .map(|ip| SocketAddr::new(ip, 53))
+    });
+    match server {
+        Some(server) if server.port() != 0 => Some(server),
+        _ => {
+            let message = format!(
+                "`resolver` must be a DNS server's IP address, with a port or without (53), such as \"127.0.0.1:53\", not \"{text}\""
+            );
+            p.at(v.span(), message);
+            None
+        }
+    }
 }
 
 /// `source_rate` and `source_burst` of `[defaults]`: the limit they make,
@@ -437,6 +466,42 @@ max_connections = 100
         assert_eq!(config.clients[1].burst, 20);
         assert_eq!(config.clients[1].max_connections, Some(100));
         assert_eq!(config.settings.source_limit, Some(Limit::new(50.0, 100)));
+    }
+
+    #[test]
+    fn resolve_interval_and_resolver() {
+        let base = "[[upstream]]\nname=\"x\"\nlisten=\"127.0.0.1:0\"\nhosts=[\"127.0.0.1:1\"]\n";
+        let defaults = Config::parse(base, "x").unwrap().settings;
+        assert_eq!(
+            (defaults.resolve_interval, defaults.resolver),
+            (Duration::from_secs(30), None)
+        );
+        let text =
+            format!("[defaults]\nresolve_interval = \"0s\"\nresolver = \"[::1]:5353\"\n{base}");
+        let s = Config::parse(&text, "x").unwrap().settings;
+        assert_eq!(s.resolve_interval, Duration::ZERO, "0s turns it off");
+        assert_eq!(s.resolver, Some("[::1]:5353".parse().unwrap()));
+        let text = format!("[defaults]\nresolver = \"127.0.0.53\"\n{base}");
+        let s = Config::parse(&text, "x").unwrap().settings;
+        assert_eq!(
+            s.resolver,
+            Some("127.0.0.53:53".parse().unwrap()),
+            "port 53 by default"
+        );
+        for bad in ["dns.example.org:53", "127.0.0.1:0", "127.0.0.1:99999"] {
+            let found = problems(&format!("[defaults]\nresolver = \"{bad}\"\n{base}"));
+            assert_eq!(
+                found,
+                [format!(
+                    "lb.toml:2:12: `resolver` must be a DNS server's IP address, with a port or without (53), such as \"127.0.0.1:53\", not \"{bad}\""
+                )]
+            );
+        }
+        let found = problems(&format!("[defaults]\nresolve_interval = 30\n{base}"));
+        assert_eq!(
+            found,
+            ["lb.toml:2:20: `resolve_interval` must be a string with a unit, such as \"5s\""]
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 use std::net::SocketAddr;
 use std::ops::Range;
+use std::time::Duration;
 
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
@@ -13,8 +14,11 @@ use toml::de::{DeTable, DeValue};
 use super::problems::Problems;
 use super::rules;
 use super::tables::{as_table, find, tables, unknown_keys};
-use super::values::{Value, Zero, address, boolean, duration, fill, integer, string};
-use super::{RefusalMode, UpstreamConfig};
+use super::values::{
+    self, Value, Written, Zero, address, boolean, duration, fill, integer, string,
+};
+use super::{HostName, RefusalMode, Settings, UpstreamConfig};
+use crate::dns::Resolver;
 use crate::policy::health::HealthSettings;
 
 const UPSTREAM_KEYS: &[&str] = &["name", "listen", "hosts", "tls", "refusal", "health"];
@@ -44,13 +48,14 @@ pub(super) fn upstreams(
     p: &mut Problems<'_>,
     root: &DeTable<'_>,
     tls_present: bool,
+    lookups: Lookups,
 ) -> Vec<ParsedUpstream> {
     if find(root, "upstream").is_none() {
         p.general("no upstream is defined (add an [[upstream]] table)".to_string());
     }
     let parsed: Vec<ParsedUpstream> = tables(p, root, "upstream")
         .into_iter()
-        .map(|(table, span)| upstream(p, table, span, tls_present))
+        .map(|(table, span)| upstream(p, table, span, tls_present, lookups))
         .collect();
     unique_names(p, &parsed);
     distinct_listens(p, &parsed);
@@ -62,6 +67,7 @@ fn upstream(
     table: &DeTable<'_>,
     span: Range<usize>,
     tls_present: bool,
+    lookups: Lookups,
 ) -> ParsedUpstream {
     unknown_keys(p, table, UPSTREAM_KEYS, "in [[upstream]]");
     let name = match find(table, "name") {
@@ -83,7 +89,7 @@ fn upstream(
         }
     };
     let hosts = match find(table, "hosts") {
-        Some(v) => hosts(p, v, &label, listen.as_ref().map(|l| *l.get_ref())),
+        Some(v) => hosts(p, v, &label, listen.as_ref().map(|l| *l.get_ref()), lookups),
         None => {
             p.at(span, format!("{label} has no `hosts`"));
             None
@@ -96,16 +102,22 @@ fn upstream(
     });
     let refusal = find(table, "refusal").map_or(Some(RefusalMode::default()), |v| refusal(p, v));
     let config = match (&name, &listen, hosts, tls, health, refusal) {
-        (Some(name), Some(listen), Some(hosts), Some(tls), Some(health), Some(refusal)) => {
-            Some(UpstreamConfig {
-                name: name.get_ref().clone(),
-                listen: *listen.get_ref(),
-                hosts,
-                tls,
-                health,
-                refusal,
-            })
-        }
+        (
+            Some(name),
+            Some(listen),
+            Some((hosts, names)),
+            Some(tls),
+            Some(health),
+            Some(refusal),
+        ) => Some(UpstreamConfig {
+            name: name.get_ref().clone(),
+            listen: *listen.get_ref(),
+            hosts,
+            names,
+            tls,
+            health,
+            refusal,
+        }),
         _ => None,
     };
     ParsedUpstream {
@@ -126,14 +138,36 @@ fn name(p: &mut Problems<'_>, v: &Value<'_>) -> Option<Spanned<String>> {
     }
 }
 
-/// `hosts` of an upstream: none twice, none on port 0, none that is the
-/// upstream's own `listen` address (tcplb would connect to itself).
+/// How the walk takes `name:port` hosts: where it looks names up, and
+/// whether a name that does not resolve now may still join later
+/// (`resolve_interval` on: a warning) or never will (off: an error).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Lookups {
+    resolver: Resolver,
+    interval: Duration,
+}
+
+impl Lookups {
+    /// The lookups `[defaults]` asks for.
+    pub(super) fn of(settings: &Settings) -> Lookups {
+        Lookups {
+            resolver: Resolver::of(settings.resolver),
+            interval: settings.resolve_interval,
+        }
+    }
+}
+
+/// `hosts` of an upstream, by address and by name: none twice, none on
+/// port 0, none that is the upstream's own `listen` address (tcplb would
+/// connect to itself). A name is looked up now and each of its addresses
+/// is a host.
 fn hosts(
     p: &mut Problems<'_>,
     v: &Value<'_>,
     label: &str,
     listen: Option<SocketAddr>,
-) -> Option<Vec<SocketAddr>> {
+    lookups: Lookups,
+) -> Option<(Vec<SocketAddr>, Vec<HostName>)> {
     let DeValue::Array(items) = v.get_ref() else {
         let message = format!("{label}: `hosts` must be an array of \"host:port\" strings");
         p.at(v.span(), message);
@@ -144,35 +178,140 @@ fn hosts(
         return None;
     }
     let mut hosts: Vec<SocketAddr> = Vec::with_capacity(items.len());
+    let mut names: Vec<(HostName, Range<usize>)> = Vec::new();
     let mut ok = true;
     for item in items.iter() {
-        match address(p, item, "hosts") {
-            Some(addr) if hosts.contains(addr.get_ref()) => {
-                ok = false;
-                let message = format!("{label}: host {} is listed twice", addr.get_ref());
-                p.at(item.span(), message);
+        let Some(text) = string(p, item, "hosts") else {
+            ok = false;
+            continue;
+        };
+        let at = item.span();
+        match values::written(text) {
+            Ok(Written::Literal(addr)) => {
+                let twice = hosts.contains(&addr);
+                match host_problem(label, &addr.to_string(), addr.port(), twice) {
+                    Some(message) => {
+                        ok = false;
+                        p.at(at, message);
+                    }
+                    None if listen.is_some_and(|l| loops_back(l, addr)) => {
+                        ok = false;
+                        p.at(at, loop_problem(label, &addr.to_string()));
+                    }
+                    None => hosts.push(addr),
+                }
             }
-            Some(addr) if addr.get_ref().port() == 0 => {
-                ok = false;
-                let message = format!(
-                    "{label}: host {} has port 0, which nothing can be connected to",
-                    addr.get_ref()
-                );
-                p.at(item.span(), message);
+            Ok(Written::Name(name, port)) => {
+                let twice = names
+                    .iter()
+                    .any(|(n, _)| n.port == port && n.name.eq_ignore_ascii_case(name));
+                if let Some(message) = host_problem(label, text, port, twice) {
+                    ok = false;
+                    p.at(at, message);
+                    continue;
+                }
+                match named(p, at.clone(), text, (name, port), label, listen, lookups) {
+                    Some(host) => names.push((host, at)),
+                    None => ok = false,
+                }
             }
-            Some(addr) if listen.is_some_and(|l| loops_back(l, *addr.get_ref())) => {
+            Err(why) => {
                 ok = false;
-                let message = format!(
-                    "{label}: host {} is the upstream's own listen address: tcplb would connect to itself, each connection making another",
-                    addr.get_ref()
-                );
-                p.at(item.span(), message);
+                p.at(at, format!("`hosts` address `{text}`: {why}"));
             }
-            Some(addr) => hosts.push(*addr.get_ref()),
-            None => ok = false,
         }
     }
-    ok.then_some(hosts)
+    shared_addresses(p, label, &hosts, &names);
+    ok.then(|| (hosts, names.into_iter().map(|(n, _)| n).collect()))
+}
+
+/// What is wrong with a host whatever its address: listed twice, or port 0.
+fn host_problem(label: &str, host: &str, port: u16, twice: bool) -> Option<String> {
+    if twice {
+        Some(format!("{label}: host {host} is listed twice"))
+    } else if port == 0 {
+        Some(format!(
+            "{label}: host {host} has port 0, which nothing can be connected to"
+        ))
+    } else {
+        None
+    }
+}
+
+fn loop_problem(label: &str, host: &str) -> String {
+    format!(
+        "{label}: host {host} is the upstream's own listen address: tcplb would connect to itself, each connection making another"
+    )
+}
+
+/// A `name:port` host, looked up now. One that does not resolve is an
+/// error when `resolve_interval` is off; with it on, a warning (the name
+/// may appear later), and the name starts without addresses.
+fn named(
+    p: &mut Problems<'_>,
+    at: Range<usize>,
+    text: &str,
+    (name, port): (&str, u16),
+    label: &str,
+    listen: Option<SocketAddr>,
+    lookups: Lookups,
+) -> Option<HostName> {
+    if !p.lookups() {
+        let message = format!("`hosts` address `{text}`: {}", values::not_looked_up(name));
+        p.at(at, message);
+        return None;
+    }
+    let addrs = match values::look_up(lookups.resolver, name, port) {
+        Ok(addrs) => addrs,
+        Err(why) if !lookups.interval.is_zero() => {
+            let message = format!(
+                "`hosts` address `{text}`: {why}; it is looked up again every {:?} (`resolve_interval`), and its addresses join once it resolves",
+                lookups.interval
+            );
+            p.warn(at.clone(), message);
+            Vec::new()
+        }
+        Err(why) => {
+            let message = format!(
+                "`hosts` address `{text}`: {why} (with `resolve_interval = \"0s\"` names are looked up only as the config is read)"
+            );
+            p.at(at, message);
+            return None;
+        }
+    };
+    if let Some(addr) = addrs
+        .iter()
+        .find(|a| listen.is_some_and(|l| loops_back(l, **a)))
+    {
+        let message = loop_problem(label, &format!("{text} ({addr})"));
+        p.at(at, message);
+        return None;
+    }
+    Some(HostName {
+        name: name.to_string(),
+        port,
+        addrs,
+    })
+}
+
+/// A name's address that another host of the upstream also has is one
+/// host: valid, but likely not meant, so a warning.
+fn shared_addresses(
+    p: &mut Problems<'_>,
+    label: &str,
+    hosts: &[SocketAddr],
+    names: &[(HostName, Range<usize>)],
+) {
+    for (i, (name, at)) in names.iter().enumerate() {
+        let earlier = names[..i].iter().flat_map(|(n, _)| &n.addrs);
+        let taken: Vec<&SocketAddr> = hosts.iter().chain(earlier).collect();
+        if let Some(addr) = name.addrs.iter().find(|a| taken.contains(a)) {
+            let message = format!(
+                "{label}: `{name}` resolves to {addr}, which another of its hosts is too: the two are one host"
+            );
+            p.warn(at.clone(), message);
+        }
+    }
 }
 
 /// `tls` of an upstream: true needs a `[tls]` table.
@@ -270,7 +409,7 @@ fn distinct_listens(p: &mut Problems<'_>, upstreams: &[ParsedUpstream]) {
 /// same address, or a loopback address on the port of a wildcard listener
 /// (IPv6 wildcards take IPv4 too). Other local addresses are not known
 /// here, so a host on another interface address is not caught.
-fn loops_back(listen: SocketAddr, host: SocketAddr) -> bool {
+pub(crate) fn loops_back(listen: SocketAddr, host: SocketAddr) -> bool {
     if listen.port() == 0 || listen.port() != host.port() {
         return false;
     }
@@ -405,6 +544,70 @@ hosts = ["127.0.0.1:7002", "[::1]:7002", "10.0.0.1:7002"]
         assert!(
             !loops_back(zero, zero),
             "port 0 listens on a port of its own"
+        );
+    }
+
+    #[test]
+    fn names_are_checked_before_they_are_looked_up() {
+        let found = problems(
+            r#"[[upstream]]
+name = "a"
+listen = "127.0.0.1:7000"
+hosts = ["bad name:80", "localhost:0", "localhost:9001", "LOCALHOST:9001", "-x-.test:1", "ok.test:port"]
+"#,
+        );
+        assert_eq!(
+            found,
+            [
+                "lb.toml:4:10: `hosts` address `bad name:80`: `bad name` is not a host name (dot-separated labels of letters, digits, '-' and '_', at most 63 each, none starting or ending with '-')",
+                "lb.toml:4:25: upstream `a`: host localhost:0 has port 0, which nothing can be connected to",
+                "lb.toml:4:58: upstream `a`: host LOCALHOST:9001 is listed twice",
+                "lb.toml:4:76: `hosts` address `-x-.test:1`: `-x-.test` is not a host name (dot-separated labels of letters, digits, '-' and '_', at most 63 each, none starting or ending with '-')",
+                "lb.toml:4:90: `hosts` address `ok.test:port`: `port` is not a port number (0-65535)",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_name_keeps_every_address_and_its_place_apart_from_literal_hosts() {
+        let config = Config::parse(
+            r#"[[upstream]]
+name = "a"
+listen = "127.0.0.1:7000"
+hosts = ["localhost:9001", "127.0.0.1:9002"]
+"#,
+            "lb.toml",
+        )
+        .unwrap();
+        let u = &config.upstreams[0];
+        assert_eq!(u.hosts, ["127.0.0.1:9002".parse::<SocketAddr>().unwrap()]);
+        assert_eq!(u.names.len(), 1);
+        assert_eq!(u.names[0].to_string(), "localhost:9001");
+        assert!(
+            u.names[0]
+                .addrs
+                .contains(&"127.0.0.1:9001".parse().unwrap())
+        );
+        assert_eq!(u.addresses()[0], "127.0.0.1:9002".parse().unwrap());
+        assert_eq!(u.addresses().len(), 1 + u.names[0].addrs.len());
+        // An address a name shares with another host is one host, said so.
+        let shared = crate::config::warnings(
+            "[[upstream]]\nname = \"a\"\nlisten = \"127.0.0.1:7000\"\nhosts = [\"127.0.0.1:9001\", \"localhost:9001\"]\n",
+        );
+        assert_eq!(
+            shared,
+            [
+                "lb.toml:4:28: warning: upstream `a`: `localhost:9001` resolves to 127.0.0.1:9001, which another of its hosts is too: the two are one host"
+            ]
+        );
+        let found = problems(
+            "[[upstream]]\nname = \"a\"\nlisten = \"127.0.0.1:7000\"\nhosts = [\"localhost:7000\"]\n",
+        );
+        assert_eq!(
+            found,
+            [
+                "lb.toml:4:10: upstream `a`: host localhost:7000 (127.0.0.1:7000) is the upstream's own listen address: tcplb would connect to itself, each connection making another"
+            ]
         );
     }
 

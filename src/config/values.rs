@@ -14,6 +14,7 @@ use toml::de::DeValue;
 
 use super::problems::Problems;
 use super::rules;
+use crate::dns::Resolver;
 
 /// A value of the parsed document, with its byte span in the text.
 pub(super) type Value<'i> = Spanned<DeValue<'i>>;
@@ -29,8 +30,34 @@ pub fn resolve(text: &str) -> Result<SocketAddr, String> {
 /// [`resolve`], or, without `lookups`, only a literal address: a name is
 /// then an error, and nothing is asked of the resolver.
 fn address_of(text: &str, lookups: bool) -> Result<SocketAddr, String> {
+    let (host, port) = match written(text)? {
+        Written::Literal(addr) => return Ok(addr),
+        Written::Name(host, port) => (host, port),
+    };
+    if !lookups {
+        return Err(not_looked_up(host));
+    }
+    match (host, port).to_socket_addrs() {
+        Ok(mut addrs) => addrs
+            .next()
+            .ok_or_else(|| format!("`{host}` resolves to no address")),
+        Err(e) => Err(format!("cannot resolve `{host}`: {e}")),
+    }
+}
+
+/// What a `host:port` text is, before anything is looked up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Written<'t> {
+    /// `IPv4:port` or `[IPv6]:port`.
+    Literal(SocketAddr),
+    /// `name:port`, the name checked to be one DNS could know.
+    Name(&'t str, u16),
+}
+
+/// Reads a `host:port` text; the error is a sentence without the text.
+pub(super) fn written(text: &str) -> Result<Written<'_>, String> {
     if let Ok(addr) = text.parse::<SocketAddr>() {
-        return Ok(addr);
+        return Ok(Written::Literal(addr));
     }
     let Some((host, port)) = text.rsplit_once(':') else {
         return Err("expected host:port, e.g. 127.0.0.1:9001 or [::1]:9001".to_string());
@@ -38,20 +65,32 @@ fn address_of(text: &str, lookups: bool) -> Result<SocketAddr, String> {
     if host.is_empty() {
         return Err("the host part is empty".to_string());
     }
-    if port.parse::<u16>().is_err() {
+    let Ok(port) = port.parse::<u16>() else {
         return Err(format!("`{port}` is not a port number (0-65535)"));
+    };
+    rules::host_name(host)?;
+    Ok(Written::Name(host, port))
+}
+
+/// Every address of `host` with `port`, sorted, from `resolver`; the error
+/// says why there is none ("cannot resolve `host`: why").
+pub(super) fn look_up(
+    resolver: Resolver,
+    host: &str,
+    port: u16,
+) -> Result<Vec<SocketAddr>, String> {
+    match resolver.lookup(host).addresses() {
+        Ok(ips) => Ok(ips
+            .into_iter()
+            .map(|ip| SocketAddr::new(ip, port))
+            .collect()),
+        Err(why) => Err(format!("cannot resolve `{host}`: {why}")),
     }
-    if !lookups {
-        return Err(format!(
-            "`{host}` is a name, and this reading looks no name up (use an IP address)"
-        ));
-    }
-    match text.to_socket_addrs() {
-        Ok(mut addrs) => addrs
-            .next()
-            .ok_or_else(|| format!("`{host}` resolves to no address")),
-        Err(e) => Err(format!("cannot resolve `{host}`: {e}")),
-    }
+}
+
+/// Why a walk without lookups refuses the name `host`.
+pub(super) fn not_looked_up(host: &str) -> String {
+    format!("`{host}` is a name, and this reading looks no name up (use an IP address)")
 }
 
 /// Parses a duration such as `5s`, `250ms`, `1h`, `1m30s` (units ms, s, m, h, d).

@@ -45,6 +45,7 @@ impl World {
                     name: "test".into(),
                     listen: "127.0.0.1:0".parse().unwrap(),
                     hosts: hosts.clone(),
+                    names: Vec::new(),
                     tls: false,
                     health: HealthSettings::default(),
                     refusal: RefusalMode::default(),

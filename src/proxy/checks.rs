@@ -314,6 +314,7 @@ mod tests {
             name: "u".into(),
             listen: addr,
             hosts: hosts.clone(),
+            names: Vec::new(),
             tls: false,
             health,
             refusal: RefusalMode::default(),

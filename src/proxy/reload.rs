@@ -133,7 +133,7 @@ fn added_upstream(
     listen: SocketAddr,
     changes: &mut Changes,
 ) -> Upstream {
-    let new = Upstream::new(id, u, listen, LoadBalancer::new(u.hosts.clone()));
+    let new = Upstream::new(id, u, listen, LoadBalancer::new(u.addresses()));
     changes.added += 1;
     let hosts: Vec<String> = live_hosts(&new).iter().map(ToString::to_string).collect();
     changes.lines.push(format!(
@@ -349,7 +349,7 @@ impl Control {
         drain: Duration,
         changes: &mut Changes,
     ) -> Upstream {
-        let balancer = LoadBalancer::reuse(&old.balancer, &u.hosts);
+        let balancer = LoadBalancer::reuse(&old.balancer, &u.addresses());
         let dropped = balancer.dropped_from(&old.balancer);
         let drained: Vec<(SocketAddr, u32)> =
             dropped.iter().map(|h| (h.addr, h.active())).collect();

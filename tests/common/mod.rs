@@ -169,6 +169,7 @@ pub fn config(hosts: &[SocketAddr], settings: Settings) -> Config {
             name: "test".to_string(),
             listen: localhost(),
             hosts: hosts.to_vec(),
+            names: Vec::new(),
             tls: false,
             health: Default::default(),
             refusal: Default::default(),
