@@ -51,6 +51,7 @@ use crate::tls::TlsSettings;
 use problems::Problems;
 use values::Written;
 
+pub(crate) use upstreams::loops_back;
 pub use values::{parse_duration, parse_size, resolve};
 
 /// Loop-wide settings; the `[defaults]` table.

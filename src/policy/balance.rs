@@ -174,6 +174,20 @@ impl Host {
     }
 }
 
+impl Host {
+    /// Ramps a host that joins a running upstream (added by a reload or
+    /// by DNS) in over `over`, as one that comes back up is: from a small
+    /// share of connections to its full share.
+    pub fn ramp_in(&self, over: Duration, now: Instant) {
+        if over.is_zero() {
+            return;
+        }
+        let mut state = self.lock();
+        state.ramp = Some((now, over));
+        self.ramping.store(true, Ordering::Release);
+    }
+}
+
 /// A connection counted against a host. Cannot be cloned; dropping it
 /// gives the connection back.
 #[must_use = "dropping a host lease gives its connection back at once"]
@@ -242,11 +256,13 @@ impl LoadBalancer {
 
     /// The records of `old` that this balancer no longer has.
     pub fn dropped_from(&self, old: &LoadBalancer) -> Vec<Arc<Host>> {
-        old.hosts
-            .iter()
-            .filter(|h| !self.hosts.iter().any(|n| Arc::ptr_eq(n, h)))
-            .cloned()
-            .collect()
+        other_records(&old.hosts, &self.hosts)
+    }
+
+    /// The records of this balancer that `old` did not have: hosts that
+    /// joined.
+    pub fn joined_since(&self, old: &LoadBalancer) -> Vec<Arc<Host>> {
+        other_records(&self.hosts, &old.hosts)
     }
 
     #[cfg(test)]
@@ -298,6 +314,15 @@ impl LoadBalancer {
         host.active.fetch_add(1, Ordering::AcqRel);
         HostLease { host }
     }
+}
+
+/// The records of `these` that are not in `those`.
+fn other_records(these: &[Arc<Host>], those: &[Arc<Host>]) -> Vec<Arc<Host>> {
+    these
+        .iter()
+        .filter(|h| !those.iter().any(|n| Arc::ptr_eq(n, h)))
+        .cloned()
+        .collect()
 }
 
 #[cfg(test)]
@@ -424,6 +449,24 @@ mod tests {
         let back = LoadBalancer::reuse(&new, &[addr(&old, 0), addr(&old, 1)]);
         assert_eq!(back.host(1).active(), 0, "a host added again starts afresh");
         drop(lease);
+    }
+
+    #[test]
+    fn a_host_that_joins_can_ramp_in() {
+        let t0 = Instant::now();
+        let ramp = Duration::from_secs(30);
+        let old = lb(1);
+        let _busy: Vec<_> = (0..10).map(|_| old.acquire(0)).collect();
+        let other = SocketAddr::from(([127, 0, 0, 1], 9100));
+        let new = LoadBalancer::reuse(&old, &[addr(&old, 0), other]);
+        let joined = new.joined_since(&old);
+        assert_eq!(joined.len(), 1);
+        assert_eq!(joined[0].addr, other);
+        assert!(old.joined_since(&new).is_empty() && new.dropped_from(&old).is_empty());
+        joined[0].ramp_in(ramp, t0);
+        // At 5% of its weight its 0 connections count as 20, above 11.
+        assert_eq!(new.pick(&[], t0), Some(0));
+        assert_eq!(new.pick(&[], t0 + ramp / 2), Some(1));
     }
 
     #[test]

@@ -92,6 +92,24 @@ impl HealthChecks {
         }
     }
 
+    /// Spreads the first checks of the hosts of `u` that have none (they
+    /// joined it by a reload or by DNS) over one interval.
+    pub fn schedule_joined(&mut self, u: &Arc<Upstream>, now: Instant) {
+        if !u.health.active {
+            return;
+        }
+        for (_, host) in u.balancer.hosts() {
+            let unscheduled = {
+                let check = host.schedule();
+                check.next.is_none() && !check.probing
+            };
+            if unscheduled {
+                let offset = u.health.interval.mul_f64(self.random_fraction());
+                self.schedule(u, host, now + offset);
+            }
+        }
+    }
+
     /// Makes the host's next check due at `at` (unless one is due sooner).
     fn schedule(&mut self, u: &Arc<Upstream>, host: &Arc<Host>, at: Instant) {
         let mut check = host.schedule();

@@ -25,6 +25,7 @@ use slab::Slab;
 
 use super::AdjustConfig;
 use super::checks::HealthChecks;
+use super::names::{Answers, Names};
 use super::shared::Shared;
 use super::timers::Timers;
 use super::token::Registration;
@@ -57,6 +58,8 @@ pub(super) enum Command {
     },
     /// A worker has drained (or stopped) and exited its loop.
     WorkerStopped(usize),
+    /// The resolver thread's answers to a round of lookups.
+    Resolved(Answers),
     /// Move every loop's clock ahead; the sender is dropped (by the
     /// control thread and by each worker it is handed to) once a turn runs
     /// on the moved clock.
@@ -75,7 +78,7 @@ impl Handle {
         Handle { commands, waker }
     }
 
-    fn send(&self, command: Command) -> Option<()> {
+    pub(super) fn send(&self, command: Command) -> Option<()> {
         self.commands.send(command).ok()?;
         self.waker.wake().ok()
     }
@@ -162,6 +165,8 @@ pub(super) struct Control {
     /// shown in the counters while they still have connections.
     pub retired: Vec<Arc<Upstream>>,
     pub retired_hosts: Vec<(usize, Arc<Host>)>,
+    /// Hosts given by name, and their lookups every `resolve_interval`.
+    pub names: Names,
     pub draining: bool,
     pub signals: Option<Signals>,
     pub commands: Receiver<Command>,
@@ -215,6 +220,7 @@ impl Control {
                 }
             }
             self.run_checks(now);
+            self.follow_names(now);
             self.expire_admin(now);
         }
         info!("tcplb stopped");
@@ -225,11 +231,15 @@ impl Control {
         if !self.clock_waiters.is_empty() {
             return Some(Duration::ZERO);
         }
-        [self.checks.next_due(), self.admin_timers.next()]
-            .into_iter()
-            .flatten()
-            .min()
-            .map(|t| t.saturating_duration_since(now))
+        [
+            self.checks.next_due(),
+            self.admin_timers.next(),
+            self.names.next_due(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .map(|t| t.saturating_duration_since(now))
     }
 
     fn on_signals(&mut self, now: Instant) {
@@ -274,6 +284,7 @@ impl Control {
                     }
                 }
                 Command::WorkerStopped(index) => self.workers[index].stopped = true,
+                Command::Resolved(answers) => self.resolved(answers, now),
                 Command::AdvanceClock(by, reply) => {
                     self.shared.clock.advance(by);
                     for worker in self.workers.iter().filter(|w| !w.stopped) {

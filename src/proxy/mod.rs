@@ -31,6 +31,7 @@
 mod accept;
 mod checks;
 mod control;
+mod names;
 mod probe;
 mod reload;
 mod shared;
@@ -63,6 +64,7 @@ use crate::policy::balance::LoadBalancer;
 use crate::upstream::Upstream;
 use checks::HealthChecks;
 use control::{Control, WorkerLink};
+use names::Names;
 use shared::{Shared, Snapshot};
 use timers::Timers;
 use token::Registration;
@@ -119,7 +121,7 @@ impl Proxy {
         }
         let shared = Arc::new(Shared::new(Snapshot {
             settings: config.settings.clone(),
-            access: Access::new(config.clients.clone()),
+            access: Arc::new(Access::new(config.clients.clone())),
             tls,
             upstreams,
         }));
@@ -165,6 +167,23 @@ impl Proxy {
             Some(addr) => Some(bind_admin(&poll, addr)?),
             None => None,
         };
+        let mut names = Names::default();
+        let followed = config
+            .upstreams
+            .iter()
+            .enumerate()
+            .filter(|(_, u)| !u.names.is_empty())
+            .map(|(id, u)| (id, u.clone()))
+            .collect();
+        let unresolved = config
+            .upstreams
+            .iter()
+            .flat_map(|u| &u.names)
+            .filter(|n| n.addrs.is_empty())
+            .map(|n| n.name.to_ascii_lowercase())
+            .collect();
+        let now = shared.clock.now();
+        names.follow(followed, unresolved, config.settings.resolve_interval, now);
         let upstream_ids = config
             .upstreams
             .iter()
@@ -188,6 +207,7 @@ impl Proxy {
                 upstream_ids,
                 retired: Vec::new(),
                 retired_hosts: Vec::new(),
+                names,
                 draining: false,
                 signals: None,
                 commands,

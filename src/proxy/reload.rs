@@ -248,7 +248,8 @@ impl Control {
         if self.draining {
             return Err("shutting down".to_string());
         }
-        let (config, tls, mut changes) = self.read_config(path)?;
+        let (mut config, tls, mut changes) = self.read_config(path)?;
+        let unresolved = self.names.carry_over(&mut config);
         let old = self.shared.snapshot();
         let drain = config.settings.drain_timeout;
         let fresh = self.bind_new_listeners(&config, &old)?;
@@ -271,19 +272,22 @@ impl Control {
             let before = old.upstream(id);
             let listen = listening(id, before, u.listen);
             let new = match before {
-                Some(o) => self.keep_upstream(o, u, listen, drain, &mut changes),
+                Some(o) => self.keep_upstream(o, u, (listen, drain, now), &mut changes),
                 None => added_upstream(id, u, listen, &mut changes),
             };
             upstreams.push(Arc::new(new));
         }
-        for u in &upstreams {
-            self.retired_hosts
-                .retain(|(i, h)| *i != u.id || !u.balancer.hosts().any(|(_, k)| Arc::ptr_eq(k, h)));
-        }
         self.retire_removed(&old, &upstreams, drain, &mut changes);
+        let followed = config
+            .upstreams
+            .iter()
+            .filter(|u| !u.names.is_empty())
+            .map(|u| (self.upstream_id(&u.name), u.clone()))
+            .collect();
+        let interval = config.settings.resolve_interval;
         let snapshot = Snapshot {
             settings: config.settings,
-            access: Access::reload(&old.access, config.clients),
+            access: Arc::new(Access::reload(&old.access, config.clients)),
             tls,
             upstreams,
         };
@@ -299,13 +303,13 @@ impl Control {
             })
             .cloned()
             .collect();
-        self.shared.publish(snapshot);
         self.config_admin = config.admin;
         let fresh = fresh
             .into_iter()
             .map(|(id, group, _)| (id, group))
             .collect();
-        self.hand_to_workers(fresh, now + drain);
+        self.put_in_force(snapshot, fresh, now + drain, now);
+        self.names.follow(followed, unresolved, interval, now);
         for u in &rescheduled {
             self.checks.schedule_upstream(u, now);
         }
@@ -338,25 +342,16 @@ impl Control {
         Ok((config, tls, changes))
     }
 
-    /// An upstream the old config had too: its kept hosts keep their
-    /// records; removed ones stay visible (retired) while they have
-    /// connections.
+    /// An upstream the old config had too (see [`rehost`](Self::rehost)),
+    /// counted and logged among the reload's changes.
     fn keep_upstream(
         &mut self,
         old: &Upstream,
         u: &UpstreamConfig,
-        listen: SocketAddr,
-        drain: Duration,
+        at: (SocketAddr, Duration, Instant),
         changes: &mut Changes,
     ) -> Upstream {
-        let balancer = LoadBalancer::reuse(&old.balancer, &u.addresses());
-        let dropped = balancer.dropped_from(&old.balancer);
-        let drained: Vec<(SocketAddr, u32)> =
-            dropped.iter().map(|h| (h.addr, h.active())).collect();
-        self.retired_hosts
-            .extend(dropped.into_iter().map(|h| (old.id, h)));
-        let new = Upstream::new(old.id, u, listen, balancer);
-        let differences = Before::of(old).differences(&new, &drained, drain);
+        let (new, differences) = self.rehost(old, u, at);
         if differences.is_empty() {
             changes.unchanged += 1;
         } else {
@@ -368,6 +363,59 @@ impl Control {
             ));
         }
         new
+    }
+
+    /// `old` as `u` describes it, listening on `listen`, with what differs,
+    /// in words. Its kept hosts keep their records; a host that joins
+    /// ramps in over `slow_start` when it is set; removed ones are
+    /// retired: no new connections, their pairs drain for `drain`, and
+    /// they stay visible while they have connections. Reload and DNS
+    /// (`names.rs`) both change hosts this way.
+    pub(super) fn rehost(
+        &mut self,
+        old: &Upstream,
+        u: &UpstreamConfig,
+        (listen, drain, now): (SocketAddr, Duration, Instant),
+    ) -> (Upstream, Vec<String>) {
+        let balancer = LoadBalancer::reuse(&old.balancer, &u.addresses());
+        if let Some(ramp) = u.health.slow_start {
+            for host in balancer.joined_since(&old.balancer) {
+                host.ramp_in(ramp, now);
+            }
+        }
+        let dropped = balancer.dropped_from(&old.balancer);
+        let drained: Vec<(SocketAddr, u32)> =
+            dropped.iter().map(|h| (h.addr, h.active())).collect();
+        self.retired_hosts
+            .extend(dropped.into_iter().map(|h| (old.id, h)));
+        let new = Upstream::new(old.id, u, listen, balancer);
+        let differences = Before::of(old).differences(&new, &drained, drain);
+        (new, differences)
+    }
+
+    /// Puts `snapshot` in force: hosts back in a balancer leave the
+    /// retired ones (and retired hosts without connections are
+    /// forgotten), every worker takes it with `fresh` listeners (pairs of
+    /// removed hosts drain until `drain_by`), and hosts that joined an
+    /// actively checked upstream get their first checks.
+    pub(super) fn put_in_force(
+        &mut self,
+        snapshot: Snapshot,
+        fresh: Vec<(usize, Vec<TcpListener>)>,
+        drain_by: Instant,
+        now: Instant,
+    ) {
+        for u in &snapshot.upstreams {
+            self.retired_hosts
+                .retain(|(i, h)| *i != u.id || !u.balancer.hosts().any(|(_, k)| Arc::ptr_eq(k, h)));
+        }
+        self.retired_hosts.retain(|(_, h)| h.active() > 0);
+        let upstreams = snapshot.upstreams.clone();
+        self.shared.publish(snapshot);
+        self.hand_to_workers(fresh, drain_by);
+        for u in &upstreams {
+            self.checks.schedule_joined(u, now);
+        }
     }
 
     /// The old upstreams the new config no longer has: they stop taking

@@ -25,7 +25,8 @@ use crate::upstream::Upstream;
 pub(super) struct Snapshot {
     pub settings: Settings,
     pub upstreams: Vec<Arc<Upstream>>,
-    pub access: Access,
+    /// Shared as is by a snapshot that only changes hosts (DNS).
+    pub access: Arc<Access>,
     /// TLS material, when any upstream speaks TLS.
     pub tls: Option<(Arc<rustls::ServerConfig>, TlsSettings)>,
 }

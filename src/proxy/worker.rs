@@ -391,7 +391,10 @@ impl Worker {
             .map(|(key, _)| key)
             .collect();
         for key in keys {
-            self.pairs[key].drain_by = Some(drain_by);
+            // A pair already draining keeps its deadline: a later change
+            // (another reload, a DNS answer) does not extend it.
+            let pair = &mut self.pairs[key];
+            pair.drain_by = Some(pair.drain_by.map_or(drain_by, |d| d.min(drain_by)));
             self.schedule(key);
         }
     }
