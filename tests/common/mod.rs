@@ -5,7 +5,7 @@
 #![allow(dead_code)]
 
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::thread::{self, JoinHandle};
@@ -65,7 +65,45 @@ impl Default for HostSockets {
 }
 
 pub fn spawn_host_with(name: &str, behavior: Behavior, sockets: HostSockets) -> TestHost {
-    let listener = TcpListener::bind(localhost()).unwrap();
+    serve_on(
+        TcpListener::bind(localhost()).unwrap(),
+        name,
+        behavior,
+        sockets,
+    )
+}
+
+/// Test hosts on one port of several loopback addresses (127.0.0.2,
+/// `::1`, ...), as the addresses of one name are: each `(ip, name)` gets
+/// a host on the same port, the first port free on all of them.
+pub fn spawn_hosts_on_one_port(hosts: &[(IpAddr, &str)], behavior: Behavior) -> Vec<TestHost> {
+    for _ in 0..100 {
+        let first = TcpListener::bind(SocketAddr::new(hosts[0].0, 0)).unwrap();
+        let port = first.local_addr().unwrap().port();
+        let mut listeners = vec![first];
+        for (ip, _) in &hosts[1..] {
+            match TcpListener::bind(SocketAddr::new(*ip, port)) {
+                Ok(l) => listeners.push(l),
+                Err(_) => break,
+            }
+        }
+        if listeners.len() == hosts.len() {
+            return listeners
+                .into_iter()
+                .zip(hosts)
+                .map(|(l, (_, name))| serve_on(l, name, behavior, HostSockets::default()))
+                .collect();
+        }
+    }
+    panic!("no port free on all of {hosts:?}");
+}
+
+fn serve_on(
+    listener: TcpListener,
+    name: &str,
+    behavior: Behavior,
+    sockets: HostSockets,
+) -> TestHost {
     let addr = listener.local_addr().unwrap();
     let (tx, accepted) = mpsc::channel();
     let host_name = name.to_string();
@@ -525,6 +563,7 @@ impl Drop for Binary {
     }
 }
 
+pub mod dns;
 pub mod pki;
 
 /// The address that follows `marker` in a log line.
