@@ -63,7 +63,11 @@ fn the_config_reference_shows_the_defaults() {
         lines.iter().partition(|(_, c)| c.starts_with("optional"));
     let defaults = Settings::default();
     assert_eq!(
-        (defaults.socket_buffer, defaults.source_limit, defaults.resolver),
+        (
+            defaults.socket_buffer,
+            defaults.source_limit,
+            defaults.resolver
+        ),
         (None, None, None)
     );
     let optional: Vec<&str> = optional

@@ -76,7 +76,7 @@ pub struct HostStats {
     pub active: u32,
     /// Health checks (active or passive) have it up.
     pub up: bool,
-    /// Removed by a reload; its connections are draining.
+    /// Removed by a reload or by DNS; its connections are draining.
     pub removed: bool,
     /// Connections established to the host.
     pub connections: u64,

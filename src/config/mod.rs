@@ -6,8 +6,10 @@
 //! without hosts), each with its line and column. A [`Config`] value that
 //! exists is valid: upstream names are unique, listen ports do not collide,
 //! every upstream has at least one host (none on port 0 or on its own
-//! listen address), every address is resolved, and every client identity
-//! can match a certificate. What is valid but likely wrong (a TLS upstream
+//! listen address), every name is looked up (a host's name that does not
+//! resolve is a warning while `resolve_interval` is on, as it may appear
+//! later, and an error otherwise), and every client identity can match a
+//! certificate. What is valid but likely wrong (a TLS upstream
 //! no rule names, `bulk_buffer_size` below `buffer_size`) is in its
 //! `warnings`, each with its place.
 //!
@@ -309,6 +311,8 @@ impl Config {
 
     /// The configuration of quick mode: one upstream from command-line
     /// addresses, with `settings` as they are (see [`check_settings`]).
+    /// A `--host` name is every address it resolves to; one that does not
+    /// resolve is an error here, as there is no `check` step to warn.
     pub fn quick(
         name: &str,
         listen: &str,

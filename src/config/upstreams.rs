@@ -1,6 +1,8 @@
 //! The walk of `[[upstream]]` tables and their `[upstream.health]`, and the
 //! checks across upstreams: names are unique and listen addresses do not
-//! collide on bind. Each table yields a [`ParsedUpstream`], which keeps the
+//! collide on bind. A host given by name is looked up here (from
+//! `[defaults] resolver`, or the system's resolver) and keeps its name,
+//! so that it can be looked up again while tcplb runs. Each table yields a [`ParsedUpstream`], which keeps the
 //! spans of its name and listen address for those checks and for the
 //! client rules that name upstreams.
 

@@ -76,7 +76,7 @@ struct HealthState {
 #[derive(Debug)]
 pub(crate) struct Host {
     pub addr: SocketAddr,
-    /// Removed by a reload: no new connections; its pairs drain.
+    /// Removed by a reload or by DNS: no new connections; its pairs drain.
     removed: AtomicBool,
     /// Mirrors `state.health`, for the choice to read without the lock.
     up: AtomicBool,

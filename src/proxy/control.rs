@@ -7,7 +7,8 @@
 //!
 //! It runs its own `mio::Poll` with the admin listener, the probes, the
 //! signal pipe and a waker; workers reach it through the same channel as
-//! a [`Handle`] (host transitions, "stopped").
+//! a [`Handle`] (host transitions, "stopped"), and so does the resolver
+//! thread (`names.rs`) with the answers of the lookups it was handed.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

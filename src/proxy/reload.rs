@@ -10,6 +10,10 @@
 //! (connection counts, health, counters), kept client identities their
 //! buckets. No other established connection is touched. The log says what
 //! changed: a line per upstream added, removed or changed, and one summary.
+//!
+//! [`Control::rehost`] and [`Control::put_in_force`] are also how a DNS
+//! answer changes hosts (`names.rs`): one path for hosts that join and
+//! hosts that drain, whatever changed them.
 
 use std::net::SocketAddr;
 use std::path::Path;
