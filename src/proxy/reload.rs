@@ -14,13 +14,13 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, mpsc};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
 use mio::net::TcpListener;
 
 use super::control::Control;
-use super::shared::Snapshot;
+use super::shared::{Snapshot, TlsMaterial, load_tls};
 use super::worker::Order;
 use crate::config::{Config, RefusalMode, Settings, UpstreamConfig};
 use crate::error::Warning;
@@ -29,11 +29,7 @@ use crate::logs::plural;
 use crate::policy::access::Access;
 use crate::policy::balance::LoadBalancer;
 use crate::policy::health::HealthSettings;
-use crate::tls::TlsSettings;
 use crate::upstream::Upstream;
-
-/// A config's TLS server setup and the settings it came from, if it has `[tls]`.
-type TlsMaterial = Option<(Arc<rustls::ServerConfig>, TlsSettings)>;
 
 /// How long a reload waits for the workers to take the new config.
 const APPLY_WAIT: Duration = Duration::from_secs(5);
@@ -325,16 +321,8 @@ impl Control {
             warnings: std::mem::take(&mut config.warnings),
             ..Changes::default()
         };
-        let tls = match &config.tls {
-            Some(settings) => {
-                let (server, tls_warnings) = settings
-                    .load(SystemTime::now())
-                    .map_err(|e| e.to_string())?;
-                changes.warnings.extend(tls_warnings);
-                Some((server, settings.clone()))
-            }
-            None => None,
-        };
+        let (tls, tls_warnings) = load_tls(&config).map_err(|e| e.to_string())?;
+        changes.warnings.extend(tls_warnings);
         Ok((config, tls, changes))
     }
 
