@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::procfs;
+
 /// The buffer size of every tuned contender, in bytes (64 KiB).
 pub const TUNED_BUFFER: usize = 64 * 1024;
 
@@ -232,8 +234,24 @@ impl Contender {
     }
 
     /// Starts the contender in front of `hosts` and waits until it accepts.
-    /// With `pin`, the proxy runs under `taskset -c <pin.proxy>`.
+    /// With `pin`, the proxy runs under `taskset -c <pin.proxy>`, which is
+    /// checked.
     pub fn start(self, hosts: &[SocketAddr], pin: Option<Pin>) -> Running {
+        let running = self.spawn(hosts, pin);
+        if let (Some(pin), Some(pid)) = (pin, running.pid) {
+            let cpus = procfs::cpus(pid);
+            assert_eq!(
+                cpus.as_deref(),
+                Some(pin.proxy),
+                "{} runs on CPUs {cpus:?}, not the pinned {}",
+                self.name,
+                pin.proxy
+            );
+        }
+        running
+    }
+
+    fn spawn(self, hosts: &[SocketAddr], pin: Option<Pin>) -> Running {
         match self.kind {
             Kind::Direct => Running {
                 addr: hosts[0],
@@ -394,7 +412,10 @@ fn haproxy_config(addr: SocketAddr, hosts: &[SocketAddr], tuned: bool, threads: 
 
 /// nginx's stream module with `least_conn`. Tuned: `proxy_buffer_size 64k`
 /// (default 16k). Two workers need the master process, which the
-/// benchmark then stops with SIGTERM so the workers go with it.
+/// benchmark then stops with SIGTERM so the workers go with it, and a
+/// shared `zone` for the upstream, without which each worker would count
+/// only its own connections (tcplb's and HAProxy's least connections are
+/// global).
 fn nginx_config(addr: SocketAddr, hosts: &[SocketAddr], tuned: bool, workers: u32) -> String {
     let servers: String = hosts
         .iter()
@@ -403,7 +424,11 @@ fn nginx_config(addr: SocketAddr, hosts: &[SocketAddr], tuned: bool, workers: u3
     let module = nginx_stream_module()
         .map(|m| format!("load_module {};\n", m.display()))
         .unwrap_or_default();
-    let master = if workers > 1 { "on" } else { "off" };
+    let (master, zone) = if workers > 1 {
+        ("on", "        zone backend 64k;\n")
+    } else {
+        ("off", "")
+    };
     let buffer = if tuned {
         format!("        proxy_buffer_size {}k;\n", TUNED_BUFFER / 1024)
     } else {
@@ -413,7 +438,7 @@ fn nginx_config(addr: SocketAddr, hosts: &[SocketAddr], tuned: bool, workers: u3
         "{module}worker_processes {workers};\ndaemon off;\nmaster_process {master};\n\
          error_log stderr warn;\npid DIR/nginx.pid;\nworker_rlimit_nofile 20000;\n\
          events {{ worker_connections 20000; }}\n\
-         stream {{\n    upstream backend {{\n        least_conn;\n{servers}    }}\n\
+         stream {{\n    upstream backend {{\n{zone}        least_conn;\n{servers}    }}\n\
          \x20   server {{\n        listen {addr};\n        proxy_pass backend;\n        proxy_timeout 1h;\n{buffer}    }}\n}}\n"
     )
 }

@@ -57,8 +57,20 @@ pub fn iperf3_server() -> Result<Server, String> {
 
 /// `iperf3 -R` through the proxy at `addr` (the server sends, as the
 /// built-in bulk's source does), `streams` in parallel for `secs`. The
-/// proxy's CPU is taken over the whole client run. `None` if iperf3 failed.
+/// proxy's CPU is taken over the whole client run. One retry: the server
+/// can still be tearing down the previous test, whose proxy was killed
+/// under it, and then drops the next control connection. `None` if both
+/// attempts failed.
 pub fn iperf3(addr: SocketAddr, streams: usize, secs: u64, pid: Option<u32>) -> Option<Throughput> {
+    (0..2).find_map(|_| iperf3_once(addr, streams, secs, pid))
+}
+
+fn iperf3_once(
+    addr: SocketAddr,
+    streams: usize,
+    secs: u64,
+    pid: Option<u32>,
+) -> Option<Throughput> {
     let before = pid.map(procfs::cpu_seconds);
     let out = Command::new("iperf3")
         .args(["-c", &addr.ip().to_string(), "-p", &addr.port().to_string()])

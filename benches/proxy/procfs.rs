@@ -77,9 +77,18 @@ fn clock_ticks_per_second() -> f64 {
         .unwrap_or(100.0)
 }
 
-/// The CPUs this process may run on, as the kernel lists them ("0-1").
+/// The CPUs a process may run on, as the kernel lists them ("0-1").
+pub fn cpus(pid: u32) -> Option<String> {
+    cpus_in(&format!("/proc/{pid}/status"))
+}
+
+/// The CPUs this process may run on.
 pub fn own_cpus() -> Option<String> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    cpus_in("/proc/self/status")
+}
+
+fn cpus_in(path: &str) -> Option<String> {
+    let status = std::fs::read_to_string(path).ok()?;
     let line = status
         .lines()
         .find(|l| l.starts_with("Cpus_allowed_list:"))?;
