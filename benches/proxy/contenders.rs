@@ -20,8 +20,11 @@ pub const TUNED_BUFFER: usize = 64 * 1024;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
     Direct,
+    /// `baseline`: the binary named by `TCPLB_BENCH_BASELINE` (another
+    /// build of tcplb, e.g. an older commit's) instead of this one.
     Tcplb {
         workers: u32,
+        baseline: bool,
     },
     /// `buffer: None` is `copy_bidirectional`'s own (8 KiB).
     Tokio {
@@ -48,10 +51,29 @@ const fn contender(name: &'static str, kind: Kind) -> Contender {
     Contender { name, kind }
 }
 
-pub const ALL: [Contender; 13] = [
+pub const ALL: [Contender; 14] = [
     contender("direct", Kind::Direct),
-    contender("tcplb", Kind::Tcplb { workers: 1 }),
-    contender("tcplb-w2", Kind::Tcplb { workers: 2 }),
+    contender(
+        "tcplb",
+        Kind::Tcplb {
+            workers: 1,
+            baseline: false,
+        },
+    ),
+    contender(
+        "tcplb-baseline",
+        Kind::Tcplb {
+            workers: 1,
+            baseline: true,
+        },
+    ),
+    contender(
+        "tcplb-w2",
+        Kind::Tcplb {
+            workers: 2,
+            baseline: false,
+        },
+    ),
     contender(
         "tokio-mt",
         Kind::Tokio {
@@ -127,7 +149,8 @@ pub const ALL: [Contender; 13] = [
 /// Per-round ratios worth a table of their own, (contender, baseline): what
 /// a second thread or worker buys each proxy, and tcplb's two workers
 /// against the peers' two.
-pub const COMPARISONS: [(&str, &str); 5] = [
+pub const COMPARISONS: [(&str, &str); 6] = [
+    ("tcplb", "tcplb-baseline"),
     ("tcplb-w2", "tcplb"),
     ("haproxy-nbthread2", "haproxy-tuned"),
     ("nginx-w2", "nginx-tuned"),
@@ -209,7 +232,7 @@ impl Contender {
     pub fn parallel(self) -> bool {
         match self.kind {
             Kind::Direct => false,
-            Kind::Tcplb { workers } => workers > 1,
+            Kind::Tcplb { workers, .. } => workers > 1,
             Kind::Tokio { multi_thread, .. } => multi_thread,
             Kind::Haproxy { threads, .. } => threads > 1,
             Kind::Nginx { workers, .. } => workers > 1,
@@ -225,6 +248,9 @@ impl Contender {
             )),
             Kind::Nginx { .. } if which("nginx").is_none() => Err(format!(
                 "{name}: nginx not installed, skipped (apt-get install nginx libnginx-mod-stream)"
+            )),
+            Kind::Tcplb { baseline: true, .. } if baseline_binary().is_none() => Err(format!(
+                "{name}: no TCPLB_BENCH_BASELINE (the path of another tcplb build), skipped"
             )),
             Kind::Nginx { .. } if !nginx_has_stream() => Err(format!(
                 "{name}: nginx has no stream module, skipped (apt-get install libnginx-mod-stream)"
@@ -261,8 +287,12 @@ impl Contender {
                 graceful: false,
                 dir: None,
             },
-            Kind::Tcplb { workers } => {
-                let mut cmd = command(env!("CARGO_BIN_EXE_tcplb"), pin);
+            Kind::Tcplb { workers, baseline } => {
+                let binary = match baseline {
+                    true => baseline_binary().expect("checked by available()"),
+                    false => env!("CARGO_BIN_EXE_tcplb").to_string(),
+                };
+                let mut cmd = command(&binary, pin);
                 cmd.args(["--listen", "127.0.0.1:0", "--max-connections", "20000"]);
                 for h in hosts {
                     cmd.args(["--host", &h.to_string()]);
@@ -575,4 +605,11 @@ pub fn version(program: &str, flag: &str) -> Option<String> {
     };
     let text = String::from_utf8_lossy(&text);
     text.lines().next().map(|l| l.trim().to_string())
+}
+
+/// The other tcplb build to compare with (`TCPLB_BENCH_BASELINE`), if set.
+fn baseline_binary() -> Option<String> {
+    std::env::var("TCPLB_BENCH_BASELINE")
+        .ok()
+        .filter(|path| !path.is_empty())
 }

@@ -23,6 +23,7 @@
 //! Environment: `TCPLB_BENCH_ROUNDS` (default 3), `TCPLB_BENCH_SECS`
 //! (measured seconds per run, default 3), `TCPLB_BENCH_ONLY` (comma-separated
 //! contender names), `TCPLB_BENCH_TCPLB_ARGS` (extra flags for tcplb),
+//! `TCPLB_BENCH_BASELINE` (another tcplb binary, run as `tcplb-baseline`),
 //! `TCPLB_BENCH_PIN=1` (the proxy on core 1 under `taskset -c 1`, this
 //! process and everything it starts on core 0).
 
