@@ -257,7 +257,7 @@ fn tls_proxy(pki: &Pki, host: SocketAddr) -> Running {
         upstreams: vec![UpstreamConfig {
             name: "secure".to_string(),
             listen: localhost(),
-            hosts: vec![host],
+            hosts: vec![host.into()],
             tls: true,
             health: Default::default(),
             refusal: Default::default(),

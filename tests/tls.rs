@@ -38,7 +38,7 @@ fn tls_config(
     let upstream = |name: &str| UpstreamConfig {
         name: name.to_string(),
         listen: localhost(),
-        hosts: hosts.to_vec(),
+        hosts: hosts.iter().map(|&h| h.into()).collect(),
         tls: true,
         health: Default::default(),
         refusal: Default::default(),

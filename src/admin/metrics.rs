@@ -74,6 +74,10 @@ pub struct HostStats {
     pub addr: SocketAddr,
     /// Connections counted against the host (connecting or relaying).
     pub active: u32,
+    /// Its configured weight.
+    pub weight: u32,
+    /// Its configured cap (`max_connections`), if it has one.
+    pub max_connections: Option<u32>,
     /// Health checks (active or passive) have it up.
     pub up: bool,
     /// Removed by a reload; its connections are draining.
@@ -361,6 +365,8 @@ pub(super) fn sample() -> Stats {
             hosts: vec![HostStats {
                 addr: "127.0.0.1:9001".parse().unwrap(),
                 active: 1,
+                weight: 2,
+                max_connections: Some(100),
                 up: true,
                 removed: false,
                 connections: 3,

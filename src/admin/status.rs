@@ -3,8 +3,8 @@
 //! interface (tests and users parse it): `uptime_seconds`, `pairs`,
 //! `handshakes`, `reloads`, and per upstream `name`, `listen`, `tls`,
 //! `removed`, `active_connections` and `hosts` (each with `address`, `up`,
-//! `removed`, `active_connections`, `connections_total`,
-//! `connect_failures_total`).
+//! `removed`, `active_connections`, `weight`, `max_connections` (`null`
+//! without a cap), `connections_total`, `connect_failures_total`).
 
 use serde_json::{Value, json};
 
@@ -40,6 +40,8 @@ fn host(h: &HostStats) -> Value {
         "up": h.up,
         "removed": h.removed,
         "active_connections": h.active,
+        "weight": h.weight,
+        "max_connections": h.max_connections,
         "connections_total": h.connections,
         "connect_failures_total": h.connect_failures,
     })

@@ -129,13 +129,44 @@ pub struct UpstreamConfig {
     /// lets the kernel choose).
     pub listen: SocketAddr,
     /// The hosts behind it: at least one, none listed twice.
-    pub hosts: Vec<SocketAddr>,
+    pub hosts: Vec<HostConfig>,
     /// Clients must speak mTLS (default: true when `[tls]` exists).
     pub tls: bool,
     /// `[upstream.health]`; without it, checks are passive only.
     pub health: HealthSettings,
     /// What a refused client of this upstream gets (`refusal`).
     pub refusal: RefusalMode,
+}
+
+/// One host of an upstream: a plain `"host:port"` in the file's `hosts`,
+/// or a table `{ address = "host:port", weight = 3, max_connections = 200 }`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostConfig {
+    /// The TCP address of the host.
+    pub addr: SocketAddr,
+    /// Its share of the upstream's connections relative to the other
+    /// hosts: least-connections ranks hosts by active connections divided
+    /// by weight (1 to 1000; 1 by default).
+    pub weight: u32,
+    /// The most connections it handles at once; a host at its cap is
+    /// skipped (`None`: no cap of its own).
+    pub max_connections: Option<u32>,
+}
+
+impl HostConfig {
+    /// The weight of a host that names none.
+    pub const DEFAULT_WEIGHT: u32 = 1;
+}
+
+impl From<SocketAddr> for HostConfig {
+    /// A host with the default weight and no cap, as a plain string gives.
+    fn from(addr: SocketAddr) -> HostConfig {
+        HostConfig {
+            addr,
+            weight: HostConfig::DEFAULT_WEIGHT,
+            max_connections: None,
+        }
+    }
 }
 
 /// How an upstream turns a client away (its `refusal` key): the reason is
@@ -273,13 +304,13 @@ impl Config {
         if hosts.is_empty() {
             problems.general("at least one --host is required".to_string());
         }
-        let mut resolved: Vec<SocketAddr> = Vec::new();
+        let mut resolved: Vec<HostConfig> = Vec::new();
         for host in hosts {
             match resolve(host) {
-                Ok(addr) if resolved.contains(&addr) => {
+                Ok(addr) if resolved.iter().any(|h| h.addr == addr) => {
                     problems.general(format!("--host {host}: listed twice"))
                 }
-                Ok(addr) => resolved.push(addr),
+                Ok(addr) => resolved.push(addr.into()),
                 Err(why) => problems.general(format!("--host {host}: {why}")),
             }
         }
@@ -392,7 +423,10 @@ hosts = ["127.0.0.1:9001", "127.0.0.1:9002", "[::1]:9003"]
         assert_eq!(config.settings.idle_timeout, Duration::from_secs(3600));
         assert_eq!(config.settings.buffer_size, 16384);
         assert_eq!(config.upstreams.len(), 1);
-        assert_eq!(config.upstreams[0].hosts[2], "[::1]:9003".parse().unwrap());
+        assert_eq!(
+            config.upstreams[0].hosts[2],
+            HostConfig::from("[::1]:9003".parse::<SocketAddr>().unwrap())
+        );
     }
 
     #[test]
@@ -407,7 +441,8 @@ hosts = ["127.0.0.1:9001", "127.0.0.1:9002", "[::1]:9003"]
         assert_eq!(one.summary(), "1 upstream, 1 host");
         let mut two = one.clone();
         two.upstreams.push(one.upstreams[0].clone());
-        two.upstreams[1].hosts.push("127.0.0.1:2".parse().unwrap());
+        let other: SocketAddr = "127.0.0.1:2".parse().unwrap();
+        two.upstreams[1].hosts.push(other.into());
         assert_eq!(two.summary(), "2 upstreams, 3 hosts");
         assert_eq!(RefusalMode::Reset.name(), "reset");
     }

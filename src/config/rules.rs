@@ -13,8 +13,10 @@ use std::time::Duration;
 
 use crate::policy::limits::Limit;
 
-/// Connections at once: `max_connections` of `[defaults]` and of a `[[client]]`.
+/// Connections at once: `max_connections` of `[defaults]`, of a host and of a `[[client]]`.
 pub(super) const CONNECTIONS: RangeInclusive<i64> = 1..=u32::MAX as i64;
+/// A host's `weight`: its share relative to the other hosts of its upstream.
+pub(super) const WEIGHT: RangeInclusive<i64> = 1..=1000;
 /// `backlog`: what `listen(2)` takes.
 pub(super) const BACKLOG: RangeInclusive<i64> = 1..=65535;
 /// Worker threads.

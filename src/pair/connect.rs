@@ -13,7 +13,7 @@ use super::{Context, HostConn, Pair, RELAY_BUDGET, Refusal, State, Step};
 use crate::io::flow::{Flow, NotConnected, pump};
 use crate::io::{Connect, Endpoint, net};
 use crate::pair::End;
-use crate::policy::balance::{Host, HostCounters};
+use crate::policy::balance::{Host, HostCounters, NoHost};
 
 /// Every socket of a pair is registered once, for all it will ever need;
 /// PRIORITY reports urgent data, which needs reading past a short read.
@@ -54,10 +54,12 @@ impl Pair {
     ) -> Step {
         let upstream = self.upstream.clone();
         let refusal = loop {
-            let Some(host) = upstream.balancer.pick(&tried, ctx.now) else {
-                break Refusal::UpstreamUnavailable;
+            let lease = match upstream.balancer.lease(&tried, ctx.now) {
+                Ok(lease) => lease,
+                Err(NoHost::Unavailable) => break Refusal::UpstreamUnavailable,
+                // Every host left is at its `max_connections`.
+                Err(NoHost::Full) => break Refusal::Overloaded,
             };
-            let lease = upstream.balancer.acquire(host);
             let addr = lease.host().addr;
             let attempt = net::connect(addr, ctx.settings.socket_buffer).and_then(|stream| {
                 net::prepare(&stream);

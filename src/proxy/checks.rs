@@ -313,12 +313,17 @@ mod tests {
         let config = UpstreamConfig {
             name: "u".into(),
             listen: addr,
-            hosts: hosts.clone(),
+            hosts: hosts.iter().map(|&h| h.into()).collect(),
             tls: false,
             health,
             refusal: RefusalMode::default(),
         };
-        let upstream = Arc::new(Upstream::new(0, &config, addr, LoadBalancer::new(hosts)));
+        let upstream = Arc::new(Upstream::new(
+            0,
+            &config,
+            addr,
+            LoadBalancer::new(&config.hosts),
+        ));
         let mut checks = checks();
         let t0 = Instant::now();
         checks.schedule_upstream(&upstream, t0);

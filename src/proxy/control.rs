@@ -460,6 +460,8 @@ fn host_stats(h: &Host) -> HostStats {
     HostStats {
         addr: h.addr,
         active: h.active(),
+        weight: h.weight(),
+        max_connections: h.max_connections(),
         up: h.is_up(),
         removed: h.is_removed(),
         connections: n(&c.connections),

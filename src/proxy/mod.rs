@@ -114,7 +114,7 @@ impl Proxy {
                     source,
                 })?;
             groups.push((id, group));
-            let balancer = LoadBalancer::new(u.hosts.clone());
+            let balancer = LoadBalancer::new(&u.hosts);
             upstreams.push(Arc::new(Upstream::new(id, u, local, balancer)));
         }
         let shared = Arc::new(Shared::new(Snapshot {

@@ -65,6 +65,8 @@ impl Changes {
 struct Before {
     listen: SocketAddr,
     hosts: Vec<SocketAddr>,
+    /// Each host's weight and cap, by address.
+    limits: Vec<(SocketAddr, u32, Option<u32>)>,
     tls: bool,
     refusal: RefusalMode,
     health: HealthSettings,
@@ -75,6 +77,7 @@ impl Before {
         Before {
             listen: u.listen,
             hosts: live_hosts(u),
+            limits: host_limits(u),
             tls: u.tls,
             refusal: u.refusal,
             health: u.health.clone(),
@@ -105,6 +108,25 @@ impl Before {
                 .collect();
             out.push(format!("hosts removed: {}", removed.join(", ")));
         }
+        let changed = host_limits(u)
+            .into_iter()
+            .filter_map(|(addr, weight, max)| {
+                let (_, was_weight, was_max) = *self.limits.iter().find(|l| l.0 == addr)?;
+                let mut what = Vec::new();
+                if weight != was_weight {
+                    what.push(format!("weight {weight} (was {was_weight})"));
+                }
+                if max != was_max {
+                    let cap = |m: Option<u32>| m.map_or("none".to_string(), |m| m.to_string());
+                    what.push(format!(
+                        "max_connections {} (was {})",
+                        cap(max),
+                        cap(was_max)
+                    ));
+                }
+                (!what.is_empty()).then(|| format!("host {addr}: {}", what.join(", ")))
+            });
+        out.extend(changed);
         if u.listen != self.listen {
             out.push(format!("listening on {} (was {})", u.listen, self.listen));
         }
@@ -125,6 +147,14 @@ impl Before {
 /// The addresses of an upstream's hosts that take new connections.
 fn live_hosts(u: &Upstream) -> Vec<SocketAddr> {
     u.balancer.hosts().map(|(_, h)| h.addr).collect()
+}
+
+/// Each host's address, weight and cap.
+fn host_limits(u: &Upstream) -> Vec<(SocketAddr, u32, Option<u32>)> {
+    u.balancer
+        .hosts()
+        .map(|(_, h)| (h.addr, h.weight(), h.max_connections()))
+        .collect()
 }
 
 /// " (its 2 connections drain for 10s)", or nothing without connections.
@@ -250,6 +280,8 @@ impl Control {
             );
             let balancer = match before {
                 Some(o) => {
+                    // Read before the reuse, which changes kept hosts' weights in place.
+                    let was = Before::of(o);
                     let balancer = LoadBalancer::reuse(&o.balancer, &u.hosts);
                     // Removed hosts stay visible while they have connections.
                     let dropped = balancer.dropped_from(&o.balancer);
@@ -258,7 +290,7 @@ impl Control {
                     self.retired_hosts
                         .extend(dropped.into_iter().map(|h| (id, h)));
                     let new = Upstream::new(id, u, listen, balancer);
-                    let differences = Before::of(o).differences(&new, &drained, drain);
+                    let differences = was.differences(&new, &drained, drain);
                     if differences.is_empty() {
                         changes.unchanged += 1;
                     } else {
@@ -272,7 +304,7 @@ impl Control {
                     upstreams.push(Arc::new(new));
                     continue;
                 }
-                None => LoadBalancer::new(u.hosts.clone()),
+                None => LoadBalancer::new(&u.hosts),
             };
             let new = Upstream::new(id, u, listen, balancer);
             changes.added += 1;
