@@ -107,6 +107,8 @@ fn upstream(name: &str, hosts: &[SocketAddr], health: HealthSettings) -> Upstrea
         tls: false,
         health,
         refusal: Default::default(),
+        queue_timeout: None,
+        max_queued: None,
     }
 }
 

@@ -42,6 +42,8 @@ fn tls_config(
         tls: true,
         health: Default::default(),
         refusal: Default::default(),
+        queue_timeout: None,
+        max_queued: None,
     };
     Config {
         settings: Settings::default(),

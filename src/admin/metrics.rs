@@ -59,6 +59,12 @@ pub struct UpstreamStats {
     pub bytes_down: u64,
     /// Durations of connections that reached a host.
     pub durations: Histogram,
+    /// Clients waiting for a host slot now (every host at its cap), in
+    /// all workers.
+    pub queued: u32,
+    /// Time clients spent waiting for a host slot, observed as each left
+    /// the queue (admitted, timed out, or gone).
+    pub queue_waits: Histogram,
     /// Resets passed on at the half-close bound before the receiver had
     /// acknowledged every byte the reset side sent.
     pub undelivered_resets: u64,
@@ -245,34 +251,35 @@ pub(crate) fn prometheus(stats: &Stats) -> String {
             );
         }
     }
+    for (name, help, value) in [
+        (
+            "tcplb_connection_duration_seconds",
+            "Durations of connections that reached a host.",
+            (|u| &u.durations) as fn(&UpstreamStats) -> &Histogram,
+        ),
+        (
+            "tcplb_queue_wait_seconds",
+            "Time clients waited for a host slot (every host at its max_connections), as each left the queue.",
+            |u| &u.queue_waits,
+        ),
+    ] {
+        family(&mut out, name, "histogram", help);
+        for up in &stats.upstreams {
+            histogram(&mut out, name, &label(&up.name), value(up));
+        }
+    }
     family(
         &mut out,
-        "tcplb_connection_duration_seconds",
-        "histogram",
-        "Durations of connections that reached a host.",
+        "tcplb_queue_length",
+        "gauge",
+        "Clients waiting for a host slot now, in all workers.",
     );
     for up in &stats.upstreams {
-        let u = label(&up.name);
-        let mut cumulative = 0;
-        for (i, count) in up.durations.counts.iter().enumerate() {
-            cumulative += count;
-            let le = DURATION_BUCKETS
-                .get(i)
-                .map_or("+Inf".to_string(), |b| b.to_string());
-            let _ = writeln!(
-                out,
-                "tcplb_connection_duration_seconds_bucket{{upstream=\"{u}\",le=\"{le}\"}} {cumulative}"
-            );
-        }
         let _ = writeln!(
             out,
-            "tcplb_connection_duration_seconds_sum{{upstream=\"{u}\"}} {}",
-            up.durations.sum
-        );
-        let _ = writeln!(
-            out,
-            "tcplb_connection_duration_seconds_count{{upstream=\"{u}\"}} {}",
-            up.durations.count
+            "tcplb_queue_length{{upstream=\"{}\"}} {}",
+            label(&up.name),
+            up.queued
         );
     }
     family(
@@ -335,6 +342,23 @@ pub(crate) fn prometheus(stats: &Stats) -> String {
     out
 }
 
+/// The lines of one upstream's histogram `name`: cumulative buckets, sum, count.
+fn histogram(out: &mut String, name: &str, upstream: &str, h: &Histogram) {
+    let mut cumulative = 0;
+    for (i, count) in h.counts.iter().enumerate() {
+        cumulative += count;
+        let le = DURATION_BUCKETS
+            .get(i)
+            .map_or("+Inf".to_string(), |b| b.to_string());
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{upstream=\"{upstream}\",le=\"{le}\"}} {cumulative}"
+        );
+    }
+    let _ = writeln!(out, "{name}_sum{{upstream=\"{upstream}\"}} {}", h.sum);
+    let _ = writeln!(out, "{name}_count{{upstream=\"{upstream}\"}} {}", h.count);
+}
+
 /// Escapes a label value (backslash, quote, newline).
 fn label(value: &str) -> String {
     value
@@ -348,6 +372,8 @@ fn label(value: &str) -> String {
 pub(super) fn sample() -> Stats {
     let mut durations = Histogram::default();
     durations.observe(Duration::from_millis(20));
+    let mut queue_waits = Histogram::default();
+    queue_waits.observe(Duration::from_millis(300));
     Stats {
         pairs: 1,
         refusing: 0,
@@ -380,6 +406,8 @@ pub(super) fn sample() -> Stats {
             bytes_up: 10,
             bytes_down: 20,
             durations,
+            queued: 2,
+            queue_waits,
             undelivered_resets: 1,
             undelivered_bytes: 4096,
         }],

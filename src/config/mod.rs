@@ -87,6 +87,14 @@ pub struct Settings {
     /// the cores available). Takes effect at start; a reload keeps the
     /// number running.
     pub workers: usize,
+    /// How long a client may wait for a slot when every host of its
+    /// upstream is at its `max_connections`; zero refuses it at once with
+    /// `ERROR overloaded`. An upstream's own `queue_timeout` overrides it.
+    pub queue_timeout: Duration,
+    /// Clients that may wait in one upstream's queue at once, in all
+    /// workers; beyond, they are refused at once. An upstream's own
+    /// `max_queued` overrides it.
+    pub max_queued: u32,
 }
 
 impl Settings {
@@ -115,6 +123,8 @@ impl Default for Settings {
             socket_buffer: None,
             source_limit: None,
             workers: 1,
+            queue_timeout: Duration::ZERO,
+            max_queued: 1024,
         }
     }
 }
@@ -136,6 +146,10 @@ pub struct UpstreamConfig {
     pub health: HealthSettings,
     /// What a refused client of this upstream gets (`refusal`).
     pub refusal: RefusalMode,
+    /// Its own `queue_timeout`, instead of `[defaults]`'.
+    pub queue_timeout: Option<Duration>,
+    /// Its own `max_queued`, instead of `[defaults]`'.
+    pub max_queued: Option<u32>,
 }
 
 /// One host of an upstream: a plain `"host:port"` in the file's `hosts`,
@@ -323,6 +337,8 @@ impl Config {
                 tls: false,
                 health: HealthSettings::default(),
                 refusal: RefusalMode::default(),
+                queue_timeout: None,
+                max_queued: None,
             }],
             tls: None,
             clients: Vec::new(),

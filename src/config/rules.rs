@@ -17,6 +17,8 @@ use crate::policy::limits::Limit;
 pub(super) const CONNECTIONS: RangeInclusive<i64> = 1..=u32::MAX as i64;
 /// A host's `weight`: its share relative to the other hosts of its upstream.
 pub(super) const WEIGHT: RangeInclusive<i64> = 1..=1000;
+/// `max_queued`: clients waiting in one upstream's queue.
+pub(super) const QUEUED: RangeInclusive<i64> = 1..=1_000_000;
 /// `backlog`: what `listen(2)` takes.
 pub(super) const BACKLOG: RangeInclusive<i64> = 1..=65535;
 /// Worker threads.

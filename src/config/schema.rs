@@ -36,6 +36,8 @@ const DEFAULTS_KEYS: &[&str] = &[
     "source_rate",
     "source_burst",
     "workers",
+    "queue_timeout",
+    "max_queued",
 ];
 const TLS_KEYS: &[&str] = &[
     "cert",
@@ -99,6 +101,7 @@ fn defaults(p: &mut Problems<'_>, root: &DeTable<'_>) -> Option<Settings> {
             Zero::Refused,
         ),
         ("drain_timeout", &mut s.drain_timeout, Zero::Allowed),
+        ("queue_timeout", &mut s.queue_timeout, Zero::Allowed),
     ];
     for (key, slot, zero) in durations {
         ok &= fill(slot, find(table, key).map(|v| duration(p, v, key, zero)));
@@ -109,6 +112,9 @@ fn defaults(p: &mut Problems<'_>, root: &DeTable<'_>) -> Option<Settings> {
     let backlog =
         find(table, "backlog").map(|v| integer(p, v, "backlog", rules::BACKLOG).map(|n| n as u32));
     ok &= fill(&mut s.backlog, backlog);
+    let max_queued = find(table, "max_queued")
+        .map(|v| integer(p, v, "max_queued", rules::QUEUED).map(|n| n as u32));
+    ok &= fill(&mut s.max_queued, max_queued);
     ok &= fill(&mut s.source_limit, Some(source_limit(p, table)));
     for (key, slot) in [
         ("buffer_size", &mut s.buffer_size),

@@ -17,7 +17,16 @@ use super::values::{Value, Zero, address, boolean, duration, fill, integer, stri
 use super::{HostConfig, RefusalMode, UpstreamConfig};
 use crate::policy::health::HealthSettings;
 
-const UPSTREAM_KEYS: &[&str] = &["name", "listen", "hosts", "tls", "refusal", "health"];
+const UPSTREAM_KEYS: &[&str] = &[
+    "name",
+    "listen",
+    "hosts",
+    "tls",
+    "refusal",
+    "health",
+    "queue_timeout",
+    "max_queued",
+];
 const HOST_KEYS: &[&str] = &["address", "weight", "max_connections"];
 const HEALTH_KEYS: &[&str] = &[
     "interval",
@@ -96,17 +105,34 @@ fn upstream(
         as_table(p, v, not_a_table).and_then(|t| health(p, t, &label))
     });
     let refusal = find(table, "refusal").map_or(Some(RefusalMode::default()), |v| refusal(p, v));
-    let config = match (&name, &listen, hosts, tls, health, refusal) {
-        (Some(name), Some(listen), Some(hosts), Some(tls), Some(health), Some(refusal)) => {
-            Some(UpstreamConfig {
-                name: name.get_ref().clone(),
-                listen: *listen.get_ref(),
-                hosts,
-                tls,
-                health,
-                refusal,
-            })
-        }
+    let mut queue_timeout = Some(None);
+    if let Some(v) = find(table, "queue_timeout") {
+        queue_timeout = duration(p, v, "queue_timeout", Zero::Allowed).map(Some);
+    }
+    let mut max_queued = Some(None);
+    if let Some(v) = find(table, "max_queued") {
+        max_queued = integer(p, v, "max_queued", rules::QUEUED).map(|n| Some(n as u32));
+    }
+    let queue = queue_timeout.zip(max_queued);
+    let config = match (&name, &listen, hosts, tls, health, refusal, queue) {
+        (
+            Some(name),
+            Some(listen),
+            Some(hosts),
+            Some(tls),
+            Some(health),
+            Some(refusal),
+            Some((queue_timeout, max_queued)),
+        ) => Some(UpstreamConfig {
+            name: name.get_ref().clone(),
+            listen: *listen.get_ref(),
+            hosts,
+            tls,
+            health,
+            refusal,
+            queue_timeout,
+            max_queued,
+        }),
         _ => None,
     };
     ParsedUpstream {
@@ -521,6 +547,55 @@ hosts = [
                 "lb.toml:11:15: upstream `a`: host 127.0.0.1:9004 is listed twice",
                 "lb.toml:12:3: upstream `a`: each host must be a \"host:port\" string or a table such as { address = \"host:port\", weight = 2 }",
                 "lb.toml:13:42: `weight` must be an integer",
+            ]
+        );
+    }
+
+    #[test]
+    fn the_queue_is_set_in_defaults_and_per_upstream() {
+        let config = Config::parse(
+            r#"[defaults]
+queue_timeout = "5s"
+max_queued = 50
+
+[[upstream]]
+name = "a"
+listen = "127.0.0.1:7000"
+hosts = ["127.0.0.1:9001"]
+queue_timeout = "0s"
+
+[[upstream]]
+name = "b"
+listen = "127.0.0.1:7001"
+hosts = ["127.0.0.1:9002"]
+max_queued = 7
+"#,
+            "lb.toml",
+        )
+        .unwrap();
+        let s = &config.settings;
+        assert_eq!(
+            (s.queue_timeout, s.max_queued),
+            (Duration::from_secs(5), 50)
+        );
+        let [a, b] = &config.upstreams[..] else {
+            panic!("two upstreams")
+        };
+        assert_eq!(
+            (a.queue_timeout, a.max_queued),
+            (Some(Duration::ZERO), None)
+        );
+        assert_eq!((b.queue_timeout, b.max_queued), (None, Some(7)));
+        let found = problems(
+            "[defaults]\nqueue_timeout = 5\nmax_queued = 0\n[[upstream]]\nname=\"a\"\nlisten=\"127.0.0.1:0\"\nhosts=[\"127.0.0.1:1\"]\nqueue_timeout = \"soon\"\nmax_queued = -1\n",
+        );
+        assert_eq!(
+            found,
+            [
+                "lb.toml:2:17: `queue_timeout` must be a string with a unit, such as \"5s\"",
+                "lb.toml:3:14: `max_queued` must be between 1 and 1000000, not 0",
+                "lb.toml:8:17: `queue_timeout`: `soon` is not a duration (use e.g. \"250ms\", \"5s\", \"2m\", \"1h\")",
+                "lb.toml:9:14: `max_queued` must be between 1 and 1000000, not -1",
             ]
         );
     }

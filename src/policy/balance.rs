@@ -29,6 +29,9 @@
 //! live in the shared record, so a reload that changes them changes them
 //! for every worker and every pair at once.
 //!
+//! A lease that ends, and a host that comes up, tell the upstream's
+//! [`WaitQueue`], which wakes the workers whose clients wait for a slot.
+//!
 //! A reload builds a new balancer that keeps the record of every host it
 //! keeps (with its count, health and counters); a removed host's record
 //! lives on, marked removed, while pairs still hold leases on it.
@@ -39,6 +42,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::health::Health;
+use super::queue::WaitQueue;
 use crate::config::HostConfig;
 
 /// Index of a host within its upstream's [`LoadBalancer`].
@@ -107,10 +111,12 @@ pub(crate) struct Host {
     state: Mutex<HealthState>,
     pub counters: HostCounters,
     pub check: Mutex<CheckSchedule>,
+    /// The clients of its upstream waiting for a slot, told when one frees.
+    queue: Arc<WaitQueue>,
 }
 
 impl Host {
-    fn new(config: &HostConfig) -> Host {
+    fn new(config: &HostConfig, queue: Arc<WaitQueue>) -> Host {
         let host = Host {
             addr: config.addr,
             removed: AtomicBool::new(false),
@@ -122,6 +128,7 @@ impl Host {
             state: Mutex::new(HealthState::default()),
             counters: HostCounters::default(),
             check: Mutex::new(CheckSchedule::default()),
+            queue,
         };
         host.configure(config);
         host
@@ -135,9 +142,11 @@ impl Host {
         self.max.store(max, Ordering::Release);
     }
 
-    /// Connections the host is handling (connecting or relaying), in all workers.
+    /// Connections the host is handling (connecting or relaying), in all
+    /// workers. Sequentially consistent, like every change of the count:
+    /// the wait queue relies on it (see [`WaitQueue`]).
     pub fn active(&self) -> u32 {
-        self.active.load(Ordering::Acquire)
+        self.active.load(Ordering::SeqCst)
     }
 
     /// Its configured weight.
@@ -155,12 +164,17 @@ impl Host {
         self.active() < self.max.load(Ordering::Acquire)
     }
 
+    /// Up (sequentially consistent, as a waiting client's retry reads it).
+    fn up_now(&self) -> bool {
+        self.up.load(Ordering::SeqCst)
+    }
+
     /// Counts a connection against the host unless it is at its cap: one
     /// compare-exchange, so the cap holds however many workers race.
     fn try_lease(self: &Arc<Self>) -> Option<HostLease> {
         let max = self.max.load(Ordering::Acquire);
         self.active
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
                 (n < max).then_some(n + 1)
             })
             .ok()?;
@@ -177,7 +191,7 @@ impl Host {
 
     /// Up and not removed: may receive new connections.
     fn eligible(&self) -> bool {
-        self.is_up() && !self.is_removed()
+        self.up_now() && !self.is_removed()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HealthState> {
@@ -235,7 +249,12 @@ impl Host {
             None
         };
         self.ramping.store(state.ramp.is_some(), Ordering::Release);
-        self.up.store(up, Ordering::Release);
+        self.up.store(up, Ordering::SeqCst);
+        drop(state);
+        if up {
+            // Clients waiting for a slot may take one of this host's.
+            self.queue.slot_freed();
+        }
         Some(up)
     }
 }
@@ -257,7 +276,8 @@ impl HostLease {
 
 impl Drop for HostLease {
     fn drop(&mut self) {
-        self.host.active.fetch_sub(1, Ordering::AcqRel);
+        self.host.active.fetch_sub(1, Ordering::SeqCst);
+        self.host.queue.slot_freed();
     }
 }
 
@@ -271,18 +291,37 @@ pub(crate) enum NoHost {
 }
 
 /// The hosts of one upstream and the least-connections choice among them.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct LoadBalancer {
     hosts: Vec<Arc<Host>>,
     /// Where the next scan for a least-loaded host starts: one past the host
     /// chosen last, which makes ties go round-robin.
     cursor: AtomicUsize,
+    /// Its clients waiting for a slot (kept across reloads).
+    queue: Arc<WaitQueue>,
 }
 
 impl LoadBalancer {
-    /// Fresh records for `hosts`, all up.
-    pub fn new(hosts: &[HostConfig]) -> Self {
-        LoadBalancer::reuse(&LoadBalancer::default(), hosts)
+    /// Fresh records for `hosts`, all up, whose waiting clients are in `queue`.
+    pub fn new(hosts: &[HostConfig], queue: Arc<WaitQueue>) -> Self {
+        let empty = LoadBalancer {
+            hosts: Vec::new(),
+            cursor: AtomicUsize::new(0),
+            queue,
+        };
+        LoadBalancer::reuse(&empty, hosts)
+    }
+
+    /// [`new`](Self::new) with a queue of one worker that wakes nobody.
+    #[cfg(test)]
+    pub fn unqueued(hosts: &[HostConfig]) -> Self {
+        let silent = Arc::new(super::queue::Silent);
+        LoadBalancer::new(hosts, Arc::new(WaitQueue::new(1, silent)))
+    }
+
+    /// The clients waiting for one of its hosts' slots.
+    pub fn queue(&self) -> &Arc<WaitQueue> {
+        &self.queue
     }
 
     /// The balancer for `hosts` after a reload: every host `old` already
@@ -299,7 +338,7 @@ impl LoadBalancer {
                         kept.removed.store(false, Ordering::Release);
                         kept.clone()
                     }
-                    None => Arc::new(Host::new(config)),
+                    None => Arc::new(Host::new(config, old.queue.clone())),
                 },
             )
             .collect();
@@ -313,6 +352,7 @@ impl LoadBalancer {
         LoadBalancer {
             hosts: records,
             cursor: AtomicUsize::new(old.cursor.load(Ordering::Relaxed)),
+            queue: old.queue.clone(),
         }
     }
 
@@ -426,7 +466,7 @@ impl LoadBalancer {
     #[cfg(test)]
     pub fn acquire(&self, host: HostId) -> HostLease {
         let host = self.hosts[host].clone();
-        host.active.fetch_add(1, Ordering::AcqRel);
+        host.active.fetch_add(1, Ordering::SeqCst);
         HostLease { host }
     }
 }
@@ -440,7 +480,7 @@ mod tests {
     }
 
     fn lb(n: u16) -> LoadBalancer {
-        LoadBalancer::new(&(1..=n).map(host).collect::<Vec<_>>())
+        LoadBalancer::unqueued(&(1..=n).map(host).collect::<Vec<_>>())
     }
 
     /// Hosts with these weights and caps.
@@ -453,7 +493,7 @@ mod tests {
                 ..host(port)
             })
             .collect();
-        LoadBalancer::new(&configs)
+        LoadBalancer::unqueued(&configs)
     }
 
     /// Takes a host down (fall 1) or up (rise 1).

@@ -150,6 +150,7 @@ impl Worker {
         self.pairs.insert(pair);
         match step {
             Step::Finish(end) => self.close(key, end, now),
+            Step::Queued => self.enqueue(key),
             Step::Continue | Step::Again => self.schedule(key),
         }
         self.host_results(&upstream, now);

@@ -317,12 +317,14 @@ mod tests {
             tls: false,
             health,
             refusal: RefusalMode::default(),
+            queue_timeout: None,
+            max_queued: None,
         };
         let upstream = Arc::new(Upstream::new(
             0,
             &config,
             addr,
-            LoadBalancer::new(&config.hosts),
+            LoadBalancer::unqueued(&config.hosts),
         ));
         let mut checks = checks();
         let t0 = Instant::now();

@@ -350,6 +350,8 @@ impl Control {
                     bytes_up: c.bytes_up,
                     bytes_down: c.bytes_down,
                     durations: c.durations.clone(),
+                    queued: u.balancer.queue().len(),
+                    queue_waits: c.queue_waits.clone(),
                     undelivered_resets: c.undelivered_resets,
                     undelivered_bytes: c.undelivered_bytes,
                     hosts: u

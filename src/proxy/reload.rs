@@ -70,6 +70,7 @@ struct Before {
     tls: bool,
     refusal: RefusalMode,
     health: HealthSettings,
+    queue: (Option<Duration>, Option<u32>),
 }
 
 impl Before {
@@ -81,6 +82,7 @@ impl Before {
             tls: u.tls,
             refusal: u.refusal,
             health: u.health.clone(),
+            queue: (u.queue_timeout, u.max_queued),
         }
     }
 
@@ -139,6 +141,9 @@ impl Before {
         }
         if u.health != self.health {
             out.push("health checks changed".to_string());
+        }
+        if (u.queue_timeout, u.max_queued) != self.queue {
+            out.push("queue_timeout/max_queued changed".to_string());
         }
         out
     }
@@ -199,6 +204,8 @@ fn changed_settings(old: &Settings, new: &Settings) -> Vec<&'static str> {
             "source_rate/source_burst",
             old.source_limit != new.source_limit,
         ),
+        ("queue_timeout", old.queue_timeout != new.queue_timeout),
+        ("max_queued", old.max_queued != new.max_queued),
     ];
     differs
         .into_iter()
@@ -304,7 +311,7 @@ impl Control {
                     upstreams.push(Arc::new(new));
                     continue;
                 }
-                None => LoadBalancer::new(&u.hosts),
+                None => LoadBalancer::new(&u.hosts, self.shared.bells.queue()),
             };
             let new = Upstream::new(id, u, listen, balancer);
             changes.added += 1;

@@ -172,6 +172,8 @@ pub fn config(hosts: &[SocketAddr], settings: Settings) -> Config {
             tls: false,
             health: Default::default(),
             refusal: Default::default(),
+            queue_timeout: None,
+            max_queued: None,
         }],
         tls: None,
         clients: Vec::new(),
