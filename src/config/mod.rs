@@ -95,6 +95,25 @@ pub struct Settings {
     /// workers; beyond, they are refused at once. An upstream's own
     /// `max_queued` overrides it.
     pub max_queued: u32,
+    /// TCP keepalive on both sockets of every pair (`keepalive`,
+    /// `keepalive_interval`, `keepalive_probes`); `None`, the default,
+    /// leaves it off.
+    pub keepalive: Option<Keepalive>,
+}
+
+/// TCP keepalive as configured: probes start after `idle` seconds without
+/// traffic, every `interval`, and the connection is dropped after
+/// `probes` unanswered ones. What is not given stays the kernel's
+/// (`net.ipv4.tcp_keepalive_intvl`, 75 s, and `tcp_keepalive_probes`, 9,
+/// on a stock Linux).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Keepalive {
+    /// `TCP_KEEPIDLE`: whole seconds, 1 to 32767.
+    pub idle: Duration,
+    /// `TCP_KEEPINTVL`: whole seconds, 1 to 32767.
+    pub interval: Option<Duration>,
+    /// `TCP_KEEPCNT`: 1 to 127.
+    pub probes: Option<u32>,
 }
 
 impl Settings {
@@ -125,6 +144,7 @@ impl Default for Settings {
             workers: 1,
             queue_timeout: Duration::ZERO,
             max_queued: 1024,
+            keepalive: None,
         }
     }
 }

@@ -104,7 +104,7 @@ impl Worker {
                 return;
             }
         };
-        net::prepare(&stream);
+        net::prepare(&stream, self.snapshot.settings.keepalive.as_ref());
         let key = self.pairs.vacant_entry().key();
         let mut endpoint = Endpoint::new(stream);
         let token = Registration::Pair(key, Side::Client).token();

@@ -38,7 +38,7 @@ mod timers;
 mod token;
 mod worker;
 
-pub use control::Handle;
+pub use control::{Handle, PairKeepalive};
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -206,6 +206,7 @@ fn changed_settings(old: &Settings, new: &Settings) -> Vec<&'static str> {
         ),
         ("queue_timeout", old.queue_timeout != new.queue_timeout),
         ("max_queued", old.max_queued != new.max_queued),
+        ("keepalive", old.keepalive != new.keepalive),
     ];
     differs
         .into_iter()

@@ -25,7 +25,7 @@ use mio::{Events, Interest, Poll, Waker};
 use slab::Slab;
 use socket2::SockRef;
 
-use super::control::Command;
+use super::control::{Command, PairKeepalive};
 use super::shared::{Shared, Snapshot};
 use super::timers::Timers;
 use super::token::Registration;
@@ -73,6 +73,8 @@ pub(super) enum Order {
     CloseHost(Arc<Host>),
     /// The clock was moved ahead: drop the sender once a turn runs on it.
     ClockMoved(Sender<()>),
+    /// Read back the keepalive of every pair's sockets.
+    Keepalive(Sender<Vec<PairKeepalive>>),
 }
 
 /// What a worker counts, for the control thread to sum.
@@ -328,6 +330,21 @@ impl Worker {
                 Order::StopNow => self.stop_now = true,
                 Order::CloseHost(host) => self.close_host(&host, now),
                 Order::ClockMoved(waiter) => self.clock_waiters.push(waiter),
+                Order::Keepalive(reply) => {
+                    let read = |p: &mut Pair, side| {
+                        p.endpoint(side).and_then(|e| e.keepalive().ok().flatten())
+                    };
+                    let report = self
+                        .pairs
+                        .iter_mut()
+                        .map(|(_, p)| PairKeepalive {
+                            client_addr: p.client_addr,
+                            client: read(p, Side::Client),
+                            host: read(p, Side::Host),
+                        })
+                        .collect();
+                    let _ = reply.send(report);
+                }
             }
         }
     }
