@@ -213,5 +213,5 @@ fn help_gives_the_documented_defaults() {
         );
         checked += 1;
     }
-    assert_eq!(checked, 9, "{help}");
+    assert_eq!(checked, 10, "{help}");
 }

@@ -99,6 +99,40 @@ pub struct Settings {
     /// `keepalive_interval`, `keepalive_probes`); `None`, the default,
     /// leaves it off.
     pub keepalive: Option<Keepalive>,
+    /// How access lines are written: text (the default) or one JSON
+    /// object per line.
+    pub access_log: AccessLog,
+}
+
+/// The format of access lines (`access_log`, `--access-log`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AccessLog {
+    /// `127.0.0.1:40910 `app` host=127.0.0.1:9001 up=7 down=25 ms=3 end=closed`,
+    /// after the logger's timestamp, level and target.
+    #[default]
+    Text,
+    /// One JSON object per line, nothing around it (see the README for
+    /// its fields).
+    Json,
+}
+
+impl AccessLog {
+    /// The values of `access_log`, in the order of the variants.
+    pub const NAMES: [&'static str; 2] = ["text", "json"];
+
+    /// The `access_log` value that names this format.
+    pub fn name(self) -> &'static str {
+        Self::NAMES[self as usize]
+    }
+
+    /// The format an `access_log` value names.
+    pub fn from_name(name: &str) -> Option<AccessLog> {
+        match name {
+            "text" => Some(AccessLog::Text),
+            "json" => Some(AccessLog::Json),
+            _ => None,
+        }
+    }
 }
 
 /// TCP keepalive as configured: probes start after `idle` seconds without
@@ -145,6 +179,7 @@ impl Default for Settings {
             queue_timeout: Duration::ZERO,
             max_queued: 1024,
             keepalive: None,
+            access_log: AccessLog::Text,
         }
     }
 }

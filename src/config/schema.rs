@@ -18,7 +18,7 @@ use super::problems::Problems;
 use super::tables::{as_table, find, unknown_keys};
 use super::upstreams::upstreams;
 use super::values::{Zero, address, duration, fill, integer, rate, size, string};
-use super::{Config, Keepalive, Settings, rules};
+use super::{AccessLog, Config, Keepalive, Settings, rules};
 use crate::policy::limits::Limit;
 use crate::tls::{TlsPlaces, TlsSettings};
 
@@ -41,6 +41,7 @@ const DEFAULTS_KEYS: &[&str] = &[
     "keepalive",
     "keepalive_interval",
     "keepalive_probes",
+    "access_log",
 ];
 const TLS_KEYS: &[&str] = &[
     "cert",
@@ -120,6 +121,17 @@ fn defaults(p: &mut Problems<'_>, root: &DeTable<'_>) -> Option<Settings> {
     ok &= fill(&mut s.max_queued, max_queued);
     ok &= fill(&mut s.source_limit, Some(source_limit(p, table)));
     ok &= fill(&mut s.keepalive, Some(keepalive(p, table)));
+    let access_log = find(table, "access_log").map(|v| {
+        let name = string(p, v, "access_log")?;
+        let format = AccessLog::from_name(name);
+        if format.is_none() {
+            let expected = AccessLog::NAMES.map(|n| format!("\"{n}\"")).join(" or ");
+            let message = format!("`access_log` must be {expected}, not \"{name}\"");
+            p.at(v.span(), message);
+        }
+        format
+    });
+    ok &= fill(&mut s.access_log, access_log);
     for (key, slot) in [
         ("buffer_size", &mut s.buffer_size),
         ("bulk_buffer_size", &mut s.bulk_buffer_size),
@@ -531,5 +543,28 @@ max_connections = 100
                 "lb.toml:3:20: `keepalive_probes` needs `keepalive` (the idle time before probes)",
             ]
         );
+    }
+
+    #[test]
+    fn access_log_is_text_or_json() {
+        use crate::config::AccessLog;
+        let base = "[[upstream]]\nname=\"x\"\nlisten=\"127.0.0.1:0\"\nhosts=[\"127.0.0.1:1\"]\n";
+        let format = |value: &str| {
+            let text = format!("[defaults]\naccess_log = {value}\n{base}");
+            Config::parse(&text, "x").map(|c| c.settings.access_log)
+        };
+        assert_eq!(
+            Config::parse(base, "x").unwrap().settings.access_log,
+            AccessLog::Text
+        );
+        assert_eq!(format("\"text\""), Ok(AccessLog::Text));
+        assert_eq!(format("\"json\""), Ok(AccessLog::Json));
+        let found = problems(&format!("[defaults]\naccess_log = \"yaml\"\n{base}"));
+        assert_eq!(
+            found,
+            ["lb.toml:2:14: `access_log` must be \"text\" or \"json\", not \"yaml\""]
+        );
+        let found = problems(&format!("[defaults]\naccess_log = true\n{base}"));
+        assert_eq!(found, ["lb.toml:2:14: `access_log` must be a string"]);
     }
 }

@@ -55,7 +55,7 @@ use crate::io::buffer::BufferPool;
 use crate::io::flow::Flow;
 use crate::io::send_queue::SendQueues;
 use crate::io::tls_session::{Handshake, TlsSession};
-use crate::logs::{RefusalLog, Throttle};
+use crate::logs::{AccessLine, RefusalLog, Throttle};
 use crate::policy::access::{Access, ClientLease};
 use crate::policy::balance::{Host, HostLease};
 use crate::policy::capacity::{Capacity, ConnectionSlot, HandshakeSlot};
@@ -599,22 +599,18 @@ impl Pair {
         if self.unlogged {
             return;
         }
-        // Only a TLS client has an identity to log (`-` for one without).
-        let (label, identity) = match &self.client.tls {
-            Some(_) => (" identity=", self.identity.as_deref().unwrap_or("-")),
-            None => ("", ""),
-        };
-        info!(
-            target: "tcplb::access",
-            "{} `{}`{label}{identity} host={} up={} down={} ms={} end={}",
-            self.client_addr,
-            self.upstream.name,
-            host_addr.map_or("-".to_string(), |a| a.to_string()),
-            bytes.0,
-            bytes.1,
-            duration.as_millis(),
-            end
-        );
+        AccessLine {
+            client: self.client_addr,
+            upstream: &self.upstream.name,
+            host: host_addr,
+            identity: self.identity.as_deref(),
+            tls: self.client.tls.is_some(),
+            bytes,
+            duration,
+            end: end.code(),
+            proxy_source: None,
+        }
+        .log(ctx.settings.access_log);
     }
 }
 

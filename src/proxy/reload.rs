@@ -207,6 +207,7 @@ fn changed_settings(old: &Settings, new: &Settings) -> Vec<&'static str> {
         ("queue_timeout", old.queue_timeout != new.queue_timeout),
         ("max_queued", old.max_queued != new.max_queued),
         ("keepalive", old.keepalive != new.keepalive),
+        ("access_log", old.access_log != new.access_log),
     ];
     differs
         .into_iter()

@@ -192,6 +192,7 @@ impl Worker {
             stop_now: false,
             clock_waiters: Vec::new(),
         };
+        worker.support.logs.refusals.format = worker.snapshot.settings.access_log;
         for (upstream, socket) in listeners {
             worker
                 .add_listener(upstream, socket)
@@ -360,6 +361,7 @@ impl Worker {
         self.snapshot = self.shared.snapshot();
         let s = &self.snapshot.settings;
         self.support.pool.resize(s.buffer_size, s.bulk_buffer());
+        self.support.logs.refusals.format = s.access_log;
         if let Some(size) = s.socket_buffer.filter(|_| s.socket_buffer != before) {
             self.resize_listener_buffers(size);
         }
