@@ -291,3 +291,66 @@ fn a_slot_freed_in_any_worker_admits_a_client_queued_in_another() {
     let waits = proxy.stats().upstreams[0].queue_waits.count;
     assert_eq!(waits, waiting as u64);
 }
+
+#[test]
+fn a_reload_changes_weights_and_caps_in_place() {
+    let a = spawn_host("A", Behavior::Named);
+    let b = spawn_host("B", Behavior::Named);
+    let dir = std::env::temp_dir().join(format!("tcplb-weights-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("lb.toml");
+    let write = |listen: SocketAddr, b_host: &str| {
+        let text = format!(
+            "[defaults]\nworkers = 2\n\n[[upstream]]\nname = \"app\"\nlisten = \"{listen}\"\nhosts = [\"{}\", {b_host}]\n",
+            a.addr
+        );
+        std::fs::write(&path, text).unwrap();
+    };
+    write("127.0.0.1:0".parse().unwrap(), &format!("\"{}\"", b.addr));
+    let config = Config::load(&path).unwrap();
+    let mut proxy = tcplb::Proxy::bind(&config).unwrap();
+    let addr = proxy.listen_addr("app").unwrap();
+    proxy.set_config_path(path.clone());
+    let handle = proxy.handle();
+    let running = thread::spawn(move || proxy.run());
+    let open = || {
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        let name = read_line(&mut c);
+        (c, name)
+    };
+    // Equal weights: 2 and 2.
+    let held: Vec<(TcpStream, String)> = (0..4).map(|_| open()).collect();
+    let counts = |handle: &tcplb::Handle| -> Vec<u32> {
+        handle.stats().unwrap().upstreams[0]
+            .hosts
+            .iter()
+            .map(|h| h.active)
+            .collect()
+    };
+    assert_eq!(counts(&handle), [2, 2]);
+    // B now weighs 3 and takes at most 6: the next 4 all go to B (2/1
+    // against 6/3 after them), the one after that to A, and B is full.
+    write(
+        addr,
+        &format!(
+            "{{ address = \"{}\", weight = 3, max_connections = 6 }}",
+            b.addr
+        ),
+    );
+    handle.reload().unwrap();
+    let more: Vec<(TcpStream, String)> = (0..4).map(|_| open()).collect();
+    assert!(more.iter().all(|(_, n)| n == "B"), "{more:?}");
+    assert_eq!(counts(&handle), [2, 6], "the connections held were kept");
+    let hosts = handle.stats().unwrap().upstreams[0].hosts.clone();
+    assert_eq!((hosts[1].weight, hosts[1].max_connections), (3, Some(6)));
+    let (last, name) = open();
+    assert_eq!(name, "A", "B is at its new cap");
+    for (c, _) in held.into_iter().chain(more).chain([(last, name)]) {
+        finish(c);
+    }
+    handle.shutdown();
+    handle.shutdown();
+    running.join().unwrap().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -76,11 +76,12 @@ impl Bells {
     }
 
     /// Whether worker `worker`'s bell rang since it last looked (and
-    /// clears it).
+    /// clears it). A plain load when it did not ring, so that a worker
+    /// with clients waiting does no read-modify-write per loop turn.
     pub fn take(&self, worker: usize) -> bool {
-        self.workers
-            .get(worker)
-            .is_some_and(|(rung, _)| rung.swap(false, Ordering::SeqCst))
+        self.workers.get(worker).is_some_and(|(rung, _)| {
+            rung.load(Ordering::SeqCst) && rung.swap(false, Ordering::SeqCst)
+        })
     }
 
     /// A wait queue for an upstream, rung through these bells.

@@ -547,6 +547,20 @@ impl Worker {
     /// new snapshot. The first pair of a line that still finds every host
     /// full keeps its place, and the line waits for the next ring.
     fn admit_queued(&mut self, now: Instant) {
+        // Pairs that left the queue (timed out, gone) leave the line's
+        // front without waiting for the next retry.
+        for line in &mut self.queued {
+            while let Some(&(key, id)) = line.front() {
+                if self
+                    .pairs
+                    .get(key)
+                    .is_some_and(|p| p.id == id && p.is_queued())
+                {
+                    break;
+                }
+                line.pop_front();
+            }
+        }
         if self.queued.iter().all(VecDeque::is_empty) {
             self.retry_queued = false;
             return;
