@@ -63,14 +63,28 @@ fn the_config_reference_shows_the_defaults() {
         lines.iter().partition(|(_, c)| c.starts_with("optional"));
     let defaults = Settings::default();
     assert_eq!(
-        (defaults.socket_buffer, defaults.source_limit),
-        (None, None)
+        (
+            defaults.socket_buffer,
+            defaults.source_limit,
+            defaults.keepalive
+        ),
+        (None, None, None)
     );
     let optional: Vec<&str> = optional
         .iter()
         .map(|(s, _)| s.split(' ').next().unwrap())
         .collect();
-    assert_eq!(optional, ["socket_buffer", "source_rate", "source_burst"]);
+    assert_eq!(
+        optional,
+        [
+            "socket_buffer",
+            "source_rate",
+            "source_burst",
+            "keepalive",
+            "keepalive_interval",
+            "keepalive_probes"
+        ]
+    );
     // The values shown are the defaults: the same as Settings::default(),
     // and as what the parser fills in for an empty table or no table.
     let table: Vec<&str> = shown.iter().map(|(s, _)| *s).collect();
@@ -199,5 +213,5 @@ fn help_gives_the_documented_defaults() {
         );
         checked += 1;
     }
-    assert_eq!(checked, 9, "{help}");
+    assert_eq!(checked, 10, "{help}");
 }

@@ -103,10 +103,12 @@ fn upstream(name: &str, hosts: &[SocketAddr], health: HealthSettings) -> Upstrea
     UpstreamConfig {
         name: name.to_string(),
         listen: localhost(),
-        hosts: hosts.to_vec(),
+        hosts: hosts.iter().map(|&h| h.into()).collect(),
         tls: false,
         health,
         refusal: Default::default(),
+        queue_timeout: None,
+        max_queued: None,
     }
 }
 

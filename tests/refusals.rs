@@ -19,10 +19,12 @@ fn upstream(hosts: &[SocketAddr], tls: bool, health: HealthSettings) -> Upstream
     UpstreamConfig {
         name: UPSTREAM.to_string(),
         listen: localhost(),
-        hosts: hosts.to_vec(),
+        hosts: hosts.iter().map(|&h| h.into()).collect(),
         tls,
         health,
         refusal: Default::default(),
+        queue_timeout: None,
+        max_queued: None,
     }
 }
 

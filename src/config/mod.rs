@@ -87,6 +87,67 @@ pub struct Settings {
     /// the cores available). Takes effect at start; a reload keeps the
     /// number running.
     pub workers: usize,
+    /// How long a client may wait for a slot when every host of its
+    /// upstream is at its `max_connections`; zero refuses it at once with
+    /// `ERROR overloaded`. An upstream's own `queue_timeout` overrides it.
+    pub queue_timeout: Duration,
+    /// Clients that may wait in one upstream's queue at once, in all
+    /// workers; beyond, they are refused at once. An upstream's own
+    /// `max_queued` overrides it.
+    pub max_queued: u32,
+    /// TCP keepalive on both sockets of every pair (`keepalive`,
+    /// `keepalive_interval`, `keepalive_probes`); `None`, the default,
+    /// leaves it off.
+    pub keepalive: Option<Keepalive>,
+    /// How access lines are written: text (the default) or one JSON
+    /// object per line.
+    pub access_log: AccessLog,
+}
+
+/// The format of access lines (`access_log`, `--access-log`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AccessLog {
+    /// `127.0.0.1:40910 `app` host=127.0.0.1:9001 up=7 down=25 ms=3 end=closed`,
+    /// after the logger's timestamp, level and target.
+    #[default]
+    Text,
+    /// One JSON object per line, nothing around it (see the README for
+    /// its fields).
+    Json,
+}
+
+impl AccessLog {
+    /// The values of `access_log`, in the order of the variants.
+    pub const NAMES: [&'static str; 2] = ["text", "json"];
+
+    /// The `access_log` value that names this format.
+    pub fn name(self) -> &'static str {
+        Self::NAMES[self as usize]
+    }
+
+    /// The format an `access_log` value names.
+    pub fn from_name(name: &str) -> Option<AccessLog> {
+        match name {
+            "text" => Some(AccessLog::Text),
+            "json" => Some(AccessLog::Json),
+            _ => None,
+        }
+    }
+}
+
+/// TCP keepalive as configured: probes start after `idle` seconds without
+/// traffic, every `interval`, and the connection is dropped after
+/// `probes` unanswered ones. What is not given stays the kernel's
+/// (`net.ipv4.tcp_keepalive_intvl`, 75 s, and `tcp_keepalive_probes`, 9,
+/// on a stock Linux).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Keepalive {
+    /// `TCP_KEEPIDLE`: whole seconds, 1 to 32767.
+    pub idle: Duration,
+    /// `TCP_KEEPINTVL`: whole seconds, 1 to 32767.
+    pub interval: Option<Duration>,
+    /// `TCP_KEEPCNT`: 1 to 127.
+    pub probes: Option<u32>,
 }
 
 impl Settings {
@@ -115,6 +176,10 @@ impl Default for Settings {
             socket_buffer: None,
             source_limit: None,
             workers: 1,
+            queue_timeout: Duration::ZERO,
+            max_queued: 1024,
+            keepalive: None,
+            access_log: AccessLog::Text,
         }
     }
 }
@@ -129,13 +194,48 @@ pub struct UpstreamConfig {
     /// lets the kernel choose).
     pub listen: SocketAddr,
     /// The hosts behind it: at least one, none listed twice.
-    pub hosts: Vec<SocketAddr>,
+    pub hosts: Vec<HostConfig>,
     /// Clients must speak mTLS (default: true when `[tls]` exists).
     pub tls: bool,
     /// `[upstream.health]`; without it, checks are passive only.
     pub health: HealthSettings,
     /// What a refused client of this upstream gets (`refusal`).
     pub refusal: RefusalMode,
+    /// Its own `queue_timeout`, instead of `[defaults]`'.
+    pub queue_timeout: Option<Duration>,
+    /// Its own `max_queued`, instead of `[defaults]`'.
+    pub max_queued: Option<u32>,
+}
+
+/// One host of an upstream: a plain `"host:port"` in the file's `hosts`,
+/// or a table `{ address = "host:port", weight = 3, max_connections = 200 }`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostConfig {
+    /// The TCP address of the host.
+    pub addr: SocketAddr,
+    /// Its share of the upstream's connections relative to the other
+    /// hosts: least-connections ranks hosts by active connections divided
+    /// by weight (1 to 1000; 1 by default).
+    pub weight: u32,
+    /// The most connections it handles at once; a host at its cap is
+    /// skipped (`None`: no cap of its own).
+    pub max_connections: Option<u32>,
+}
+
+impl HostConfig {
+    /// The weight of a host that names none.
+    pub const DEFAULT_WEIGHT: u32 = 1;
+}
+
+impl From<SocketAddr> for HostConfig {
+    /// A host with the default weight and no cap, as a plain string gives.
+    fn from(addr: SocketAddr) -> HostConfig {
+        HostConfig {
+            addr,
+            weight: HostConfig::DEFAULT_WEIGHT,
+            max_connections: None,
+        }
+    }
 }
 
 /// How an upstream turns a client away (its `refusal` key): the reason is
@@ -273,13 +373,13 @@ impl Config {
         if hosts.is_empty() {
             problems.general("at least one --host is required".to_string());
         }
-        let mut resolved: Vec<SocketAddr> = Vec::new();
+        let mut resolved: Vec<HostConfig> = Vec::new();
         for host in hosts {
             match resolve(host) {
-                Ok(addr) if resolved.contains(&addr) => {
+                Ok(addr) if resolved.iter().any(|h| h.addr == addr) => {
                     problems.general(format!("--host {host}: listed twice"))
                 }
-                Ok(addr) => resolved.push(addr),
+                Ok(addr) => resolved.push(addr.into()),
                 Err(why) => problems.general(format!("--host {host}: {why}")),
             }
         }
@@ -292,6 +392,8 @@ impl Config {
                 tls: false,
                 health: HealthSettings::default(),
                 refusal: RefusalMode::default(),
+                queue_timeout: None,
+                max_queued: None,
             }],
             tls: None,
             clients: Vec::new(),
@@ -392,7 +494,10 @@ hosts = ["127.0.0.1:9001", "127.0.0.1:9002", "[::1]:9003"]
         assert_eq!(config.settings.idle_timeout, Duration::from_secs(3600));
         assert_eq!(config.settings.buffer_size, 16384);
         assert_eq!(config.upstreams.len(), 1);
-        assert_eq!(config.upstreams[0].hosts[2], "[::1]:9003".parse().unwrap());
+        assert_eq!(
+            config.upstreams[0].hosts[2],
+            HostConfig::from("[::1]:9003".parse::<SocketAddr>().unwrap())
+        );
     }
 
     #[test]
@@ -407,7 +512,8 @@ hosts = ["127.0.0.1:9001", "127.0.0.1:9002", "[::1]:9003"]
         assert_eq!(one.summary(), "1 upstream, 1 host");
         let mut two = one.clone();
         two.upstreams.push(one.upstreams[0].clone());
-        two.upstreams[1].hosts.push("127.0.0.1:2".parse().unwrap());
+        let other: SocketAddr = "127.0.0.1:2".parse().unwrap();
+        two.upstreams[1].hosts.push(other.into());
         assert_eq!(two.summary(), "2 upstreams, 3 hosts");
         assert_eq!(RefusalMode::Reset.name(), "reset");
     }

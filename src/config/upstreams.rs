@@ -14,10 +14,20 @@ use super::problems::Problems;
 use super::rules;
 use super::tables::{as_table, find, tables, unknown_keys};
 use super::values::{Value, Zero, address, boolean, duration, fill, integer, string};
-use super::{RefusalMode, UpstreamConfig};
+use super::{HostConfig, RefusalMode, UpstreamConfig};
 use crate::policy::health::HealthSettings;
 
-const UPSTREAM_KEYS: &[&str] = &["name", "listen", "hosts", "tls", "refusal", "health"];
+const UPSTREAM_KEYS: &[&str] = &[
+    "name",
+    "listen",
+    "hosts",
+    "tls",
+    "refusal",
+    "health",
+    "queue_timeout",
+    "max_queued",
+];
+const HOST_KEYS: &[&str] = &["address", "weight", "max_connections"];
 const HEALTH_KEYS: &[&str] = &[
     "interval",
     "timeout",
@@ -95,17 +105,34 @@ fn upstream(
         as_table(p, v, not_a_table).and_then(|t| health(p, t, &label))
     });
     let refusal = find(table, "refusal").map_or(Some(RefusalMode::default()), |v| refusal(p, v));
-    let config = match (&name, &listen, hosts, tls, health, refusal) {
-        (Some(name), Some(listen), Some(hosts), Some(tls), Some(health), Some(refusal)) => {
-            Some(UpstreamConfig {
-                name: name.get_ref().clone(),
-                listen: *listen.get_ref(),
-                hosts,
-                tls,
-                health,
-                refusal,
-            })
-        }
+    let mut queue_timeout = Some(None);
+    if let Some(v) = find(table, "queue_timeout") {
+        queue_timeout = duration(p, v, "queue_timeout", Zero::Allowed).map(Some);
+    }
+    let mut max_queued = Some(None);
+    if let Some(v) = find(table, "max_queued") {
+        max_queued = integer(p, v, "max_queued", rules::QUEUED).map(|n| Some(n as u32));
+    }
+    let queue = queue_timeout.zip(max_queued);
+    let config = match (&name, &listen, hosts, tls, health, refusal, queue) {
+        (
+            Some(name),
+            Some(listen),
+            Some(hosts),
+            Some(tls),
+            Some(health),
+            Some(refusal),
+            Some((queue_timeout, max_queued)),
+        ) => Some(UpstreamConfig {
+            name: name.get_ref().clone(),
+            listen: *listen.get_ref(),
+            hosts,
+            tls,
+            health,
+            refusal,
+            queue_timeout,
+            max_queued,
+        }),
         _ => None,
     };
     ParsedUpstream {
@@ -127,15 +154,19 @@ fn name(p: &mut Problems<'_>, v: &Value<'_>) -> Option<Spanned<String>> {
 }
 
 /// `hosts` of an upstream: none twice, none on port 0, none that is the
-/// upstream's own `listen` address (tcplb would connect to itself).
+/// upstream's own `listen` address (tcplb would connect to itself). Each
+/// is a `"host:port"` string or a table with its `address`, `weight` and
+/// `max_connections`.
 fn hosts(
     p: &mut Problems<'_>,
     v: &Value<'_>,
     label: &str,
     listen: Option<SocketAddr>,
-) -> Option<Vec<SocketAddr>> {
+) -> Option<Vec<HostConfig>> {
     let DeValue::Array(items) = v.get_ref() else {
-        let message = format!("{label}: `hosts` must be an array of \"host:port\" strings");
+        let message = format!(
+            "{label}: `hosts` must be an array of \"host:port\" strings or {{ address = \"host:port\", ... }} tables"
+        );
         p.at(v.span(), message);
         return None;
     };
@@ -143,36 +174,80 @@ fn hosts(
         p.at(v.span(), format!("{label} has no hosts"));
         return None;
     }
-    let mut hosts: Vec<SocketAddr> = Vec::with_capacity(items.len());
+    let mut hosts: Vec<HostConfig> = Vec::with_capacity(items.len());
     let mut ok = true;
     for item in items.iter() {
-        match address(p, item, "hosts") {
-            Some(addr) if hosts.contains(addr.get_ref()) => {
+        let Some((host, span)) = host(p, item, label) else {
+            ok = false;
+            continue;
+        };
+        let addr = host.addr;
+        let problem = if hosts.iter().any(|h| h.addr == addr) {
+            Some(format!("{label}: host {addr} is listed twice"))
+        } else if addr.port() == 0 {
+            Some(format!(
+                "{label}: host {addr} has port 0, which nothing can be connected to"
+            ))
+        } else if listen.is_some_and(|l| loops_back(l, addr)) {
+            Some(format!(
+                "{label}: host {addr} is the upstream's own listen address: tcplb would connect to itself, each connection making another"
+            ))
+        } else {
+            None
+        };
+        match problem {
+            Some(message) => {
                 ok = false;
-                let message = format!("{label}: host {} is listed twice", addr.get_ref());
-                p.at(item.span(), message);
+                p.at(span, message);
             }
-            Some(addr) if addr.get_ref().port() == 0 => {
-                ok = false;
-                let message = format!(
-                    "{label}: host {} has port 0, which nothing can be connected to",
-                    addr.get_ref()
-                );
-                p.at(item.span(), message);
-            }
-            Some(addr) if listen.is_some_and(|l| loops_back(l, *addr.get_ref())) => {
-                ok = false;
-                let message = format!(
-                    "{label}: host {} is the upstream's own listen address: tcplb would connect to itself, each connection making another",
-                    addr.get_ref()
-                );
-                p.at(item.span(), message);
-            }
-            Some(addr) => hosts.push(*addr.get_ref()),
-            None => ok = false,
+            None => hosts.push(host),
         }
     }
     ok.then_some(hosts)
+}
+
+/// One item of `hosts`: a `"host:port"` string, or a table with an
+/// `address` and optionally `weight` and `max_connections`; with the span
+/// of its address, where problems with the address are reported.
+fn host(p: &mut Problems<'_>, item: &Value<'_>, label: &str) -> Option<(HostConfig, Range<usize>)> {
+    let table = match item.get_ref() {
+        DeValue::String(_) => {
+            let addr = address(p, item, "hosts")?;
+            return Some(((*addr.get_ref()).into(), item.span()));
+        }
+        DeValue::Table(table) => table,
+        _ => {
+            let message = format!(
+                "{label}: each host must be a \"host:port\" string or a table such as {{ address = \"host:port\", weight = 2 }}"
+            );
+            p.at(item.span(), message);
+            return None;
+        }
+    };
+    unknown_keys(p, table, HOST_KEYS, &format!("in a host of {label}"));
+    let addr = match find(table, "address") {
+        Some(v) => address(p, v, "address"),
+        None => {
+            let message = format!("{label}: a host table has no `address` (\"host:port\")");
+            p.at(item.span(), message);
+            None
+        }
+    };
+    let mut weight = Some(HostConfig::DEFAULT_WEIGHT);
+    if let Some(v) = find(table, "weight") {
+        weight = integer(p, v, "weight", rules::WEIGHT).map(|n| n as u32);
+    }
+    let mut cap = Some(None);
+    if let Some(v) = find(table, "max_connections") {
+        cap = integer(p, v, "max_connections", rules::CONNECTIONS).map(|n| Some(n as u32));
+    }
+    let addr = addr?;
+    let host = HostConfig {
+        addr: *addr.get_ref(),
+        weight: weight?,
+        max_connections: cap?,
+    };
+    Some((host, addr.span()))
 }
 
 /// `tls` of an upstream: true needs a `[tls]` table.
@@ -417,5 +492,111 @@ hosts = ["127.0.0.1:7002", "[::1]:7002", "10.0.0.1:7002"]
         assert!(listens_collide(a, b));
         assert!(!listens_collide(a, c));
         assert!(!listens_collide(zero, zero));
+    }
+
+    #[test]
+    fn hosts_are_strings_or_tables_with_weight_and_cap() {
+        let config = Config::parse(
+            r#"[[upstream]]
+name = "a"
+listen = "127.0.0.1:7000"
+hosts = ["127.0.0.1:9001", { address = "127.0.0.1:9002", weight = 3, max_connections = 200 }, { address = "[::1]:9003" }]
+"#,
+            "lb.toml",
+        )
+        .unwrap();
+        let at = |port: u16, weight, max_connections| HostConfig {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            weight,
+            max_connections,
+        };
+        let hosts = &config.upstreams[0].hosts;
+        assert_eq!(hosts[..2], [at(9001, 1, None), at(9002, 3, Some(200))]);
+        assert_eq!(hosts[2].addr, "[::1]:9003".parse().unwrap());
+        assert_eq!((hosts[2].weight, hosts[2].max_connections), (1, None));
+    }
+
+    #[test]
+    fn bad_host_tables_are_reported_where_they_are_wrong() {
+        let found = problems(
+            r#"[[upstream]]
+name = "a"
+listen = "127.0.0.1:7000"
+hosts = [
+  { address = "127.0.0.1:9001", weight = 0 },
+  { address = "127.0.0.1:9002", max_connections = -5 },
+  { address = "127.0.0.1:9003", max_connections = 0 },
+  { address = "127.0.0.1:9004", wieght = 2 },
+  { address = "nowhere" },
+  { weight = 2 },
+  { address = "127.0.0.1:9004" },
+  7,
+  { address = "127.0.0.1:9005", weight = "heavy" },
+]
+"#,
+        );
+        assert_eq!(
+            found,
+            [
+                "lb.toml:5:42: `weight` must be between 1 and 1000, not 0",
+                "lb.toml:6:51: `max_connections` must be between 1 and 4294967295, not -5",
+                "lb.toml:7:51: `max_connections` must be between 1 and 4294967295, not 0",
+                "lb.toml:8:33: unknown key `wieght` in a host of upstream `a` (expected one of: address, weight, max_connections)",
+                "lb.toml:9:15: `address` address `nowhere`: expected host:port, e.g. 127.0.0.1:9001 or [::1]:9001",
+                "lb.toml:10:3: upstream `a`: a host table has no `address` (\"host:port\")",
+                "lb.toml:11:15: upstream `a`: host 127.0.0.1:9004 is listed twice",
+                "lb.toml:12:3: upstream `a`: each host must be a \"host:port\" string or a table such as { address = \"host:port\", weight = 2 }",
+                "lb.toml:13:42: `weight` must be an integer",
+            ]
+        );
+    }
+
+    #[test]
+    fn the_queue_is_set_in_defaults_and_per_upstream() {
+        let config = Config::parse(
+            r#"[defaults]
+queue_timeout = "5s"
+max_queued = 50
+
+[[upstream]]
+name = "a"
+listen = "127.0.0.1:7000"
+hosts = ["127.0.0.1:9001"]
+queue_timeout = "0s"
+
+[[upstream]]
+name = "b"
+listen = "127.0.0.1:7001"
+hosts = ["127.0.0.1:9002"]
+max_queued = 7
+"#,
+            "lb.toml",
+        )
+        .unwrap();
+        let s = &config.settings;
+        assert_eq!(
+            (s.queue_timeout, s.max_queued),
+            (Duration::from_secs(5), 50)
+        );
+        let [a, b] = &config.upstreams[..] else {
+            panic!("two upstreams")
+        };
+        assert_eq!(
+            (a.queue_timeout, a.max_queued),
+            (Some(Duration::ZERO), None)
+        );
+        assert_eq!((b.queue_timeout, b.max_queued), (None, Some(7)));
+        let found = problems(
+            "[defaults]\nqueue_timeout = 5\nmax_queued = 0\n[[upstream]]\nname=\"a\"\nlisten=\"127.0.0.1:0\"\nhosts=[\"127.0.0.1:1\"]\nqueue_timeout = \"soon\"\nmax_queued = -1\n",
+        );
+        assert_eq!(
+            found,
+            [
+                "lb.toml:2:17: `queue_timeout` must be a string with a unit, such as \"5s\"",
+                "lb.toml:3:14: `max_queued` must be between 1 and 1000000, not 0",
+                "lb.toml:8:17: `queue_timeout`: `soon` is not a duration (use e.g. \"250ms\", \"5s\", \"2m\", \"1h\")",
+                "lb.toml:9:14: `max_queued` must be between 1 and 1000000, not -1",
+            ]
+        );
     }
 }

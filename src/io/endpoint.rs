@@ -250,6 +250,11 @@ impl Endpoint {
         self.fault
     }
 
+    /// Its TCP keepalive, read back from the kernel.
+    pub fn keepalive(&self) -> io::Result<Option<net::KeepaliveState>> {
+        net::keepalive(&self.stream)
+    }
+
     /// Bytes written to the socket that its peer has not acknowledged.
     pub fn unacked(&self, queues: &mut SendQueues) -> io::Result<u32> {
         queues.unacked(&self.stream)

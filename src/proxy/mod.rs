@@ -38,7 +38,7 @@ mod timers;
 mod token;
 mod worker;
 
-pub use control::Handle;
+pub use control::{Handle, PairKeepalive};
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -63,7 +63,7 @@ use crate::policy::balance::LoadBalancer;
 use crate::upstream::Upstream;
 use checks::HealthChecks;
 use control::{Control, WorkerLink};
-use shared::{Shared, Snapshot};
+use shared::{Bells, Shared, Snapshot};
 use timers::Timers;
 use token::Registration;
 use worker::{Link, Worker};
@@ -96,6 +96,18 @@ impl Proxy {
         }
         let n = config.settings.workers.max(1);
         let s = &config.settings;
+        // Each worker's poller and waker first: the upstreams' wait queues
+        // ring the wakers.
+        let mut polls = Vec::with_capacity(n);
+        for _ in 0..n {
+            let worker_poll = Poll::new().map_err(setup("a worker's poller"))?;
+            let worker_waker = Arc::new(
+                Waker::new(worker_poll.registry(), Registration::Control.token())
+                    .map_err(setup("a worker's waker"))?,
+            );
+            polls.push((worker_poll, worker_waker));
+        }
+        let bells = Arc::new(Bells::new(polls.iter().map(|(_, w)| w.clone()).collect()));
         let mut upstreams = Vec::with_capacity(config.upstreams.len());
         let mut groups = Vec::with_capacity(config.upstreams.len());
         for (id, u) in config.upstreams.iter().enumerate() {
@@ -106,15 +118,18 @@ impl Proxy {
                     source,
                 })?;
             groups.push((id, group));
-            let balancer = LoadBalancer::new(u.hosts.clone());
+            let balancer = LoadBalancer::new(&u.hosts, bells.queue());
             upstreams.push(Arc::new(Upstream::new(id, u, local, balancer)));
         }
-        let shared = Arc::new(Shared::new(Snapshot {
-            settings: config.settings.clone(),
-            access: Access::new(config.clients.clone()),
-            tls,
-            upstreams,
-        }));
+        let shared = Arc::new(Shared::new(
+            Snapshot {
+                settings: config.settings.clone(),
+                access: Access::new(config.clients.clone()),
+                tls,
+                upstreams,
+            },
+            bells,
+        ));
         let poll = Poll::new().map_err(setup("the poller"))?;
         let waker = Arc::new(
             Waker::new(poll.registry(), Registration::Control.token())
@@ -123,12 +138,7 @@ impl Proxy {
         let (tx, commands) = mpsc::channel();
         let mut workers = Vec::with_capacity(n);
         let mut links = Vec::with_capacity(n);
-        for index in 0..n {
-            let worker_poll = Poll::new().map_err(setup("a worker's poller"))?;
-            let worker_waker = Arc::new(
-                Waker::new(worker_poll.registry(), Registration::Control.token())
-                    .map_err(setup("a worker's waker"))?,
-            );
+        for (index, (worker_poll, worker_waker)) in polls.into_iter().enumerate() {
             let (orders_tx, orders) = mpsc::channel();
             let listeners = groups
                 .iter_mut()

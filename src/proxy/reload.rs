@@ -29,6 +29,7 @@ use crate::logs::plural;
 use crate::policy::access::Access;
 use crate::policy::balance::LoadBalancer;
 use crate::policy::health::HealthSettings;
+use crate::policy::queue::WaitQueue;
 use crate::upstream::Upstream;
 
 /// How long a reload waits for the workers to take the new config.
@@ -65,9 +66,12 @@ impl Changes {
 struct Before {
     listen: SocketAddr,
     hosts: Vec<SocketAddr>,
+    /// Each host's weight and cap, by address.
+    limits: Vec<(SocketAddr, u32, Option<u32>)>,
     tls: bool,
     refusal: RefusalMode,
     health: HealthSettings,
+    queue: (Option<Duration>, Option<u32>),
 }
 
 impl Before {
@@ -75,9 +79,11 @@ impl Before {
         Before {
             listen: u.listen,
             hosts: live_hosts(u),
+            limits: host_limits(u),
             tls: u.tls,
             refusal: u.refusal,
             health: u.health.clone(),
+            queue: (u.queue_timeout, u.max_queued),
         }
     }
 
@@ -105,6 +111,25 @@ impl Before {
                 .collect();
             out.push(format!("hosts removed: {}", removed.join(", ")));
         }
+        let changed = host_limits(u)
+            .into_iter()
+            .filter_map(|(addr, weight, max)| {
+                let (_, was_weight, was_max) = *self.limits.iter().find(|l| l.0 == addr)?;
+                let mut what = Vec::new();
+                if weight != was_weight {
+                    what.push(format!("weight {weight} (was {was_weight})"));
+                }
+                if max != was_max {
+                    let cap = |m: Option<u32>| m.map_or("none".to_string(), |m| m.to_string());
+                    what.push(format!(
+                        "max_connections {} (was {})",
+                        cap(max),
+                        cap(was_max)
+                    ));
+                }
+                (!what.is_empty()).then(|| format!("host {addr}: {}", what.join(", ")))
+            });
+        out.extend(changed);
         if u.listen != self.listen {
             out.push(format!("listening on {} (was {})", u.listen, self.listen));
         }
@@ -118,6 +143,9 @@ impl Before {
         if u.health != self.health {
             out.push("health checks changed".to_string());
         }
+        if (u.queue_timeout, u.max_queued) != self.queue {
+            out.push("queue_timeout/max_queued changed".to_string());
+        }
         out
     }
 }
@@ -127,9 +155,10 @@ fn added_upstream(
     id: usize,
     u: &UpstreamConfig,
     listen: SocketAddr,
+    queue: Arc<WaitQueue>,
     changes: &mut Changes,
 ) -> Upstream {
-    let new = Upstream::new(id, u, listen, LoadBalancer::new(u.hosts.clone()));
+    let new = Upstream::new(id, u, listen, LoadBalancer::new(&u.hosts, queue));
     changes.added += 1;
     let hosts: Vec<String> = live_hosts(&new).iter().map(ToString::to_string).collect();
     changes.lines.push(format!(
@@ -159,6 +188,14 @@ fn warn_of_what_waits_for_a_restart(old: &Settings, new: &Config, admin: Option<
 /// The addresses of an upstream's hosts that take new connections.
 fn live_hosts(u: &Upstream) -> Vec<SocketAddr> {
     u.balancer.hosts().map(|(_, h)| h.addr).collect()
+}
+
+/// Each host's address, weight and cap.
+fn host_limits(u: &Upstream) -> Vec<(SocketAddr, u32, Option<u32>)> {
+    u.balancer
+        .hosts()
+        .map(|(_, h)| (h.addr, h.weight(), h.max_connections()))
+        .collect()
 }
 
 /// " (its 2 connections drain for 10s)", or nothing without connections.
@@ -203,6 +240,10 @@ fn changed_settings(old: &Settings, new: &Settings) -> Vec<&'static str> {
             "source_rate/source_burst",
             old.source_limit != new.source_limit,
         ),
+        ("queue_timeout", old.queue_timeout != new.queue_timeout),
+        ("max_queued", old.max_queued != new.max_queued),
+        ("keepalive", old.keepalive != new.keepalive),
+        ("access_log", old.access_log != new.access_log),
     ];
     differs
         .into_iter()
@@ -268,7 +309,7 @@ impl Control {
             let listen = listening(id, before, u.listen);
             let new = match before {
                 Some(o) => self.keep_upstream(o, u, listen, drain, &mut changes),
-                None => added_upstream(id, u, listen, &mut changes),
+                None => added_upstream(id, u, listen, self.shared.bells.queue(), &mut changes),
             };
             upstreams.push(Arc::new(new));
         }
@@ -337,6 +378,8 @@ impl Control {
         drain: Duration,
         changes: &mut Changes,
     ) -> Upstream {
+        // Read before the reuse, which changes kept hosts' weights in place.
+        let was = Before::of(old);
         let balancer = LoadBalancer::reuse(&old.balancer, &u.hosts);
         let dropped = balancer.dropped_from(&old.balancer);
         let drained: Vec<(SocketAddr, u32)> =
@@ -344,7 +387,7 @@ impl Control {
         self.retired_hosts
             .extend(dropped.into_iter().map(|h| (old.id, h)));
         let new = Upstream::new(old.id, u, listen, balancer);
-        let differences = Before::of(old).differences(&new, &drained, drain);
+        let differences = was.differences(&new, &drained, drain);
         if differences.is_empty() {
             changes.unchanged += 1;
         } else {

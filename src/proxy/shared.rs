@@ -8,15 +8,18 @@
 //! records as atomics or small locks touched once per connection; nothing
 //! here is touched per byte.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
+
+use mio::Waker;
 
 use crate::config::{Config, Settings};
 use crate::error::{Error, Warning};
 use crate::policy::access::Access;
 use crate::policy::capacity::Capacity;
 use crate::policy::limits::SourceLimiter;
+use crate::policy::queue::{Bell, WaitQueue};
 use crate::tls::TlsSettings;
 use crate::upstream::Upstream;
 
@@ -62,6 +65,54 @@ pub(super) struct Shared {
     sources: Mutex<Option<SourceLimiter>>,
     /// The clock every loop reads once a turn.
     pub clock: Clock,
+    /// What wakes a worker whose clients wait for a host slot.
+    pub bells: Arc<Bells>,
+}
+
+/// One bell per worker: a flag saying a slot may have freed, and the
+/// worker's waker. Rung by whichever thread ends a lease (or takes a host
+/// up) while that worker has clients queued; the worker clears the flag
+/// and retries its queues.
+#[derive(Debug)]
+pub(super) struct Bells {
+    workers: Vec<(AtomicBool, Arc<Waker>)>,
+}
+
+impl Bells {
+    /// The bells of the workers whose wakers these are, in worker order.
+    pub fn new(wakers: Vec<Arc<Waker>>) -> Bells {
+        Bells {
+            workers: wakers
+                .into_iter()
+                .map(|w| (AtomicBool::new(false), w))
+                .collect(),
+        }
+    }
+
+    /// Whether worker `worker`'s bell rang since it last looked (and
+    /// clears it). A plain load when it did not ring, so that a worker
+    /// with clients waiting does no read-modify-write per loop turn.
+    pub fn take(&self, worker: usize) -> bool {
+        self.workers.get(worker).is_some_and(|(rung, _)| {
+            rung.load(Ordering::SeqCst) && rung.swap(false, Ordering::SeqCst)
+        })
+    }
+
+    /// A wait queue for an upstream, rung through these bells.
+    pub fn queue(self: &Arc<Self>) -> Arc<WaitQueue> {
+        Arc::new(WaitQueue::new(self.workers.len(), self.clone()))
+    }
+}
+
+impl Bell for Bells {
+    fn ring(&self, worker: usize) {
+        if let Some((rung, waker)) = self.workers.get(worker) {
+            // Already rung and not yet seen: the worker will look anyway.
+            if !rung.swap(true, Ordering::SeqCst) {
+                let _ = waker.wake();
+            }
+        }
+    }
 }
 
 /// The process's clock: the system's monotonic clock plus however far
@@ -86,7 +137,7 @@ impl Clock {
 }
 
 impl Shared {
-    pub fn new(snapshot: Snapshot) -> Shared {
+    pub fn new(snapshot: Snapshot, bells: Arc<Bells>) -> Shared {
         let sources = snapshot.settings.source_limit.map(SourceLimiter::new);
         Shared {
             current: Mutex::new(Arc::new(snapshot)),
@@ -94,6 +145,7 @@ impl Shared {
             capacity: Arc::default(),
             sources: Mutex::new(sources),
             clock: Clock::default(),
+            bells,
         }
     }
 

@@ -171,10 +171,12 @@ pub fn config(hosts: &[SocketAddr], settings: Settings) -> Config {
         upstreams: vec![UpstreamConfig {
             name: "test".to_string(),
             listen: localhost(),
-            hosts: hosts.to_vec(),
+            hosts: hosts.iter().map(|&h| h.into()).collect(),
             tls: false,
             health: Default::default(),
             refusal: Default::default(),
+            queue_timeout: None,
+            max_queued: None,
         }],
         tls: None,
         clients: Vec::new(),
