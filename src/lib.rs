@@ -32,10 +32,12 @@ pub mod tls;
 mod upstream;
 
 pub use admin::{HostStats, Stats, UpstreamStats};
-pub use config::{Config, RefusalMode, Settings, UpstreamConfig};
+pub use config::{AccessLog, Config, HostConfig, Keepalive, RefusalMode, Settings, UpstreamConfig};
 pub use error::Error;
+pub use io::net::KeepaliveState;
 pub use io::send_queue::SendQueues;
+pub use logs::JSON_TARGET as ACCESS_JSON_TARGET;
 pub use policy::access::ClientRule;
 pub use policy::health::HealthSettings;
 pub use policy::limits::Limit;
-pub use proxy::{Handle, Proxy};
+pub use proxy::{Handle, PairKeepalive, Proxy};

@@ -9,11 +9,107 @@
 //! certificate), the rest are counted per reason and summed up in one
 //! access line when the second is over. Every refusal is counted in the
 //! metrics either way.
+//!
+//! Access lines ([`AccessLine`]) and those summaries are written in the
+//! format `access_log` chooses: text under the log target
+//! `tcplb::access`, or one JSON object per line under
+//! `tcplb::access::json` (still below `tcplb::access`, so `RUST_LOG`
+//! filters both alike), whose message is the whole line: the binary's
+//! logger writes the records of that target bare, without timestamp,
+//! level or target, so that every such line of stderr parses as JSON.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use log::info;
+use serde_json::json;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::config::AccessLog;
+
+/// The log target of JSON access lines (`access_log = "json"`): the
+/// message of each record is the whole line, a JSON object, for a logger
+/// to write without anything around it.
+pub const JSON_TARGET: &str = "tcplb::access::json";
+
+/// The access line of one finished connection (or refused client).
+#[derive(Debug)]
+pub(crate) struct AccessLine<'a> {
+    /// The client's address (from a PROXY protocol header, once tcplb
+    /// accepts them, else the peer's).
+    pub client: SocketAddr,
+    pub upstream: &'a str,
+    /// The host it reached, if any.
+    pub host: Option<SocketAddr>,
+    /// On a TLS upstream, the client's identity (`None`: it had none);
+    /// `None` on a plain upstream, where there is none to have.
+    pub identity: Option<&'a str>,
+    pub tls: bool,
+    /// Bytes delivered client to host, and host to client.
+    pub bytes: (u64, u64),
+    pub duration: Duration,
+    /// Why it ended (the `end` codes of the README).
+    pub end: &'static str,
+    /// The peer that sent a PROXY protocol header for the client, once
+    /// tcplb accepts them; always `None` until then.
+    pub proxy_source: Option<SocketAddr>,
+}
+
+impl AccessLine<'_> {
+    /// Writes the line in `format`.
+    pub fn log(&self, format: AccessLog) {
+        match format {
+            AccessLog::Text => {
+                // Only a TLS client has an identity to log (`-` for one without).
+                let (label, identity) = match self.tls {
+                    true => (" identity=", self.identity.unwrap_or("-")),
+                    false => ("", ""),
+                };
+                info!(
+                    target: "tcplb::access",
+                    "{} `{}`{label}{identity} host={} up={} down={} ms={} end={}",
+                    self.client,
+                    self.upstream,
+                    self.host.map_or("-".to_string(), |a| a.to_string()),
+                    self.bytes.0,
+                    self.bytes.1,
+                    self.duration.as_millis(),
+                    self.end
+                );
+            }
+            AccessLog::Json => info!(target: JSON_TARGET, "{}", self.json()),
+        }
+    }
+
+    /// The JSON object of the line, keys in the documented order.
+    fn json(&self) -> String {
+        let addr = |a: Option<SocketAddr>| a.map(|a| a.to_string());
+        json!({
+            "time": wall_time(),
+            "client": self.client.to_string(),
+            "upstream": self.upstream,
+            "host": addr(self.host),
+            "identity": self.identity,
+            "bytes_up": self.bytes.0,
+            "bytes_down": self.bytes.1,
+            "duration_ms": self.duration.as_millis() as u64,
+            "end": self.end,
+            "proxy_source": addr(self.proxy_source),
+        })
+        .to_string()
+    }
+}
+
+/// Now, on the wall clock, in RFC 3339 (UTC, milliseconds), for JSON lines.
+fn wall_time() -> String {
+    let now = OffsetDateTime::now_utc();
+    let now = now
+        .replace_nanosecond(now.nanosecond() / 1_000_000 * 1_000_000)
+        .unwrap_or(now);
+    now.format(&Rfc3339).unwrap_or_default()
+}
 
 /// `n` and the noun, in the plural unless `n` is 1: "1 host", "2 hosts".
 pub(crate) fn plural(n: usize, noun: &str) -> String {
@@ -55,6 +151,8 @@ pub(crate) struct RefusalLog {
     logged: u32,
     /// Refusals of the current second not logged, per reason.
     unlogged: BTreeMap<&'static str, u64>,
+    /// The format of the summary (the access lines').
+    pub format: AccessLog,
 }
 
 impl RefusalLog {
@@ -93,18 +191,33 @@ impl RefusalLog {
     pub fn finish(&mut self) {
         if !self.unlogged.is_empty() {
             let total: u64 = self.unlogged.values().sum();
-            let by_reason: Vec<String> = self
-                .unlogged
-                .iter()
-                .map(|(code, n)| format!("{code}={n}"))
-                .collect();
-            info!(
-                target: "tcplb::access",
-                "{total} more refused connections in the last second, not logged one by one: {}",
-                by_reason.join(" ")
-            );
+            match self.format {
+                AccessLog::Text => {
+                    let by_reason: Vec<String> = self
+                        .unlogged
+                        .iter()
+                        .map(|(code, n)| format!("{code}={n}"))
+                        .collect();
+                    info!(
+                        target: "tcplb::access",
+                        "{total} more refused connections in the last second, not logged one by one: {}",
+                        by_reason.join(" ")
+                    );
+                }
+                AccessLog::Json => {
+                    let line = json!({
+                        "time": wall_time(),
+                        "unlogged_refusals": total,
+                        "by_reason": self.unlogged,
+                    });
+                    info!(target: JSON_TARGET, "{line}");
+                }
+            }
         }
-        *self = RefusalLog::default();
+        *self = RefusalLog {
+            format: self.format,
+            ..RefusalLog::default()
+        };
     }
 }
 

@@ -1,6 +1,7 @@
 //! The `tcplb` command: parses flags, builds a [`Config`], and runs the
 //! library's [`Proxy`] on the main thread.
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
@@ -10,7 +11,7 @@ use tcplb::ClientRule;
 use tcplb::config::{self, check_settings, parse_duration, parse_size};
 use tcplb::error::{ConfigError, Problem, Warning};
 use tcplb::tls::TlsSettings;
-use tcplb::{Config, Error, Proxy, Settings, certs, demo};
+use tcplb::{AccessLog, Config, Error, Proxy, Settings, certs, demo};
 
 /// A single-threaded, least-connections TCP load balancer.
 ///
@@ -178,6 +179,15 @@ struct SettingsArgs {
     /// Worker threads, each with its own poll loop, or `auto` for one per core [default: 1].
     #[arg(long, value_name = "N", value_parser = parse_workers)]
     workers: Option<usize>,
+    /// Access line format: `text`, or `json` for one JSON object per line [default: text].
+    #[arg(long, value_name = "FORMAT", value_parser = parse_access_log)]
+    access_log: Option<AccessLog>,
+}
+
+/// `--access-log`: `text` or `json`.
+fn parse_access_log(text: &str) -> Result<AccessLog, String> {
+    AccessLog::from_name(text)
+        .ok_or_else(|| format!("`{text}` is not an access log format: `text` or `json`"))
 }
 
 /// `--workers`: a number from 1 to 1024, or `auto`.
@@ -204,14 +214,25 @@ impl SettingsArgs {
         s.bulk_buffer_size = self.bulk_buffer_size.unwrap_or(s.bulk_buffer_size);
         s.socket_buffer = self.socket_buffer.or(s.socket_buffer);
         s.workers = self.workers.unwrap_or(s.workers);
+        s.access_log = self.access_log.unwrap_or(s.access_log);
         s
     }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // env_logger's own format (with millisecond timestamps), except for
+    // JSON access lines, which are written bare: one object per line.
+    let mut text = env_logger::fmt::ConfigurableFormat::default();
+    text.timestamp(Some(env_logger::fmt::TimestampPrecision::Millis));
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_timestamp_millis()
+        .format(move |buf, record| {
+            if record.target() == tcplb::ACCESS_JSON_TARGET {
+                writeln!(buf, "{}", record.args())
+            } else {
+                text.format(buf, record)
+            }
+        })
         .init();
     let result = match cli.command {
         Some(Command::Check { file, strict }) => return check(&file, strict),
@@ -310,7 +331,6 @@ fn check(file: &Path, strict: bool) -> ExitCode {
 /// Writes generated text to stdout; a closed pipe or a full disk is an
 /// error to report, not a panic.
 fn print_out(bytes: &[u8]) -> ExitCode {
-    use std::io::Write;
     let mut out = std::io::stdout().lock();
     match out.write_all(bytes).and_then(|()| out.flush()) {
         Ok(()) => ExitCode::SUCCESS,

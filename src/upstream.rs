@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::config::{RefusalMode, UpstreamConfig};
+use crate::config::{RefusalMode, Settings, UpstreamConfig};
 use crate::policy::balance::LoadBalancer;
 use crate::policy::health::HealthSettings;
 
@@ -73,6 +73,9 @@ pub(crate) struct Upstream {
     pub health: HealthSettings,
     /// How its refused clients are told (a line, FIN or RST).
     pub refusal: RefusalMode,
+    /// Its own `queue_timeout` and `max_queued`, if it sets them.
+    pub queue_timeout: Option<Duration>,
+    pub max_queued: Option<u32>,
 }
 
 impl Upstream {
@@ -94,7 +97,18 @@ impl Upstream {
             tls: config.tls,
             health: config.health.clone(),
             refusal: config.refusal,
+            queue_timeout: config.queue_timeout,
+            max_queued: config.max_queued,
         }
+    }
+
+    /// How long its clients may wait for a host slot, and how many at
+    /// once: its own settings, or `settings`' (`[defaults]`).
+    pub fn queue_limits(&self, settings: &Settings) -> (Duration, u32) {
+        (
+            self.queue_timeout.unwrap_or(settings.queue_timeout),
+            self.max_queued.unwrap_or(settings.max_queued),
+        )
     }
 }
 
@@ -111,6 +125,9 @@ pub(crate) struct Counters {
     pub ended: BTreeMap<&'static str, u64>,
     /// Durations of connections that reached a host.
     pub durations: Histogram,
+    /// Time clients spent waiting for a host slot, observed as each
+    /// leaves the queue (admitted, timed out, or gone).
+    pub queue_waits: Histogram,
     /// Resets passed on at the half-close bound before the receiver had
     /// every byte the reset side sent, and those bytes (tcplb's buffer
     /// and what the receiver had not acknowledged).
@@ -142,6 +159,7 @@ impl Counters {
             }
         }
         self.durations.add(&other.durations);
+        self.queue_waits.add(&other.queue_waits);
         self.undelivered_resets += other.undelivered_resets;
         self.undelivered_bytes += other.undelivered_bytes;
     }

@@ -66,9 +66,10 @@ fn the_config_reference_shows_the_defaults() {
         (
             defaults.socket_buffer,
             defaults.source_limit,
-            defaults.resolver
+            defaults.resolver,
+            defaults.keepalive
         ),
-        (None, None, None)
+        (None, None, None, None)
     );
     let optional: Vec<&str> = optional
         .iter()
@@ -76,7 +77,15 @@ fn the_config_reference_shows_the_defaults() {
         .collect();
     assert_eq!(
         optional,
-        ["socket_buffer", "source_rate", "source_burst", "resolver"]
+        [
+            "socket_buffer",
+            "source_rate",
+            "source_burst",
+            "resolver",
+            "keepalive",
+            "keepalive_interval",
+            "keepalive_probes"
+        ]
     );
     // The values shown are the defaults: the same as Settings::default(),
     // and as what the parser fills in for an empty table or no table.
@@ -206,5 +215,5 @@ fn help_gives_the_documented_defaults() {
         );
         checked += 1;
     }
-    assert_eq!(checked, 9, "{help}");
+    assert_eq!(checked, 10, "{help}");
 }

@@ -332,3 +332,54 @@ fn check_reports_a_name_that_does_not_resolve_as_a_warning_or_an_error() {
         "each check asked the server"
     );
 }
+
+#[test]
+fn a_host_table_given_by_name_gives_its_weight_and_cap_to_every_address_even_those_that_join() {
+    let dns = DnsServer::start();
+    let on = [(ip("127.0.0.2"), "two"), (ip("127.0.0.3"), "three")];
+    let backends = spawn_hosts_on_one_port(&on, Behavior::Named);
+    let (two, three) = (backends[0].addr, backends[1].addr);
+    let one = spawn_host("one", Behavior::Named);
+    dns.set("weighted.test", Answer::Records(vec![ip("127.0.0.2")]));
+    let hosts_line = format!(
+        "{{ address = \"weighted.test:{}\", weight = 3, max_connections = 3 }}, \"{}\"",
+        two.port(),
+        one.addr
+    );
+    let lb = start(config(&dns, &hosts_line, ""));
+    let limits = |s: &Stats| -> Vec<(SocketAddr, u32, Option<u32>)> {
+        let live = s.upstreams[0].hosts.iter().filter(|h| !h.removed);
+        live.map(|h| (h.addr, h.weight, h.max_connections))
+            .collect()
+    };
+    assert_eq!(
+        limits(&lb.stats()),
+        [(one.addr, 1, None), (two, 3, Some(3))],
+        "the name's address has the table's weight and cap"
+    );
+    dns.set(
+        "weighted.test",
+        Answer::Records(vec![ip("127.0.0.2"), ip("127.0.0.3")]),
+    );
+    lb.handle.advance_clock(CROSS).unwrap();
+    lb.wait_until("the joined address has the table's weight and cap", |s| {
+        limits(s) == [(one.addr, 1, None), (two, 3, Some(3)), (three, 3, Some(3))]
+    });
+    // Seven held: weights 3, 3 and 1 take 3, 3 and 1, whatever the ties.
+    let held: Vec<(String, std::net::TcpStream)> = (0..7).map(|_| greeted(&lb)).collect();
+    let count = |name: &str| held.iter().filter(|(n, _)| n == name).count();
+    assert_eq!(
+        (count("two"), count("three"), count("one")),
+        (3, 3, 1),
+        "{:?}",
+        held.iter().map(|(n, _)| n).collect::<Vec<_>>()
+    );
+    // Each of the name's addresses is at its own cap of 3: the next
+    // client goes to `one`, though by weight it would not.
+    let (name, mut c) = greeted(&lb);
+    assert_eq!(name, "one");
+    echoes(&mut c, "past the caps");
+    for (_, mut c) in held {
+        echoes(&mut c, "still relayed");
+    }
+}

@@ -103,11 +103,13 @@ fn upstream(name: &str, hosts: &[SocketAddr], health: HealthSettings) -> Upstrea
     UpstreamConfig {
         name: name.to_string(),
         listen: localhost(),
-        hosts: hosts.to_vec(),
+        hosts: hosts.iter().map(|&h| h.into()).collect(),
         names: Vec::new(),
         tls: false,
         health,
         refusal: Default::default(),
+        queue_timeout: None,
+        max_queued: None,
     }
 }
 

@@ -19,11 +19,13 @@ fn upstream(hosts: &[SocketAddr], tls: bool, health: HealthSettings) -> Upstream
     UpstreamConfig {
         name: UPSTREAM.to_string(),
         listen: localhost(),
-        hosts: hosts.to_vec(),
+        hosts: hosts.iter().map(|&h| h.into()).collect(),
         names: Vec::new(),
         tls,
         health,
         refusal: Default::default(),
+        queue_timeout: None,
+        max_queued: None,
     }
 }
 

@@ -257,11 +257,13 @@ fn tls_proxy(pki: &Pki, host: SocketAddr) -> Running {
         upstreams: vec![UpstreamConfig {
             name: "secure".to_string(),
             listen: localhost(),
-            hosts: vec![host],
+            hosts: vec![host.into()],
             names: Vec::new(),
             tls: true,
             health: Default::default(),
             refusal: Default::default(),
+            queue_timeout: None,
+            max_queued: None,
         }],
         tls: Some(pki.settings(vec![], Duration::from_secs(10))),
         clients: vec![ClientRule {

@@ -38,11 +38,13 @@ fn tls_config(
     let upstream = |name: &str| UpstreamConfig {
         name: name.to_string(),
         listen: localhost(),
-        hosts: hosts.to_vec(),
+        hosts: hosts.iter().map(|&h| h.into()).collect(),
         names: Vec::new(),
         tls: true,
         health: Default::default(),
         refusal: Default::default(),
+        queue_timeout: None,
+        max_queued: None,
     };
     Config {
         settings: Settings::default(),
@@ -1100,6 +1102,64 @@ fn refusals_and_access_lines_name_the_identity_and_certificate() {
         access[0]
     );
     assert!(lines_of(served, "refused:").is_empty(), "{log:#?}");
+}
+
+/// With `--access-log json`, each access line of a TLS upstream is a JSON
+/// object whose `identity` is the one the certificate gave, served or
+/// refused.
+#[test]
+fn json_access_lines_carry_the_identity() {
+    let pki = Pki::new("json-logs");
+    let host = spawn_host("h", Behavior::Echo);
+    let file = tls_config_file(&pki, host.addr, &client_toml("alice"));
+    let mut bin = Binary::start(&["--config", &file, "--access-log", "json"]);
+    let secure = bin.listen_addr_of("secure");
+    let alice = pki.client("alice");
+    let carol = pki.client("spiffe://example.org/carol");
+    let mut s = pki::connect(secure, pki.client_config(Some(&alice))).unwrap();
+    let served = s.sock.local_addr().unwrap();
+    echo_line(&mut s, "hi");
+    pki::close_write(&mut s);
+    s.read_to_end(&mut Vec::new()).unwrap();
+    let mut r = pki::connect(secure, pki.client_config(Some(&carol))).unwrap();
+    let refused = r.sock.local_addr().unwrap();
+    assert!(
+        pki::read_line(&mut r)
+            .unwrap()
+            .starts_with("ERROR unauthorized: ")
+    );
+    bin.signal("TERM");
+    let (code, log) = bin.wait();
+    assert_eq!(code, Some(0));
+    let json: Vec<serde_json::Value> = log
+        .iter()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let of = |addr: SocketAddr| {
+        let mine: Vec<&serde_json::Value> = json
+            .iter()
+            .filter(|l| l["client"] == addr.to_string())
+            .collect();
+        assert_eq!(mine.len(), 1, "{log:#?}");
+        mine[0].clone()
+    };
+    let ok = of(served);
+    assert_eq!(
+        (&ok["identity"], &ok["end"], &ok["upstream"]),
+        (&"alice".into(), &"closed".into(), &"secure".into())
+    );
+    assert_eq!((&ok["bytes_up"], &ok["bytes_down"]), (&3.into(), &3.into()));
+    assert_eq!(ok["host"], host.addr.to_string());
+    let no = of(refused);
+    assert_eq!(
+        (&no["identity"], &no["end"], &no["host"]),
+        (
+            &"spiffe://example.org/carol".into(),
+            &"unauthorized".into(),
+            &serde_json::Value::Null
+        )
+    );
 }
 
 /// Failed handshakes (here: clients without a certificate) are logged at

@@ -59,6 +59,12 @@ pub struct UpstreamStats {
     pub bytes_down: u64,
     /// Durations of connections that reached a host.
     pub durations: Histogram,
+    /// Clients waiting for a host slot now (every host at its cap), in
+    /// all workers.
+    pub queued: u32,
+    /// Time clients spent waiting for a host slot, observed as each left
+    /// the queue (admitted, timed out, or gone).
+    pub queue_waits: Histogram,
     /// Resets passed on at the half-close bound before the receiver had
     /// acknowledged every byte the reset side sent.
     pub undelivered_resets: u64,
@@ -74,6 +80,10 @@ pub struct HostStats {
     pub addr: SocketAddr,
     /// Connections counted against the host (connecting or relaying).
     pub active: u32,
+    /// Its configured weight.
+    pub weight: u32,
+    /// Its configured cap (`max_connections`), if it has one.
+    pub max_connections: Option<u32>,
     /// Health checks (active or passive) have it up.
     pub up: bool,
     /// Removed by a reload or by DNS; its connections are draining.
@@ -126,6 +136,9 @@ impl Exposition {
 
 /// A metric family with one value per item: name, type, help, the value.
 type Family<T, V> = (&'static str, &'static str, &'static str, fn(&T) -> V);
+
+/// One of an upstream's histograms.
+type UpstreamHistogram = fn(&UpstreamStats) -> &Histogram;
 
 /// An upstream's counts by reason (of ending, or of refusal).
 type ReasonCounts = fn(&UpstreamStats) -> &[(String, u64)];
@@ -252,34 +265,46 @@ fn upstream_families(out: &mut Exposition, stats: &Stats) {
     durations(out, stats);
 }
 
-/// The connection-duration histogram of each upstream.
+/// The histograms of each upstream (connection durations, queue waits)
+/// and the queue's length now.
 fn durations(out: &mut Exposition, stats: &Stats) {
-    let name = "tcplb_connection_duration_seconds";
+    let histograms: [(&str, &str, UpstreamHistogram); 2] = [
+        (
+            "tcplb_connection_duration_seconds",
+            "Durations of connections that reached a host.",
+            |u| &u.durations,
+        ),
+        (
+            "tcplb_queue_wait_seconds",
+            "Time clients waited for a host slot (every host at its max_connections), as each left the queue.",
+            |u| &u.queue_waits,
+        ),
+    ];
+    for (name, help, histogram) in histograms {
+        out.family(name, "histogram", help);
+        for up in &stats.upstreams {
+            let (u, h) = (up.name.as_str(), histogram(up));
+            let mut cumulative = 0;
+            for (i, count) in h.counts.iter().enumerate() {
+                cumulative += count;
+                let le = DURATION_BUCKETS
+                    .get(i)
+                    .map_or("+Inf".to_string(), |b| b.to_string());
+                let bucket = format!("{name}_bucket");
+                out.sample(&bucket, &[("upstream", u), ("le", &le)], cumulative);
+            }
+            out.sample(&format!("{name}_sum"), &[("upstream", u)], h.sum);
+            out.sample(&format!("{name}_count"), &[("upstream", u)], h.count);
+        }
+    }
+    let name = "tcplb_queue_length";
     out.family(
         name,
-        "histogram",
-        "Durations of connections that reached a host.",
+        "gauge",
+        "Clients waiting for a host slot now, in all workers.",
     );
     for up in &stats.upstreams {
-        let u = up.name.as_str();
-        let mut cumulative = 0;
-        for (i, count) in up.durations.counts.iter().enumerate() {
-            cumulative += count;
-            let le = DURATION_BUCKETS
-                .get(i)
-                .map_or("+Inf".to_string(), |b| b.to_string());
-            out.sample(
-                &format!("{name}_bucket"),
-                &[("upstream", u), ("le", &le)],
-                cumulative,
-            );
-        }
-        out.sample(&format!("{name}_sum"), &[("upstream", u)], up.durations.sum);
-        out.sample(
-            &format!("{name}_count"),
-            &[("upstream", u)],
-            up.durations.count,
-        );
+        out.sample(name, &[("upstream", &up.name)], up.queued);
     }
 }
 
@@ -346,6 +371,8 @@ fn label(value: &str) -> String {
 pub(super) fn sample() -> Stats {
     let mut durations = Histogram::default();
     durations.observe(Duration::from_millis(20));
+    let mut queue_waits = Histogram::default();
+    queue_waits.observe(Duration::from_millis(300));
     Stats {
         pairs: 1,
         refusing: 0,
@@ -363,6 +390,8 @@ pub(super) fn sample() -> Stats {
             hosts: vec![HostStats {
                 addr: "127.0.0.1:9001".parse().unwrap(),
                 active: 1,
+                weight: 2,
+                max_connections: Some(100),
                 up: true,
                 removed: false,
                 connections: 3,
@@ -376,6 +405,8 @@ pub(super) fn sample() -> Stats {
             bytes_up: 10,
             bytes_down: 20,
             durations,
+            queued: 2,
+            queue_waits,
             undelivered_resets: 1,
             undelivered_bytes: 4096,
         }],

@@ -2,9 +2,11 @@
 //! people and scripts rather than Prometheus. Its keys are part of the
 //! interface (tests and users parse it): `uptime_seconds`, `pairs`,
 //! `handshakes`, `reloads`, and per upstream `name`, `listen`, `tls`,
-//! `removed`, `active_connections` and `hosts` (each with `address`, `up`,
-//! `removed`, `active_connections`, `connections_total`,
-//! `connect_failures_total`).
+//! `removed`, `active_connections`, `queued` (clients waiting for a host
+//! slot), `queue_wait_seconds` (`count` and `sum` of the waits of those
+//! that left the queue) and `hosts` (each with `address`, `up`,
+//! `removed`, `active_connections`, `weight`, `max_connections` (`null`
+//! without a cap), `connections_total`, `connect_failures_total`).
 
 use serde_json::{Value, json};
 
@@ -30,6 +32,8 @@ fn upstream(u: &UpstreamStats) -> Value {
         "tls": u.tls,
         "removed": u.removed,
         "active_connections": u.hosts.iter().map(|h| h.active).sum::<u32>(),
+        "queued": u.queued,
+        "queue_wait_seconds": {"count": u.queue_waits.count, "sum": u.queue_waits.sum},
         "hosts": u.hosts.iter().map(host).collect::<Vec<_>>(),
     })
 }
@@ -40,6 +44,8 @@ fn host(h: &HostStats) -> Value {
         "up": h.up,
         "removed": h.removed,
         "active_connections": h.active,
+        "weight": h.weight,
+        "max_connections": h.max_connections,
         "connections_total": h.connections,
         "connect_failures_total": h.connect_failures,
     })

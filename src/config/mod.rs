@@ -99,6 +99,67 @@ pub struct Settings {
     /// The DNS server names are looked up from; `None` for the system's
     /// resolver (getaddrinfo: `/etc/hosts`, then `/etc/resolv.conf`).
     pub resolver: Option<SocketAddr>,
+    /// How long a client may wait for a slot when every host of its
+    /// upstream is at its `max_connections`; zero refuses it at once with
+    /// `ERROR overloaded`. An upstream's own `queue_timeout` overrides it.
+    pub queue_timeout: Duration,
+    /// Clients that may wait in one upstream's queue at once, in all
+    /// workers; beyond, they are refused at once. An upstream's own
+    /// `max_queued` overrides it.
+    pub max_queued: u32,
+    /// TCP keepalive on both sockets of every pair (`keepalive`,
+    /// `keepalive_interval`, `keepalive_probes`); `None`, the default,
+    /// leaves it off.
+    pub keepalive: Option<Keepalive>,
+    /// How access lines are written: text (the default) or one JSON
+    /// object per line.
+    pub access_log: AccessLog,
+}
+
+/// The format of access lines (`access_log`, `--access-log`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AccessLog {
+    /// `127.0.0.1:40910 `app` host=127.0.0.1:9001 up=7 down=25 ms=3 end=closed`,
+    /// after the logger's timestamp, level and target.
+    #[default]
+    Text,
+    /// One JSON object per line, nothing around it (see the README for
+    /// its fields).
+    Json,
+}
+
+impl AccessLog {
+    /// The values of `access_log`, in the order of the variants.
+    pub const NAMES: [&'static str; 2] = ["text", "json"];
+
+    /// The `access_log` value that names this format.
+    pub fn name(self) -> &'static str {
+        Self::NAMES[self as usize]
+    }
+
+    /// The format an `access_log` value names.
+    pub fn from_name(name: &str) -> Option<AccessLog> {
+        match name {
+            "text" => Some(AccessLog::Text),
+            "json" => Some(AccessLog::Json),
+            _ => None,
+        }
+    }
+}
+
+/// TCP keepalive as configured: probes start after `idle` seconds without
+/// traffic, every `interval`, and the connection is dropped after
+/// `probes` unanswered ones. What is not given stays the kernel's
+/// (`net.ipv4.tcp_keepalive_intvl`, 75 s, and `tcp_keepalive_probes`, 9,
+/// on a stock Linux).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Keepalive {
+    /// `TCP_KEEPIDLE`: whole seconds, 1 to 32767.
+    pub idle: Duration,
+    /// `TCP_KEEPINTVL`: whole seconds, 1 to 32767.
+    pub interval: Option<Duration>,
+    /// `TCP_KEEPCNT`: 1 to 127.
+    pub probes: Option<u32>,
 }
 
 impl Settings {
@@ -129,6 +190,10 @@ impl Default for Settings {
             workers: 1,
             resolve_interval: Duration::from_secs(30),
             resolver: None,
+            queue_timeout: Duration::ZERO,
+            max_queued: 1024,
+            keepalive: None,
+            access_log: AccessLog::Text,
         }
     }
 }
@@ -144,9 +209,10 @@ pub struct UpstreamConfig {
     pub listen: SocketAddr,
     /// The hosts given by address, none listed twice (those given by name
     /// are in `names`; [`addresses`](Self::addresses) has them all).
-    pub hosts: Vec<SocketAddr>,
+    pub hosts: Vec<HostConfig>,
     /// The hosts given by name (`name:port`), each with the addresses it
-    /// resolves to: every one of them is a host.
+    /// resolves to: every one of them is a host, with the entry's weight
+    /// and cap.
     pub names: Vec<HostName>,
     /// Clients must speak mTLS (default: true when `[tls]` exists).
     pub tls: bool,
@@ -154,36 +220,89 @@ pub struct UpstreamConfig {
     pub health: HealthSettings,
     /// What a refused client of this upstream gets (`refusal`).
     pub refusal: RefusalMode,
+    /// Its own `queue_timeout`, instead of `[defaults]`'.
+    pub queue_timeout: Option<Duration>,
+    /// Its own `max_queued`, instead of `[defaults]`'.
+    pub max_queued: Option<u32>,
+}
+
+/// One host of an upstream: a plain `"host:port"` in the file's `hosts`,
+/// or a table `{ address = "host:port", weight = 3, max_connections = 200 }`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostConfig {
+    /// The TCP address of the host.
+    pub addr: SocketAddr,
+    /// Its share of the upstream's connections relative to the other
+    /// hosts: least-connections ranks hosts by active connections divided
+    /// by weight (1 to 1000; 1 by default).
+    pub weight: u32,
+    /// The most connections it handles at once; a host at its cap is
+    /// skipped (`None`: no cap of its own).
+    pub max_connections: Option<u32>,
+}
+
+impl HostConfig {
+    /// The weight of a host that names none.
+    pub const DEFAULT_WEIGHT: u32 = 1;
+}
+
+impl From<SocketAddr> for HostConfig {
+    /// A host with the default weight and no cap, as a plain string gives.
+    fn from(addr: SocketAddr) -> HostConfig {
+        HostConfig {
+            addr,
+            weight: HostConfig::DEFAULT_WEIGHT,
+            max_connections: None,
+        }
+    }
 }
 
 impl UpstreamConfig {
-    /// Every host address: those given by address, then those of each
-    /// name, in file order, none twice (an address two entries give is
-    /// one host).
-    pub fn addresses(&self) -> Vec<SocketAddr> {
+    /// Every host: those given by address, then each address of each
+    /// name (with that name's weight and cap), in file order, none twice
+    /// (an address two entries give is one host, the first one's).
+    pub fn addresses(&self) -> Vec<HostConfig> {
         let mut all = self.hosts.clone();
-        for addr in self.names.iter().flat_map(|n| &n.addrs) {
-            if !all.contains(addr) {
-                all.push(*addr);
+        for host in self.names.iter().flat_map(HostName::hosts) {
+            if !all.iter().any(|h| h.addr == host.addr) {
+                all.push(host);
             }
         }
         all
     }
 }
 
-/// A host given by name, `name:port`: looked up when the config is read,
-/// and again every `resolve_interval` while tcplb runs. Each of its
-/// addresses, A and AAAA, is a host of the upstream.
+/// A host given by name, `name:port` (a plain string of `hosts`, or the
+/// `address` of a host table): looked up when the config is read, and
+/// again every `resolve_interval` while tcplb runs. Each of its
+/// addresses, A and AAAA, is a host of the upstream, with the weight and
+/// cap of its entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HostName {
     /// The name, as written (without the port).
     pub name: String,
     /// The port every address of the name is given.
     pub port: u16,
+    /// The weight each of its addresses has (see [`HostConfig::weight`]).
+    pub weight: u32,
+    /// The cap each of its addresses has, each its own (see
+    /// [`HostConfig::max_connections`]).
+    pub max_connections: Option<u32>,
     /// Its addresses with the port, sorted: what it resolved to when the
     /// config was read (none if it did not resolve, which
     /// `resolve_interval` allows), later what it resolves to now.
     pub addrs: Vec<SocketAddr>,
+}
+
+impl HostName {
+    /// Its addresses as hosts, each with its weight and cap.
+    pub fn hosts(&self) -> impl Iterator<Item = HostConfig> + '_ {
+        self.addrs.iter().map(|&addr| HostConfig {
+            addr,
+            weight: self.weight,
+            max_connections: self.max_connections,
+        })
+    }
 }
 
 impl std::fmt::Display for HostName {
@@ -330,12 +449,14 @@ impl Config {
             problems.general("at least one --host is required".to_string());
         }
         let resolver = Resolver::of(settings.resolver);
-        let (mut literal, mut names): (Vec<SocketAddr>, Vec<HostName>) = (Vec::new(), Vec::new());
+        let (mut literal, mut names): (Vec<HostConfig>, Vec<HostName>) = (Vec::new(), Vec::new());
         for host in hosts {
             let twice = || format!("--host {host}: listed twice");
             match values::written(host) {
-                Ok(Written::Literal(addr)) if literal.contains(&addr) => problems.general(twice()),
-                Ok(Written::Literal(addr)) => literal.push(addr),
+                Ok(Written::Literal(addr)) if literal.iter().any(|h| h.addr == addr) => {
+                    problems.general(twice())
+                }
+                Ok(Written::Literal(addr)) => literal.push(addr.into()),
                 Ok(Written::Name(name, port))
                     if names
                         .iter()
@@ -347,6 +468,8 @@ impl Config {
                     Ok(addrs) => names.push(HostName {
                         name: name.to_string(),
                         port,
+                        weight: HostConfig::DEFAULT_WEIGHT,
+                        max_connections: None,
                         addrs,
                     }),
                     Err(why) => problems.general(format!("--host {host}: {why}")),
@@ -364,6 +487,8 @@ impl Config {
                 tls: false,
                 health: HealthSettings::default(),
                 refusal: RefusalMode::default(),
+                queue_timeout: None,
+                max_queued: None,
             }],
             tls: None,
             clients: Vec::new(),
@@ -464,7 +589,10 @@ hosts = ["127.0.0.1:9001", "127.0.0.1:9002", "[::1]:9003"]
         assert_eq!(config.settings.idle_timeout, Duration::from_secs(3600));
         assert_eq!(config.settings.buffer_size, 16384);
         assert_eq!(config.upstreams.len(), 1);
-        assert_eq!(config.upstreams[0].hosts[2], "[::1]:9003".parse().unwrap());
+        assert_eq!(
+            config.upstreams[0].hosts[2],
+            HostConfig::from("[::1]:9003".parse::<SocketAddr>().unwrap())
+        );
     }
 
     #[test]
@@ -479,7 +607,8 @@ hosts = ["127.0.0.1:9001", "127.0.0.1:9002", "[::1]:9003"]
         assert_eq!(one.summary(), "1 upstream, 1 host");
         let mut two = one.clone();
         two.upstreams.push(one.upstreams[0].clone());
-        two.upstreams[1].hosts.push("127.0.0.1:2".parse().unwrap());
+        let other: SocketAddr = "127.0.0.1:2".parse().unwrap();
+        two.upstreams[1].hosts.push(other.into());
         assert_eq!(two.summary(), "2 upstreams, 3 hosts");
         assert_eq!(RefusalMode::Reset.name(), "reset");
     }

@@ -13,8 +13,17 @@ use std::time::Duration;
 
 use crate::policy::limits::Limit;
 
-/// Connections at once: `max_connections` of `[defaults]` and of a `[[client]]`.
+/// Connections at once: `max_connections` of `[defaults]`, of a host and of a `[[client]]`.
 pub(super) const CONNECTIONS: RangeInclusive<i64> = 1..=u32::MAX as i64;
+/// A host's `weight`: its share relative to the other hosts of its upstream.
+pub(super) const WEIGHT: RangeInclusive<i64> = 1..=1000;
+/// `max_queued`: clients waiting in one upstream's queue.
+pub(super) const QUEUED: RangeInclusive<i64> = 1..=1_000_000;
+/// `keepalive_probes`: what `TCP_KEEPCNT` takes.
+pub(super) const KEEPALIVE_PROBES: RangeInclusive<i64> = 1..=127;
+/// `keepalive` and `keepalive_interval`, in seconds: what `TCP_KEEPIDLE`
+/// and `TCP_KEEPINTVL` take.
+const KEEPALIVE_SECS: RangeInclusive<u64> = 1..=32767;
 /// `backlog`: what `listen(2)` takes.
 pub(super) const BACKLOG: RangeInclusive<i64> = 1..=65535;
 /// Worker threads.
@@ -38,6 +47,19 @@ const NAME_MAX: usize = 64;
 pub(super) fn positive(duration: Duration) -> Result<Duration, &'static str> {
     if duration.is_zero() {
         return Err("must be greater than zero");
+    }
+    Ok(duration)
+}
+
+/// A keepalive time: whole seconds (the kernel counts in seconds), within
+/// [`KEEPALIVE_SECS`].
+pub(super) fn keepalive_time(duration: Duration) -> Result<Duration, String> {
+    let (lo, hi) = (KEEPALIVE_SECS.start(), KEEPALIVE_SECS.end());
+    if duration.subsec_nanos() != 0 || !KEEPALIVE_SECS.contains(&duration.as_secs()) {
+        return Err(format!(
+            "must be whole seconds from {lo}s to {hi}s, not {}s (leave it out for no keepalive)",
+            duration.as_secs_f64()
+        ));
     }
     Ok(duration)
 }

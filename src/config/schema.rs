@@ -18,7 +18,7 @@ use super::problems::Problems;
 use super::tables::{as_table, find, unknown_keys};
 use super::upstreams::{Lookups, upstreams};
 use super::values::{Value, Zero, address, duration, fill, integer, rate, size, string};
-use super::{Config, Settings, rules};
+use super::{AccessLog, Config, Keepalive, Settings, rules};
 use crate::policy::limits::Limit;
 use crate::tls::{TlsPlaces, TlsSettings};
 
@@ -38,6 +38,12 @@ const DEFAULTS_KEYS: &[&str] = &[
     "workers",
     "resolve_interval",
     "resolver",
+    "queue_timeout",
+    "max_queued",
+    "keepalive",
+    "keepalive_interval",
+    "keepalive_probes",
+    "access_log",
 ];
 const TLS_KEYS: &[&str] = &[
     "cert",
@@ -105,6 +111,7 @@ fn defaults(p: &mut Problems<'_>, root: &DeTable<'_>) -> Option<Settings> {
         ),
         ("drain_timeout", &mut s.drain_timeout, Zero::Allowed),
         ("resolve_interval", &mut s.resolve_interval, Zero::Allowed),
+        ("queue_timeout", &mut s.queue_timeout, Zero::Allowed),
     ];
     for (key, slot, zero) in durations {
         ok &= fill(slot, find(table, key).map(|v| duration(p, v, key, zero)));
@@ -115,7 +122,22 @@ fn defaults(p: &mut Problems<'_>, root: &DeTable<'_>) -> Option<Settings> {
     let backlog =
         find(table, "backlog").map(|v| integer(p, v, "backlog", rules::BACKLOG).map(|n| n as u32));
     ok &= fill(&mut s.backlog, backlog);
+    let max_queued = find(table, "max_queued")
+        .map(|v| integer(p, v, "max_queued", rules::QUEUED).map(|n| n as u32));
+    ok &= fill(&mut s.max_queued, max_queued);
     ok &= fill(&mut s.source_limit, Some(source_limit(p, table)));
+    ok &= fill(&mut s.keepalive, Some(keepalive(p, table)));
+    let access_log = find(table, "access_log").map(|v| {
+        let name = string(p, v, "access_log")?;
+        let format = AccessLog::from_name(name);
+        if format.is_none() {
+            let expected = AccessLog::NAMES.map(|n| format!("\"{n}\"")).join(" or ");
+            let message = format!("`access_log` must be {expected}, not \"{name}\"");
+            p.at(v.span(), message);
+        }
+        format
+    });
+    ok &= fill(&mut s.access_log, access_log);
     for (key, slot) in [
         ("buffer_size", &mut s.buffer_size),
         ("bulk_buffer_size", &mut s.bulk_buffer_size),
@@ -181,6 +203,36 @@ fn source_limit(p: &mut Problems<'_>, table: &DeTable<'_>) -> Option<Option<Limi
         (None, None) => Some(None),
         _ => None,
     }
+}
+
+/// `keepalive`, `keepalive_interval` and `keepalive_probes` of
+/// `[defaults]`: the keepalive they make, if any (`Some(None)` without
+/// `keepalive`).
+fn keepalive(p: &mut Problems<'_>, table: &DeTable<'_>) -> Option<Option<Keepalive>> {
+    let time = |p: &mut Problems<'_>, key: &str| {
+        find(table, key).map(|v| {
+            duration(p, v, key, Zero::Allowed)
+                .and_then(|d| p.check(v.span(), key, rules::keepalive_time(d)))
+        })
+    };
+    let idle = time(p, "keepalive");
+    let interval = time(p, "keepalive_interval");
+    let probes = find(table, "keepalive_probes")
+        .map(|v| integer(p, v, "keepalive_probes", rules::KEEPALIVE_PROBES).map(|n| n as u32));
+    let Some(idle) = idle else {
+        for key in ["keepalive_interval", "keepalive_probes"] {
+            if let Some(v) = find(table, key) {
+                let message = format!("`{key}` needs `keepalive` (the idle time before probes)");
+                p.at(v.span(), message);
+            }
+        }
+        return (interval.is_none() && probes.is_none()).then_some(None);
+    };
+    Some(Some(Keepalive {
+        idle: idle?,
+        interval: interval.map_or(Some(None), |i| i.map(Some))?,
+        probes: probes.map_or(Some(None), |n| n.map(Some))?,
+    }))
 }
 
 /// `[tls]`: `Some(None)` when it is absent.
@@ -510,5 +562,74 @@ max_connections = 100
         assert_eq!(found.len(), 1);
         assert!(found[0].starts_with("lb.toml:1:"), "{found:?}");
         assert!(found[0].contains("invalid TOML"), "{found:?}");
+    }
+
+    #[test]
+    fn keepalive_is_off_unless_set_and_checked_when_set() {
+        let base = "[[upstream]]\nname=\"x\"\nlisten=\"127.0.0.1:0\"\nhosts=[\"127.0.0.1:1\"]\n";
+        assert_eq!(Config::parse(base, "x").unwrap().settings.keepalive, None);
+        let text = format!(
+            "[defaults]\nkeepalive = \"1m\"\nkeepalive_interval = \"10s\"\nkeepalive_probes = 5\n{base}"
+        );
+        let keepalive = Config::parse(&text, "x").unwrap().settings.keepalive;
+        assert_eq!(
+            keepalive,
+            Some(crate::config::Keepalive {
+                idle: Duration::from_secs(60),
+                interval: Some(Duration::from_secs(10)),
+                probes: Some(5),
+            })
+        );
+        let idle_only = format!("[defaults]\nkeepalive = \"30s\"\n{base}");
+        let keepalive = Config::parse(&idle_only, "x")
+            .unwrap()
+            .settings
+            .keepalive
+            .unwrap();
+        assert_eq!((keepalive.interval, keepalive.probes), (None, None));
+        let found = problems(&format!(
+            "[defaults]\nkeepalive = \"1500ms\"\nkeepalive_interval = \"0s\"\nkeepalive_probes = 200\n{base}"
+        ));
+        assert_eq!(
+            found,
+            [
+                "lb.toml:2:13: `keepalive` must be whole seconds from 1s to 32767s, not 1.5s (leave it out for no keepalive)",
+                "lb.toml:3:22: `keepalive_interval` must be whole seconds from 1s to 32767s, not 0s (leave it out for no keepalive)",
+                "lb.toml:4:20: `keepalive_probes` must be between 1 and 127, not 200",
+            ]
+        );
+        let found = problems(&format!(
+            "[defaults]\nkeepalive_interval = \"10s\"\nkeepalive_probes = 3\n{base}"
+        ));
+        assert_eq!(
+            found,
+            [
+                "lb.toml:2:22: `keepalive_interval` needs `keepalive` (the idle time before probes)",
+                "lb.toml:3:20: `keepalive_probes` needs `keepalive` (the idle time before probes)",
+            ]
+        );
+    }
+
+    #[test]
+    fn access_log_is_text_or_json() {
+        use crate::config::AccessLog;
+        let base = "[[upstream]]\nname=\"x\"\nlisten=\"127.0.0.1:0\"\nhosts=[\"127.0.0.1:1\"]\n";
+        let format = |value: &str| {
+            let text = format!("[defaults]\naccess_log = {value}\n{base}");
+            Config::parse(&text, "x").map(|c| c.settings.access_log)
+        };
+        assert_eq!(
+            Config::parse(base, "x").unwrap().settings.access_log,
+            AccessLog::Text
+        );
+        assert_eq!(format("\"text\""), Ok(AccessLog::Text));
+        assert_eq!(format("\"json\""), Ok(AccessLog::Json));
+        let found = problems(&format!("[defaults]\naccess_log = \"yaml\"\n{base}"));
+        assert_eq!(
+            found,
+            ["lb.toml:2:14: `access_log` must be \"text\" or \"json\", not \"yaml\""]
+        );
+        let found = problems(&format!("[defaults]\naccess_log = true\n{base}"));
+        assert_eq!(found, ["lb.toml:2:14: `access_log` must be a string"]);
     }
 }

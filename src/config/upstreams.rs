@@ -1,10 +1,12 @@
 //! The walk of `[[upstream]]` tables and their `[upstream.health]`, and the
 //! checks across upstreams: names are unique and listen addresses do not
-//! collide on bind. A host given by name is looked up here (from
-//! `[defaults] resolver`, or the system's resolver) and keeps its name,
-//! so that it can be looked up again while tcplb runs. Each table yields a [`ParsedUpstream`], which keeps the
-//! spans of its name and listen address for those checks and for the
-//! client rules that name upstreams.
+//! collide on bind. A host is a `"host:port"` string or a table with its
+//! `address`, `weight` and `max_connections`; a host given by name (either
+//! way) is looked up here (from `[defaults] resolver`, or the system's
+//! resolver) and keeps its name, weight and cap, so that it can be looked
+//! up again while tcplb runs. Each table yields a [`ParsedUpstream`],
+//! which keeps the spans of its name and listen address for those checks
+//! and for the client rules that name upstreams.
 
 use std::net::SocketAddr;
 use std::ops::Range;
@@ -19,11 +21,21 @@ use super::tables::{as_table, find, tables, unknown_keys};
 use super::values::{
     self, Value, Written, Zero, address, boolean, duration, fill, integer, string,
 };
-use super::{HostName, RefusalMode, Settings, UpstreamConfig};
+use super::{HostConfig, HostName, RefusalMode, Settings, UpstreamConfig};
 use crate::dns::Resolver;
 use crate::policy::health::HealthSettings;
 
-const UPSTREAM_KEYS: &[&str] = &["name", "listen", "hosts", "tls", "refusal", "health"];
+const UPSTREAM_KEYS: &[&str] = &[
+    "name",
+    "listen",
+    "hosts",
+    "tls",
+    "refusal",
+    "health",
+    "queue_timeout",
+    "max_queued",
+];
+const HOST_KEYS: &[&str] = &["address", "weight", "max_connections"];
 const HEALTH_KEYS: &[&str] = &[
     "interval",
     "timeout",
@@ -103,7 +115,16 @@ fn upstream(
         as_table(p, v, not_a_table).and_then(|t| health(p, t, &label))
     });
     let refusal = find(table, "refusal").map_or(Some(RefusalMode::default()), |v| refusal(p, v));
-    let config = match (&name, &listen, hosts, tls, health, refusal) {
+    let mut queue_timeout = Some(None);
+    if let Some(v) = find(table, "queue_timeout") {
+        queue_timeout = duration(p, v, "queue_timeout", Zero::Allowed).map(Some);
+    }
+    let mut max_queued = Some(None);
+    if let Some(v) = find(table, "max_queued") {
+        max_queued = integer(p, v, "max_queued", rules::QUEUED).map(|n| Some(n as u32));
+    }
+    let queue = queue_timeout.zip(max_queued);
+    let config = match (&name, &listen, hosts, tls, health, refusal, queue) {
         (
             Some(name),
             Some(listen),
@@ -111,6 +132,7 @@ fn upstream(
             Some(tls),
             Some(health),
             Some(refusal),
+            Some((queue_timeout, max_queued)),
         ) => Some(UpstreamConfig {
             name: name.get_ref().clone(),
             listen: *listen.get_ref(),
@@ -119,6 +141,8 @@ fn upstream(
             tls,
             health,
             refusal,
+            queue_timeout,
+            max_queued,
         }),
         _ => None,
     };
@@ -161,17 +185,20 @@ impl Lookups {
 
 /// `hosts` of an upstream, by address and by name: none twice, none on
 /// port 0, none that is the upstream's own `listen` address (tcplb would
-/// connect to itself). A name is looked up now and each of its addresses
-/// is a host.
+/// connect to itself). Each is a `"host:port"` string or a table with its
+/// `address`, `weight` and `max_connections`. A name is looked up now and
+/// each of its addresses is a host, with the weight and cap of its entry.
 fn hosts(
     p: &mut Problems<'_>,
     v: &Value<'_>,
     label: &str,
     listen: Option<SocketAddr>,
     lookups: Lookups,
-) -> Option<(Vec<SocketAddr>, Vec<HostName>)> {
+) -> Option<(Vec<HostConfig>, Vec<HostName>)> {
     let DeValue::Array(items) = v.get_ref() else {
-        let message = format!("{label}: `hosts` must be an array of \"host:port\" strings");
+        let message = format!(
+            "{label}: `hosts` must be an array of \"host:port\" strings or {{ address = \"host:port\", ... }} tables"
+        );
         p.at(v.span(), message);
         return None;
     };
@@ -179,47 +206,70 @@ fn hosts(
         p.at(v.span(), format!("{label} has no hosts"));
         return None;
     }
-    let mut hosts: Vec<SocketAddr> = Vec::with_capacity(items.len());
+    let mut hosts: Vec<HostConfig> = Vec::with_capacity(items.len());
     let mut names: Vec<(HostName, Range<usize>)> = Vec::new();
     let mut ok = true;
-    for item in items.iter() {
-        let Some(text) = string(p, item, "hosts") else {
+    for value in items.iter() {
+        let Some(item) = host(p, value, label) else {
             ok = false;
             continue;
         };
-        let at = item.span();
-        match values::written(text) {
-            Ok(Written::Literal(addr)) => {
-                let twice = hosts.contains(&addr);
+        let written = match values::written(item.text) {
+            Ok(written) => written,
+            Err(why) => {
+                ok = false;
+                p.at(
+                    item.at,
+                    format!("`{}` address `{}`: {why}", item.key, item.text),
+                );
+                continue;
+            }
+        };
+        let Some((weight, max_connections)) = item.limits else {
+            ok = false;
+            continue;
+        };
+        match written {
+            Written::Literal(addr) => {
+                let twice = hosts.iter().any(|h| h.addr == addr);
                 match host_problem(label, &addr.to_string(), addr.port(), twice) {
                     Some(message) => {
                         ok = false;
-                        p.at(at, message);
+                        p.at(item.at, message);
                     }
                     None if listen.is_some_and(|l| loops_back(l, addr)) => {
                         ok = false;
-                        p.at(at, loop_problem(label, &addr.to_string()));
+                        p.at(item.at, loop_problem(label, &addr.to_string()));
                     }
-                    None => hosts.push(addr),
+                    None => hosts.push(HostConfig {
+                        addr,
+                        weight,
+                        max_connections,
+                    }),
                 }
             }
-            Ok(Written::Name(name, port)) => {
+            Written::Name(name, port) => {
                 let twice = names
                     .iter()
                     .any(|(n, _)| n.port == port && n.name.eq_ignore_ascii_case(name));
-                if let Some(message) = host_problem(label, text, port, twice) {
+                if let Some(message) = host_problem(label, item.text, port, twice) {
                     ok = false;
-                    p.at(at, message);
+                    p.at(item.at, message);
                     continue;
                 }
-                match named(p, at.clone(), text, (name, port), label, listen, lookups) {
-                    Some(host) => names.push((host, at)),
+                match named(p, &item, (name, port), label, listen, lookups) {
+                    Some(addrs) => {
+                        let host = HostName {
+                            name: name.to_string(),
+                            port,
+                            weight,
+                            max_connections,
+                            addrs,
+                        };
+                        names.push((host, item.at));
+                    }
                     None => ok = false,
                 }
-            }
-            Err(why) => {
-                ok = false;
-                p.at(at, format!("`hosts` address `{text}`: {why}"));
             }
         }
     }
@@ -246,20 +296,21 @@ fn loop_problem(label: &str, host: &str) -> String {
     )
 }
 
-/// A `name:port` host, looked up now. One that does not resolve is an
-/// error when `resolve_interval` is off; with it on, a warning (the name
-/// may appear later), and the name starts without addresses.
+/// The addresses of a `name:port` host, looked up now. One that does not
+/// resolve is an error when `resolve_interval` is off; with it on, a
+/// warning (the name may appear later), and the name starts without
+/// addresses.
 fn named(
     p: &mut Problems<'_>,
-    at: Range<usize>,
-    text: &str,
+    item: &Item<'_>,
     (name, port): (&str, u16),
     label: &str,
     listen: Option<SocketAddr>,
     lookups: Lookups,
-) -> Option<HostName> {
+) -> Option<Vec<SocketAddr>> {
+    let (at, text, key) = (item.at.clone(), item.text, item.key);
     if !p.lookups() {
-        let message = format!("`hosts` address `{text}`: {}", values::not_looked_up(name));
+        let message = format!("`{key}` address `{text}`: {}", values::not_looked_up(name));
         p.at(at, message);
         return None;
     }
@@ -267,7 +318,7 @@ fn named(
         Ok(addrs) => addrs,
         Err(why) if !lookups.interval.is_zero() => {
             let message = format!(
-                "`hosts` address `{text}`: {why}; it is looked up again every {:?} (`resolve_interval`), and its addresses join once it resolves",
+                "`{key}` address `{text}`: {why}; it is looked up again every {:?} (`resolve_interval`), and its addresses join once it resolves",
                 lookups.interval
             );
             p.warn(at.clone(), message);
@@ -275,7 +326,7 @@ fn named(
         }
         Err(why) => {
             let message = format!(
-                "`hosts` address `{text}`: {why} (with `resolve_interval = \"0s\"` names are looked up only as the config is read)"
+                "`{key}` address `{text}`: {why} (with `resolve_interval = \"0s\"` names are looked up only as the config is read)"
             );
             p.at(at, message);
             return None;
@@ -289,11 +340,7 @@ fn named(
         p.at(at, message);
         return None;
     }
-    Some(HostName {
-        name: name.to_string(),
-        port,
-        addrs,
-    })
+    Some(addrs)
 }
 
 /// A name's address that another host of the upstream also has is one
@@ -301,19 +348,79 @@ fn named(
 fn shared_addresses(
     p: &mut Problems<'_>,
     label: &str,
-    hosts: &[SocketAddr],
+    hosts: &[HostConfig],
     names: &[(HostName, Range<usize>)],
 ) {
     for (i, (name, at)) in names.iter().enumerate() {
         let earlier = names[..i].iter().flat_map(|(n, _)| &n.addrs);
-        let taken: Vec<&SocketAddr> = hosts.iter().chain(earlier).collect();
+        let taken: Vec<&SocketAddr> = hosts.iter().map(|h| &h.addr).chain(earlier).collect();
         if let Some(addr) = name.addrs.iter().find(|a| taken.contains(a)) {
             let message = format!(
-                "{label}: `{name}` resolves to {addr}, which another of its hosts is too: the two are one host"
+                "{label}: `{name}` resolves to {addr}, which another of its hosts is too: the two are one host, with the other's weight and cap"
             );
             p.warn(at.clone(), message);
         }
     }
+}
+
+/// One item of `hosts` as written, before its address is read.
+struct Item<'v> {
+    /// The address, `"IP:port"` or `"name:port"`.
+    text: &'v str,
+    /// The key that holds it, for messages: `hosts` for a plain string,
+    /// `address` in a table.
+    key: &'static str,
+    /// Where problems with the address are reported.
+    at: Range<usize>,
+    /// Its weight and cap; `None` when they had a problem (reported).
+    limits: Option<(u32, Option<u32>)>,
+}
+
+/// One item of `hosts`: a `"host:port"` string, or a table with an
+/// `address` and optionally `weight` and `max_connections`.
+fn host<'v>(p: &mut Problems<'_>, item: &'v Value<'_>, label: &str) -> Option<Item<'v>> {
+    let table = match item.get_ref() {
+        DeValue::String(_) => {
+            return Some(Item {
+                text: string(p, item, "hosts")?,
+                key: "hosts",
+                at: item.span(),
+                limits: Some((HostConfig::DEFAULT_WEIGHT, None)),
+            });
+        }
+        DeValue::Table(table) => table,
+        _ => {
+            let message = format!(
+                "{label}: each host must be a \"host:port\" string or a table such as {{ address = \"host:port\", weight = 2 }}"
+            );
+            p.at(item.span(), message);
+            return None;
+        }
+    };
+    unknown_keys(p, table, HOST_KEYS, &format!("in a host of {label}"));
+    let address = match find(table, "address") {
+        Some(v) => string(p, v, "address").map(|text| (text, v.span())),
+        None => {
+            let message = format!("{label}: a host table has no `address` (\"host:port\")");
+            p.at(item.span(), message);
+            None
+        }
+    };
+    let mut weight = Some(HostConfig::DEFAULT_WEIGHT);
+    if let Some(v) = find(table, "weight") {
+        weight = integer(p, v, "weight", rules::WEIGHT).map(|n| n as u32);
+    }
+    let mut cap = Some(None);
+    if let Some(v) = find(table, "max_connections") {
+        cap = integer(p, v, "max_connections", rules::CONNECTIONS).map(|n| Some(n as u32));
+    }
+    let (text, at) = address?;
+    Some(Item {
+        text,
+        key: "address",
+        at,
+        limits: weight.zip(cap),
+    })
 }
 
 /// `tls` of an upstream: true needs a `[tls]` table.
@@ -582,7 +689,8 @@ hosts = ["localhost:9001", "127.0.0.1:9002"]
         )
         .unwrap();
         let u = &config.upstreams[0];
-        assert_eq!(u.hosts, ["127.0.0.1:9002".parse::<SocketAddr>().unwrap()]);
+        let literal: SocketAddr = "127.0.0.1:9002".parse().unwrap();
+        assert_eq!(u.hosts, [HostConfig::from(literal)]);
         assert_eq!(u.names.len(), 1);
         assert_eq!(u.names[0].to_string(), "localhost:9001");
         assert!(
@@ -590,7 +698,7 @@ hosts = ["localhost:9001", "127.0.0.1:9002"]
                 .addrs
                 .contains(&"127.0.0.1:9001".parse().unwrap())
         );
-        assert_eq!(u.addresses()[0], "127.0.0.1:9002".parse().unwrap());
+        assert_eq!(u.addresses()[0], HostConfig::from(literal));
         assert_eq!(u.addresses().len(), 1 + u.names[0].addrs.len());
         // An address a name shares with another host is one host, said so.
         let shared = crate::config::warnings(
@@ -599,7 +707,7 @@ hosts = ["localhost:9001", "127.0.0.1:9002"]
         assert_eq!(
             shared,
             [
-                "lb.toml:4:28: warning: upstream `a`: `localhost:9001` resolves to 127.0.0.1:9001, which another of its hosts is too: the two are one host"
+                "lb.toml:4:28: warning: upstream `a`: `localhost:9001` resolves to 127.0.0.1:9001, which another of its hosts is too: the two are one host, with the other's weight and cap"
             ]
         );
         let found = problems(
@@ -614,6 +722,52 @@ hosts = ["localhost:9001", "127.0.0.1:9002"]
     }
 
     #[test]
+    fn a_host_table_may_name_its_address_and_each_address_has_its_weight_and_cap() {
+        let config = Config::parse(
+            r#"[[upstream]]
+name = "a"
+listen = "127.0.0.1:7000"
+hosts = [{ address = "localhost:9001", weight = 3, max_connections = 7 }, "127.0.0.1:9002"]
+"#,
+            "lb.toml",
+        )
+        .unwrap();
+        let u = &config.upstreams[0];
+        assert_eq!(u.names.len(), 1);
+        let name = &u.names[0];
+        assert_eq!(name.to_string(), "localhost:9001");
+        assert_eq!((name.weight, name.max_connections), (3, Some(7)));
+        let all = u.addresses();
+        assert_eq!(all.len(), 1 + name.addrs.len());
+        assert!(
+            all[1..]
+                .iter()
+                .all(|h| (h.weight, h.max_connections) == (3, Some(7)))
+        );
+        assert!(
+            all.iter()
+                .any(|h| h.addr == "127.0.0.1:9001".parse().unwrap() && h.weight == 3)
+        );
+        // Problems with a named address are the table's `address`'s.
+        let found = problems(
+            r#"[[upstream]]
+name = "a"
+listen = "127.0.0.1:7000"
+hosts = [{ address = "bad name:1" }, { address = "localhost:0", weight = 2 }, { address = "localhost:9001", weight = 0 }, { address = "LOCALHOST:9001" }, "localhost:9001"]
+"#,
+        );
+        assert_eq!(
+            found,
+            [
+                "lb.toml:4:22: `address` address `bad name:1`: `bad name` is not a host name (dot-separated labels of letters, digits, '-' and '_', at most 63 each, none starting or ending with '-')",
+                "lb.toml:4:50: upstream `a`: host localhost:0 has port 0, which nothing can be connected to",
+                "lb.toml:4:118: `weight` must be between 1 and 1000, not 0",
+                "lb.toml:4:155: upstream `a`: host localhost:9001 is listed twice",
+            ]
+        );
+    }
+
+    #[test]
     fn wildcard_listen_collides_with_specific_address_on_same_port() {
         let a: SocketAddr = "0.0.0.0:80".parse().unwrap();
         let b: SocketAddr = "127.0.0.1:80".parse().unwrap();
@@ -622,5 +776,111 @@ hosts = ["localhost:9001", "127.0.0.1:9002"]
         assert!(listens_collide(a, b));
         assert!(!listens_collide(a, c));
         assert!(!listens_collide(zero, zero));
+    }
+
+    #[test]
+    fn hosts_are_strings_or_tables_with_weight_and_cap() {
+        let config = Config::parse(
+            r#"[[upstream]]
+name = "a"
+listen = "127.0.0.1:7000"
+hosts = ["127.0.0.1:9001", { address = "127.0.0.1:9002", weight = 3, max_connections = 200 }, { address = "[::1]:9003" }]
+"#,
+            "lb.toml",
+        )
+        .unwrap();
+        let at = |port: u16, weight, max_connections| HostConfig {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            weight,
+            max_connections,
+        };
+        let hosts = &config.upstreams[0].hosts;
+        assert_eq!(hosts[..2], [at(9001, 1, None), at(9002, 3, Some(200))]);
+        assert_eq!(hosts[2].addr, "[::1]:9003".parse().unwrap());
+        assert_eq!((hosts[2].weight, hosts[2].max_connections), (1, None));
+    }
+
+    #[test]
+    fn bad_host_tables_are_reported_where_they_are_wrong() {
+        let found = problems(
+            r#"[[upstream]]
+name = "a"
+listen = "127.0.0.1:7000"
+hosts = [
+  { address = "127.0.0.1:9001", weight = 0 },
+  { address = "127.0.0.1:9002", max_connections = -5 },
+  { address = "127.0.0.1:9003", max_connections = 0 },
+  { address = "127.0.0.1:9004", wieght = 2 },
+  { address = "nowhere" },
+  { weight = 2 },
+  { address = "127.0.0.1:9004" },
+  7,
+  { address = "127.0.0.1:9005", weight = "heavy" },
+]
+"#,
+        );
+        assert_eq!(
+            found,
+            [
+                "lb.toml:5:42: `weight` must be between 1 and 1000, not 0",
+                "lb.toml:6:51: `max_connections` must be between 1 and 4294967295, not -5",
+                "lb.toml:7:51: `max_connections` must be between 1 and 4294967295, not 0",
+                "lb.toml:8:33: unknown key `wieght` in a host of upstream `a` (expected one of: address, weight, max_connections)",
+                "lb.toml:9:15: `address` address `nowhere`: expected host:port, e.g. 127.0.0.1:9001 or [::1]:9001",
+                "lb.toml:10:3: upstream `a`: a host table has no `address` (\"host:port\")",
+                "lb.toml:11:15: upstream `a`: host 127.0.0.1:9004 is listed twice",
+                "lb.toml:12:3: upstream `a`: each host must be a \"host:port\" string or a table such as { address = \"host:port\", weight = 2 }",
+                "lb.toml:13:42: `weight` must be an integer",
+            ]
+        );
+    }
+
+    #[test]
+    fn the_queue_is_set_in_defaults_and_per_upstream() {
+        let config = Config::parse(
+            r#"[defaults]
+queue_timeout = "5s"
+max_queued = 50
+
+[[upstream]]
+name = "a"
+listen = "127.0.0.1:7000"
+hosts = ["127.0.0.1:9001"]
+queue_timeout = "0s"
+
+[[upstream]]
+name = "b"
+listen = "127.0.0.1:7001"
+hosts = ["127.0.0.1:9002"]
+max_queued = 7
+"#,
+            "lb.toml",
+        )
+        .unwrap();
+        let s = &config.settings;
+        assert_eq!(
+            (s.queue_timeout, s.max_queued),
+            (Duration::from_secs(5), 50)
+        );
+        let [a, b] = &config.upstreams[..] else {
+            panic!("two upstreams")
+        };
+        assert_eq!(
+            (a.queue_timeout, a.max_queued),
+            (Some(Duration::ZERO), None)
+        );
+        assert_eq!((b.queue_timeout, b.max_queued), (None, Some(7)));
+        let found = problems(
+            "[defaults]\nqueue_timeout = 5\nmax_queued = 0\n[[upstream]]\nname=\"a\"\nlisten=\"127.0.0.1:0\"\nhosts=[\"127.0.0.1:1\"]\nqueue_timeout = \"soon\"\nmax_queued = -1\n",
+        );
+        assert_eq!(
+            found,
+            [
+                "lb.toml:2:17: `queue_timeout` must be a string with a unit, such as \"5s\"",
+                "lb.toml:3:14: `max_queued` must be between 1 and 1000000, not 0",
+                "lb.toml:8:17: `queue_timeout`: `soon` is not a duration (use e.g. \"250ms\", \"5s\", \"2m\", \"1h\")",
+                "lb.toml:9:14: `max_queued` must be between 1 and 1000000, not -1",
+            ]
+        );
     }
 }

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use log::warn;
 use mio::net::{TcpListener, TcpStream};
-use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
+
+use crate::config::Keepalive;
 
 /// Bytes a pair's socket may hold written but not yet sent
 /// (`TCP_NOTSENT_LOWAT`). Autotuning grows a socket's send buffer to
@@ -63,10 +65,56 @@ pub fn set_listener_buffers(socket: &Socket, size: usize, addr: SocketAddr) -> i
 }
 
 /// Socket options for both sockets of a pair: no Nagle delay, since tcplb
-/// forwards what it has at once.
-pub fn prepare(stream: &TcpStream) {
+/// forwards what it has at once, and TCP keepalive when configured (set
+/// on each socket, so that a reload applies to new connections; a few
+/// syscalls per connection, none without keepalive).
+pub fn prepare(stream: &TcpStream, keepalive: Option<&Keepalive>) {
     // Failure only costs latency; the pair still works.
     let _ = stream.set_nodelay(true);
+    if let Some(keepalive) = keepalive {
+        // The values are checked at config time; a failure here leaves
+        // the connection without keepalive, as it would be without tcplb.
+        let _ = set_keepalive(stream, keepalive);
+    }
+}
+
+/// Turns TCP keepalive on (`SO_KEEPALIVE`) with `TCP_KEEPIDLE` and,
+/// when configured, `TCP_KEEPINTVL` and `TCP_KEEPCNT`.
+pub fn set_keepalive(stream: &TcpStream, keepalive: &Keepalive) -> io::Result<()> {
+    let mut params = TcpKeepalive::new().with_time(keepalive.idle);
+    if let Some(interval) = keepalive.interval {
+        params = params.with_interval(interval);
+    }
+    if let Some(probes) = keepalive.probes {
+        params = params.with_retries(probes);
+    }
+    SockRef::from(stream).set_tcp_keepalive(&params)
+}
+
+/// TCP keepalive as the kernel has it on one socket, read back with
+/// `getsockopt`: what [`set_keepalive`] set, and the kernel's defaults
+/// for what it did not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeepaliveState {
+    /// `TCP_KEEPIDLE`.
+    pub idle: Duration,
+    /// `TCP_KEEPINTVL`.
+    pub interval: Duration,
+    /// `TCP_KEEPCNT`.
+    pub probes: u32,
+}
+
+/// The keepalive of `stream` (`None` when `SO_KEEPALIVE` is off).
+pub fn keepalive(stream: &TcpStream) -> io::Result<Option<KeepaliveState>> {
+    let socket = SockRef::from(stream);
+    if !socket.keepalive()? {
+        return Ok(None);
+    }
+    Ok(Some(KeepaliveState {
+        idle: socket.tcp_keepalive_time()?,
+        interval: socket.tcp_keepalive_interval()?,
+        probes: socket.tcp_keepalive_retries()?,
+    }))
 }
 
 /// Keeps urgent (out-of-band) bytes in the stream, so they are relayed like

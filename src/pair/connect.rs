@@ -1,5 +1,6 @@
 //! Getting a pair to a host: the least-connections choice, the connect,
-//! and failover to the next-best host while connects fail.
+//! failover to the next-best host while connects fail, and waiting in
+//! the upstream's queue while every host is at its cap.
 
 use std::io;
 use std::net::SocketAddr;
@@ -13,7 +14,7 @@ use super::{Context, HostConn, Pair, RELAY_BUDGET, Refusal, State, Step};
 use crate::io::flow::{Flow, NotConnected, pump};
 use crate::io::{Connect, Endpoint, net};
 use crate::pair::End;
-use crate::policy::balance::{Host, HostCounters};
+use crate::policy::balance::{Host, HostCounters, HostLease, NoHost};
 
 /// Every socket of a pair is registered once, for all it will ever need;
 /// PRIORITY reports urgent data, which needs reading past a short read.
@@ -40,7 +41,104 @@ impl Pair {
             return self.refuse_with(ctx, Refusal::NoHealthyHost);
         }
         self.slot = Some(slot);
+        // Clients already waiting in this worker go first: a new one
+        // joins the line behind them (the loop retries it in order).
+        if self.upstream.balancer.queue().waiting_in(ctx.worker) > 0 {
+            if let Ok(step) = self.enqueue(ctx, Vec::new(), Flow::default()) {
+                return step;
+            }
+        }
         self.connect_next(ctx, Vec::new(), Flow::default())
+    }
+
+    /// Puts the pair in its upstream's queue, if the upstream lets clients
+    /// wait (`queue_timeout` above zero) and `max_queued` is not reached;
+    /// otherwise gives `tried` and `up` back.
+    fn enqueue(
+        &mut self,
+        ctx: &mut Context<'_>,
+        tried: Vec<SocketAddr>,
+        up: Flow,
+    ) -> Result<Step, (Vec<SocketAddr>, Flow)> {
+        let (timeout, max) = self.upstream.queue_limits(ctx.settings);
+        if timeout.is_zero() {
+            return Err((tried, up));
+        }
+        let Some(ticket) = self.upstream.balancer.queue().join(ctx.worker, max) else {
+            return Err((tried, up));
+        };
+        let now = ctx.now;
+        self.transition(ctx.census, |_| State::Queued {
+            _ticket: ticket,
+            since: now,
+            deadline: now + timeout,
+            tried,
+            up,
+        });
+        Ok(Step::Queued)
+    }
+
+    /// A slot may have freed: a queued pair takes a lease if one is there
+    /// now and connects, or keeps its place (`Step::Continue`). Called by
+    /// the loop for the first of its queue, in order.
+    pub fn retry_queued(&mut self, ctx: &mut Context<'_>) -> Step {
+        let State::Queued { tried, .. } = &self.state else {
+            return Step::Continue;
+        };
+        let lease = match self.upstream.balancer.lease(tried, ctx.now) {
+            Err(NoHost::Full) => return Step::Continue,
+            Ok(lease) => Some(lease),
+            // Its hosts went down or were removed while it waited.
+            Err(NoHost::Unavailable) => None,
+        };
+        let mut queued = None;
+        self.transition(ctx.census, |old| {
+            queued = Some(old);
+            State::Moving
+        });
+        let Some(State::Queued {
+            since, tried, up, ..
+        }) = queued
+        else {
+            unreachable!("checked above");
+        };
+        ctx.counters
+            .queue_waits
+            .observe(ctx.now.saturating_duration_since(since));
+        let step = match lease {
+            Some(lease) => self.connect_to(ctx, lease, tried, up),
+            None => {
+                let mut up = up;
+                up.release(ctx.pool);
+                self.slot = None;
+                let refusal = if self.upstream.balancer.healthy() == 0 {
+                    Refusal::NoHealthyHost
+                } else {
+                    Refusal::UpstreamUnavailable
+                };
+                self.refuse_with(ctx, refusal)
+            }
+        };
+        // A connect that failed at once and found every host full again
+        // queues anew: it keeps its place at the front of the line.
+        if step == Step::Queued {
+            Step::Continue
+        } else {
+            step
+        }
+    }
+
+    /// The queued pair's `queue_timeout` ran out: `ERROR overloaded`.
+    pub(super) fn queue_timed_out(&mut self, ctx: &mut Context<'_>) -> Step {
+        let State::Queued { since, up, .. } = &mut self.state else {
+            unreachable!("only queued pairs time out in the queue");
+        };
+        ctx.counters
+            .queue_waits
+            .observe(ctx.now.saturating_duration_since(*since));
+        up.release(ctx.pool);
+        self.slot = None;
+        self.refuse_with(ctx, Refusal::Overloaded)
     }
 
     /// Connects to the best host not in `tried`, moving down the candidates
@@ -50,49 +148,106 @@ impl Pair {
         &mut self,
         ctx: &mut Context<'_>,
         mut tried: Vec<SocketAddr>,
-        up: Flow,
+        mut up: Flow,
     ) -> Step {
-        let upstream = self.upstream.clone();
         let refusal = loop {
-            let Some(host) = upstream.balancer.pick(&tried, ctx.now) else {
-                break Refusal::UpstreamUnavailable;
-            };
-            let lease = upstream.balancer.acquire(host);
-            let addr = lease.host().addr;
-            let attempt = net::connect(addr, ctx.settings.socket_buffer).and_then(|stream| {
-                net::prepare(&stream);
-                let mut endpoint = Endpoint::new(stream);
-                endpoint.register(ctx.registry, ctx.host_token, PAIR_INTEREST)?;
-                Ok(endpoint)
-            });
-            match attempt {
-                Ok(endpoint) => {
-                    let deadline = ctx.now + ctx.settings.connect_timeout;
-                    self.transition(ctx.census, |_| State::Connecting {
-                        host: HostConn { endpoint, lease },
-                        tried,
-                        deadline,
-                        up,
-                    });
-                    return Step::Continue;
-                }
-                Err(e) => {
-                    let record = lease.host().clone();
-                    drop(lease);
-                    if net::is_resource_exhaustion(&e) {
-                        warn!("`{}`: cannot open a socket to {addr}: {e}", upstream.name);
+            let lease = match self.upstream.balancer.lease(&tried, ctx.now) {
+                Ok(lease) => lease,
+                Err(NoHost::Unavailable) => break Refusal::UpstreamUnavailable,
+                // Every host left is at its `max_connections`: wait for a
+                // slot if the upstream lets clients wait.
+                Err(NoHost::Full) => match self.enqueue(ctx, tried, up) {
+                    Ok(step) => return step,
+                    Err((_, back)) => {
+                        up = back;
                         break Refusal::Overloaded;
                     }
-                    connect_failed_log(ctx, &upstream.name, addr, &e);
-                    connect_result(ctx, record, false);
-                    tried.push(addr);
-                }
+                },
+            };
+            match self.start_connect(ctx, lease, &mut tried) {
+                Ok(host) => return self.await_connect(ctx, host, tried, up),
+                Err(Some(refusal)) => break refusal,
+                Err(None) => {}
             }
         };
-        let mut up = up;
         up.release(ctx.pool);
         self.slot = None;
         self.refuse_with(ctx, refusal)
+    }
+
+    /// [`connect_next`](Self::connect_next), starting with a lease already taken.
+    fn connect_to(
+        &mut self,
+        ctx: &mut Context<'_>,
+        lease: HostLease,
+        mut tried: Vec<SocketAddr>,
+        mut up: Flow,
+    ) -> Step {
+        match self.start_connect(ctx, lease, &mut tried) {
+            Ok(host) => self.await_connect(ctx, host, tried, up),
+            Err(None) => self.connect_next(ctx, tried, up),
+            Err(Some(refusal)) => {
+                up.release(ctx.pool);
+                self.slot = None;
+                self.refuse_with(ctx, refusal)
+            }
+        }
+    }
+
+    /// Starts the non-blocking connect to the host of `lease`. When it
+    /// fails at once, the host is logged, counted, added to `tried` and
+    /// its lease given back (`Err(None)`: try the next one), or, when the
+    /// process is out of descriptors, the client is to be refused
+    /// (`Err(Some(Overloaded))`).
+    fn start_connect(
+        &mut self,
+        ctx: &mut Context<'_>,
+        lease: HostLease,
+        tried: &mut Vec<SocketAddr>,
+    ) -> Result<HostConn, Option<Refusal>> {
+        let addr = lease.host().addr;
+        let attempt = net::connect(addr, ctx.settings.socket_buffer).and_then(|stream| {
+            net::prepare(&stream, ctx.settings.keepalive.as_ref());
+            let mut endpoint = Endpoint::new(stream);
+            endpoint.register(ctx.registry, ctx.host_token, PAIR_INTEREST)?;
+            Ok(endpoint)
+        });
+        match attempt {
+            Ok(endpoint) => Ok(HostConn { endpoint, lease }),
+            Err(e) => {
+                let record = lease.host().clone();
+                drop(lease);
+                if net::is_resource_exhaustion(&e) {
+                    warn!(
+                        "`{}`: cannot open a socket to {addr}: {e}",
+                        self.upstream.name
+                    );
+                    return Err(Some(Refusal::Overloaded));
+                }
+                connect_failed_log(ctx, &self.upstream.name, addr, &e);
+                connect_result(ctx, record, false);
+                tried.push(addr);
+                Err(None)
+            }
+        }
+    }
+
+    /// The connect to `host` is under way.
+    fn await_connect(
+        &mut self,
+        ctx: &mut Context<'_>,
+        host: HostConn,
+        tried: Vec<SocketAddr>,
+        up: Flow,
+    ) -> Step {
+        let deadline = ctx.now + ctx.settings.connect_timeout;
+        self.transition(ctx.census, |_| State::Connecting {
+            host,
+            tried,
+            deadline,
+            up,
+        });
+        Step::Continue
     }
 
     /// A connecting pair's socket changed: see whether the connect is done.
@@ -101,7 +256,7 @@ impl Pair {
             unreachable!("only connecting pairs check their connect");
         };
         match host.endpoint.connect_result() {
-            Connect::Pending => self.while_connecting(ctx),
+            Connect::Pending => self.while_waiting(ctx),
             Connect::Failed(e) => self.connect_failed(ctx, e),
             Connect::Established => {
                 let now = ctx.now;
@@ -125,12 +280,13 @@ impl Pair {
         }
     }
 
-    /// While the connect is in flight: a client that reset has what it
-    /// sent before read into the buffer, to be delivered once the host is
-    /// connected. A client that sent nothing is done with at once.
-    fn while_connecting(&mut self, ctx: &mut Context<'_>) -> Step {
-        let State::Connecting { up, .. } = &mut self.state else {
-            unreachable!("only connecting pairs wait for their connect");
+    /// While the connect is in flight, or the pair waits in the queue: a
+    /// client that reset has what it sent before read into the buffer, to
+    /// be delivered once the host is connected. A client that sent nothing
+    /// is done with at once.
+    pub(super) fn while_waiting(&mut self, ctx: &mut Context<'_>) -> Step {
+        let (State::Connecting { up, .. } | State::Queued { up, .. }) = &mut self.state else {
+            unreachable!("only connecting and queued pairs wait without a host");
         };
         let client = &mut self.client;
         client.endpoint.note_error();

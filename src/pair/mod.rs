@@ -9,6 +9,8 @@
 //!           └─(plain upstream)───────────────────────────────────── ┴──> Connecting
 //!                                                                          │  ▲ (connect failed:
 //!   Refusing <──(refused, or no host left)─────────────────────────────────┤  └── next candidate)
+//!      ▲                          (every host at its cap)──> Queued ──(slot)──┘
+//!      └──────────────────────────────────────(queue_timeout)─┘
 //!      │                                                              (connected)
 //!      └──(line sent, client's FIN, or deadline)──> closed                 ▼
 //!                                                                       Relaying ──(both flows done)──> closed
@@ -24,6 +26,10 @@
 //! state goes through [`Pair::transition`], which keeps the [`Census`] (how
 //! many pairs are in each state) and logs the change; [`Pair::close`] is
 //! the one way out, and gives back everything the last state held.
+//!
+//! A queued pair holds a place in its upstream's wait queue and nothing
+//! of a host; its worker keeps it in line and retries it when a slot
+//! frees (see [`crate::policy::queue`]).
 
 mod connect;
 mod end;
@@ -49,10 +55,11 @@ use crate::io::buffer::BufferPool;
 use crate::io::flow::Flow;
 use crate::io::send_queue::SendQueues;
 use crate::io::tls_session::{Handshake, TlsSession};
-use crate::logs::{RefusalLog, Throttle};
+use crate::logs::{AccessLine, RefusalLog, Throttle};
 use crate::policy::access::{Access, ClientLease};
 use crate::policy::balance::{Host, HostLease};
 use crate::policy::capacity::{Capacity, ConnectionSlot, HandshakeSlot};
+use crate::policy::queue::QueueTicket;
 use crate::upstream::{Counters, Upstream};
 
 /// How long a refused client gets to read its error line and close.
@@ -90,6 +97,10 @@ pub(crate) enum Step {
     Again,
     /// Done: [`Pair::close`] it with this end.
     Finish(End),
+    /// Every host is at its cap and the pair now waits for a slot: the
+    /// loop puts it at the back of its upstream's queue, and retries the
+    /// queue (with [`Pair::retry_queued`]) when a slot may have freed.
+    Queued,
 }
 
 /// The client's side of a pair, in every state.
@@ -150,6 +161,17 @@ enum State {
         end: End,
         wait: ResetWait,
     },
+    /// Every host is at its cap: waiting for a slot until `deadline`.
+    Queued {
+        /// Its place in the upstream's queue, held until the state ends.
+        _ticket: QueueTicket,
+        since: Instant,
+        deadline: Instant,
+        /// Hosts that already failed for this client.
+        tried: Vec<SocketAddr>,
+        /// Client to host: filled only if the client reset meanwhile.
+        up: Flow,
+    },
     /// Sending the refusal line, then waiting for the client's FIN.
     Refusing {
         refusal: Refusal,
@@ -164,6 +186,7 @@ enum State {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Handshaking,
+    Queued,
     Connecting,
     Relaying,
     Resetting,
@@ -174,6 +197,7 @@ impl State {
     fn kind(&self) -> Option<Kind> {
         Some(match self {
             State::Handshaking { .. } => Kind::Handshaking,
+            State::Queued { .. } => Kind::Queued,
             State::Connecting { .. } => Kind::Connecting,
             State::Relaying { .. } => Kind::Relaying,
             State::Resetting { .. } => Kind::Resetting,
@@ -188,7 +212,7 @@ impl State {
 /// states it counts. (The process-wide caps are in [`Capacity`].)
 #[derive(Debug, Default)]
 pub(crate) struct Census {
-    counts: [usize; 5],
+    counts: [usize; 6],
 }
 
 impl Census {
@@ -230,6 +254,8 @@ pub(crate) struct Context<'a> {
     /// This worker's counters of the pair's upstream.
     pub counters: &'a mut Counters,
     pub access: &'a Access,
+    /// The index of the worker the pair lives in (its place in queues).
+    pub worker: usize,
     /// The process-wide caps.
     pub capacity: &'a Arc<Capacity>,
     pub census: &'a mut Census,
@@ -351,6 +377,11 @@ impl Pair {
         matches!(self.state, State::Handshaking { .. })
     }
 
+    /// Whether it waits in its upstream's queue for a host slot.
+    pub fn is_queued(&self) -> bool {
+        matches!(self.state, State::Queued { .. })
+    }
+
     /// The host this pair counts against, while connecting or relaying.
     pub fn host(&self) -> Option<&Arc<Host>> {
         match &self.state {
@@ -374,6 +405,7 @@ impl Pair {
     pub fn deadline(&self, settings: &Settings) -> Instant {
         let own = match &self.state {
             State::Handshaking { deadline, .. }
+            | State::Queued { deadline, .. }
             | State::Connecting { deadline, .. }
             | State::Refusing { deadline, .. } => *deadline,
             State::Resetting { wait, .. } => wait.deadline(),
@@ -399,6 +431,7 @@ impl Pair {
     pub fn advance(&mut self, ctx: &mut Context<'_>) -> Step {
         match self.state {
             State::Handshaking { .. } => self.handshake(ctx),
+            State::Queued { .. } => self.while_waiting(ctx),
             State::Connecting { .. } => self.check_connect(ctx),
             State::Relaying { .. } => self.relay(ctx),
             State::Resetting { .. } => self.drain_while_resetting(ctx),
@@ -416,6 +449,7 @@ impl Pair {
                 self.count_silent_refusal("handshake_timeout", ctx.counters, refusals, ctx.now);
                 Step::Finish(End::HandshakeTimeout)
             }
+            State::Queued { .. } => self.queue_timed_out(ctx),
             State::Connecting { .. } => {
                 let e = std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out");
                 self.connect_failed(ctx, e)
@@ -517,6 +551,12 @@ impl Pair {
         let (bytes, host_addr) = match state {
             // The leases and buffers go with the state; the host socket
             // closes as it is dropped.
+            State::Queued { since, mut up, .. } => {
+                up.release(ctx.pool);
+                u.queue_waits
+                    .observe(ctx.now.saturating_duration_since(since));
+                ((0, 0), None)
+            }
             State::Connecting { host, mut up, .. } => {
                 up.release(ctx.pool);
                 if host_rst {
@@ -559,22 +599,18 @@ impl Pair {
         if self.unlogged {
             return;
         }
-        // Only a TLS client has an identity to log (`-` for one without).
-        let (label, identity) = match &self.client.tls {
-            Some(_) => (" identity=", self.identity.as_deref().unwrap_or("-")),
-            None => ("", ""),
-        };
-        info!(
-            target: "tcplb::access",
-            "{} `{}`{label}{identity} host={} up={} down={} ms={} end={}",
-            self.client_addr,
-            self.upstream.name,
-            host_addr.map_or("-".to_string(), |a| a.to_string()),
-            bytes.0,
-            bytes.1,
-            duration.as_millis(),
-            end
-        );
+        AccessLine {
+            client: self.client_addr,
+            upstream: &self.upstream.name,
+            host: host_addr,
+            identity: self.identity.as_deref(),
+            tls: self.client.tls.is_some(),
+            bytes,
+            duration,
+            end: end.code(),
+            proxy_source: None,
+        }
+        .log(ctx.settings.access_log);
     }
 }
 

@@ -44,14 +44,16 @@ impl World {
                 &UpstreamConfig {
                     name: "test".into(),
                     listen: "127.0.0.1:0".parse().unwrap(),
-                    hosts: hosts.clone(),
+                    hosts: hosts.iter().map(|&h| h.into()).collect(),
                     names: Vec::new(),
                     tls: false,
                     health: HealthSettings::default(),
                     refusal: RefusalMode::default(),
+                    queue_timeout: None,
+                    max_queued: None,
                 },
                 "127.0.0.1:0".parse().unwrap(),
-                LoadBalancer::new(hosts),
+                LoadBalancer::unqueued(&hosts.iter().map(|&h| h.into()).collect::<Vec<_>>()),
             )),
             counters: Counters::default(),
             access: Access::new(Vec::new()),
@@ -74,6 +76,7 @@ impl World {
             host_token: HOST,
             counters: &mut self.counters,
             access: &self.access,
+            worker: 0,
             capacity: &self.capacity,
             census: &mut self.census,
             send_queues: &mut self.send_queues,
@@ -292,4 +295,83 @@ fn a_handshake_that_does_not_finish_times_out_and_is_counted() {
     assert_eq!(w.capacity.handshakes(), 0);
     assert_eq!(w.capacity.handshakes_from("127.0.0.1".parse().unwrap()), 0);
     assert_eq!(w.counters.refused.get("handshake_timeout"), Some(&1));
+}
+
+#[test]
+fn a_full_upstream_queues_then_admits_or_times_out_on_the_given_clock() {
+    let host = listener();
+    let mut w = World::new(vec![host.local_addr().unwrap()]);
+    let config = UpstreamConfig {
+        name: "test".into(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        hosts: vec![crate::config::HostConfig {
+            max_connections: Some(1),
+            ..host.local_addr().unwrap().into()
+        }],
+        names: Vec::new(),
+        tls: false,
+        health: HealthSettings::default(),
+        refusal: RefusalMode::default(),
+        queue_timeout: Some(Duration::from_secs(10)),
+        max_queued: None,
+    };
+    let balancer = LoadBalancer::unqueued(&config.hosts);
+    w.upstream = Arc::new(Upstream::new(0, &config, config.listen, balancer));
+    let queue = w.upstream.balancer.queue().clone();
+    let secs = Duration::from_secs;
+    let open = |w: &mut World, at: Duration| {
+        let (client, accepted) = w.client();
+        let upstream = w.upstream.clone();
+        let (pair, step) = Pair::connecting(1, upstream, accepted, &mut w.at(at));
+        (client, pair, step)
+    };
+    let (_c1, first, step) = open(&mut w, Duration::ZERO);
+    assert_eq!(
+        (step, kind(&first)),
+        (Step::Continue, Some(Kind::Connecting))
+    );
+    // The only host is at its cap: the next client waits, holding no host.
+    let (_c2, mut second, step) = open(&mut w, Duration::ZERO);
+    assert_eq!((step, kind(&second)), (Step::Queued, Some(Kind::Queued)));
+    assert!(second.host().is_none() && second.slot.is_some());
+    assert_eq!(
+        (queue.len(), w.census.counts[Kind::Queued as usize]),
+        (1, 1)
+    );
+    assert_eq!(second.deadline(&w.settings), w.t0 + secs(10));
+    assert_eq!(second.retry_queued(&mut w.at(secs(1))), Step::Continue);
+    assert_eq!(
+        kind(&second),
+        Some(Kind::Queued),
+        "still full: still waiting"
+    );
+    // The first ends: the second, retried, takes its slot.
+    first.close(&mut w.at(secs(2)), End::Closed);
+    assert_eq!(second.retry_queued(&mut w.at(secs(3))), Step::Continue);
+    assert_eq!(kind(&second), Some(Kind::Connecting));
+    assert_eq!(queue.len(), 0);
+    assert_eq!(
+        (w.counters.queue_waits.count, w.counters.queue_waits.sum),
+        (1, 3.0)
+    );
+    // A third waits out its queue_timeout, exactly, then is refused.
+    let (_c3, mut third, step) = open(&mut w, secs(3));
+    assert_eq!(step, Step::Queued);
+    assert_eq!(third.deadline(&w.settings), w.t0 + secs(13));
+    let mut ctx = w.at(secs(13));
+    assert_eq!(
+        third.expire(&mut ctx),
+        Step::Continue,
+        "the line is being sent"
+    );
+    assert_eq!(kind(&third), Some(Kind::Refusing));
+    assert!(third.slot.is_none());
+    assert_eq!(queue.len(), 0);
+    assert_eq!(w.counters.refused.get("overloaded"), Some(&1));
+    assert_eq!(w.counters.queue_waits.count, 2);
+    let mut ctx = w.at(secs(14));
+    third.close(&mut ctx, End::Refused(Refusal::Overloaded));
+    second.close(&mut ctx, End::Closed);
+    assert_eq!(w.upstream.balancer.host(0).active(), 0);
+    assert_eq!(w.capacity.connections(), 0);
 }

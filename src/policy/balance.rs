@@ -11,15 +11,31 @@
 //! the type's, not the caller's, business. These atomics are touched once
 //! per connection, never per byte.
 //!
-//! Only hosts that are up and not removed are picked. Among them the
-//! fewest active connections win; a host ramping up after coming back
-//! (slow start) counts as if it had more, in proportion to how far into its
-//! ramp it is. Ties rotate round-robin, so two idle hosts do not always
-//! resolve to the first.
+//! Only hosts that are up, not removed and below their `max_connections`
+//! are picked. Among them the fewest active connections per unit of
+//! weight win: host `a` beats `b` when `(active_a + 1) / weight_a <
+//! (active_b + 1) / weight_b`, compared as `(active_a + 1) * weight_b <
+//! (active_b + 1) * weight_a` in integers (the `+ 1` is the connection
+//! being placed, so an idle weight-3 host takes three before an idle
+//! weight-1 host takes its second). A host ramping up after coming back
+//! (slow start) has its weight scaled by how far into its ramp it is.
+//! Ties rotate round-robin, so two idle hosts do not always resolve to
+//! the first.
 //!
-//! A reload builds a new balancer that keeps the record of every host it
-//! keeps (with its count, health and counters); a removed host's record
-//! lives on, marked removed, while pairs still hold leases on it.
+//! A host's cap is exact across workers: a lease is taken with a
+//! compare-exchange on the host's count that fails once the count has
+//! reached the cap, so two workers racing for a host's last slot cannot
+//! both get it (the loser moves on to the next candidate). Weight and cap
+//! live in the shared record, so a reload that changes them changes them
+//! for every worker and every pair at once.
+//!
+//! A lease that ends, and a host that comes up, tell the upstream's
+//! [`WaitQueue`], which wakes the workers whose clients wait for a slot.
+//!
+//! A reload (or a DNS answer) builds a new balancer that keeps the record
+//! of every host it keeps (with its count, health and counters, and the
+//! weight and cap it is now given); a removed host's record lives on,
+//! marked removed, while pairs still hold leases on it.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -27,13 +43,18 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::health::Health;
+use super::queue::WaitQueue;
+use crate::config::HostConfig;
 
 /// Index of a host within its upstream's [`LoadBalancer`].
 pub(crate) type HostId = usize;
 
-/// A slow-start weight is in thousandths; a fresh host starts at this share.
+/// A slow-start ramp is in thousandths of the host's weight; a fresh host
+/// starts at this share.
 const RAMP_FLOOR: u64 = 50;
-const FULL_WEIGHT: u64 = 1000;
+const FULL_RAMP: u64 = 1000;
+/// `max` of a host without a cap of its own.
+const NO_CAP: u32 = u32::MAX;
 
 /// What is counted about a host, for metrics.
 #[derive(Debug, Default)]
@@ -82,30 +103,83 @@ pub(crate) struct Host {
     up: AtomicBool,
     /// A slow-start ramp may be in progress (`state.ramp`).
     ramping: AtomicBool,
-    /// Connections counted against it (leases out).
+    /// Connections counted against it (leases out); never above `max`.
     active: AtomicU32,
+    /// Its configured weight (1 to 1000) and cap ([`NO_CAP`] for none):
+    /// set at start and by reloads, read once per connection.
+    weight: AtomicU32,
+    max: AtomicU32,
     state: Mutex<HealthState>,
     pub counters: HostCounters,
     pub check: Mutex<CheckSchedule>,
+    /// The clients of its upstream waiting for a slot, told when one frees.
+    queue: Arc<WaitQueue>,
 }
 
 impl Host {
-    fn new(addr: SocketAddr) -> Host {
-        Host {
-            addr,
+    fn new(config: &HostConfig, queue: Arc<WaitQueue>) -> Host {
+        let host = Host {
+            addr: config.addr,
             removed: AtomicBool::new(false),
             up: AtomicBool::new(true),
             ramping: AtomicBool::new(false),
             active: AtomicU32::new(0),
+            weight: AtomicU32::new(HostConfig::DEFAULT_WEIGHT),
+            max: AtomicU32::new(NO_CAP),
             state: Mutex::new(HealthState::default()),
             counters: HostCounters::default(),
             check: Mutex::new(CheckSchedule::default()),
-        }
+            queue,
+        };
+        host.configure(config);
+        host
     }
 
-    /// Connections the host is handling (connecting or relaying), in all workers.
+    /// Takes the weight and cap of `config` (at start, and on a reload
+    /// that keeps the host).
+    fn configure(&self, config: &HostConfig) {
+        self.weight.store(config.weight.max(1), Ordering::Release);
+        let max = config.max_connections.unwrap_or(NO_CAP);
+        self.max.store(max, Ordering::Release);
+    }
+
+    /// Connections the host is handling (connecting or relaying), in all
+    /// workers. Sequentially consistent, like every change of the count:
+    /// the wait queue relies on it (see [`WaitQueue`]).
     pub fn active(&self) -> u32 {
-        self.active.load(Ordering::Acquire)
+        self.active.load(Ordering::SeqCst)
+    }
+
+    /// Its configured weight.
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Acquire)
+    }
+
+    /// Its cap, if it has one.
+    pub fn max_connections(&self) -> Option<u32> {
+        Some(self.max.load(Ordering::Acquire)).filter(|&max| max != NO_CAP)
+    }
+
+    /// Below its cap: a lease may succeed.
+    fn has_room(&self) -> bool {
+        self.active() < self.max.load(Ordering::Acquire)
+    }
+
+    /// Up (sequentially consistent, as a waiting client's retry reads it).
+    fn up_now(&self) -> bool {
+        self.up.load(Ordering::SeqCst)
+    }
+
+    /// Counts a connection against the host unless it is at its cap: one
+    /// compare-exchange, so the cap holds however many workers race.
+    fn try_lease(self: &Arc<Self>) -> Option<HostLease> {
+        let max = self.max.load(Ordering::Acquire);
+        self.active
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        Some(HostLease { host: self.clone() })
     }
 
     pub fn is_up(&self) -> bool {
@@ -118,7 +192,7 @@ impl Host {
 
     /// Up and not removed: may receive new connections.
     fn eligible(&self) -> bool {
-        self.is_up() && !self.is_removed()
+        self.up_now() && !self.is_removed()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HealthState> {
@@ -131,23 +205,30 @@ impl Host {
         self.check.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Weight in thousandths: full, or the share reached in a slow start.
-    fn weight(&self, now: Instant) -> u64 {
+    /// Its weight as the choice uses it: the configured weight times the
+    /// share reached in a slow start, in thousandths.
+    fn share(&self, now: Instant) -> u64 {
+        u64::from(self.weight()) * self.ramp(now)
+    }
+
+    /// How far into a slow start it is, in thousandths ([`FULL_RAMP`]
+    /// without one).
+    fn ramp(&self, now: Instant) -> u64 {
         if !self.ramping.load(Ordering::Acquire) {
-            return FULL_WEIGHT;
+            return FULL_RAMP;
         }
         let mut state = self.lock();
         let Some((since, over)) = state.ramp else {
-            return FULL_WEIGHT;
+            return FULL_RAMP;
         };
         let elapsed = now.saturating_duration_since(since).as_millis() as u64;
         let total = over.as_millis().max(1) as u64;
         if elapsed >= total {
             state.ramp = None;
             self.ramping.store(false, Ordering::Release);
-            return FULL_WEIGHT;
+            return FULL_RAMP;
         }
-        (elapsed * FULL_WEIGHT / total).clamp(RAMP_FLOOR, FULL_WEIGHT)
+        (elapsed * FULL_RAMP / total).clamp(RAMP_FLOOR, FULL_RAMP)
     }
 
     /// Feeds a check or real-connect result into the host's health; returns
@@ -169,7 +250,12 @@ impl Host {
             None
         };
         self.ramping.store(state.ramp.is_some(), Ordering::Release);
-        self.up.store(up, Ordering::Release);
+        self.up.store(up, Ordering::SeqCst);
+        drop(state);
+        if up {
+            // Clients waiting for a slot may take one of this host's.
+            self.queue.slot_freed();
+        }
         Some(up)
     }
 }
@@ -205,45 +291,83 @@ impl HostLease {
 
 impl Drop for HostLease {
     fn drop(&mut self) {
-        self.host.active.fetch_sub(1, Ordering::AcqRel);
+        self.host.active.fetch_sub(1, Ordering::SeqCst);
+        self.host.queue.slot_freed();
     }
 }
 
+/// Why no host could be leased for a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NoHost {
+    /// No host is left that is up, not removed and not tried already.
+    Unavailable,
+    /// Hosts are left, but every one is at its `max_connections`.
+    Full,
+}
+
 /// The hosts of one upstream and the least-connections choice among them.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct LoadBalancer {
     hosts: Vec<Arc<Host>>,
     /// Where the next scan for a least-loaded host starts: one past the host
     /// chosen last, which makes ties go round-robin.
     cursor: AtomicUsize,
+    /// Its clients waiting for a slot (kept across reloads).
+    queue: Arc<WaitQueue>,
 }
 
 impl LoadBalancer {
-    /// Fresh records for `hosts`, all up.
-    pub fn new(hosts: Vec<SocketAddr>) -> Self {
-        LoadBalancer::reuse(&LoadBalancer::default(), &hosts)
+    /// Fresh records for `hosts`, all up, whose waiting clients are in `queue`.
+    pub fn new(hosts: &[HostConfig], queue: Arc<WaitQueue>) -> Self {
+        let empty = LoadBalancer {
+            hosts: Vec::new(),
+            cursor: AtomicUsize::new(0),
+            queue,
+        };
+        LoadBalancer::reuse(&empty, hosts)
+    }
+
+    /// [`new`](Self::new) with a queue of one worker that wakes nobody.
+    #[cfg(test)]
+    pub fn unqueued(hosts: &[HostConfig]) -> Self {
+        let silent = Arc::new(super::queue::Silent);
+        LoadBalancer::new(hosts, Arc::new(WaitQueue::new(1, silent)))
+    }
+
+    /// The clients waiting for one of its hosts' slots.
+    pub fn queue(&self) -> &Arc<WaitQueue> {
+        &self.queue
     }
 
     /// The balancer for `hosts` after a reload: every host `old` already
-    /// had keeps its record (count, health, counters); the others get new
-    /// ones. Hosts of `old` not in `hosts` are marked removed.
-    pub fn reuse(old: &LoadBalancer, hosts: &[SocketAddr]) -> Self {
+    /// had keeps its record (count, health, counters) and takes its new
+    /// weight and cap; the others get new ones. Hosts of `old` not in
+    /// `hosts` are marked removed.
+    pub fn reuse(old: &LoadBalancer, hosts: &[HostConfig]) -> Self {
         let records = hosts
             .iter()
-            .map(|addr| match old.hosts.iter().find(|h| h.addr == *addr) {
-                Some(kept) => {
-                    kept.removed.store(false, Ordering::Release);
-                    kept.clone()
-                }
-                None => Arc::new(Host::new(*addr)),
-            })
+            .map(
+                |config| match old.hosts.iter().find(|h| h.addr == config.addr) {
+                    Some(kept) => {
+                        kept.configure(config);
+                        kept.removed.store(false, Ordering::Release);
+                        kept.clone()
+                    }
+                    None => Arc::new(Host::new(config, old.queue.clone())),
+                },
+            )
             .collect();
-        for gone in old.hosts.iter().filter(|h| !hosts.contains(&h.addr)) {
+        for gone in old
+            .hosts
+            .iter()
+            .filter(|h| !hosts.iter().any(|c| c.addr == h.addr))
+        {
             gone.removed.store(true, Ordering::Release);
         }
         LoadBalancer {
             hosts: records,
             cursor: AtomicUsize::new(old.cursor.load(Ordering::Relaxed)),
+            queue: old.queue.clone(),
         }
     }
 
@@ -280,38 +404,86 @@ impl LoadBalancer {
         self.hosts.iter().filter(|h| h.eligible()).count()
     }
 
-    /// The next candidate: among hosts that are up, not removed and not in
-    /// `tried`, the one with the fewest active connections (scaled by its
-    /// slow-start weight), ties broken round-robin. Call with the hosts
-    /// already attempted for this client to walk the fallbacks in order;
-    /// `None` once no eligible host is left.
-    pub fn pick(&self, tried: &[SocketAddr], now: Instant) -> Option<HostId> {
+    /// A lease on the best host for a client that has already tried the
+    /// hosts in `tried`: among hosts that are up, not removed, not tried
+    /// and below their cap, the one with the fewest active connections per
+    /// unit of weight (scaled by its slow-start ramp), ties broken
+    /// round-robin. Call again with the failed host added to `tried` to
+    /// walk the fallbacks in order.
+    pub fn lease(&self, tried: &[SocketAddr], now: Instant) -> Result<HostLease, NoHost> {
+        // Hosts whose last slot another worker took between our look at
+        // their count and our compare-exchange (rare: allocated only then).
+        let mut raced: Vec<HostId> = Vec::new();
+        loop {
+            let (best, full) = self.choose(tried, &raced, now);
+            let Some(id) = best else {
+                return Err(if full || !raced.is_empty() {
+                    NoHost::Full
+                } else {
+                    NoHost::Unavailable
+                });
+            };
+            match self.hosts[id].try_lease() {
+                Some(lease) => {
+                    self.cursor
+                        .store((id + 1) % self.hosts.len(), Ordering::Relaxed);
+                    return Ok(lease);
+                }
+                None => raced.push(id),
+            }
+        }
+    }
+
+    /// The best candidate not in `tried` nor `skip`, and whether a host
+    /// was passed over for being at its cap.
+    fn choose(
+        &self,
+        tried: &[SocketAddr],
+        skip: &[HostId],
+        now: Instant,
+    ) -> (Option<HostId>, bool) {
         let n = self.hosts.len();
         let cursor = self.cursor.load(Ordering::Relaxed);
         let mut best: Option<(HostId, u64, u64)> = None;
+        let mut full = false;
         for offset in 0..n {
             let id = (cursor + offset) % n;
             let host = &self.hosts[id];
-            if !host.eligible() || tried.contains(&host.addr) {
+            if !host.eligible() || tried.contains(&host.addr) || skip.contains(&id) {
                 continue;
             }
-            let weight = host.weight(now);
+            if !host.has_room() {
+                full = true;
+                continue;
+            }
+            let share = host.share(now);
             let load = u64::from(host.active()) + 1;
-            // load / weight < best_load / best_weight, without division.
-            let better = best.is_none_or(|(_, bl, bw)| load * bw < bl * weight);
+            // load / share < best_load / best_share, without division:
+            // at most 2^32 * 10^6 each side, far within u64.
+            let better = best.is_none_or(|(_, bl, bs)| load * bs < bl * share);
             if better {
-                best = Some((id, load, weight));
+                best = Some((id, load, share));
             }
         }
-        let id = best?.0;
-        self.cursor.store((id + 1) % n, Ordering::Relaxed);
+        (best.map(|(id, _, _)| id), full)
+    }
+
+    /// The next candidate's id, as [`lease`](Self::lease) would choose it,
+    /// without taking it.
+    #[cfg(test)]
+    pub fn pick(&self, tried: &[SocketAddr], now: Instant) -> Option<HostId> {
+        let id = self.choose(tried, &[], now).0?;
+        self.cursor
+            .store((id + 1) % self.hosts.len(), Ordering::Relaxed);
         Some(id)
     }
 
-    /// Counts a connection against `host`; call when its connect starts.
+    /// Counts a connection against `host` whatever its cap, for tests
+    /// that set up a load.
+    #[cfg(test)]
     pub fn acquire(&self, host: HostId) -> HostLease {
         let host = self.hosts[host].clone();
-        host.active.fetch_add(1, Ordering::AcqRel);
+        host.active.fetch_add(1, Ordering::SeqCst);
         HostLease { host }
     }
 }
@@ -329,12 +501,25 @@ fn other_records(these: &[Arc<Host>], those: &[Arc<Host>]) -> Vec<Arc<Host>> {
 mod tests {
     use super::*;
 
+    fn host(port: u16) -> HostConfig {
+        SocketAddr::from(([127, 0, 0, 1], 9000 + port)).into()
+    }
+
     fn lb(n: u16) -> LoadBalancer {
-        LoadBalancer::new(
-            (1..=n)
-                .map(|p| SocketAddr::from(([127, 0, 0, 1], 9000 + p)))
-                .collect(),
-        )
+        LoadBalancer::unqueued(&(1..=n).map(host).collect::<Vec<_>>())
+    }
+
+    /// Hosts with these weights and caps.
+    fn weighted(hosts: &[(u32, Option<u32>)]) -> LoadBalancer {
+        let configs: Vec<HostConfig> = (1..)
+            .zip(hosts)
+            .map(|(port, &(weight, max_connections))| HostConfig {
+                weight,
+                max_connections,
+                ..host(port)
+            })
+            .collect();
+        LoadBalancer::unqueued(&configs)
     }
 
     /// Takes a host down (fall 1) or up (rise 1).
@@ -425,7 +610,7 @@ mod tests {
         let now = Instant::now();
         let lb = lb(3);
         set(&lb, 0, false, None, now);
-        let lb = LoadBalancer::reuse(&lb, &[addr(&lb, 0), addr(&lb, 1)]);
+        let lb = LoadBalancer::reuse(&lb, &[addr(&lb, 0).into(), addr(&lb, 1).into()]);
         assert_eq!(lb.healthy(), 1);
         for _ in 0..4 {
             assert_eq!(lb.pick(&[], now), Some(1));
@@ -442,11 +627,11 @@ mod tests {
         let lease = old.acquire(1);
         set(&old, 0, false, None, Instant::now());
         let other = SocketAddr::from(([127, 0, 0, 1], 9100));
-        let new = LoadBalancer::reuse(&old, &[addr(&old, 0), other]);
+        let new = LoadBalancer::reuse(&old, &[addr(&old, 0).into(), other.into()]);
         assert!(!new.host(0).is_up(), "kept with its health");
         assert!(lease.host().is_removed(), "its pairs drain");
         assert_eq!(lease.host().active(), 1, "and still count");
-        let back = LoadBalancer::reuse(&new, &[addr(&old, 0), addr(&old, 1)]);
+        let back = LoadBalancer::reuse(&new, &[addr(&old, 0).into(), addr(&old, 1).into()]);
         assert_eq!(back.host(1).active(), 0, "a host added again starts afresh");
         drop(lease);
     }
@@ -458,7 +643,7 @@ mod tests {
         let old = lb(1);
         let _busy: Vec<_> = (0..10).map(|_| old.acquire(0)).collect();
         let other = SocketAddr::from(([127, 0, 0, 1], 9100));
-        let new = LoadBalancer::reuse(&old, &[addr(&old, 0), other]);
+        let new = LoadBalancer::reuse(&old, &[addr(&old, 0).into(), other.into()]);
         let joined = new.joined_since(&old);
         assert_eq!(joined.len(), 1);
         assert_eq!(joined[0].addr, other);
@@ -485,5 +670,82 @@ mod tests {
         // Plain least connections again once the ramp is over.
         let _ramped: Vec<_> = (0..10).map(|_| lb.acquire(1)).collect();
         assert_eq!(lb.pick(&[], t0 + ramp), Some(0));
+    }
+
+    #[test]
+    fn weights_share_connections_in_proportion() {
+        let now = Instant::now();
+        let lb = weighted(&[(1, None), (3, None)]);
+        let held: Vec<HostLease> = (0..8).map(|_| lb.lease(&[], now).unwrap()).collect();
+        assert_eq!((lb.host(0).active(), lb.host(1).active()), (2, 6));
+        // Ranked by active / weight: 2/1 against 6/3 is a tie, which
+        // rotates; one more each way keeps the proportion.
+        let more: Vec<HostLease> = (0..4).map(|_| lb.lease(&[], now).unwrap()).collect();
+        assert_eq!((lb.host(0).active(), lb.host(1).active()), (3, 9));
+        drop((held, more));
+        assert_eq!((lb.host(0).active(), lb.host(1).active()), (0, 0));
+    }
+
+    #[test]
+    fn equal_weights_still_rotate_their_ties() {
+        let now = Instant::now();
+        let lb = weighted(&[(5, None), (5, None), (5, None)]);
+        let firsts: Vec<_> = (0..6).map(|_| lb.pick(&[], now).unwrap()).collect();
+        assert_eq!(firsts, [0, 1, 2, 0, 1, 2]);
+    }
+
+    #[test]
+    fn a_host_at_its_cap_is_skipped_and_then_every_host_is_full() {
+        let now = Instant::now();
+        let lb = weighted(&[(1, Some(1)), (1, Some(2))]);
+        let held: Vec<HostLease> = (0..3).map(|_| lb.lease(&[], now).unwrap()).collect();
+        assert_eq!((lb.host(0).active(), lb.host(1).active()), (1, 2));
+        assert_eq!(lb.lease(&[], now).unwrap_err(), NoHost::Full);
+        // A failed host tried already is not full: nothing is left.
+        let tried = [addr(&lb, 0), addr(&lb, 1)];
+        assert_eq!(lb.lease(&tried, now).unwrap_err(), NoHost::Unavailable);
+        drop(held);
+        assert!(lb.lease(&[], now).is_ok());
+    }
+
+    #[test]
+    fn a_cap_holds_when_threads_race_for_the_last_slots() {
+        let lb = Arc::new(weighted(&[(1, Some(5)), (1, Some(5))]));
+        let start = Arc::new(std::sync::Barrier::new(8));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (lb, start) = (lb.clone(), start.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    (0..100)
+                        .filter_map(|_| lb.lease(&[], Instant::now()).ok())
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let leases: Vec<HostLease> = threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect();
+        assert_eq!(leases.len(), 10);
+        assert_eq!((lb.host(0).active(), lb.host(1).active()), (5, 5));
+    }
+
+    #[test]
+    fn a_reload_changes_weight_and_cap_in_place() {
+        let now = Instant::now();
+        let lb = weighted(&[(1, None), (1, Some(1))]);
+        let held = lb.lease(&[], now).unwrap();
+        let mut changed = host(2);
+        changed.weight = 4;
+        changed.max_connections = Some(3);
+        let new = LoadBalancer::reuse(&lb, &[host(1), changed]);
+        assert!(Arc::ptr_eq(new.host(1), lb.host(1)), "the same record");
+        assert_eq!(
+            (lb.host(1).weight(), lb.host(1).max_connections()),
+            (4, Some(3))
+        );
+        assert_eq!(new.host(0).max_connections(), None);
+        drop(held);
     }
 }

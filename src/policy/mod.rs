@@ -15,10 +15,13 @@
 //! shared by every worker; they are touched once per connection, never
 //! per byte.
 //!
-//! - [`capacity`]: the process-wide caps (`max_connections`, handshakes).
+//! - [`capacity`]: the process-wide caps (`max_connections`, handshakes);
+//! - [`queue`]: an upstream's clients waiting for a host slot ([`queue::QueueTicket`]
+//!   is a lease too).
 
 pub mod access;
 pub(crate) mod balance;
 pub(crate) mod capacity;
 pub mod health;
 pub mod limits;
+pub(crate) mod queue;

@@ -104,7 +104,7 @@ impl Worker {
                 return;
             }
         };
-        net::prepare(&stream);
+        net::prepare(&stream, self.snapshot.settings.keepalive.as_ref());
         let key = self.pairs.vacant_entry().key();
         let mut endpoint = Endpoint::new(stream);
         let token = Registration::Pair(key, Side::Client).token();
@@ -150,6 +150,7 @@ impl Worker {
         self.pairs.insert(pair);
         match step {
             Step::Finish(end) => self.close(key, end, now),
+            Step::Queued => self.enqueue(key),
             Step::Continue | Step::Again => self.schedule(key),
         }
         self.host_results(&upstream, now);

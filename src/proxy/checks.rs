@@ -331,13 +331,20 @@ mod tests {
         let config = UpstreamConfig {
             name: "u".into(),
             listen: addr,
-            hosts: hosts.clone(),
+            hosts: hosts.iter().map(|&h| h.into()).collect(),
             names: Vec::new(),
             tls: false,
             health,
             refusal: RefusalMode::default(),
+            queue_timeout: None,
+            max_queued: None,
         };
-        let upstream = Arc::new(Upstream::new(0, &config, addr, LoadBalancer::new(hosts)));
+        let upstream = Arc::new(Upstream::new(
+            0,
+            &config,
+            addr,
+            LoadBalancer::unqueued(&config.hosts),
+        ));
         let mut checks = checks();
         let t0 = Instant::now();
         checks.schedule_upstream(&upstream, t0);

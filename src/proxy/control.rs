@@ -33,6 +33,7 @@ use super::token::Registration;
 use super::worker::{Order, WorkerStats};
 use crate::admin::{self, AdminConn, AdminStep, HostStats, Request, Route, Stats, UpstreamStats};
 use crate::error::Error;
+use crate::io::net::KeepaliveState;
 use crate::logs::Throttle;
 use crate::policy::balance::Host;
 use crate::upstream::{Counters, Upstream};
@@ -65,6 +66,22 @@ pub(super) enum Command {
     /// control thread and by each worker it is handed to) once a turn runs
     /// on the moved clock.
     AdvanceClock(Duration, Sender<()>),
+    /// Read back the keepalive of every pair's sockets.
+    Keepalive(Sender<Vec<PairKeepalive>>),
+}
+
+/// The TCP keepalive of one pair's two sockets, as the kernel has it
+/// (read with `getsockopt` from the sockets themselves, not from the
+/// config): what [`Handle::keepalive`] returns, for tests and diagnostics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PairKeepalive {
+    /// The client's address.
+    pub client_addr: SocketAddr,
+    /// The keepalive of tcplb's socket to the client (`None`: off).
+    pub client: Option<KeepaliveState>,
+    /// The keepalive of tcplb's socket to the host (`None`: off, or no
+    /// host socket yet).
+    pub host: Option<KeepaliveState>,
 }
 
 /// Talks to a running [`Proxy`](super::Proxy) from another thread (tests, embedding).
@@ -103,6 +120,14 @@ impl Handle {
             .ok_or_else(|| "tcplb is not running".to_string())?;
         rx.recv()
             .unwrap_or_else(|_| Err("tcplb is not running".to_string()))
+    }
+
+    /// The TCP keepalive of the sockets of every pair, read back from the
+    /// kernel (`getsockopt` on each socket); `None` once tcplb has stopped.
+    pub fn keepalive(&self) -> Option<Vec<PairKeepalive>> {
+        let (tx, rx) = mpsc::channel();
+        self.send(Command::Keepalive(tx))?;
+        rx.recv().ok()
     }
 
     /// Moves the clock of every loop (the workers' and the control
@@ -286,6 +311,15 @@ impl Control {
                 }
                 Command::WorkerStopped(index) => self.workers[index].stopped = true,
                 Command::Resolved(answers) => self.resolved(answers, now),
+                Command::Keepalive(reply) => {
+                    let mut all = Vec::new();
+                    for w in self.workers.iter().filter(|w| !w.stopped) {
+                        let (tx, rx) = mpsc::channel();
+                        w.send(Order::Keepalive(tx));
+                        all.extend(rx.recv_timeout(STATS_WAIT).unwrap_or_default());
+                    }
+                    let _ = reply.send(all);
+                }
                 Command::AdvanceClock(by, reply) => {
                     self.shared.clock.advance(by);
                     for worker in self.workers.iter().filter(|w| !w.stopped) {
@@ -362,6 +396,8 @@ impl Control {
                     bytes_up: c.bytes_up,
                     bytes_down: c.bytes_down,
                     durations: c.durations.clone(),
+                    queued: u.balancer.queue().len(),
+                    queue_waits: c.queue_waits.clone(),
                     undelivered_resets: c.undelivered_resets,
                     undelivered_bytes: c.undelivered_bytes,
                     hosts: u
@@ -472,6 +508,8 @@ fn host_stats(h: &Host) -> HostStats {
     HostStats {
         addr: h.addr,
         active: h.active(),
+        weight: h.weight(),
+        max_connections: h.max_connections(),
         up: h.is_up(),
         removed: h.is_removed(),
         connections: n(&c.connections),

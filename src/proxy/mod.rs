@@ -39,14 +39,14 @@ mod timers;
 mod token;
 mod worker;
 
-pub use control::Handle;
+pub use control::{Handle, PairKeepalive};
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::mpsc;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use log::{info, warn};
 use mio::net::TcpListener;
@@ -65,7 +65,7 @@ use crate::upstream::Upstream;
 use checks::HealthChecks;
 use control::{Control, WorkerLink};
 use names::Names;
-use shared::{Shared, Snapshot};
+use shared::{Bells, Shared, Snapshot};
 use timers::Timers;
 use token::Registration;
 use worker::{Link, Worker};
@@ -92,20 +92,24 @@ impl Proxy {
     /// accepted until [`run`](Proxy::run).
     pub fn bind(config: &Config) -> Result<Proxy, Error> {
         let setup = |what| move |source| Error::Setup { what, source };
-        let mut tls_warnings = Vec::new();
-        let tls = match &config.tls {
-            Some(settings) => {
-                let (server, warnings) = settings.load(SystemTime::now())?;
-                tls_warnings = warnings;
-                Some((server, settings.clone()))
-            }
-            None => None,
-        };
+        let (tls, tls_warnings) = shared::load_tls(config)?;
         for warning in config.warnings.iter().chain(&tls_warnings) {
             warn!("{warning}");
         }
         let n = config.settings.workers.max(1);
         let s = &config.settings;
+        // Each worker's poller and waker first: the upstreams' wait queues
+        // ring the wakers.
+        let mut polls = Vec::with_capacity(n);
+        for _ in 0..n {
+            let worker_poll = Poll::new().map_err(setup("a worker's poller"))?;
+            let worker_waker = Arc::new(
+                Waker::new(worker_poll.registry(), Registration::Control.token())
+                    .map_err(setup("a worker's waker"))?,
+            );
+            polls.push((worker_poll, worker_waker));
+        }
+        let bells = Arc::new(Bells::new(polls.iter().map(|(_, w)| w.clone()).collect()));
         let mut upstreams = Vec::with_capacity(config.upstreams.len());
         let mut groups = Vec::with_capacity(config.upstreams.len());
         for (id, u) in config.upstreams.iter().enumerate() {
@@ -116,15 +120,18 @@ impl Proxy {
                     source,
                 })?;
             groups.push((id, group));
-            let balancer = LoadBalancer::new(u.addresses());
+            let balancer = LoadBalancer::new(&u.addresses(), bells.queue());
             upstreams.push(Arc::new(Upstream::new(id, u, local, balancer)));
         }
-        let shared = Arc::new(Shared::new(Snapshot {
-            settings: config.settings.clone(),
-            access: Arc::new(Access::new(config.clients.clone())),
-            tls,
-            upstreams,
-        }));
+        let shared = Arc::new(Shared::new(
+            Snapshot {
+                settings: config.settings.clone(),
+                access: Arc::new(Access::new(config.clients.clone())),
+                tls,
+                upstreams,
+            },
+            bells,
+        ));
         let poll = Poll::new().map_err(setup("the poller"))?;
         let waker = Arc::new(
             Waker::new(poll.registry(), Registration::Control.token())
@@ -133,12 +140,7 @@ impl Proxy {
         let (tx, commands) = mpsc::channel();
         let mut workers = Vec::with_capacity(n);
         let mut links = Vec::with_capacity(n);
-        for index in 0..n {
-            let worker_poll = Poll::new().map_err(setup("a worker's poller"))?;
-            let worker_waker = Arc::new(
-                Waker::new(worker_poll.registry(), Registration::Control.token())
-                    .map_err(setup("a worker's waker"))?,
-            );
+        for (index, (worker_poll, worker_waker)) in polls.into_iter().enumerate() {
             let (orders_tx, orders) = mpsc::channel();
             let listeners = groups
                 .iter_mut()

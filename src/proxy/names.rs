@@ -321,7 +321,7 @@ impl Control {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::HostName;
+    use crate::config::{HostConfig, HostName};
 
     fn upstream(names: &[(&str, u16, &[&str])]) -> UpstreamConfig {
         let mut u = Config::quick(
@@ -338,6 +338,8 @@ mod tests {
             .map(|(name, port, addrs)| HostName {
                 name: name.to_string(),
                 port: *port,
+                weight: HostConfig::DEFAULT_WEIGHT,
+                max_connections: None,
                 addrs: addrs.iter().map(|a| a.parse().unwrap()).collect(),
             })
             .collect();

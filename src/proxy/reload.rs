@@ -18,13 +18,13 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, mpsc};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
 use mio::net::TcpListener;
 
 use super::control::Control;
-use super::shared::Snapshot;
+use super::shared::{Snapshot, TlsMaterial, load_tls};
 use super::worker::Order;
 use crate::config::{Config, RefusalMode, Settings, UpstreamConfig};
 use crate::error::Warning;
@@ -33,11 +33,8 @@ use crate::logs::plural;
 use crate::policy::access::Access;
 use crate::policy::balance::LoadBalancer;
 use crate::policy::health::HealthSettings;
-use crate::tls::TlsSettings;
+use crate::policy::queue::WaitQueue;
 use crate::upstream::Upstream;
-
-/// A config's TLS server setup and the settings it came from, if it has `[tls]`.
-type TlsMaterial = Option<(Arc<rustls::ServerConfig>, TlsSettings)>;
 
 /// How long a reload waits for the workers to take the new config.
 const APPLY_WAIT: Duration = Duration::from_secs(5);
@@ -73,9 +70,12 @@ impl Changes {
 struct Before {
     listen: SocketAddr,
     hosts: Vec<SocketAddr>,
+    /// Each host's weight and cap, by address.
+    limits: Vec<(SocketAddr, u32, Option<u32>)>,
     tls: bool,
     refusal: RefusalMode,
     health: HealthSettings,
+    queue: (Option<Duration>, Option<u32>),
 }
 
 impl Before {
@@ -83,9 +83,11 @@ impl Before {
         Before {
             listen: u.listen,
             hosts: live_hosts(u),
+            limits: host_limits(u),
             tls: u.tls,
             refusal: u.refusal,
             health: u.health.clone(),
+            queue: (u.queue_timeout, u.max_queued),
         }
     }
 
@@ -113,6 +115,25 @@ impl Before {
                 .collect();
             out.push(format!("hosts removed: {}", removed.join(", ")));
         }
+        let changed = host_limits(u)
+            .into_iter()
+            .filter_map(|(addr, weight, max)| {
+                let (_, was_weight, was_max) = *self.limits.iter().find(|l| l.0 == addr)?;
+                let mut what = Vec::new();
+                if weight != was_weight {
+                    what.push(format!("weight {weight} (was {was_weight})"));
+                }
+                if max != was_max {
+                    let cap = |m: Option<u32>| m.map_or("none".to_string(), |m| m.to_string());
+                    what.push(format!(
+                        "max_connections {} (was {})",
+                        cap(max),
+                        cap(was_max)
+                    ));
+                }
+                (!what.is_empty()).then(|| format!("host {addr}: {}", what.join(", ")))
+            });
+        out.extend(changed);
         if u.listen != self.listen {
             out.push(format!("listening on {} (was {})", u.listen, self.listen));
         }
@@ -126,6 +147,9 @@ impl Before {
         if u.health != self.health {
             out.push("health checks changed".to_string());
         }
+        if (u.queue_timeout, u.max_queued) != self.queue {
+            out.push("queue_timeout/max_queued changed".to_string());
+        }
         out
     }
 }
@@ -135,9 +159,10 @@ fn added_upstream(
     id: usize,
     u: &UpstreamConfig,
     listen: SocketAddr,
+    queue: Arc<WaitQueue>,
     changes: &mut Changes,
 ) -> Upstream {
-    let new = Upstream::new(id, u, listen, LoadBalancer::new(u.addresses()));
+    let new = Upstream::new(id, u, listen, LoadBalancer::new(&u.addresses(), queue));
     changes.added += 1;
     let hosts: Vec<String> = live_hosts(&new).iter().map(ToString::to_string).collect();
     changes.lines.push(format!(
@@ -167,6 +192,14 @@ fn warn_of_what_waits_for_a_restart(old: &Settings, new: &Config, admin: Option<
 /// The addresses of an upstream's hosts that take new connections.
 fn live_hosts(u: &Upstream) -> Vec<SocketAddr> {
     u.balancer.hosts().map(|(_, h)| h.addr).collect()
+}
+
+/// Each host's address, weight and cap.
+fn host_limits(u: &Upstream) -> Vec<(SocketAddr, u32, Option<u32>)> {
+    u.balancer
+        .hosts()
+        .map(|(_, h)| (h.addr, h.weight(), h.max_connections()))
+        .collect()
 }
 
 /// " (its 2 connections drain for 10s)", or nothing without connections.
@@ -211,6 +244,10 @@ fn changed_settings(old: &Settings, new: &Settings) -> Vec<&'static str> {
             "source_rate/source_burst",
             old.source_limit != new.source_limit,
         ),
+        ("queue_timeout", old.queue_timeout != new.queue_timeout),
+        ("max_queued", old.max_queued != new.max_queued),
+        ("keepalive", old.keepalive != new.keepalive),
+        ("access_log", old.access_log != new.access_log),
     ];
     differs
         .into_iter()
@@ -277,7 +314,7 @@ impl Control {
             let listen = listening(id, before, u.listen);
             let new = match before {
                 Some(o) => self.keep_upstream(o, u, (listen, drain, now), &mut changes),
-                None => added_upstream(id, u, listen, &mut changes),
+                None => added_upstream(id, u, listen, self.shared.bells.queue(), &mut changes),
             };
             upstreams.push(Arc::new(new));
         }
@@ -333,16 +370,8 @@ impl Control {
             warnings: std::mem::take(&mut config.warnings),
             ..Changes::default()
         };
-        let tls = match &config.tls {
-            Some(settings) => {
-                let (server, tls_warnings) = settings
-                    .load(SystemTime::now())
-                    .map_err(|e| e.to_string())?;
-                changes.warnings.extend(tls_warnings);
-                Some((server, settings.clone()))
-            }
-            None => None,
-        };
+        let (tls, tls_warnings) = load_tls(&config).map_err(|e| e.to_string())?;
+        changes.warnings.extend(tls_warnings);
         Ok((config, tls, changes))
     }
 
@@ -381,6 +410,8 @@ impl Control {
         u: &UpstreamConfig,
         (listen, drain, now): (SocketAddr, Duration, Instant),
     ) -> (Upstream, Vec<String>) {
+        // Read before the reuse, which changes kept hosts' weights in place.
+        let was = Before::of(old);
         let balancer = LoadBalancer::reuse(&old.balancer, &u.addresses());
         if let Some(ramp) = u.health.slow_start {
             for host in balancer.joined_since(&old.balancer) {
@@ -393,7 +424,7 @@ impl Control {
         self.retired_hosts
             .extend(dropped.into_iter().map(|h| (old.id, h)));
         let new = Upstream::new(old.id, u, listen, balancer);
-        let differences = Before::of(old).differences(&new, &drained, drain);
+        let differences = was.differences(&new, &drained, drain);
         (new, differences)
     }
 

@@ -8,14 +8,18 @@
 //! records as atomics or small locks touched once per connection; nothing
 //! here is touched per byte.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
-use crate::config::Settings;
+use mio::Waker;
+
+use crate::config::{Config, Settings};
+use crate::error::{Error, Warning};
 use crate::policy::access::Access;
 use crate::policy::capacity::Capacity;
 use crate::policy::limits::SourceLimiter;
+use crate::policy::queue::{Bell, WaitQueue};
 use crate::tls::TlsSettings;
 use crate::upstream::Upstream;
 
@@ -28,7 +32,7 @@ pub(super) struct Snapshot {
     /// Shared as is by a snapshot that only changes hosts (DNS).
     pub access: Arc<Access>,
     /// TLS material, when any upstream speaks TLS.
-    pub tls: Option<(Arc<rustls::ServerConfig>, TlsSettings)>,
+    pub tls: TlsMaterial,
 }
 
 impl Snapshot {
@@ -36,6 +40,19 @@ impl Snapshot {
     pub fn upstream(&self, id: usize) -> Option<&Arc<Upstream>> {
         self.upstreams.iter().find(|u| u.id == id)
     }
+}
+
+/// A config's TLS server setup and the settings it came from, if it has `[tls]`.
+pub(super) type TlsMaterial = Option<(Arc<rustls::ServerConfig>, TlsSettings)>;
+
+/// Loads the TLS material `config` names (none without `[tls]`), with the
+/// warnings about it (a certificate close to its end, ...).
+pub(super) fn load_tls(config: &Config) -> Result<(TlsMaterial, Vec<Warning>), Error> {
+    let Some(settings) = &config.tls else {
+        return Ok((None, Vec::new()));
+    };
+    let (server, warnings) = settings.load(SystemTime::now())?;
+    Ok((Some((server, settings.clone())), warnings))
 }
 
 /// Shared by the control thread and every worker.
@@ -49,6 +66,54 @@ pub(super) struct Shared {
     sources: Mutex<Option<SourceLimiter>>,
     /// The clock every loop reads once a turn.
     pub clock: Clock,
+    /// What wakes a worker whose clients wait for a host slot.
+    pub bells: Arc<Bells>,
+}
+
+/// One bell per worker: a flag saying a slot may have freed, and the
+/// worker's waker. Rung by whichever thread ends a lease (or takes a host
+/// up) while that worker has clients queued; the worker clears the flag
+/// and retries its queues.
+#[derive(Debug)]
+pub(super) struct Bells {
+    workers: Vec<(AtomicBool, Arc<Waker>)>,
+}
+
+impl Bells {
+    /// The bells of the workers whose wakers these are, in worker order.
+    pub fn new(wakers: Vec<Arc<Waker>>) -> Bells {
+        Bells {
+            workers: wakers
+                .into_iter()
+                .map(|w| (AtomicBool::new(false), w))
+                .collect(),
+        }
+    }
+
+    /// Whether worker `worker`'s bell rang since it last looked (and
+    /// clears it). A plain load when it did not ring, so that a worker
+    /// with clients waiting does no read-modify-write per loop turn.
+    pub fn take(&self, worker: usize) -> bool {
+        self.workers.get(worker).is_some_and(|(rung, _)| {
+            rung.load(Ordering::SeqCst) && rung.swap(false, Ordering::SeqCst)
+        })
+    }
+
+    /// A wait queue for an upstream, rung through these bells.
+    pub fn queue(self: &Arc<Self>) -> Arc<WaitQueue> {
+        Arc::new(WaitQueue::new(self.workers.len(), self.clone()))
+    }
+}
+
+impl Bell for Bells {
+    fn ring(&self, worker: usize) {
+        if let Some((rung, waker)) = self.workers.get(worker) {
+            // Already rung and not yet seen: the worker will look anyway.
+            if !rung.swap(true, Ordering::SeqCst) {
+                let _ = waker.wake();
+            }
+        }
+    }
 }
 
 /// The process's clock: the system's monotonic clock plus however far
@@ -73,7 +138,7 @@ impl Clock {
 }
 
 impl Shared {
-    pub fn new(snapshot: Snapshot) -> Shared {
+    pub fn new(snapshot: Snapshot, bells: Arc<Bells>) -> Shared {
         let sources = snapshot.settings.source_limit.map(SourceLimiter::new);
         Shared {
             current: Mutex::new(Arc::new(snapshot)),
@@ -81,6 +146,7 @@ impl Shared {
             capacity: Arc::default(),
             sources: Mutex::new(sources),
             clock: Clock::default(),
+            bells,
         }
     }
 

@@ -14,6 +14,7 @@
 //! workers is in the snapshot ([`super::shared`]): host counts and health,
 //! client counts and buckets, the process-wide caps.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender};
 use std::time::{Duration, Instant};
@@ -24,7 +25,7 @@ use mio::{Events, Interest, Poll, Waker};
 use slab::Slab;
 use socket2::SockRef;
 
-use super::control::Command;
+use super::control::{Command, PairKeepalive};
 use super::shared::{Shared, Snapshot};
 use super::timers::Timers;
 use super::token::Registration;
@@ -72,6 +73,8 @@ pub(super) enum Order {
     CloseHost(Arc<Host>),
     /// The clock was moved ahead: drop the sender once a turn runs on it.
     ClockMoved(Sender<()>),
+    /// Read back the keepalive of every pair's sockets.
+    Keepalive(Sender<Vec<PairKeepalive>>),
 }
 
 /// What a worker counts, for the control thread to sum.
@@ -96,6 +99,8 @@ pub(super) struct Link {
 /// What a pair borrows from its worker while it moves (see [`Context`]).
 #[derive(Debug)]
 pub(super) struct PairSupport {
+    /// The worker's index (its place in the wait queues' counts).
+    pub worker: usize,
     pub pool: BufferPool,
     pub census: Census,
     pub send_queues: SendQueues,
@@ -122,6 +127,13 @@ pub(super) struct Worker {
     pub next_id: u64,
     /// This worker's counters, per upstream id.
     pub counters: Vec<Counters>,
+    /// Per upstream id, this worker's pairs waiting for a host slot, in
+    /// the order they came (key and id; entries of pairs that left the
+    /// queue meanwhile are skipped when they reach the front).
+    pub queued: Vec<VecDeque<(usize, u64)>>,
+    /// The queues are to be retried at the end of this turn: a pair
+    /// joined one, or a new snapshot may have raised caps or added hosts.
+    retry_queued: bool,
     pub shared: Arc<Shared>,
     /// The snapshot in force here, and its generation.
     pub snapshot: Arc<Snapshot>,
@@ -148,6 +160,7 @@ impl Worker {
         let mut worker = Worker {
             index,
             support: PairSupport {
+                worker: index,
                 pool: BufferPool::new(
                     settings.buffer_size,
                     settings.bulk_buffer(),
@@ -169,6 +182,8 @@ impl Worker {
             // Pair ids stay unique across workers.
             next_id: ((index as u64) << 48) + 1,
             counters: Vec::new(),
+            queued: Vec::new(),
+            retry_queued: false,
             generation: shared.generation(),
             snapshot,
             shared,
@@ -177,6 +192,7 @@ impl Worker {
             stop_now: false,
             clock_waiters: Vec::new(),
         };
+        worker.support.logs.refusals.format = worker.snapshot.settings.access_log;
         for (upstream, socket) in listeners {
             worker
                 .add_listener(upstream, socket)
@@ -236,8 +252,9 @@ impl Worker {
             self.continue_runnable(now);
             self.accept(now);
             self.expire(now);
-            self.support.logs.refusals.flush(now);
             self.take_snapshot();
+            self.admit_queued(now);
+            self.support.logs.refusals.flush(now);
             let drained = self
                 .drain_deadline
                 .is_some_and(|d| self.pairs.is_empty() || now >= d);
@@ -314,6 +331,21 @@ impl Worker {
                 Order::StopNow => self.stop_now = true,
                 Order::CloseHost(host) => self.close_host(&host, now),
                 Order::ClockMoved(waiter) => self.clock_waiters.push(waiter),
+                Order::Keepalive(reply) => {
+                    let read = |p: &mut Pair, side| {
+                        p.endpoint(side).and_then(|e| e.keepalive().ok().flatten())
+                    };
+                    let report = self
+                        .pairs
+                        .iter_mut()
+                        .map(|(_, p)| PairKeepalive {
+                            client_addr: p.client_addr,
+                            client: read(p, Side::Client),
+                            host: read(p, Side::Host),
+                        })
+                        .collect();
+                    let _ = reply.send(report);
+                }
             }
         }
     }
@@ -329,6 +361,7 @@ impl Worker {
         self.snapshot = self.shared.snapshot();
         let s = &self.snapshot.settings;
         self.support.pool.resize(s.buffer_size, s.bulk_buffer());
+        self.support.logs.refusals.format = s.access_log;
         if let Some(size) = s.socket_buffer.filter(|_| s.socket_buffer != before) {
             self.resize_listener_buffers(size);
         }
@@ -338,6 +371,20 @@ impl Worker {
                 listener.upstream = u.clone();
             }
         }
+        // So do queued pairs, which hold nothing of the old one's hosts: they
+        // see hosts added, removed or with new caps when retried.
+        for &(key, id) in self.queued.iter().flatten() {
+            if let Some(pair) = self
+                .pairs
+                .get_mut(key)
+                .filter(|p| p.id == id && p.is_queued())
+            {
+                if let Some(u) = self.snapshot.upstream(pair.upstream.id) {
+                    pair.upstream = u.clone();
+                }
+            }
+        }
+        self.retry_queued = true;
     }
 
     /// Applies a changed `socket_buffer` to the listeners kept across a
@@ -477,8 +524,70 @@ impl Worker {
                 self.runnable.push((key, id));
             }
             Step::Finish(end) => self.close(key, end, now),
+            Step::Queued => self.enqueue(key),
         }
         self.host_results(&upstream, now);
+    }
+
+    /// Pair `key` has joined its upstream's queue: it goes to the back of
+    /// this worker's line, which is retried at the end of the turn (it
+    /// joined after its last look at the hosts, so a slot freed since is
+    /// not missed).
+    pub fn enqueue(&mut self, key: usize) {
+        self.schedule(key);
+        let pair = &self.pairs[key];
+        let id = pair.upstream.id;
+        if self.queued.len() <= id {
+            self.queued.resize_with(id + 1, VecDeque::new);
+        }
+        self.queued[id].push_back((key, pair.id));
+        self.retry_queued = true;
+    }
+
+    /// Admits queued pairs while their hosts have room, first come first
+    /// served per upstream: when a pair joined this turn, when the bell
+    /// rang (a lease ended or a host came up, in any worker), or after a
+    /// new snapshot. The first pair of a line that still finds every host
+    /// full keeps its place, and the line waits for the next ring.
+    fn admit_queued(&mut self, now: Instant) {
+        // Pairs that left the queue (timed out, gone) leave the line's
+        // front without waiting for the next retry.
+        for line in &mut self.queued {
+            while let Some(&(key, id)) = line.front() {
+                if self
+                    .pairs
+                    .get(key)
+                    .is_some_and(|p| p.id == id && p.is_queued())
+                {
+                    break;
+                }
+                line.pop_front();
+            }
+        }
+        if self.queued.iter().all(VecDeque::is_empty) {
+            self.retry_queued = false;
+            return;
+        }
+        let rung = self.shared.bells.take(self.index);
+        if !(rung || std::mem::take(&mut self.retry_queued)) {
+            return;
+        }
+        for upstream in 0..self.queued.len() {
+            while let Some(&(key, id)) = self.queued[upstream].front() {
+                let waiting = |w: &Worker| {
+                    w.pairs
+                        .get(key)
+                        .is_some_and(|p| p.id == id && p.is_queued())
+                };
+                if waiting(self) {
+                    self.drive(key, now, Pair::retry_queued);
+                    if waiting(self) {
+                        break;
+                    }
+                }
+                self.queued[upstream].pop_front();
+            }
+        }
     }
 
     /// Drives the pairs whose relay budget ran out last turn.
@@ -596,6 +705,7 @@ pub(super) fn context<'a>(
         host_token: Registration::Pair(key, Side::Host).token(),
         counters,
         access: &snapshot.access,
+        worker: support.worker,
         capacity: &shared.capacity,
         census: &mut support.census,
         send_queues: &mut support.send_queues,
