@@ -160,19 +160,33 @@ impl Host {
         Some(self.max.load(Ordering::Acquire)).filter(|&max| max != NO_CAP)
     }
 
-    /// Below its cap: a lease may succeed.
-    fn has_room(&self) -> bool {
-        self.active() < self.max.load(Ordering::Acquire)
-    }
-
     /// Up (sequentially consistent, as a waiting client's retry reads it).
     fn up_now(&self) -> bool {
         self.up.load(Ordering::SeqCst)
     }
 
-    /// Counts a connection against the host unless it is at its cap: one
-    /// compare-exchange, so the cap holds however many workers race.
-    fn try_lease(self: &Arc<Self>) -> Option<HostLease> {
+    /// Counts a connection against the host if its count is still `seen`,
+    /// the count the choice was made on (and it is below its cap): one
+    /// compare-exchange, so neither the cap nor the choice is undone by
+    /// another worker taking a slot in between.
+    fn try_lease(self: &Arc<Self>, seen: u32) -> Take {
+        let max = self.max.load(Ordering::Acquire);
+        if seen >= max {
+            return Take::Full;
+        }
+        match self
+            .active
+            .compare_exchange(seen, seen + 1, Ordering::SeqCst, Ordering::SeqCst)
+        {
+            Ok(_) => Take::Taken(HostLease { host: self.clone() }),
+            Err(now) if now >= max => Take::Full,
+            Err(_) => Take::Moved,
+        }
+    }
+
+    /// Counts a connection against the host unless it is at its cap,
+    /// whatever its count now.
+    fn lease_below_cap(self: &Arc<Self>) -> Option<HostLease> {
         let max = self.max.load(Ordering::Acquire);
         self.active
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
@@ -414,22 +428,36 @@ impl LoadBalancer {
         // Hosts whose last slot another worker took between our look at
         // their count and our compare-exchange (rare: allocated only then).
         let mut raced: Vec<HostId> = Vec::new();
+        let mut moved = 0;
         loop {
             let (best, full) = self.choose(tried, &raced, now);
-            let Some(id) = best else {
+            let Some((id, seen)) = best else {
                 return Err(if full || !raced.is_empty() {
                     NoHost::Full
                 } else {
                     NoHost::Unavailable
                 });
             };
-            match self.hosts[id].try_lease() {
-                Some(lease) => {
+            let host = &self.hosts[id];
+            // Another worker took a slot of this host since we counted: the
+            // choice is made again on the new counts, so two workers picking
+            // at once do not both land on the same host. Bounded, so a
+            // storm of such races still makes progress.
+            let take = match host.try_lease(seen) {
+                Take::Moved if moved < MAX_RECHOICES => {
+                    moved += 1;
+                    continue;
+                }
+                Take::Moved => host.lease_below_cap().map_or(Take::Full, Take::Taken),
+                take => take,
+            };
+            match take {
+                Take::Taken(lease) => {
                     self.cursor
                         .store((id + 1) % self.hosts.len(), Ordering::Relaxed);
                     return Ok(lease);
                 }
-                None => raced.push(id),
+                Take::Full | Take::Moved => raced.push(id),
             }
         }
     }
@@ -441,10 +469,10 @@ impl LoadBalancer {
         tried: &[SocketAddr],
         skip: &[HostId],
         now: Instant,
-    ) -> (Option<HostId>, bool) {
+    ) -> (Option<(HostId, u32)>, bool) {
         let n = self.hosts.len();
         let cursor = self.cursor.load(Ordering::Relaxed);
-        let mut best: Option<(HostId, u64, u64)> = None;
+        let mut best: Option<(HostId, u64, u64, u32)> = None;
         let mut full = false;
         for offset in 0..n {
             let id = (cursor + offset) % n;
@@ -452,27 +480,28 @@ impl LoadBalancer {
             if !host.eligible() || tried.contains(&host.addr) || skip.contains(&id) {
                 continue;
             }
-            if !host.has_room() {
+            let active = host.active();
+            if active >= host.max.load(Ordering::Acquire) {
                 full = true;
                 continue;
             }
             let share = host.share(now);
-            let load = u64::from(host.active()) + 1;
+            let load = u64::from(active) + 1;
             // load / share < best_load / best_share, without division:
             // at most 2^32 * 10^6 each side, far within u64.
-            let better = best.is_none_or(|(_, bl, bs)| load * bs < bl * share);
+            let better = best.is_none_or(|(_, bl, bs, _)| load * bs < bl * share);
             if better {
-                best = Some((id, load, share));
+                best = Some((id, load, share, active));
             }
         }
-        (best.map(|(id, _, _)| id), full)
+        (best.map(|(id, _, _, active)| (id, active)), full)
     }
 
     /// The next candidate's id, as [`lease`](Self::lease) would choose it,
     /// without taking it.
     #[cfg(test)]
     pub fn pick(&self, tried: &[SocketAddr], now: Instant) -> Option<HostId> {
-        let id = self.choose(tried, &[], now).0?;
+        let (id, _) = self.choose(tried, &[], now).0?;
         self.cursor
             .store((id + 1) % self.hosts.len(), Ordering::Relaxed);
         Some(id)
@@ -496,6 +525,19 @@ fn other_records(these: &[Arc<Host>], those: &[Arc<Host>]) -> Vec<Arc<Host>> {
         .cloned()
         .collect()
 }
+
+/// What an attempt to take a slot of a host found.
+enum Take {
+    Taken(HostLease),
+    /// Its count changed since the choice was made.
+    Moved,
+    /// At its cap.
+    Full,
+}
+
+/// How often one lease makes its choice again because another worker took
+/// a slot of the chosen host in between, before it takes that host anyway.
+const MAX_RECHOICES: u32 = 64;
 
 #[cfg(test)]
 mod tests {
@@ -747,5 +789,51 @@ mod tests {
         );
         assert_eq!(new.host(0).max_connections(), None);
         drop(held);
+    }
+
+    #[test]
+    fn a_choice_overtaken_by_another_lease_is_made_again() {
+        // The interleaving of two workers, by hand: one chooses a host on
+        // its count, another leases that host, then the first tries it.
+        let now = Instant::now();
+        let lb = lb(2);
+        let (chosen, seen) = lb.choose(&[], &[], now).0.unwrap();
+        let other = lb.lease(&[], now).unwrap();
+        assert_eq!(other.host().addr, lb.host(chosen).addr);
+        assert!(matches!(lb.hosts[chosen].try_lease(seen), Take::Moved));
+        // Chosen again on the counts as they are: the other host.
+        let mine = lb.lease(&[], now).unwrap();
+        assert_ne!(mine.host().addr, other.host().addr);
+    }
+
+    #[test]
+    fn workers_leasing_at_once_stay_within_one_of_each_other() {
+        // Four threads take leases at the same time, as four workers
+        // would: each choice is checked against the count it was made on,
+        // so however they interleave, two hosts never differ by more than
+        // one (without that check, two threads that read the same counts
+        // both land on one host).
+        let now = Instant::now();
+        for round in 0..200 {
+            let lb = Arc::new(lb(2));
+            let start = Arc::new(std::sync::Barrier::new(4));
+            let threads: Vec<_> = (0..4)
+                .map(|_| {
+                    let (lb, start) = (lb.clone(), start.clone());
+                    std::thread::spawn(move || {
+                        start.wait();
+                        (0..25)
+                            .map(|_| lb.lease(&[], now).unwrap())
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            let held: Vec<Vec<HostLease>> =
+                threads.into_iter().map(|t| t.join().unwrap()).collect();
+            let (a, b) = (lb.host(0).active(), lb.host(1).active());
+            assert_eq!(a + b, 100);
+            assert!(a.abs_diff(b) <= 1, "round {round}: {a} and {b}");
+            drop(held);
+        }
     }
 }
