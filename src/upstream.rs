@@ -8,6 +8,8 @@ use std::time::Duration;
 use crate::config::{RefusalMode, UpstreamConfig};
 use crate::policy::balance::LoadBalancer;
 use crate::policy::health::HealthSettings;
+use crate::policy::trust::SourceNet;
+use crate::proxy_header::Version;
 
 /// Upper bounds (seconds) of the connection-duration histogram buckets.
 pub const DURATION_BUCKETS: &[f64] = &[
@@ -73,6 +75,11 @@ pub(crate) struct Upstream {
     pub health: HealthSettings,
     /// How its refused clients are told (a line, FIN or RST).
     pub refusal: RefusalMode,
+    /// The PROXY protocol header its hosts get first, if any.
+    pub send_proxy: Option<Version>,
+    /// Peers whose connections begin with a PROXY protocol header; empty:
+    /// clients connect directly, and none may send one.
+    pub accept_proxy: Vec<SourceNet>,
 }
 
 impl Upstream {
@@ -94,6 +101,8 @@ impl Upstream {
             tls: config.tls,
             health: config.health.clone(),
             refusal: config.refusal,
+            send_proxy: config.send_proxy,
+            accept_proxy: config.accept_proxy.clone(),
         }
     }
 }

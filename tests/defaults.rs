@@ -70,7 +70,16 @@ fn the_config_reference_shows_the_defaults() {
         .iter()
         .map(|(s, _)| s.split(' ').next().unwrap())
         .collect();
-    assert_eq!(optional, ["socket_buffer", "source_rate", "source_burst"]);
+    assert_eq!(
+        optional,
+        [
+            "socket_buffer",
+            "source_rate",
+            "source_burst",
+            "accept_proxy"
+        ]
+    );
+    assert!(defaults.accept_proxy.is_empty());
     // The values shown are the defaults: the same as Settings::default(),
     // and as what the parser fills in for an empty table or no table.
     let table: Vec<&str> = shown.iter().map(|(s, _)| *s).collect();

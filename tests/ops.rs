@@ -107,6 +107,8 @@ fn upstream(name: &str, hosts: &[SocketAddr], health: HealthSettings) -> Upstrea
         tls: false,
         health,
         refusal: Default::default(),
+        send_proxy: None,
+        accept_proxy: Vec::new(),
     }
 }
 

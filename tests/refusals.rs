@@ -23,6 +23,8 @@ fn upstream(hosts: &[SocketAddr], tls: bool, health: HealthSettings) -> Upstream
         tls,
         health,
         refusal: Default::default(),
+        send_proxy: None,
+        accept_proxy: Vec::new(),
     }
 }
 

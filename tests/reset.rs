@@ -261,6 +261,8 @@ fn tls_proxy(pki: &Pki, host: SocketAddr) -> Running {
             tls: true,
             health: Default::default(),
             refusal: Default::default(),
+            send_proxy: None,
+            accept_proxy: Vec::new(),
         }],
         tls: Some(pki.settings(vec![], Duration::from_secs(10))),
         clients: vec![ClientRule {

@@ -42,6 +42,8 @@ fn tls_config(
         tls: true,
         health: Default::default(),
         refusal: Default::default(),
+        send_proxy: None,
+        accept_proxy: Vec::new(),
     };
     Config {
         settings: Settings::default(),

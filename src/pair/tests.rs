@@ -48,6 +48,8 @@ impl World {
                     tls: false,
                     health: HealthSettings::default(),
                     refusal: RefusalMode::default(),
+                    send_proxy: None,
+                    accept_proxy: Vec::new(),
                 },
                 "127.0.0.1:0".parse().unwrap(),
                 LoadBalancer::new(hosts),

@@ -317,6 +317,8 @@ mod tests {
             tls: false,
             health,
             refusal: RefusalMode::default(),
+            send_proxy: None,
+            accept_proxy: Vec::new(),
         };
         let upstream = Arc::new(Upstream::new(0, &config, addr, LoadBalancer::new(hosts)));
         let mut checks = checks();

@@ -29,6 +29,8 @@ use crate::logs::plural;
 use crate::policy::access::Access;
 use crate::policy::balance::LoadBalancer;
 use crate::policy::health::HealthSettings;
+use crate::policy::trust::SourceNet;
+use crate::proxy_header::Version;
 use crate::upstream::Upstream;
 
 /// How long a reload waits for the workers to take the new config.
@@ -68,6 +70,8 @@ struct Before {
     tls: bool,
     refusal: RefusalMode,
     health: HealthSettings,
+    send_proxy: Option<Version>,
+    accept_proxy: Vec<SourceNet>,
 }
 
 impl Before {
@@ -78,6 +82,8 @@ impl Before {
             tls: u.tls,
             refusal: u.refusal,
             health: u.health.clone(),
+            send_proxy: u.send_proxy,
+            accept_proxy: u.accept_proxy.clone(),
         }
     }
 
@@ -117,6 +123,14 @@ impl Before {
         }
         if u.health != self.health {
             out.push("health checks changed".to_string());
+        }
+        if u.send_proxy != self.send_proxy {
+            let name = |v: Option<Version>| v.map_or("off", Version::name);
+            let (new, old) = (name(u.send_proxy), name(self.send_proxy));
+            out.push(format!("send_proxy = {new} (was {old})"));
+        }
+        if u.accept_proxy != self.accept_proxy {
+            out.push("accept_proxy changed (for new connections)".to_string());
         }
         out
     }
@@ -169,6 +183,7 @@ fn changed_settings(old: &Settings, new: &Settings) -> Vec<&'static str> {
             "source_rate/source_burst",
             old.source_limit != new.source_limit,
         ),
+        ("accept_proxy", old.accept_proxy != new.accept_proxy),
     ];
     differs
         .into_iter()

@@ -172,6 +172,8 @@ pub fn config(hosts: &[SocketAddr], settings: Settings) -> Config {
             tls: false,
             health: Default::default(),
             refusal: Default::default(),
+            send_proxy: None,
+            accept_proxy: Vec::new(),
         }],
         tls: None,
         clients: Vec::new(),
