@@ -53,14 +53,17 @@ impl SourceNet {
                     .unwrap_or(0);
                 Some(IpAddr::V4((u32::from(ip) & mask).into()))
             }
-            (IpAddr::V6(_), IpAddr::V6(ip)) => {
+            (IpAddr::V6(_), ip) => {
+                // An IPv4 peer against an IPv6 network: as its mapped address.
+                let ip = match ip {
+                    IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                    IpAddr::V6(v6) => v6,
+                };
                 let mask = u128::MAX
                     .checked_shl(128 - u32::from(self.prefix))
                     .unwrap_or(0);
                 Some(IpAddr::V6((u128::from(ip) & mask).into()))
             }
-            // An IPv4 peer against an IPv6 network: as its mapped address.
-            (IpAddr::V6(_), IpAddr::V4(ip)) => self.masked(IpAddr::V6(ip.to_ipv6_mapped())),
             (IpAddr::V4(_), IpAddr::V6(_)) => None,
         }
     }
