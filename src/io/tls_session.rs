@@ -123,6 +123,20 @@ impl TlsSession {
         self.conn.wants_write()
     }
 
+    /// The TLS version in use, as the PROXY protocol and OpenSSL write it.
+    pub fn version_name(&self) -> Option<&'static str> {
+        match self.conn.protocol_version()? {
+            rustls::ProtocolVersion::TLSv1_2 => Some("TLSv1.2"),
+            rustls::ProtocolVersion::TLSv1_3 => Some("TLSv1.3"),
+            _ => None,
+        }
+    }
+
+    /// The server name the client asked for (SNI), if it sent one.
+    pub fn server_name(&self) -> Option<&str> {
+        self.conn.server_name()
+    }
+
     /// The client's verified end-entity certificate.
     pub fn peer_certificate(&self) -> Option<&CertificateDer<'static>> {
         self.conn.peer_certificates()?.first()

@@ -128,6 +128,20 @@ enum State {
         /// it sent before is read, to be delivered once connected).
         up: Flow,
     },
+    /// Connected; the upstream's PROXY protocol header is being written
+    /// to the host, before any byte of the client's. Everything of
+    /// `Connecting` is kept: a host that fails now is a failed connect,
+    /// and the next candidate is tried.
+    SendingHeader {
+        host: HostConn,
+        tried: Vec<SocketAddr>,
+        /// The connect's deadline, which bounds the header too.
+        deadline: Instant,
+        up: Flow,
+        header: Box<[u8]>,
+        /// Bytes of `header` written so far.
+        sent: usize,
+    },
     /// Bytes flow both ways.
     Relaying {
         host: HostConn,
@@ -165,6 +179,7 @@ enum State {
 enum Kind {
     Handshaking,
     Connecting,
+    SendingHeader,
     Relaying,
     Resetting,
     Refusing,
@@ -175,6 +190,7 @@ impl State {
         Some(match self {
             State::Handshaking { .. } => Kind::Handshaking,
             State::Connecting { .. } => Kind::Connecting,
+            State::SendingHeader { .. } => Kind::SendingHeader,
             State::Relaying { .. } => Kind::Relaying,
             State::Resetting { .. } => Kind::Resetting,
             State::Refusing { .. } => Kind::Refusing,
@@ -188,7 +204,7 @@ impl State {
 /// states it counts. (The process-wide caps are in [`Capacity`].)
 #[derive(Debug, Default)]
 pub(crate) struct Census {
-    counts: [usize; 5],
+    counts: [usize; 6],
 }
 
 impl Census {
@@ -248,7 +264,14 @@ pub(crate) struct Pair {
     pub id: u64,
     /// Its upstream (as configured when the pair began).
     pub upstream: Arc<Upstream>,
+    /// The client's address: the peer's, or what its PROXY header said.
     pub client_addr: SocketAddr,
+    /// The peer that sent a PROXY header naming the client (an outer load
+    /// balancer), when one did; `client_addr` is then the header's source.
+    pub via: Option<SocketAddr>,
+    /// The address the client connected to, when a PROXY header said it;
+    /// otherwise the listener's own.
+    destination: Option<SocketAddr>,
     pub started: Instant,
     /// The deadline of this pair's live entry in the timer heap, if any.
     pub scheduled: Option<Instant>,
@@ -306,6 +329,8 @@ impl Pair {
             id,
             upstream,
             client_addr,
+            via: None,
+            destination: None,
             started: now,
             scheduled: None,
             drain_by: None,
@@ -338,9 +363,12 @@ impl Pair {
     pub fn endpoint(&mut self, side: Side) -> Option<&mut Endpoint> {
         match (side, &mut self.state) {
             (Side::Client, _) => Some(&mut self.client.endpoint),
-            (Side::Host, State::Connecting { host, .. } | State::Relaying { host, .. }) => {
-                Some(&mut host.endpoint)
-            }
+            (
+                Side::Host,
+                State::Connecting { host, .. }
+                | State::SendingHeader { host, .. }
+                | State::Relaying { host, .. },
+            ) => Some(&mut host.endpoint),
             (Side::Host, State::Resetting { host, .. }) => Some(host),
             (Side::Host, _) => None,
         }
@@ -354,9 +382,9 @@ impl Pair {
     /// The host this pair counts against, while connecting or relaying.
     pub fn host(&self) -> Option<&Arc<Host>> {
         match &self.state {
-            State::Connecting { host, .. } | State::Relaying { host, .. } => {
-                Some(host.lease.host())
-            }
+            State::Connecting { host, .. }
+            | State::SendingHeader { host, .. }
+            | State::Relaying { host, .. } => Some(host.lease.host()),
             _ => None,
         }
     }
@@ -375,6 +403,7 @@ impl Pair {
         let own = match &self.state {
             State::Handshaking { deadline, .. }
             | State::Connecting { deadline, .. }
+            | State::SendingHeader { deadline, .. }
             | State::Refusing { deadline, .. } => *deadline,
             State::Resetting { wait, .. } => wait.deadline(),
             State::Relaying {
@@ -400,6 +429,7 @@ impl Pair {
         match self.state {
             State::Handshaking { .. } => self.handshake(ctx),
             State::Connecting { .. } => self.check_connect(ctx),
+            State::SendingHeader { .. } => self.send_header(ctx),
             State::Relaying { .. } => self.relay(ctx),
             State::Resetting { .. } => self.drain_while_resetting(ctx),
             State::Refusing { .. } => self.refuse(ctx),
@@ -418,6 +448,11 @@ impl Pair {
             }
             State::Connecting { .. } => {
                 let e = std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out");
+                self.connect_failed(ctx, e)
+            }
+            State::SendingHeader { .. } => {
+                let why = "connected, but the PROXY header was not taken in time";
+                let e = std::io::Error::new(std::io::ErrorKind::TimedOut, why);
                 self.connect_failed(ctx, e)
             }
             State::Relaying { .. } => self.relay_expired(ctx),
@@ -517,7 +552,7 @@ impl Pair {
         let (bytes, host_addr) = match state {
             // The leases and buffers go with the state; the host socket
             // closes as it is dropped.
-            State::Connecting { host, mut up, .. } => {
+            State::Connecting { host, mut up, .. } | State::SendingHeader { host, mut up, .. } => {
                 up.release(ctx.pool);
                 if host_rst {
                     host.endpoint.abort();
@@ -564,9 +599,10 @@ impl Pair {
             Some(_) => (" identity=", self.identity.as_deref().unwrap_or("-")),
             None => ("", ""),
         };
+        let via = self.via.map_or(String::new(), |v| format!(" via={v}"));
         info!(
             target: "tcplb::access",
-            "{} `{}`{label}{identity} host={} up={} down={} ms={} end={}",
+            "{}{via} `{}`{label}{identity} host={} up={} down={} ms={} end={}",
             self.client_addr,
             self.upstream.name,
             host_addr.map_or("-".to_string(), |a| a.to_string()),

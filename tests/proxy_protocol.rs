@@ -1,0 +1,298 @@
+//! The PROXY protocol through the real reactor: the header tcplb sends
+//! to hosts (`send_proxy`), read back by a test host with the `ppp`
+//! crate (a decoder no one here wrote), v1 and v2, IPv4 and IPv6, and
+//! over mTLS the TLVs of what tcplb verified; and the header tcplb reads
+//! from an outer load balancer (`accept_proxy`), whose address then
+//! stands for the client's everywhere.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::thread;
+use std::time::Duration;
+
+use common::pki::{self, Pki};
+use common::*;
+use tcplb::proxy_header::Version;
+use tcplb::{ClientRule, Config, Settings, UpstreamConfig};
+
+/// What a header host saw on one connection: the header's bytes, and the
+/// address the connection came from (tcplb's).
+struct Seen {
+    header: Vec<u8>,
+    peer: SocketAddr,
+}
+
+/// A host that reads one PROXY header off each connection (framing it by
+/// the specification: a v1 line up to its CRLF, a v2 header by the length
+/// it announces), reports it, then echoes everything after it.
+fn spawn_header_host() -> (SocketAddr, mpsc::Receiver<Seen>) {
+    let listener = TcpListener::bind(localhost()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let tx = tx.clone();
+            thread::spawn(move || {
+                conn.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+                let peer = conn.peer_addr().unwrap();
+                let Ok(header) = read_header(&mut conn) else {
+                    return;
+                };
+                let _ = tx.send(Seen { header, peer });
+                let mut buf = [0u8; 4096];
+                loop {
+                    match conn.read(&mut buf) {
+                        Ok(0) | Err(_) => return drop(conn.shutdown(Shutdown::Write)),
+                        Ok(n) => {
+                            if conn.write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// One header off `conn`, nothing past it.
+fn read_header(conn: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut header = vec![0u8; 1];
+    conn.read_exact(&mut header)?;
+    if header[0] == b'P' {
+        let mut byte = [0u8; 1];
+        while !header.ends_with(b"\r\n") && header.len() < 107 {
+            conn.read_exact(&mut byte)?;
+            header.push(byte[0]);
+        }
+    } else {
+        header.resize(16, 0);
+        conn.read_exact(&mut header[1..])?;
+        let len = u16::from_be_bytes([header[14], header[15]]) as usize;
+        header.resize(16 + len, 0);
+        conn.read_exact(&mut header[16..])?;
+    }
+    Ok(header)
+}
+
+fn upstream(hosts: &[SocketAddr], listen: SocketAddr, tls: bool) -> UpstreamConfig {
+    UpstreamConfig {
+        name: "pp".to_string(),
+        listen,
+        hosts: hosts.to_vec(),
+        tls,
+        health: Default::default(),
+        refusal: Default::default(),
+        send_proxy: None,
+        accept_proxy: Vec::new(),
+    }
+}
+
+fn plain(upstream: UpstreamConfig) -> Config {
+    Config {
+        settings: Settings::default(),
+        upstreams: vec![upstream],
+        tls: None,
+        clients: Vec::new(),
+        admin: None,
+        warnings: Vec::new(),
+    }
+}
+
+/// A connection to `to` from the loopback address `from`.
+fn connect_from(from: IpAddr, to: SocketAddr) -> TcpStream {
+    let domain = if from.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, None).unwrap();
+    socket.bind(&SocketAddr::new(from, 0).into()).unwrap();
+    socket.connect(&to.into()).unwrap();
+    let s: TcpStream = socket.into();
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+    s
+}
+
+/// Sends `data`, half-closes, and returns everything that comes back.
+fn exchange(mut s: TcpStream, data: &[u8]) -> Vec<u8> {
+    s.write_all(data).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    read_to_end(&mut s).unwrap()
+}
+
+fn next(seen: &mpsc::Receiver<Seen>) -> Seen {
+    seen.recv_timeout(IO_TIMEOUT)
+        .expect("the host got no header")
+}
+
+#[test]
+fn v1_tells_the_host_the_client_address_before_its_bytes() {
+    let (host, seen) = spawn_header_host();
+    let mut up = upstream(&[host], localhost(), false);
+    up.send_proxy = Some(Version::V1);
+    let proxy = start(plain(up));
+    let client = connect_from("127.0.0.2".parse().unwrap(), proxy.addr);
+    let from = client.local_addr().unwrap();
+    let data = Rng::new(1).bytes(100_000);
+    assert_eq!(
+        exchange(client, &data),
+        data,
+        "every byte after the header, both ways"
+    );
+    let got = next(&seen);
+    let expected = format!(
+        "PROXY TCP4 127.0.0.2 127.0.0.1 {} {}\r\n",
+        from.port(),
+        proxy.addr.port()
+    );
+    assert_eq!(String::from_utf8_lossy(&got.header), expected);
+    let parsed = ppp::v1::Header::try_from(got.header.as_slice()).unwrap();
+    assert_eq!(
+        parsed.addresses,
+        ppp::v1::Addresses::new_tcp4(
+            [127, 0, 0, 2],
+            [127, 0, 0, 1],
+            from.port(),
+            proxy.addr.port()
+        )
+    );
+    assert_eq!(got.peer.ip(), "127.0.0.1".parse::<IpAddr>().unwrap());
+}
+
+#[test]
+fn v2_carries_an_ipv6_client() {
+    let (host, seen) = spawn_header_host();
+    let mut up = upstream(&[host], "[::1]:0".parse().unwrap(), false);
+    up.send_proxy = Some(Version::V2);
+    let proxy = start(plain(up));
+    let client = connect_from("::1".parse().unwrap(), proxy.addr);
+    let from = client.local_addr().unwrap();
+    assert_eq!(exchange(client, b"hello over v6"), b"hello over v6");
+    let got = next(&seen);
+    let header = ppp::v2::Header::try_from(got.header.as_slice()).unwrap();
+    assert_eq!(header.command, ppp::v2::Command::Proxy);
+    assert_eq!(header.protocol, ppp::v2::Protocol::Stream);
+    let ppp::v2::Addresses::IPv6(a) = header.addresses else {
+        panic!("not IPv6: {:?}", header.addresses);
+    };
+    let (src, dst) = (
+        SocketAddr::new(a.source_address.into(), a.source_port),
+        SocketAddr::new(a.destination_address.into(), a.destination_port),
+    );
+    assert_eq!((src, dst), (from, proxy.addr));
+    assert_eq!(header.tlvs().count(), 0, "no TLS, no TLVs");
+}
+
+/// The TLVs of a v2 header, as (type, value); SSL's sub-TLVs parsed too.
+fn tlvs(header: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let header = ppp::v2::Header::try_from(header).unwrap();
+    header
+        .tlvs()
+        .map(|t| {
+            let t = t.unwrap();
+            (t.kind, t.value.to_vec())
+        })
+        .collect()
+}
+
+/// What PP2_TYPE_SSL holds: client flags, verify, sub-TLVs.
+fn ssl_fields(value: &[u8]) -> (u8, u32, Vec<(u8, Vec<u8>)>) {
+    let client = value[0];
+    let verify = u32::from_be_bytes(value[1..5].try_into().unwrap());
+    let mut subs = Vec::new();
+    let mut rest = &value[5..];
+    while !rest.is_empty() {
+        let len = u16::from_be_bytes([rest[1], rest[2]]) as usize;
+        subs.push((rest[0], rest[3..3 + len].to_vec()));
+        rest = &rest[3 + len..];
+    }
+    (client, verify, subs)
+}
+
+fn tls_client(
+    pki: &Pki,
+    name: &str,
+    version: &'static rustls::SupportedProtocolVersion,
+) -> Arc<rustls::ClientConfig> {
+    let cert = pki.client(name);
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca_cert.clone()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[version])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(
+        vec![cert.cert.clone()],
+        rustls_pki_types::PrivateKeyDer::Pkcs8(cert.key.clone_key()),
+    )
+    .unwrap();
+    Arc::new(config)
+}
+
+#[test]
+fn v2_over_mtls_carries_what_tcplb_verified() {
+    let pki = Pki::new("pp-tlv");
+    let (host, seen) = spawn_header_host();
+    let mut up = upstream(&[host], localhost(), true);
+    up.send_proxy = Some(Version::V2);
+    let identities = ["alice", "spiffe://example.org/bob"];
+    let config = Config {
+        tls: Some(pki.settings(Vec::new(), Duration::from_secs(10))),
+        clients: identities
+            .iter()
+            .map(|id| ClientRule {
+                identity: id.to_string(),
+                upstreams: vec!["pp".to_string()],
+                rate: 100.0,
+                burst: 100,
+                max_connections: None,
+            })
+            .collect(),
+        ..plain(up)
+    };
+    let proxy = start(config);
+    for (identity, version, name) in [
+        ("alice", &rustls::version::TLS13, "TLSv1.3"),
+        (
+            "spiffe://example.org/bob",
+            &rustls::version::TLS12,
+            "TLSv1.2",
+        ),
+    ] {
+        let mut s = pki::connect(proxy.addr, tls_client(&pki, identity, version)).unwrap();
+        let from = s.sock.local_addr().unwrap();
+        s.write_all(b"ping\n").unwrap();
+        assert_eq!(pki::read_line(&mut s).unwrap(), "ping");
+        let got = next(&seen);
+        let tlvs = tlvs(&got.header);
+        let kinds: Vec<u8> = tlvs.iter().map(|(k, _)| *k).collect();
+        assert_eq!(kinds, [0x02, 0x20, 0xE0], "{identity}");
+        assert_eq!(tlvs[0].1, b"localhost", "PP2_TYPE_AUTHORITY: the SNI");
+        let (client, verify, subs) = ssl_fields(&tlvs[1].1);
+        assert_eq!(client & 0x01, 0x01, "PP2_CLIENT_SSL");
+        assert_eq!(client & 0x02, 0x02, "PP2_CLIENT_CERT_CONN");
+        assert_eq!(verify, 0, "verified");
+        assert_eq!(
+            subs,
+            [(0x21, name.as_bytes().to_vec())],
+            "PP2_SUBTYPE_SSL_VERSION"
+        );
+        assert_eq!(tlvs[2].1, identity.as_bytes(), "the authorized identity");
+        let header = ppp::v2::Header::try_from(got.header.as_slice()).unwrap();
+        assert_eq!(
+            header.addresses,
+            ppp::v2::Addresses::from((from, proxy.addr)),
+            "{identity}"
+        );
+    }
+}
