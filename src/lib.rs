@@ -38,4 +38,5 @@ pub use io::send_queue::SendQueues;
 pub use policy::access::ClientRule;
 pub use policy::health::HealthSettings;
 pub use policy::limits::Limit;
+pub use policy::trust::SourceNet;
 pub use proxy::{Handle, Proxy};

@@ -296,3 +296,273 @@ fn v2_over_mtls_carries_what_tcplb_verified() {
         );
     }
 }
+
+/// How many clients of the first upstream were refused for `reason`.
+fn refused(proxy: &Running, reason: &str) -> u64 {
+    proxy.stats().upstreams[0]
+        .refused
+        .iter()
+        .find(|(r, _)| r == reason)
+        .map_or(0, |(_, n)| *n)
+}
+
+/// An upstream that takes headers from 127.0.0.1 and sends v1 on, so the
+/// header host shows whom tcplb took the client for.
+fn behind_a_balancer(host: SocketAddr, settings: Settings) -> Config {
+    let mut up = upstream(&[host], localhost(), false);
+    up.send_proxy = Some(Version::V1);
+    up.accept_proxy = vec![
+        "127.0.0.1"
+            .parse::<IpAddr>()
+            .map(|ip| tcplb::SourceNet::new(ip, 32).unwrap())
+            .unwrap(),
+    ];
+    Config {
+        settings,
+        ..plain(up)
+    }
+}
+
+fn v2_tcp6(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+    ppp::v2::Builder::with_addresses(
+        ppp::v2::Version::Two | ppp::v2::Command::Proxy,
+        ppp::v2::Protocol::Stream,
+        (src, dst),
+    )
+    .build()
+    .unwrap()
+}
+
+#[test]
+fn the_header_names_the_client_to_the_host_and_its_bytes_follow() {
+    let (host, seen) = spawn_header_host();
+    let proxy = start(behind_a_balancer(host, Settings::default()));
+    // v1 with the client's first bytes in the same write.
+    let s = connect_from("127.0.0.1".parse().unwrap(), proxy.addr);
+    let header = b"PROXY TCP4 203.0.113.7 198.51.100.1 4242 443\r\n";
+    assert_eq!(exchange(s, &[&header[..], b"hello"].concat()), b"hello");
+    assert_eq!(
+        next(&seen).header,
+        header,
+        "the header's client is the one sent on"
+    );
+    // v2 with an IPv6 client, in pieces, then 50 kB.
+    let mut s = connect_from("127.0.0.1".parse().unwrap(), proxy.addr);
+    s.set_nodelay(true).unwrap();
+    let v2 = v2_tcp6(
+        "[2001:db8::7]:4242".parse().unwrap(),
+        "[2001:db8::1]:443".parse().unwrap(),
+    );
+    for piece in v2.chunks(7) {
+        s.write_all(piece).unwrap();
+    }
+    let data = Rng::new(2).bytes(50_000);
+    assert_eq!(exchange(s, &data), data);
+    assert_eq!(
+        String::from_utf8_lossy(&next(&seen).header),
+        "PROXY TCP6 2001:db8::7 2001:db8::1 4242 443\r\n"
+    );
+    // LOCAL (the balancer's own check) keeps the connection's addresses.
+    let s = connect_from("127.0.0.1".parse().unwrap(), proxy.addr);
+    let from = s.local_addr().unwrap();
+    let local = tcplb::proxy_header::encode_local(Version::V2);
+    assert_eq!(exchange(s, &[&local[..], b"check"].concat()), b"check");
+    assert_eq!(
+        String::from_utf8_lossy(&next(&seen).header),
+        format!(
+            "PROXY TCP4 127.0.0.1 127.0.0.1 {} {}\r\n",
+            from.port(),
+            proxy.addr.port()
+        )
+    );
+    proxy.wait_until("every pair ended", |s| {
+        s.pairs == 0 && s.buffers_in_use == 0
+    });
+}
+
+#[test]
+fn a_header_from_a_peer_off_the_list_is_refused() {
+    let (host, seen) = spawn_header_host();
+    let proxy = start(behind_a_balancer(host, Settings::default()));
+    let mut s = connect_from("127.0.0.2".parse().unwrap(), proxy.addr);
+    let _ = s.write_all(b"PROXY TCP4 203.0.113.7 198.51.100.1 4242 443\r\nhello");
+    closed_within(&mut s, IO_TIMEOUT);
+    proxy.wait_until("counted", |_| refused(&proxy, "proxy_untrusted") == 1);
+    assert!(seen.try_recv().is_err(), "the host never saw it");
+}
+
+#[test]
+fn malformed_oversized_and_slow_headers_are_closed_and_counted() {
+    let (host, seen) = spawn_header_host();
+    let proxy = start(behind_a_balancer(host, Settings::default()));
+    let lb = || connect_from("127.0.0.1".parse().unwrap(), proxy.addr);
+    // Not a header at all.
+    let mut s = lb();
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    closed_within(&mut s, IO_TIMEOUT);
+    // A v1 line with a bad address.
+    let mut s = lb();
+    s.write_all(b"PROXY TCP4 203.0.113.999 198.51.100.1 4242 443\r\n")
+        .unwrap();
+    closed_within(&mut s, IO_TIMEOUT);
+    // A v2 header announcing 5000 bytes: closed without waiting for them.
+    let mut s = lb();
+    let mut big = v2_tcp6("[::1]:1".parse().unwrap(), "[::1]:2".parse().unwrap());
+    big[14..16].copy_from_slice(&5000u16.to_be_bytes());
+    s.write_all(&big[..16]).unwrap();
+    closed_within(&mut s, IO_TIMEOUT);
+    // A v1 line with no CRLF in 107 bytes.
+    let mut s = lb();
+    s.write_all(&[b"PROXY UNKNOWN ".as_slice(), &[b'x'; 120]].concat())
+        .unwrap();
+    closed_within(&mut s, IO_TIMEOUT);
+    proxy.wait_until("counted", |_| refused(&proxy, "proxy_header_invalid") == 4);
+    // Half a header, then nothing: closed at the handshake timeout.
+    let mut slow = lb();
+    slow.write_all(b"PROXY TCP4 203.0.113.7 ").unwrap();
+    proxy.wait_until("the slow one is read", |s| s.pairs == 1);
+    proxy.handle.advance_clock(Duration::from_secs(9)).unwrap();
+    assert_eq!(proxy.stats().pairs, 1, "still within the timeout");
+    proxy.handle.advance_clock(Duration::from_secs(2)).unwrap();
+    closed_within(&mut slow, IO_TIMEOUT);
+    proxy.wait_until("counted", |_| refused(&proxy, "proxy_header_timeout") == 1);
+    let ended = &proxy.stats().upstreams[0].ended;
+    assert!(
+        ended.contains(&("proxy_header_invalid".to_string(), 4))
+            && ended.contains(&("proxy_header_timeout".to_string(), 1)),
+        "{ended:?}"
+    );
+    assert!(seen.try_recv().is_err(), "no host saw any of them");
+}
+
+#[test]
+fn per_source_limits_apply_to_the_address_in_the_header() {
+    let (host, seen) = spawn_header_host();
+    // One new connection a day per source.
+    let settings = Settings {
+        source_limit: Some(tcplb::Limit::new(1.0 / 86_400.0, 1)),
+        ..Settings::default()
+    };
+    let proxy = start(behind_a_balancer(host, settings));
+    let from = |client: &str| {
+        let s = connect_from("127.0.0.1".parse().unwrap(), proxy.addr);
+        let header = format!("PROXY TCP4 {client} 198.51.100.1 4242 443\r\n");
+        (s, header)
+    };
+    let (s, header) = from("203.0.113.7");
+    assert_eq!(exchange(s, &[header.as_bytes(), b"one"].concat()), b"one");
+    next(&seen);
+    // The same client again, through the same balancer: over its rate.
+    let (mut s, header) = from("203.0.113.7");
+    s.write_all(header.as_bytes()).unwrap();
+    closed_within(&mut s, IO_TIMEOUT);
+    proxy.wait_until("counted", |_| refused(&proxy, "source_rate_limited") == 1);
+    // Another client through the same balancer: its own bucket.
+    let (s, header) = from("203.0.113.8");
+    assert_eq!(exchange(s, &[header.as_bytes(), b"two"].concat()), b"two");
+    assert_eq!(next(&seen).header, header.as_bytes());
+    assert!(seen.try_recv().is_err());
+}
+
+/// A TLS upstream behind a balancer on 127.0.0.1 that sends v2 on, and
+/// admits alice; at most `per_source` handshakes at once from one source.
+fn tls_behind_a_balancer(pki: &Pki, host: SocketAddr, per_source: usize) -> Config {
+    let mut config = behind_a_balancer(host, Settings::default());
+    config.upstreams[0].tls = true;
+    config.upstreams[0].send_proxy = Some(Version::V2);
+    let mut tls = pki.settings(Vec::new(), Duration::from_secs(10));
+    tls.max_handshakes_per_source = per_source;
+    config.tls = Some(tls);
+    config.clients = vec![ClientRule {
+        identity: "alice".to_string(),
+        upstreams: vec!["pp".to_string()],
+        rate: 100.0,
+        burst: 100,
+        max_connections: None,
+    }];
+    config
+}
+
+/// Over `tcp`, a PROXY `header` and the ClientHello in one write (one
+/// segment, as a balancer that forwards at once sends them), then the rest
+/// of the handshake.
+fn tls_after_header(
+    tcp: TcpStream,
+    header: &[u8],
+    config: Arc<rustls::ClientConfig>,
+) -> pki::TlsStream {
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let mut conn = rustls::ClientConnection::new(config, name).unwrap();
+    let mut first = header.to_vec();
+    conn.write_tls(&mut first).unwrap();
+    let mut tcp = tcp;
+    tcp.write_all(&first).unwrap();
+    let mut stream = rustls::StreamOwned::new(conn, tcp);
+    while stream.conn.is_handshaking() {
+        stream.conn.complete_io(&mut stream.sock).unwrap();
+    }
+    stream
+}
+
+#[test]
+fn over_tls_the_client_hello_may_come_with_the_header() {
+    let pki = Pki::new("pp-accept-tls");
+    let (host, seen) = spawn_header_host();
+    let proxy = start(tls_behind_a_balancer(&pki, host, 100));
+    for header in [
+        b"PROXY TCP4 203.0.113.7 198.51.100.1 4242 443\r\n".to_vec(),
+        v2_tcp6(
+            "[2001:db8::7]:4242".parse().unwrap(),
+            "[2001:db8::1]:443".parse().unwrap(),
+        ),
+    ] {
+        let tcp = connect_from("127.0.0.1".parse().unwrap(), proxy.addr);
+        let config = tls_client(&pki, "alice", &rustls::version::TLS13);
+        let mut s = tls_after_header(tcp, &header, config);
+        s.write_all(b"ping\n").unwrap();
+        assert_eq!(pki::read_line(&mut s).unwrap(), "ping");
+        let got = next(&seen);
+        let sent = ppp::v2::Header::try_from(got.header.as_slice()).unwrap();
+        let expected: (SocketAddr, SocketAddr) = if header[0] == b'P' {
+            (
+                "203.0.113.7:4242".parse().unwrap(),
+                "198.51.100.1:443".parse().unwrap(),
+            )
+        } else {
+            (
+                "[2001:db8::7]:4242".parse().unwrap(),
+                "[2001:db8::1]:443".parse().unwrap(),
+            )
+        };
+        assert_eq!(sent.addresses, ppp::v2::Addresses::from(expected));
+        let identity = tlvs(&got.header).into_iter().find(|(k, _)| *k == 0xE0);
+        assert_eq!(identity, Some((0xE0, b"alice".to_vec())));
+    }
+}
+
+#[test]
+fn handshake_caps_count_the_source_in_the_header() {
+    let pki = Pki::new("pp-caps");
+    let (host, seen) = spawn_header_host();
+    let proxy = start(tls_behind_a_balancer(&pki, host, 1));
+    let header = |client: &str| format!("PROXY TCP4 {client} 198.51.100.1 4242 443\r\n");
+    // A's handshake stalls, holding A's one slot.
+    let mut stalled = connect_from("127.0.0.1".parse().unwrap(), proxy.addr);
+    stalled.write_all(header("203.0.113.7").as_bytes()).unwrap();
+    proxy.wait_until("A handshakes", |s| s.handshakes == 1);
+    // A second handshake from A, through the same balancer: closed.
+    let mut second = connect_from("127.0.0.1".parse().unwrap(), proxy.addr);
+    second.write_all(header("203.0.113.7").as_bytes()).unwrap();
+    closed_within(&mut second, IO_TIMEOUT);
+    proxy.wait_until("counted", |_| {
+        refused(&proxy, "source_handshake_capacity") == 1
+    });
+    // B, through the same balancer, has a slot of its own.
+    let tcp = connect_from("127.0.0.1".parse().unwrap(), proxy.addr);
+    let config = tls_client(&pki, "alice", &rustls::version::TLS13);
+    let mut s = tls_after_header(tcp, header("203.0.113.8").as_bytes(), config);
+    s.write_all(b"B\n").unwrap();
+    assert_eq!(pki::read_line(&mut s).unwrap(), "B");
+    assert!(next(&seen).header.len() > 16);
+    drop(stalled);
+}

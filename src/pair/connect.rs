@@ -26,9 +26,11 @@ impl Pair {
     /// Starts the connect to the best host for a new or just admitted
     /// client, or refuses it when `max_connections` is reached or no host
     /// is there.
-    pub(super) fn place(&mut self, ctx: &mut Context<'_>) -> Step {
+    /// `up` holds what the client sent before (after a PROXY header).
+    pub(super) fn place(&mut self, ctx: &mut Context<'_>, mut up: Flow) -> Step {
         let max = ctx.settings.max_connections;
         let Some(slot) = ctx.capacity.connection(max) else {
+            up.release(ctx.pool);
             if let Some(more) = ctx.logs.overloaded.allow(ctx.now) {
                 warn!(
                     "`{}`: max_connections ({max}) reached ({more} more refused since the last report)",
@@ -38,10 +40,11 @@ impl Pair {
             return self.refuse_with(ctx, Refusal::Overloaded);
         };
         if self.upstream.balancer.healthy() == 0 {
+            up.release(ctx.pool);
             return self.refuse_with(ctx, Refusal::NoHealthyHost);
         }
         self.slot = Some(slot);
-        self.connect_next(ctx, Vec::new(), Flow::default())
+        self.connect_next(ctx, Vec::new(), up)
     }
 
     /// Connects to the best host not in `tried`, moving down the candidates

@@ -44,15 +44,16 @@ pub(crate) use end::{End, Refusal};
 use relay::ResetWait;
 
 use crate::config::Settings;
-use crate::io::Endpoint;
 use crate::io::buffer::BufferPool;
 use crate::io::flow::Flow;
 use crate::io::send_queue::SendQueues;
 use crate::io::tls_session::{Handshake, TlsSession};
+use crate::io::{Endpoint, Io};
 use crate::logs::{RefusalLog, Throttle};
 use crate::policy::access::{Access, ClientLease};
 use crate::policy::balance::{Host, HostLease};
 use crate::policy::capacity::{Capacity, ConnectionSlot, HandshakeSlot};
+use crate::proxy_header::{self, Header, Parse};
 use crate::upstream::{Counters, Upstream};
 
 /// How long a refused client gets to read its error line and close.
@@ -90,6 +91,10 @@ pub(crate) enum Step {
     Again,
     /// Done: [`Pair::close`] it with this end.
     Finish(End),
+    /// Its PROXY header is read: the loop checks the client's address
+    /// against the per-source limits and caps, then calls
+    /// [`Pair::start_handshake`] or [`Pair::start_connecting`] (or closes it).
+    Identified,
 }
 
 /// The client's side of a pair, in every state.
@@ -112,6 +117,15 @@ struct HostConn {
 /// Where a pair is in its life, with what it holds there.
 #[derive(Debug)]
 enum State {
+    /// A client of an `accept_proxy` upstream, from a peer on its list:
+    /// its PROXY header is being read (`read` holds what came so far,
+    /// never more than the header and a few bytes past a v1 line).
+    ReadingHeader { deadline: Instant, read: Vec<u8> },
+    /// The header is read and the client's address known. Only for the
+    /// instant the loop takes to check that address against the
+    /// per-source limits and handshake caps and start the handshake or the
+    /// connect; `early` is what came after the header, for TLS or the host.
+    Identified { deadline: Instant, early: Vec<u8> },
     /// The TLS handshake of a client of a TLS upstream is in progress.
     Handshaking {
         deadline: Instant,
@@ -177,6 +191,8 @@ enum State {
 /// The states, as counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
+    ReadingHeader,
+    Identified,
     Handshaking,
     Connecting,
     SendingHeader,
@@ -188,6 +204,8 @@ enum Kind {
 impl State {
     fn kind(&self) -> Option<Kind> {
         Some(match self {
+            State::ReadingHeader { .. } => Kind::ReadingHeader,
+            State::Identified { .. } => Kind::Identified,
             State::Handshaking { .. } => Kind::Handshaking,
             State::Connecting { .. } => Kind::Connecting,
             State::SendingHeader { .. } => Kind::SendingHeader,
@@ -204,7 +222,7 @@ impl State {
 /// states it counts. (The process-wide caps are in [`Capacity`].)
 #[derive(Debug, Default)]
 pub(crate) struct Census {
-    counts: [usize; 6],
+    counts: [usize; 8],
 }
 
 impl Census {
@@ -232,6 +250,7 @@ pub(crate) struct PairLogs {
     pub overloaded: Throttle,
     pub connect_failed: Throttle,
     pub send_queue: Throttle,
+    pub proxy_header: Throttle,
     pub refusals: RefusalLog,
 }
 
@@ -306,6 +325,23 @@ impl Pair {
         pair
     }
 
+    /// A new client of an `accept_proxy` upstream, from a peer on its
+    /// list: its PROXY header is read first, until `deadline`.
+    pub fn reading_header(
+        id: u64,
+        upstream: Arc<Upstream>,
+        client: (Endpoint, SocketAddr),
+        deadline: Instant,
+        ctx: &mut Context<'_>,
+    ) -> Pair {
+        let mut pair = Pair::new(id, upstream, client, None, ctx.now);
+        pair.transition(ctx.census, |_| State::ReadingHeader {
+            deadline,
+            read: Vec::new(),
+        });
+        pair
+    }
+
     /// A new plain client: connected to a host, or refused.
     pub fn connecting(
         id: u64,
@@ -314,7 +350,7 @@ impl Pair {
         ctx: &mut Context<'_>,
     ) -> (Pair, Step) {
         let mut pair = Pair::new(id, upstream, client, None, ctx.now);
-        let step = pair.place(ctx);
+        let step = pair.place(ctx, Flow::default());
         (pair, step)
     }
 
@@ -401,7 +437,9 @@ impl Pair {
     /// When the loop must look at this pair again if nothing happens.
     pub fn deadline(&self, settings: &Settings) -> Instant {
         let own = match &self.state {
-            State::Handshaking { deadline, .. }
+            State::ReadingHeader { deadline, .. }
+            | State::Identified { deadline, .. }
+            | State::Handshaking { deadline, .. }
             | State::Connecting { deadline, .. }
             | State::SendingHeader { deadline, .. }
             | State::Refusing { deadline, .. } => *deadline,
@@ -427,6 +465,9 @@ impl Pair {
     /// Moves the pair on after readiness changed on one of its sockets.
     pub fn advance(&mut self, ctx: &mut Context<'_>) -> Step {
         match self.state {
+            State::ReadingHeader { .. } => self.read_header(ctx),
+            // The loop moves it on at once; an event meanwhile changes nothing.
+            State::Identified { .. } => Step::Identified,
             State::Handshaking { .. } => self.handshake(ctx),
             State::Connecting { .. } => self.check_connect(ctx),
             State::SendingHeader { .. } => self.send_header(ctx),
@@ -440,6 +481,9 @@ impl Pair {
     /// Acts on the pair's own deadline, which has passed.
     pub fn expire(&mut self, ctx: &mut Context<'_>) -> Step {
         match self.state {
+            State::ReadingHeader { .. } | State::Identified { .. } => {
+                self.bad_header(ctx, "proxy_header_timeout", "not complete in time")
+            }
             State::Handshaking { .. } => {
                 debug!("{} handshake timed out", self.client_addr);
                 let refusals = &mut ctx.logs.refusals;
@@ -471,20 +515,143 @@ impl Pair {
         match tls.handshake(&mut self.client.endpoint) {
             Handshake::Pending => Step::Continue,
             Handshake::Done => self.admit(ctx),
-            Handshake::Failed(reason) => {
-                // Anyone can fail a handshake: throttled, not one line each.
-                if let Some(more) = ctx.logs.handshake_failed.allow(ctx.now) {
-                    info!(
-                        "{} `{}` refused: handshake_failed ({reason}) ({more} more since the last report)",
-                        self.client_addr, self.upstream.name
-                    );
-                }
-                let refusals = &mut ctx.logs.refusals;
-                self.count_silent_refusal("handshake_failed", ctx.counters, refusals, ctx.now);
-                Step::Finish(End::HandshakeFailed)
-            }
+            Handshake::Failed(reason) => self.handshake_failed(ctx, &reason),
             Handshake::Gone => Step::Finish(End::Reset(Side::Client)),
         }
+    }
+
+    fn handshake_failed(&mut self, ctx: &mut Context<'_>, reason: &str) -> Step {
+        // Anyone can fail a handshake: throttled, not one line each.
+        if let Some(more) = ctx.logs.handshake_failed.allow(ctx.now) {
+            info!(
+                "{} `{}` refused: handshake_failed ({reason}) ({more} more since the last report)",
+                self.client_addr, self.upstream.name
+            );
+        }
+        let refusals = &mut ctx.logs.refusals;
+        self.count_silent_refusal("handshake_failed", ctx.counters, refusals, ctx.now);
+        Step::Finish(End::HandshakeFailed)
+    }
+
+    /// Reads the client's PROXY header as far as the socket allows, never
+    /// more than [`proxy_header::parse`] asks for.
+    fn read_header(&mut self, ctx: &mut Context<'_>) -> Step {
+        let State::ReadingHeader { read, .. } = &mut self.state else {
+            unreachable!("only pairs reading a header read one");
+        };
+        let ep = &mut self.client.endpoint;
+        ep.note_error();
+        loop {
+            let want = match proxy_header::parse(read) {
+                Parse::More(n) => n,
+                Parse::Done(header, len) => return self.identified(ctx, header, len),
+                Parse::Bad(why) => {
+                    return self.bad_header(ctx, "proxy_header_invalid", &why.to_string());
+                }
+            };
+            if !ep.can_read() {
+                return Step::Continue;
+            }
+            match ep.read_onto(read, want) {
+                Io::Done(_) => {}
+                Io::WouldBlock => return Step::Continue,
+                // Connected and left without a word (a port check).
+                Io::Eof if read.is_empty() => return Step::Finish(End::Closed),
+                Io::Eof => {
+                    let why = "the connection ended inside the header";
+                    return self.bad_header(ctx, "proxy_header_invalid", why);
+                }
+                Io::Failed(_) => return Step::Finish(End::Reset(Side::Client)),
+            }
+        }
+    }
+
+    /// The header is whole: its addresses become the client's (a LOCAL or
+    /// UNKNOWN header keeps the connection's), and what followed it is
+    /// kept for the handshake or the host.
+    fn identified(&mut self, ctx: &mut Context<'_>, header: Header, len: usize) -> Step {
+        if let Some((source, destination)) = header.addresses {
+            debug!(
+                "pair #{}: {} speaks for {source} (PROXY {})",
+                self.id,
+                self.client_addr,
+                header.version.name()
+            );
+            self.via = Some(self.client_addr);
+            self.client_addr = source;
+            self.destination = Some(destination);
+        }
+        self.transition(ctx.census, |old| {
+            let State::ReadingHeader { deadline, mut read } = old else {
+                unreachable!("only pairs reading a header are identified");
+            };
+            let early = read.split_off(len);
+            State::Identified { deadline, early }
+        });
+        Step::Identified
+    }
+
+    /// A header that is malformed, too long or too slow: the connection is
+    /// closed, counted under `code`, and logged at most once a second.
+    fn bad_header(&mut self, ctx: &mut Context<'_>, code: &'static str, why: &str) -> Step {
+        if let Some(more) = ctx.logs.proxy_header.allow(ctx.now) {
+            info!(
+                "{} `{}` refused: {code} ({why}) ({more} more since the last report)",
+                self.client_addr, self.upstream.name
+            );
+        }
+        let refusals = &mut ctx.logs.refusals;
+        self.count_silent_refusal(code, ctx.counters, refusals, ctx.now);
+        Step::Finish(if code == "proxy_header_timeout" {
+            End::ProxyHeaderTimeout
+        } else {
+            End::ProxyHeaderInvalid
+        })
+    }
+
+    /// What came after the header, taken out of the `Identified` state.
+    fn take_early(&mut self) -> Vec<u8> {
+        match &mut self.state {
+            State::Identified { early, .. } => std::mem::take(early),
+            _ => Vec::new(),
+        }
+    }
+
+    /// An identified client of a TLS upstream, admitted under the
+    /// handshake caps: its handshake starts with what came after the header.
+    pub fn start_handshake(
+        &mut self,
+        (tls, slot): (Box<TlsSession>, HandshakeSlot),
+        deadline: Instant,
+        ctx: &mut Context<'_>,
+    ) -> Step {
+        let early = self.take_early();
+        let tls = self.client.tls.insert(tls);
+        let taken = tls.take_in(&early);
+        self.transition(ctx.census, |_| State::Handshaking {
+            deadline,
+            _slot: slot,
+        });
+        match taken {
+            Ok(()) => self.handshake(ctx),
+            Err(reason) => self.handshake_failed(ctx, &reason),
+        }
+    }
+
+    /// An identified client of a plain upstream: connected to a host, with
+    /// what came after the header to go first, or refused.
+    pub fn start_connecting(&mut self, ctx: &mut Context<'_>) -> Step {
+        let early = self.take_early();
+        let up = Flow::holding(&early, ctx.pool);
+        self.place(ctx, up)
+    }
+
+    /// Turned away after its header by a per-source limit or cap (`code`),
+    /// as a connection from that address would be at accept.
+    pub fn turned_away(&mut self, code: &'static str, ctx: &mut Context<'_>) -> End {
+        let refusals = &mut ctx.logs.refusals;
+        self.count_silent_refusal(code, ctx.counters, refusals, ctx.now);
+        End::TurnedAway(code)
     }
 
     /// Counts a refusal that sends the client no line (a failed, timed-out
@@ -518,7 +685,7 @@ impl Pair {
         match ctx.access.admit(known, &self.upstream.name, ctx.now) {
             Ok(lease) => {
                 self.client.lease = Some(lease);
-                match self.place(ctx) {
+                match self.place(ctx, Flow::default()) {
                     // Application data may have come with the handshake.
                     Step::Continue => self.advance(ctx),
                     step => step,
@@ -588,7 +755,11 @@ impl Pair {
                 }
                 (wait.bytes, Some(host_record.addr))
             }
-            State::Handshaking { .. } | State::Refusing { .. } | State::Moving => ((0, 0), None),
+            State::ReadingHeader { .. }
+            | State::Identified { .. }
+            | State::Handshaking { .. }
+            | State::Refusing { .. }
+            | State::Moving => ((0, 0), None),
         };
         *u.ended.entry(end.code()).or_default() += 1;
         if self.unlogged {
@@ -631,6 +802,9 @@ fn abortive(end: End, state: &State) -> [bool; 2] {
         | End::Refused(_)
         | End::HandshakeFailed
         | End::HandshakeTimeout
-        | End::HandshakeEvicted => [false, false],
+        | End::HandshakeEvicted
+        | End::ProxyHeaderInvalid
+        | End::ProxyHeaderTimeout
+        | End::TurnedAway(_) => [false, false],
     }
 }

@@ -474,6 +474,7 @@ impl Worker {
                 self.runnable.push((key, id));
             }
             Step::Finish(end) => self.close(key, end, now),
+            Step::Identified => self.identified(key, now),
         }
         self.host_results(&upstream, now);
     }
