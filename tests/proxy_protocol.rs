@@ -566,3 +566,304 @@ fn handshake_caps_count_the_source_in_the_header() {
     assert!(next(&seen).header.len() > 16);
     drop(stalled);
 }
+
+/// HAProxy, run in the foreground with `config` (in which `{stats}`
+/// stands for its stats socket, whose appearance says it is listening);
+/// killed on drop. `None` (with a note) where HAProxy is not installed.
+struct Haproxy {
+    child: std::process::Child,
+    /// Its stdout lines (its log, with `log stdout`).
+    log: mpsc::Receiver<String>,
+    dir: std::path::PathBuf,
+}
+
+fn haproxy_binary() -> Option<std::path::PathBuf> {
+    let on_path = std::env::var_os("PATH")
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("haproxy"))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    on_path
+        .into_iter()
+        .chain([std::path::PathBuf::from("/usr/sbin/haproxy")])
+        .find(|p| p.is_file())
+}
+
+impl Haproxy {
+    fn start(test: &str, config: &str) -> Option<Haproxy> {
+        let Some(binary) = haproxy_binary() else {
+            eprintln!("{test}: skipped, haproxy is not installed (apt-get install haproxy)");
+            return None;
+        };
+        let dir = std::env::temp_dir().join(format!("tcplb-haproxy-{}-{test}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let stats = dir.join("stats.sock");
+        let path = dir.join("haproxy.cfg");
+        std::fs::write(&path, config.replace("{stats}", stats.to_str().unwrap())).unwrap();
+        let mut child = std::process::Command::new(binary)
+            .args(["-db", "-f"])
+            .arg(&path)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, log) = mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut haproxy = Haproxy { child, log, dir };
+        let deadline = std::time::Instant::now() + IO_TIMEOUT;
+        while !stats.exists() {
+            if let Ok(Some(status)) = haproxy.child.try_wait() {
+                let mut err = String::new();
+                let _ = haproxy
+                    .child
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut err);
+                panic!("haproxy exited ({status}):\n{err}\n{config}");
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "haproxy never started"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        Some(haproxy)
+    }
+
+    /// The next log line starting with `prefix`.
+    fn log_line(&self, prefix: &str) -> String {
+        loop {
+            let line = self
+                .log
+                .recv_timeout(IO_TIMEOUT)
+                .unwrap_or_else(|e| panic!("no haproxy log line starting with {prefix:?}: {e}"));
+            if let Some(rest) = line.strip_prefix(prefix) {
+                return rest.to_string();
+            }
+        }
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A port free right now on 127.0.0.1, for a program that cannot report
+/// the one the kernel gave it.
+fn free_port() -> u16 {
+    TcpListener::bind(localhost())
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+const HAPROXY_GLOBAL: &str = "global
+    log stdout format raw local0 info
+    stats socket {stats}
+defaults
+    mode tcp
+    log global
+    timeout connect 5s
+    timeout client 20s
+    timeout server 20s
+";
+
+#[test]
+fn haproxy_as_the_host_reads_the_header_tcplb_sends() {
+    let echo = spawn_host("echo", Behavior::Echo);
+    let port = free_port();
+    let config = format!(
+        "{HAPROXY_GLOBAL}frontend fe
+    bind 127.0.0.1:{port} accept-proxy
+    log-format \"PP %ci %cp %fi %fp %[fc_pp_authority]\"
+    default_backend be
+backend be
+    server echo {}
+",
+        echo.addr
+    );
+    let Some(haproxy) = Haproxy::start("host", &config) else {
+        return;
+    };
+    let haproxy_addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    // v1, then v2 with an IPv6 client: HAProxy's client is tcplb's.
+    for (version, listen, from) in [
+        (Version::V1, "127.0.0.1:0", "127.0.0.2"),
+        (Version::V2, "[::1]:0", "::1"),
+    ] {
+        let mut up = upstream(&[haproxy_addr], listen.parse().unwrap(), false);
+        up.send_proxy = Some(version);
+        let proxy = start(plain(up));
+        let client = connect_from(from.parse().unwrap(), proxy.addr);
+        let me = client.local_addr().unwrap();
+        assert_eq!(exchange(client, b"through haproxy"), b"through haproxy");
+        let line = haproxy.log_line("PP ");
+        assert_eq!(
+            line,
+            format!(
+                "{} {} {} {} -",
+                me.ip(),
+                me.port(),
+                proxy.addr.ip(),
+                proxy.addr.port()
+            ),
+            "{version:?}"
+        );
+    }
+    // v2 over mTLS: HAProxy reads the authority TLV.
+    let pki = Pki::new("pp-haproxy-host");
+    let mut up = upstream(&[haproxy_addr], localhost(), true);
+    up.send_proxy = Some(Version::V2);
+    let config = Config {
+        tls: Some(pki.settings(Vec::new(), Duration::from_secs(10))),
+        clients: vec![ClientRule {
+            identity: "alice".to_string(),
+            upstreams: vec!["pp".to_string()],
+            rate: 100.0,
+            burst: 100,
+            max_connections: None,
+        }],
+        ..plain(up)
+    };
+    let proxy = start(config);
+    let mut s = pki::connect_from(
+        "127.0.0.3".parse().unwrap(),
+        proxy.addr,
+        tls_client(&pki, "alice", &rustls::version::TLS13),
+    )
+    .unwrap();
+    let me = s.sock.local_addr().unwrap();
+    s.write_all(b"ping\n").unwrap();
+    assert_eq!(pki::read_line(&mut s).unwrap(), "ping");
+    pki::close_write(&mut s);
+    let line = haproxy.log_line("PP ");
+    assert_eq!(
+        line,
+        format!(
+            "127.0.0.3 {} 127.0.0.1 {} localhost",
+            me.port(),
+            proxy.addr.port()
+        )
+    );
+}
+
+#[test]
+fn behind_haproxy_tcplb_sees_the_original_client() {
+    if haproxy_binary().is_none() {
+        return eprintln!("behind_haproxy: skipped, haproxy is not installed");
+    }
+    // Plain, one new connection a day per source.
+    let (host, seen) = spawn_header_host();
+    let limited = Settings {
+        source_limit: Some(tcplb::Limit::new(1.0 / 86_400.0, 1)),
+        ..Settings::default()
+    };
+    let plain_lb = start(behind_a_balancer(host, limited));
+    // mTLS, sending v2 on.
+    let pki = Pki::new("pp-behind-haproxy");
+    let (tls_host, tls_seen) = spawn_header_host();
+    let tls_lb = start(tls_behind_a_balancer(&pki, tls_host, 100));
+    // The real binary, for its access line.
+    let echo = spawn_host("echo", Behavior::Echo);
+    let dir = std::env::temp_dir().join(format!("tcplb-pp-binary-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let toml = dir.join("lb.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "[defaults]\naccept_proxy = [\"127.0.0.1/32\"]\n\n[[upstream]]\nname = \"pp\"\n\
+             listen = \"127.0.0.1:0\"\nhosts = [\"{}\"]\n",
+            echo.addr
+        ),
+    )
+    .unwrap();
+    let binary = Binary::start(&["--config", toml.to_str().unwrap()]);
+    let binary_addr = binary.listen_addr();
+
+    let ports = [free_port(), free_port(), free_port()];
+    let mut config = HAPROXY_GLOBAL.to_string();
+    for (i, (port, lb)) in ports
+        .iter()
+        .zip([plain_lb.addr, tls_lb.addr, binary_addr])
+        .enumerate()
+    {
+        config.push_str(&format!(
+            "frontend fe{i}\n    bind 127.0.0.1:{port}\n    default_backend be{i}\n\
+             backend be{i}\n    server lb {lb} send-proxy-v2\n"
+        ));
+    }
+    let Some(_haproxy) = Haproxy::start("outer", &config) else {
+        return;
+    };
+    let front = |i: usize| -> SocketAddr { format!("127.0.0.1:{}", ports[i]).parse().unwrap() };
+
+    // The host learns the client HAProxy had, not HAProxy.
+    let client = connect_from("127.0.0.2".parse().unwrap(), front(0));
+    let me = client.local_addr().unwrap();
+    assert_eq!(exchange(client, b"first"), b"first");
+    assert_eq!(
+        String::from_utf8_lossy(&next(&seen).header),
+        format!(
+            "PROXY TCP4 127.0.0.2 127.0.0.1 {} {}\r\n",
+            me.port(),
+            ports[0]
+        )
+    );
+    // Its source rate is its own: the same client again is over it...
+    let mut again = connect_from("127.0.0.2".parse().unwrap(), front(0));
+    again.write_all(b"second").unwrap();
+    // HAProxy passes tcplb's close on with FIN or RST; either way, no echo.
+    closed_within(&mut again, IO_TIMEOUT);
+    plain_lb.wait_until("counted", |_| {
+        refused(&plain_lb, "source_rate_limited") == 1
+    });
+    // ...and another client behind the same HAProxy is not.
+    let other = connect_from("127.0.0.3".parse().unwrap(), front(0));
+    assert_eq!(exchange(other, b"third"), b"third");
+    assert!(String::from_utf8_lossy(&next(&seen).header).starts_with("PROXY TCP4 127.0.0.3 "));
+
+    // mTLS through HAProxy: the header, then the client's ClientHello.
+    let mut s = pki::connect_from(
+        "127.0.0.4".parse().unwrap(),
+        front(1),
+        tls_client(&pki, "alice", &rustls::version::TLS13),
+    )
+    .unwrap();
+    let me = s.sock.local_addr().unwrap();
+    s.write_all(b"ping\n").unwrap();
+    assert_eq!(pki::read_line(&mut s).unwrap(), "ping");
+    let got = next(&tls_seen);
+    let sent = ppp::v2::Header::try_from(got.header.as_slice()).unwrap();
+    assert_eq!(sent.addresses, ppp::v2::Addresses::from((me, front(1))));
+    let identity = tlvs(&got.header).into_iter().find(|(k, _)| *k == 0xE0);
+    assert_eq!(identity, Some((0xE0, b"alice".to_vec())));
+
+    // The access line names the client, and HAProxy as via.
+    let client = connect_from("127.0.0.5".parse().unwrap(), front(2));
+    let me = client.local_addr().unwrap();
+    assert_eq!(exchange(client, b"logged"), b"logged");
+    let line = binary.wait_for_log("`pp`");
+    assert!(
+        line.contains(&format!("tcplb::access] {me} via=127.0.0.1:"))
+            && line.contains("end=closed"),
+        "{line}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
