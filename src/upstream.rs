@@ -9,7 +9,7 @@ use crate::config::{RefusalMode, UpstreamConfig};
 use crate::policy::balance::LoadBalancer;
 use crate::policy::health::HealthSettings;
 use crate::policy::trust::SourceNet;
-use crate::proxy_header::Version;
+use crate::proxy_header::{self, Version};
 
 /// Upper bounds (seconds) of the connection-duration histogram buckets.
 pub const DURATION_BUCKETS: &[f64] = &[
@@ -80,6 +80,10 @@ pub(crate) struct Upstream {
     /// Peers whose connections begin with a PROXY protocol header; empty:
     /// clients connect directly, and none may send one.
     pub accept_proxy: Vec<SourceNet>,
+    /// What an active check sends (`health.send`), after a `LOCAL` PROXY
+    /// header when the hosts get one: a host that requires the header
+    /// takes the check for its own and still answers it.
+    pub probe_send: Option<Vec<u8>>,
 }
 
 impl Upstream {
@@ -103,6 +107,14 @@ impl Upstream {
             refusal: config.refusal,
             send_proxy: config.send_proxy,
             accept_proxy: config.accept_proxy.clone(),
+            probe_send: config
+                .health
+                .send
+                .as_ref()
+                .map(|send| match config.send_proxy {
+                    Some(version) => [proxy_header::encode_local(version), send.clone()].concat(),
+                    None => send.clone(),
+                }),
         }
     }
 }

@@ -867,3 +867,30 @@ fn behind_haproxy_tcplb_sees_the_original_client() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn health_checks_of_a_send_proxy_upstream_begin_with_a_local_header() {
+    for version in [Version::V1, Version::V2] {
+        let (host, seen) = spawn_header_host();
+        let mut up = upstream(&[host], localhost(), false);
+        up.send_proxy = Some(version);
+        up.health = tcplb::HealthSettings {
+            active: true,
+            interval: Duration::from_millis(50),
+            timeout: Duration::from_secs(5),
+            rise: 1,
+            fall: 1,
+            send: Some(b"PING\n".to_vec()),
+            expect: Some(b"PING".to_vec()),
+            ..Default::default()
+        };
+        let proxy = start(plain(up));
+        let got = next(&seen);
+        assert_eq!(got.header, tcplb::proxy_header::encode_local(version));
+        proxy.wait_until("a check passed", |s| {
+            s.upstreams[0].hosts[0].checks_passed > 0
+        });
+        let host = &proxy.stats().upstreams[0].hosts[0];
+        assert!(host.up && host.checks_failed == 0, "{version:?}: {host:?}");
+    }
+}
