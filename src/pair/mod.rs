@@ -16,6 +16,13 @@
 //!                                              (one side reset, its bytes delivered)
 //!                                                                          ▼
 //!                                 Resetting ──(receiver acknowledged, or bound)──> closed (RST passed on)
+//!
+//!   With the PROXY protocol, two steps come in between:
+//!
+//!   accept ──(accept_proxy)──> ReadingHeader ──(read)──> Identified ──(the loop's per-source
+//!                                  └─(malformed, timeout)──> closed     checks)──> Handshaking or Connecting
+//!   Connecting ──(connected, send_proxy)──> SendingHeader ──(written)──> Relaying
+//!                                               └─(failed, timed out)──> Connecting (next host)
 //! ```
 //!
 //! The loop hands a pair readiness events and deadlines; the pair decides
