@@ -2,7 +2,7 @@
 //! each, in the balancer), and what each worker counts about it.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use crate::config::{RefusalMode, UpstreamConfig};
@@ -116,6 +116,14 @@ impl Upstream {
                     None => send.clone(),
                 }),
         }
+    }
+}
+
+impl Upstream {
+    /// Whether `ip` is a peer on `accept_proxy`, whose connections begin
+    /// with a PROXY header.
+    pub fn trusts(&self, ip: IpAddr) -> bool {
+        self.accept_proxy.iter().any(|net| net.contains(ip))
     }
 }
 

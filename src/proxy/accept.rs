@@ -96,11 +96,7 @@ impl Worker {
     ) {
         let expects_header = !upstream.accept_proxy.is_empty();
         let slot = if expects_header {
-            if upstream
-                .accept_proxy
-                .iter()
-                .any(|net| net.contains(addr.ip()))
-            {
+            if upstream.trusts(addr.ip()) {
                 None
             } else {
                 self.counters(upstream.id).count_refusal("proxy_untrusted");
