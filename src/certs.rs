@@ -86,84 +86,111 @@ pub struct Written {
 /// written, so a failure (an existing CA, a key that does not belong to
 /// its certificate, a malformed name) leaves the directory as it was.
 pub fn init(request: &Request) -> Result<Written, Error> {
-    let dir = &request.dir;
-    let fail = |what: &str, e: rcgen::Error| Error::Setup {
-        what: "certificates",
-        source: std::io::Error::other(format!("{what}: {e}")),
-    };
-    let (not_before, not_after) = validity(OffsetDateTime::now_utc());
-
-    // The signer, and the new CA's files to write (None for an existing CA).
-    let (issuer, ca_der, new_ca) = match &request.ca {
-        Ca::New { replace } => {
-            if !replace {
-                refuse_existing_ca(dir)?;
-            }
-            let ca_key = KeyPair::generate().map_err(|e| fail("CA key", e))?;
-            let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(|e| fail("CA", e))?;
-            ca.distinguished_name = name("tcplb development CA");
-            ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            ca.key_usages = vec![
-                KeyUsagePurpose::KeyCertSign,
-                KeyUsagePurpose::CrlSign,
-                KeyUsagePurpose::DigitalSignature,
-            ];
-            (ca.not_before, ca.not_after) = (not_before, not_after);
-            let ca_cert = ca.self_signed(&ca_key).map_err(|e| fail("CA", e))?;
-            let files = (ca_cert.pem(), ca_key.serialize_pem());
-            (Issuer::new(ca, ca_key), ca_cert.der().clone(), Some(files))
-        }
-        Ca::Existing { cert, key } => {
-            let (issuer, der) = existing_ca(cert, key)?;
-            (issuer, der, None)
-        }
-    };
-
-    let issue = |names: &[String], usage: ExtendedKeyUsagePurpose| {
-        let uri = names[0].contains("://");
-        let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(if uri { Vec::new() } else { names.to_vec() })?;
-        if uri {
-            params.subject_alt_names = names
-                .iter()
-                .map(|n| Ok(rcgen::SanType::URI(n.clone().try_into()?)))
-                .collect::<Result<_, rcgen::Error>>()?;
-        }
-        params.distinguished_name = name(&names[0]);
-        params.extended_key_usages = vec![usage];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        (params.not_before, params.not_after) = (not_before, not_after);
-        let cert = params.signed_by(&key, &issuer)?;
-        Ok::<_, rcgen::Error>((cert, key.serialize_pem()))
-    };
-    // (file stem, certificate PEM, key PEM), checked against the CA.
+    let validity = validity(OffsetDateTime::now_utc());
+    let (issuer, ca_der, new_ca) = signer(request, validity)?;
+    // (file stem, certificate PEM, key PEM), each checked against the CA.
     let mut files = Vec::new();
     if !request.server_names.is_empty() {
-        let (cert, key) = issue(&request.server_names, ExtendedKeyUsagePurpose::ServerAuth)
-            .map_err(|e| fail("server certificate", e))?;
-        chains_to(
-            &ca_der,
-            cert.der(),
+        let usage = (
+            ExtendedKeyUsagePurpose::ServerAuth,
             webpki::KeyUsage::server_auth(),
-            &request.ca,
-        )?;
+        );
+        let (cert, key) = issue(&request.server_names, usage.0, &issuer, validity)
+            .map_err(|e| fail("server certificate", e))?;
+        chains_to(&ca_der, cert.der(), usage.1, &request.ca)?;
         files.push(("server".to_string(), cert.pem(), key));
     }
     for client in &request.clients {
-        let (cert, key) = issue(
-            std::slice::from_ref(client),
+        let usage = (
             ExtendedKeyUsagePurpose::ClientAuth,
-        )
-        .map_err(|e| fail(&format!("certificate for {client}"), e))?;
-        chains_to(
-            &ca_der,
-            cert.der(),
             webpki::KeyUsage::client_auth(),
-            &request.ca,
-        )?;
+        );
+        let (cert, key) = issue(std::slice::from_ref(client), usage.0, &issuer, validity)
+            .map_err(|e| fail(&format!("certificate for {client}"), e))?;
+        chains_to(&ca_der, cert.der(), usage.1, &request.ca)?;
         files.push((file_stem(client), cert.pem(), key));
     }
+    write_all(request, new_ca, files)
+}
 
+/// An rcgen failure while making `what`, as a setup error.
+fn fail(what: &str, e: rcgen::Error) -> Error {
+    Error::Setup {
+        what: "certificates",
+        source: std::io::Error::other(format!("{what}: {e}")),
+    }
+}
+
+/// The signer, its certificate's DER, and the new CA's files to write
+/// (certificate and key PEM; `None` for an existing CA).
+type Signer = (
+    Issuer<'static, KeyPair>,
+    CertificateDer<'static>,
+    Option<(String, String)>,
+);
+
+/// The CA that signs: the existing one, or a new one (refused over an
+/// existing CA unless replacing it was asked for).
+fn signer(
+    request: &Request,
+    (not_before, not_after): (OffsetDateTime, OffsetDateTime),
+) -> Result<Signer, Error> {
+    match &request.ca {
+        Ca::Existing { cert, key } => {
+            let (issuer, der) = existing_ca(cert, key)?;
+            return Ok((issuer, der, None));
+        }
+        Ca::New { replace: false } => refuse_existing_ca(&request.dir)?,
+        Ca::New { replace: true } => {}
+    }
+    let ca_key = KeyPair::generate().map_err(|e| fail("CA key", e))?;
+    let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(|e| fail("CA", e))?;
+    ca.distinguished_name = name("tcplb development CA");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    (ca.not_before, ca.not_after) = (not_before, not_after);
+    let ca_cert = ca.self_signed(&ca_key).map_err(|e| fail("CA", e))?;
+    let files = (ca_cert.pem(), ca_key.serialize_pem());
+    Ok((Issuer::new(ca, ca_key), ca_cert.der().clone(), Some(files)))
+}
+
+/// A certificate for `names` (DNS names, or URIs when the first has
+/// "://") with one extended key usage, signed by `issuer`; and its key PEM.
+fn issue(
+    names: &[String],
+    usage: ExtendedKeyUsagePurpose,
+    issuer: &Issuer<'static, KeyPair>,
+    (not_before, not_after): (OffsetDateTime, OffsetDateTime),
+) -> Result<(rcgen::Certificate, String), rcgen::Error> {
+    let uri = names[0].contains("://");
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(if uri { Vec::new() } else { names.to_vec() })?;
+    if uri {
+        params.subject_alt_names = names
+            .iter()
+            .map(|n| Ok(rcgen::SanType::URI(n.clone().try_into()?)))
+            .collect::<Result<_, rcgen::Error>>()?;
+    }
+    params.distinguished_name = name(&names[0]);
+    params.extended_key_usages = vec![usage];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    (params.not_before, params.not_after) = (not_before, not_after);
+    let cert = params.signed_by(&key, issuer)?;
+    Ok((cert, key.serialize_pem()))
+}
+
+/// Writes the new CA's files (if any) and every issued certificate and
+/// key into the request's directory, keys readable by their owner only.
+fn write_all(
+    request: &Request,
+    new_ca: Option<(String, String)>,
+    files: Vec<(String, String, String)>,
+) -> Result<Written, Error> {
+    let dir = &request.dir;
     std::fs::create_dir_all(dir).map_err(|source| Error::Setup {
         what: "the certificate directory",
         source,

@@ -1247,13 +1247,20 @@ fn soak(seconds: u64) {
     for w in workers {
         w.join().unwrap();
     }
+    // CLOSE_WAIT first, on its own clock: a socket tcplb never closes
+    // after its peer's FIN fails here even if descriptors would settle.
+    let stopped = Instant::now();
+    let mut waiting = close_wait(lb.pid());
+    while waiting > 0 && stopped.elapsed() < Duration::from_secs(5) {
+        thread::sleep(Duration::from_millis(20));
+        waiting = close_wait(lb.pid());
+    }
     let settled = lb.settles(baseline, Duration::from_secs(5));
-    let waiting = close_wait(lb.pid());
     let growth = end as f64 / warm as f64 - 1.0;
     report(
         "9 soak",
         format!(
-            "{seconds} s, {} transfers: RSS {} KiB after warm-up, {} KiB at the end ({:+.1}%), fds/pairs back in {settled:?}, {waiting} CLOSE_WAIT",
+            "{seconds} s, {} transfers: RSS {} KiB after warm-up, {} KiB at the end ({:+.1}%), fds/pairs back in {settled:?}, {waiting} CLOSE_WAIT 5 s after the load stopped",
             transfers.load(Ordering::Relaxed),
             warm / 1024,
             end / 1024,

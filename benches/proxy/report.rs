@@ -1,7 +1,13 @@
-//! Reports for the benchmark's medians: a Markdown table for people, a CSV
+//! Reports for the benchmark's rounds: a Markdown file for people, a CSV
 //! file for scripts and spreadsheets, and a self-contained SVG bar chart of
 //! every contender relative to the reference contender (tcplb). Everything
 //! is rendered with `std` only, so the reports cost no dependencies.
+//!
+//! Every figure is a median over rounds with its spread (min–max over the
+//! same rounds). Ratios are taken per round — a contender's value divided by
+//! the reference's value *from the same round* — and then summarised the
+//! same way, so a round in which the whole machine was slow moves both
+//! sides of a ratio instead of skewing it.
 //!
 //! Values that are missing, NaN or infinite are all reported as "not
 //! measured": a failed measurement must not poison a ratio or a chart scale.
@@ -17,8 +23,44 @@ pub struct Row {
     pub unit: String,
     /// true for throughput-like metrics, false for latency/CPU/memory-like metrics
     pub higher_is_better: bool,
-    /// one entry per contender, same order as Results::contenders; None = not measured / not applicable (e.g. memory of "direct")
-    pub values: Vec<Option<f64>>,
+    /// Per contender (same order as `Results::contenders`), one entry per
+    /// round; `None` where that round measured nothing (e.g. memory of
+    /// "direct"). Shorter vectors are tolerated and read as missing.
+    pub rounds: Vec<Vec<Option<f64>>>,
+}
+
+/// A median with the range it was taken over.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Spread {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    /// How many rounds contributed.
+    pub count: usize,
+}
+
+impl Spread {
+    /// Over the finite values; `None` when there are none. The median of an
+    /// even count is the mean of the middle two.
+    pub fn of(values: impl IntoIterator<Item = f64>) -> Option<Spread> {
+        let mut v: Vec<f64> = values.into_iter().filter(|x| x.is_finite()).collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        let median = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
+        Some(Spread {
+            median,
+            min: v[0],
+            max: v[n - 1],
+            count: n,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -29,52 +71,90 @@ pub struct Results {
     pub rounds: usize,
     /// Column order; the reference contender is named by `reference`.
     pub contenders: Vec<String>,
-    /// Ratios are value / reference value.
+    /// Ratios are value / reference value, per round.
     pub reference: String,
     /// Free-form lines, e.g. "haproxy: not installed, skipped".
     pub notes: Vec<String>,
     pub rows: Vec<Row>,
+    /// Each contender's exact configuration (command line, config file).
+    pub configs: Vec<(String, String)>,
+    /// Further per-round ratios, (contender, baseline): e.g. two workers
+    /// against one. Pairs with a contender not in the run are left out.
+    pub comparisons: Vec<(String, String)>,
 }
 
 impl Results {
+    fn index(&self, name: &str) -> Option<usize> {
+        self.contenders.iter().position(|c| c == name)
+    }
+
     fn reference_index(&self) -> Option<usize> {
-        self.contenders.iter().position(|c| *c == self.reference)
+        self.index(&self.reference)
     }
 
     fn rounds_text(&self) -> String {
         let s = if self.rounds == 1 { "" } else { "s" };
         format!("{} round{s}", self.rounds)
     }
+
+    /// Row indices grouped by scenario, in first-seen order.
+    fn scenarios(&self) -> Vec<(&str, Vec<usize>)> {
+        let mut groups: Vec<(&str, Vec<usize>)> = Vec::new();
+        for (k, row) in self.rows.iter().enumerate() {
+            match groups.iter_mut().find(|(s, _)| *s == row.scenario) {
+                Some((_, rows)) => rows.push(k),
+                None => groups.push((&row.scenario, vec![k])),
+            }
+        }
+        groups
+    }
+
+    /// The comparisons whose both sides are in the run, as indices.
+    fn comparison_indices(&self) -> Vec<(usize, usize)> {
+        self.comparisons
+            .iter()
+            .filter_map(|(a, b)| Some((self.index(a)?, self.index(b)?)))
+            .collect()
+    }
 }
 
 impl Row {
-    /// Tolerates `values` being shorter than the contender list, so a
-    /// harness that forgot a column gets a gap rather than a panic.
-    fn value(&self, i: usize) -> Option<f64> {
-        self.values
+    /// Contender `i`'s value in `round`, when measured and finite.
+    fn sample(&self, i: usize, round: usize) -> Option<f64> {
+        self.rounds
             .get(i)
+            .and_then(|r| r.get(round))
             .copied()
             .flatten()
             .filter(|v| v.is_finite())
     }
 
-    /// value / reference value.
-    fn ratio(&self, i: usize, reference: Option<usize>) -> Option<f64> {
-        let v = self.value(i)?;
-        let r = self.value(reference?)?;
-        if r == 0.0 {
-            return None;
-        }
-        Some(v / r).filter(|q| q.is_finite())
+    fn round_count(&self) -> usize {
+        self.rounds.iter().map(Vec::len).max().unwrap_or(0)
     }
 
-    /// The ratio turned so that above 1 always means "better than the
-    /// reference", which is what the chart plots.
-    fn score(&self, i: usize, reference: Option<usize>) -> Option<f64> {
-        let q = self.ratio(i, reference)?;
-        let s = if self.higher_is_better { q } else { 1.0 / q };
-        // Negative or infinite bars have no meaning on a 0-based axis.
-        Some(s).filter(|s| s.is_finite() && *s >= 0.0)
+    /// Median and range of contender `i` over the rounds.
+    pub fn value(&self, i: usize) -> Option<Spread> {
+        Spread::of((0..self.round_count()).filter_map(|k| self.sample(i, k)))
+    }
+
+    /// Per round: `i`'s value / `base`'s value in that round (rounds where
+    /// either is missing, or the base is 0, are left out); then the median
+    /// and range of those ratios. With `turned`, lower-is-better ratios are
+    /// inverted so that above 1 always means "better than the base".
+    pub fn ratio(&self, i: usize, base: usize, turned: bool) -> Option<Spread> {
+        let per_round = (0..self.round_count()).filter_map(|k| {
+            let v = self.sample(i, k)?;
+            let b = self.sample(base, k)?;
+            let q = if turned && !self.higher_is_better {
+                b / v
+            } else {
+                v / b
+            };
+            // A base of 0 (or a value of 0, turned) has no ratio.
+            Some(q).filter(|q| q.is_finite() && *q >= 0.0 && b != 0.0 && v != 0.0)
+        });
+        Spread::of(per_round)
     }
 
     fn metric_with_unit(&self) -> String {
@@ -83,6 +163,10 @@ impl Row {
         } else {
             format!("{} ({})", self.metric, self.unit)
         }
+    }
+
+    fn arrow(&self) -> &'static str {
+        if self.higher_is_better { "↑" } else { "↓" }
     }
 }
 
@@ -125,14 +209,40 @@ fn group_thousands(v: f64) -> String {
     out
 }
 
-fn fmt_ratio(q: f64) -> String {
-    // Two decimals would print a real but tiny ratio as a misleading "0.00×".
+/// A ratio without its `×`: two decimals, "<0.01" for tiny ones.
+fn fmt_ratio_number(q: f64) -> String {
+    // Two decimals would print a real but tiny ratio as a misleading "0.00".
     if q > 0.0 && q < 0.005 {
-        "<0.01×".to_string()
+        "<0.01".to_string()
     } else if q >= 100.0 {
-        format!("{}×", group_thousands(q))
+        group_thousands(q)
     } else {
-        format!("{q:.2}×")
+        format!("{q:.2}")
+    }
+}
+
+fn fmt_ratio(q: f64) -> String {
+    format!("{}×", fmt_ratio_number(q))
+}
+
+/// `1.52 (1.48–1.55)`; just `1.52` when every round gave the same figure
+/// (e.g. a single round).
+fn fmt_spread(s: &Spread) -> String {
+    let (median, min, max) = (fmt_value(s.median), fmt_value(s.min), fmt_value(s.max));
+    if min == max {
+        median
+    } else {
+        format!("{median} ({min}–{max})")
+    }
+}
+
+/// `0.55× (0.52–0.58)`, or `0.55×` when the range is a single point.
+fn fmt_ratio_spread(s: &Spread) -> String {
+    let (min, max) = (fmt_ratio_number(s.min), fmt_ratio_number(s.max));
+    if min == max {
+        fmt_ratio(s.median)
+    } else {
+        format!("{} ({min}–{max})", fmt_ratio(s.median))
     }
 }
 
@@ -140,11 +250,13 @@ fn md_escape(s: &str) -> String {
     s.replace('|', "\\|").replace(['\n', '\r'], " ")
 }
 
-/// Markdown: a header paragraph (date, machine, rounds, "medians; ratios are to <reference>"), then one table:
-/// columns: Scenario | Metric | <contender 1> | <contender 2> | ...
-/// Each cell holds the value (its unit is in the Metric column) and the ratio
-/// to the reference contender, e.g. `1.31 (0.52×)`; missing values are `–`.
-/// Metrics are marked ↑ (higher is better) or ↓ (lower is better). Then the notes as a bullet list.
+/// Markdown: a header paragraph (date, machine, rounds, how to read), then
+/// one table per scenario with a row per contender and, per metric, a
+/// column of values and a column of ratios to the reference, e.g.
+/// `0.842 (0.80–0.86)` and `0.55× (0.52–0.58)`; missing values are `–`.
+/// Metrics are marked ↑ (higher is better) or ↓ (lower is better). Then a
+/// table of the further comparisons, each contender's configuration, and
+/// the notes as a bullet list.
 pub fn markdown(r: &Results) -> String {
     let mut out = String::new();
     write_markdown(r, &mut out).expect("writing to a String cannot fail");
@@ -161,54 +273,138 @@ fn write_markdown(r: &Results, out: &mut String) -> fmt::Result {
         .filter(|s| !s.is_empty())
         .map(|s| md_escape(s))
         .collect();
-    let ratios = match reference {
-        Some(_) => format!("ratios are to **{}**", md_escape(&r.reference)),
-        None => format!(
-            "no ratios: the reference `{}` is not among the contenders",
-            md_escape(&r.reference)
-        ),
-    };
-    header.push(format!("{}, medians; {ratios}.", r.rounds_text()));
+    header.push(format!("{}.", r.rounds_text()));
     writeln!(out, "{}\n", header.join(" · "))?;
-
-    write!(out, "| Scenario | Metric |")?;
-    for c in &r.contenders {
-        write!(out, " {} |", md_escape(c))?;
-    }
-    write!(out, "\n|---|---|")?;
-    for _ in &r.contenders {
-        write!(out, "---:|")?;
-    }
-    writeln!(out)?;
-    for row in &r.rows {
-        let arrow = if row.higher_is_better { "↑" } else { "↓" };
-        write!(
+    write!(
+        out,
+        "Each figure is the median over the rounds, with its range (min–max over the \
+         rounds) in parentheses. "
+    )?;
+    match reference {
+        Some(_) => writeln!(
             out,
-            "| {} | {} {arrow} |",
-            md_escape(&row.scenario),
-            md_escape(&row.metric_with_unit())
-        )?;
-        for i in 0..r.contenders.len() {
-            match (row.value(i), row.ratio(i, reference)) {
-                (None, _) => write!(out, " – |")?,
-                (Some(v), Some(q)) if Some(i) != reference => {
-                    write!(out, " {} ({}) |", fmt_value(v), fmt_ratio(q))?
-                }
-                (Some(v), _) => write!(out, " {} |", fmt_value(v))?,
+            "`× {0}` columns are ratios taken per round (the contender's value divided by \
+             {0}'s in the same round), then given as median (min–max). For ↑ metrics a ratio \
+             above 1 means better than {0}; for ↓ metrics (latency, CPU, memory) it means worse.\n",
+            md_escape(&r.reference)
+        )?,
+        None => writeln!(
+            out,
+            "No ratios: the reference `{}` is not among the contenders.\n",
+            md_escape(&r.reference)
+        )?,
+    }
+
+    for (scenario, rows) in r.scenarios() {
+        let rows: Vec<&Row> = rows.iter().map(|&k| &r.rows[k]).collect();
+        let shown: Vec<usize> = (0..r.contenders.len())
+            .filter(|&i| rows.iter().any(|row| row.value(i).is_some()))
+            .collect();
+        if shown.is_empty() {
+            continue;
+        }
+        writeln!(out, "## {}\n", md_escape(scenario))?;
+        write!(out, "| contender |")?;
+        for row in &rows {
+            write!(
+                out,
+                " {} {} |",
+                md_escape(&row.metric_with_unit()),
+                row.arrow()
+            )?;
+            if reference.is_some() {
+                write!(out, " × {} |", md_escape(&r.reference))?;
+            }
+        }
+        write!(out, "\n|---|")?;
+        for _ in &rows {
+            write!(out, "---:|")?;
+            if reference.is_some() {
+                write!(out, "---:|")?;
             }
         }
         writeln!(out)?;
+        for &i in &shown {
+            write!(out, "| {} |", md_escape(&r.contenders[i]))?;
+            for row in &rows {
+                match row.value(i) {
+                    Some(v) => write!(out, " {} |", fmt_spread(&v))?,
+                    None => write!(out, " – |")?,
+                }
+                if let Some(rf) = reference {
+                    match row.ratio(i, rf, false) {
+                        _ if i == rf && row.value(i).is_some() => write!(out, " 1 |")?,
+                        Some(q) => write!(out, " {} |", fmt_ratio_spread(&q))?,
+                        None => write!(out, " – |")?,
+                    }
+                }
+            }
+            writeln!(out)?;
+        }
+        writeln!(out)?;
     }
-    if reference.is_some() {
+
+    let pairs = r.comparison_indices();
+    let compared: Vec<&Row> = r
+        .rows
+        .iter()
+        .filter(|row| pairs.iter().any(|&(a, b)| row.ratio(a, b, false).is_some()))
+        .collect();
+    if !compared.is_empty() {
+        writeln!(out, "## Comparisons\n")?;
         writeln!(
             out,
-            "\nRatios are value / {0}: for ↑ metrics a ratio above 1 means the contender \
-             is better than {0}, for ↓ metrics (latency, CPU, memory) it means worse.",
+            "Per-round ratios between two contenders other than {}: value of the first / \
+             value of the second, median (min–max).\n",
             md_escape(&r.reference)
         )?;
-    }
-    if !r.notes.is_empty() {
+        write!(out, "| scenario | metric |")?;
+        for &(a, b) in &pairs {
+            write!(
+                out,
+                " {} ÷ {} |",
+                md_escape(&r.contenders[a]),
+                md_escape(&r.contenders[b])
+            )?;
+        }
+        write!(out, "\n|---|---|")?;
+        for _ in &pairs {
+            write!(out, "---:|")?;
+        }
         writeln!(out)?;
+        for row in compared {
+            write!(
+                out,
+                "| {} | {} {} |",
+                md_escape(&row.scenario),
+                md_escape(&row.metric_with_unit()),
+                row.arrow()
+            )?;
+            for &(a, b) in &pairs {
+                match row.ratio(a, b, false) {
+                    Some(q) => write!(out, " {} |", fmt_ratio_spread(&q))?,
+                    None => write!(out, " – |")?,
+                }
+            }
+            writeln!(out)?;
+        }
+        writeln!(out)?;
+    }
+
+    if !r.configs.is_empty() {
+        writeln!(out, "## Configurations\n")?;
+        for (name, config) in &r.configs {
+            writeln!(out, "### {}\n", md_escape(name))?;
+            // A fence longer than any backtick run inside, so no config
+            // text can end the block early.
+            let longest = config.split(|c| c != '`').map(str::len).max().unwrap_or(0);
+            let fence = "`".repeat(longest.max(2) + 1);
+            writeln!(out, "{fence}\n{}\n{fence}\n", config.trim_end())?;
+        }
+    }
+
+    if !r.notes.is_empty() {
+        writeln!(out, "## Notes\n")?;
         for note in &r.notes {
             writeln!(out, "- {}", note.replace(['\n', '\r'], " "))?;
         }
@@ -229,29 +425,55 @@ fn csv_number(v: Option<f64>) -> String {
     v.map(|v| v.to_string()).unwrap_or_default()
 }
 
-/// CSV with header `scenario,metric,unit,higher_is_better,<contender>...,<contender>_ratio...`;
-/// values at full precision, empty fields for missing values, ratios to the reference
-/// (the reference's own ratio column is 1 wherever it was measured).
+/// CSV, one line per (row, contender) that was measured, with header
+/// `scenario,metric,unit,higher_is_better,contender,median,min,max,ratio_median,ratio_min,ratio_max,rounds`:
+/// values at full precision; the ratio columns are the per-round ratios to
+/// the reference (empty where there is none; 1 for the reference itself);
+/// `rounds` holds every round's value, separated by `;` (empty for a round
+/// that measured nothing), so anything else can be recomputed.
 pub fn csv(r: &Results) -> String {
     let reference = r.reference_index();
-    let mut header: Vec<String> = ["scenario", "metric", "unit", "higher_is_better"]
-        .into_iter()
-        .map(String::from)
-        .collect();
-    header.extend(r.contenders.iter().cloned());
-    header.extend(r.contenders.iter().map(|c| format!("{c}_ratio")));
+    let header: Vec<String> = [
+        "scenario",
+        "metric",
+        "unit",
+        "higher_is_better",
+        "contender",
+        "median",
+        "min",
+        "max",
+        "ratio_median",
+        "ratio_min",
+        "ratio_max",
+        "rounds",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
     let mut out = join_csv(&header);
     for row in &r.rows {
-        let mut fields = vec![
-            row.scenario.clone(),
-            row.metric.clone(),
-            row.unit.clone(),
-            row.higher_is_better.to_string(),
-        ];
-        let n = r.contenders.len();
-        fields.extend((0..n).map(|i| csv_number(row.value(i))));
-        fields.extend((0..n).map(|i| csv_number(row.ratio(i, reference))));
-        out.push_str(&join_csv(&fields));
+        for (i, name) in r.contenders.iter().enumerate() {
+            let Some(v) = row.value(i) else { continue };
+            let q = reference.and_then(|rf| row.ratio(i, rf, false));
+            let rounds: Vec<String> = (0..row.round_count())
+                .map(|k| csv_number(row.sample(i, k)))
+                .collect();
+            let fields = vec![
+                row.scenario.clone(),
+                row.metric.clone(),
+                row.unit.clone(),
+                row.higher_is_better.to_string(),
+                name.clone(),
+                csv_number(Some(v.median)),
+                csv_number(Some(v.min)),
+                csv_number(Some(v.max)),
+                csv_number(q.map(|q| q.median)),
+                csv_number(q.map(|q| q.min)),
+                csv_number(q.map(|q| q.max)),
+                rounds.join(";"),
+            ];
+            out.push_str(&join_csv(&fields));
+        }
     }
     out
 }
@@ -322,10 +544,11 @@ fn tick_decimals(step: f64) -> usize {
 }
 
 /// Tableau 10 without its grey, which is kept for the reference contender so
-/// its bars (always exactly 1) read as the baseline rather than a competitor.
-const PALETTE: [&str; 9] = [
+/// its bars (always exactly 1) read as the baseline rather than a competitor,
+/// then the darker half of Tableau 20, so a dozen contenders stay apart.
+const PALETTE: [&str; 14] = [
     "#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7",
-    "#9c755f",
+    "#9c755f", "#1f77b4", "#d62728", "#17becf", "#bcbd22", "#9467bd",
 ];
 const REFERENCE_COLOR: &str = "#8c8c8c";
 
@@ -340,7 +563,8 @@ const GLYPH: f64 = 0.6;
 /// one group of bars per row (label "scenario metric"), one bar per contender
 /// (the reference included, always 1.0), a legend, a dashed line at 1.0 and a y axis.
 /// Rows where lower is better plot reference / value instead (marked `*`),
-/// so a higher bar is always better than the reference. Missing values leave gaps.
+/// so a higher bar is always better than the reference. A bar is the median
+/// of the per-round ratios, its whisker their range. Missing values leave gaps.
 /// Hovering a bar shows its value (`<title>` tooltips).
 pub fn svg(r: &Results) -> String {
     let mut out = String::new();
@@ -419,12 +643,15 @@ fn write_svg(r: &Results, out: &mut String) -> fmt::Result {
     let facts: Vec<String> = [r.date.clone(), r.machine.clone()]
         .into_iter()
         .filter(|s| !s.is_empty())
-        .chain(std::iter::once(format!("medians of {}", r.rounds_text())))
+        .chain(std::iter::once(format!(
+            "medians of {}, whiskers min–max",
+            r.rounds_text()
+        )))
         .collect();
     let explanation = match reference {
         Some(_) => format!(
-            "Bars: value / {0}, or {0} / value for lower-is-better metrics (marked *), \
-             so a higher bar is always better than {0}.",
+            "Bars: value / {0} in the same round, or {0} / value for lower-is-better \
+             metrics (marked *), so a higher bar is always better than {0}.",
             r.reference
         ),
         None => format!(
@@ -441,16 +668,20 @@ fn write_svg(r: &Results, out: &mut String) -> fmt::Result {
     let plot_right = left + plot_w;
     let height = plot_bottom + label_space + 12.0;
 
-    let scores: Vec<Vec<Option<f64>>> = r
+    let scores: Vec<Vec<Option<Spread>>> = r
         .rows
         .iter()
-        .map(|row| (0..n).map(|i| row.score(i, reference)).collect())
+        .map(|row| {
+            (0..n)
+                .map(|i| reference.and_then(|rf| row.ratio(i, rf, true)))
+                .collect()
+        })
         .collect();
     let max_score = scores
         .iter()
         .flatten()
         .flatten()
-        .fold(0.0, |a: f64, b| a.max(*b));
+        .fold(0.0, |a: f64, b| a.max(b.max));
     // At least 1.2, so the reference line never sits on the top edge.
     let wanted_top = (max_score * 1.05).clamp(1.2, AXIS_CAP);
     let step = tick_step(wanted_top);
@@ -533,10 +764,14 @@ fn write_svg(r: &Results, out: &mut String) -> fmt::Result {
             )?;
         }
         for (i, name) in r.contenders.iter().enumerate() {
-            let Some(s) = scores[g][i] else { continue };
+            let Some(score) = scores[g][i] else { continue };
+            let s = score.median;
             let x = gx + pad + i as f64 * slot;
             let top = y(s);
-            let (Some(v), Some(q)) = (row.value(i), row.ratio(i, reference)) else {
+            let (Some(v), Some(q)) = (
+                row.value(i),
+                reference.and_then(|rf| row.ratio(i, rf, false)),
+            ) else {
                 continue;
             };
             let unit = if row.unit.is_empty() {
@@ -553,8 +788,8 @@ fn write_svg(r: &Results, out: &mut String) -> fmt::Result {
                 "{name}, {} {}: {}{unit} ({} of {}{plotted})",
                 row.scenario,
                 row.metric,
-                fmt_value(v),
-                fmt_ratio(q),
+                fmt_spread(&v),
+                fmt_ratio_spread(&q),
                 r.reference
             );
             writeln!(
@@ -565,8 +800,23 @@ fn write_svg(r: &Results, out: &mut String) -> fmt::Result {
                 color(i),
                 xml(&tip)
             )?;
+            let cx = x + (slot - 1.5).max(1.0) / 2.0;
+            if score.max > score.min {
+                let (hi, lo) = (y(score.max), y(score.min));
+                writeln!(
+                    out,
+                    r##"<line x1="{cx:.1}" y1="{hi:.1}" x2="{cx:.1}" y2="{lo:.1}" stroke="#222" stroke-width="1"/>"##
+                )?;
+                for cap in [hi, lo] {
+                    writeln!(
+                        out,
+                        r##"<line x1="{:.1}" y1="{cap:.1}" x2="{:.1}" y2="{cap:.1}" stroke="#222" stroke-width="1"/>"##,
+                        cx - 2.5,
+                        cx + 2.5
+                    )?;
+                }
+            }
             if s > axis_top {
-                let cx = x + slot / 2.0;
                 writeln!(
                     out,
                     r#"<text x="{cx:.1}" y="{:.1}" text-anchor="middle" font-size="9">{}</text>"#,

@@ -1,18 +1,25 @@
 //! The "async variant" users compare tcplb with: a minimal least-connections
 //! TCP proxy on tokio, one task per client, `copy_bidirectional` for the
-//! relay. It runs as a child process (the benchmark binary re-executed with
+//! relay (tokio's fixed 8 KiB per direction), or
+//! `copy_bidirectional_with_sizes` with a chosen buffer size for the tuned
+//! rows. It runs as a child process (the benchmark binary re-executed with
 //! `--tokio-proxy`), so its CPU and memory are measured like any proxy's.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use tokio::io::copy_bidirectional;
+use tokio::io::{copy_bidirectional, copy_bidirectional_with_sizes};
 use tokio::net::{TcpListener, TcpStream};
 
 /// Runs the proxy: `flavor` is "mt" (multi-threaded runtime, one worker
-/// per core) or "st" (current-thread runtime). Prints `listening ADDR`.
-pub fn run(flavor: &str, hosts: Vec<SocketAddr>) -> ! {
+/// per core) or "st" (current-thread runtime); `buffer` is "default" or a
+/// size in bytes for each direction. Prints `listening ADDR`.
+pub fn run(flavor: &str, buffer: &str, hosts: Vec<SocketAddr>) -> ! {
+    let buffer = match buffer {
+        "default" => None,
+        size => Some(size.parse().expect("--tokio-proxy buffer size")),
+    };
     let runtime = match flavor {
         "mt" => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
@@ -23,11 +30,11 @@ pub fn run(flavor: &str, hosts: Vec<SocketAddr>) -> ! {
         other => panic!("unknown tokio flavor {other}"),
     }
     .unwrap();
-    runtime.block_on(serve(hosts));
+    runtime.block_on(serve(hosts, buffer));
     std::process::exit(0)
 }
 
-async fn serve(hosts: Vec<SocketAddr>) {
+async fn serve(hosts: Vec<SocketAddr>, buffer: Option<usize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     println!("listening {}", listener.local_addr().unwrap());
     let active: Arc<Vec<AtomicUsize>> =
@@ -51,7 +58,12 @@ async fn serve(hosts: Vec<SocketAddr>) {
         tokio::spawn(async move {
             if let Ok(mut upstream) = TcpStream::connect(hosts[host]).await {
                 let _ = upstream.set_nodelay(true);
-                let _ = copy_bidirectional(&mut client, &mut upstream).await;
+                let _ = match buffer {
+                    Some(size) => {
+                        copy_bidirectional_with_sizes(&mut client, &mut upstream, size, size).await
+                    }
+                    None => copy_bidirectional(&mut client, &mut upstream).await,
+                };
             }
             active[host].fetch_sub(1, Ordering::Relaxed);
         });

@@ -90,30 +90,60 @@ pub struct HostStats {
     pub transitions: u64,
 }
 
-/// A per-host metric family: name, type, help, and the host's value.
-type HostFamily = (
-    &'static str,
-    &'static str,
-    &'static str,
-    fn(&HostStats) -> u64,
-);
-
-/// The Prometheus text exposition format (version 0.0.4).
+/// The Prometheus text exposition format (version 0.0.4): host families,
+/// then upstream families, then the process's.
 pub(crate) fn prometheus(stats: &Stats) -> String {
-    let mut out = String::with_capacity(4096 + stats.upstreams.len() * 1024);
-    let family = |out: &mut String, name: &str, kind: &str, help: &str| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    };
-    let hosts = || {
-        stats.upstreams.iter().flat_map(|u| {
+    let mut out = Exposition(String::with_capacity(4096 + stats.upstreams.len() * 1024));
+    host_families(&mut out, stats);
+    upstream_families(&mut out, stats);
+    process_families(&mut out, stats);
+    out.0
+}
+
+/// Text being written in the exposition format.
+struct Exposition(String);
+
+impl Exposition {
+    /// A family's `# HELP` and `# TYPE` lines.
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+
+    /// One sample: `name{labels} value`, the label values escaped.
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+        self.0.push_str(name);
+        if !labels.is_empty() {
+            self.0.push('{');
+            for (i, (key, value)) in labels.iter().enumerate() {
+                let comma = if i == 0 { "" } else { "," };
+                let _ = write!(self.0, "{comma}{key}=\"{}\"", label(value));
+            }
+            self.0.push('}');
+        }
+        let _ = writeln!(self.0, " {value}");
+    }
+}
+
+/// A metric family with one value per item: name, type, help, the value.
+type Family<T, V> = (&'static str, &'static str, &'static str, fn(&T) -> V);
+
+/// An upstream's counts by reason (of ending, or of refusal).
+type ReasonCounts = fn(&UpstreamStats) -> &[(String, u64)];
+
+/// Per host: every host of every upstream, removed ones while they still
+/// have connections.
+fn host_families(out: &mut Exposition, stats: &Stats) {
+    let hosts: Vec<(&str, String, &HostStats)> = stats
+        .upstreams
+        .iter()
+        .flat_map(|u| {
             u.hosts
                 .iter()
                 .filter(|h| !h.removed || h.active > 0)
-                .map(move |h| (label(&u.name), label(&h.addr.to_string()), h))
+                .map(move |h| (u.name.as_str(), h.addr.to_string(), h))
         })
-    };
-
-    let per_host: [HostFamily; 5] = [
+        .collect();
+    let per_host: [Family<HostStats, u64>; 5] = [
         (
             "tcplb_connections_active",
             "gauge",
@@ -146,189 +176,161 @@ pub(crate) fn prometheus(stats: &Stats) -> String {
         ),
     ];
     for (name, kind, help, value) in per_host {
-        family(&mut out, name, kind, help);
-        for (u, h, host) in hosts() {
-            let _ = writeln!(
-                out,
-                "{name}{{upstream=\"{u}\",host=\"{h}\"}} {}",
-                value(host)
-            );
+        out.family(name, kind, help);
+        for (u, h, host) in &hosts {
+            out.sample(name, &[("upstream", u), ("host", h)], value(host));
         }
     }
-    family(
-        &mut out,
-        "tcplb_health_checks_total",
-        "counter",
-        "Active health checks, by result.",
-    );
-    for (u, h, host) in hosts() {
-        for (result, n) in [
-            ("passed", host.checks_passed),
-            ("failed", host.checks_failed),
-        ] {
-            let _ = writeln!(
-                out,
-                "tcplb_health_checks_total{{upstream=\"{u}\",host=\"{h}\",result=\"{result}\"}} {n}"
-            );
-        }
+    let name = "tcplb_health_checks_total";
+    out.family(name, "counter", "Active health checks, by result.");
+    for (u, h, host) in &hosts {
+        let labels = |result| [("upstream", *u), ("host", h.as_str()), ("result", result)];
+        out.sample(name, &labels("passed"), host.checks_passed);
+        out.sample(name, &labels("failed"), host.checks_failed);
     }
-    family(
-        &mut out,
-        "tcplb_bytes_total",
-        "counter",
-        "Bytes relayed, by direction (up: client to host).",
-    );
+}
+
+/// Per upstream: bytes, undelivered resets, ends, refusals, durations.
+fn upstream_families(out: &mut Exposition, stats: &Stats) {
+    let name = "tcplb_bytes_total";
+    let help = "Bytes relayed, by direction (up: client to host).";
+    out.family(name, "counter", help);
     for up in &stats.upstreams {
-        let u = label(&up.name);
-        for (direction, n) in [("up", up.bytes_up), ("down", up.bytes_down)] {
-            let _ = writeln!(
-                out,
-                "tcplb_bytes_total{{upstream=\"{u}\",direction=\"{direction}\"}} {n}"
-            );
-        }
+        out.sample(
+            name,
+            &[("upstream", &up.name), ("direction", "up")],
+            up.bytes_up,
+        );
+        out.sample(
+            name,
+            &[("upstream", &up.name), ("direction", "down")],
+            up.bytes_down,
+        );
     }
-    for (name, help, value) in [
+    let undelivered: [Family<UpstreamStats, u64>; 2] = [
         (
             "tcplb_undelivered_resets_total",
+            "counter",
             "Resets passed on before the receiver had every byte the reset side sent (it did not read within half_close_timeout).",
-            (|u| u.undelivered_resets) as fn(&UpstreamStats) -> u64,
+            |u| u.undelivered_resets,
         ),
         (
             "tcplb_undelivered_bytes_total",
+            "counter",
             "Bytes the receiver had not acknowledged when such a reset was passed on.",
             |u| u.undelivered_bytes,
         ),
-    ] {
-        family(&mut out, name, "counter", help);
+    ];
+    for (name, kind, help, value) in undelivered {
+        out.family(name, kind, help);
         for up in &stats.upstreams {
-            let _ = writeln!(
-                out,
-                "{name}{{upstream=\"{}\"}} {}",
-                label(&up.name),
-                value(up)
-            );
+            out.sample(name, &[("upstream", &up.name)], value(up));
         }
     }
-    family(
-        &mut out,
-        "tcplb_connections_ended_total",
-        "counter",
-        "Client connections ended, by end reason (the access log's end=).",
-    );
-    for up in &stats.upstreams {
-        let u = label(&up.name);
-        for (end, n) in &up.ended {
-            let _ = writeln!(
-                out,
-                "tcplb_connections_ended_total{{upstream=\"{u}\",end=\"{}\"}} {n}",
-                label(end)
-            );
+    let by_reason: [(&str, &str, &str, ReasonCounts); 2] = [
+        (
+            "tcplb_connections_ended_total",
+            "end",
+            "Client connections ended, by end reason (the access log's end=).",
+            |u| &u.ended,
+        ),
+        (
+            "tcplb_refused_total",
+            "reason",
+            "Clients turned away, by reason.",
+            |u| &u.refused,
+        ),
+    ];
+    for (name, key, help, counts) in by_reason {
+        out.family(name, "counter", help);
+        for up in &stats.upstreams {
+            for (reason, n) in counts(up) {
+                out.sample(name, &[("upstream", &up.name), (key, reason)], n);
+            }
         }
     }
-    family(
-        &mut out,
-        "tcplb_refused_total",
-        "counter",
-        "Clients turned away, by reason.",
-    );
-    for up in &stats.upstreams {
-        let u = label(&up.name);
-        for (reason, n) in &up.refused {
-            let _ = writeln!(
-                out,
-                "tcplb_refused_total{{upstream=\"{u}\",reason=\"{}\"}} {n}",
-                label(reason)
-            );
-        }
-    }
-    family(
-        &mut out,
-        "tcplb_connection_duration_seconds",
+    durations(out, stats);
+}
+
+/// The connection-duration histogram of each upstream.
+fn durations(out: &mut Exposition, stats: &Stats) {
+    let name = "tcplb_connection_duration_seconds";
+    out.family(
+        name,
         "histogram",
         "Durations of connections that reached a host.",
     );
     for up in &stats.upstreams {
-        let u = label(&up.name);
+        let u = up.name.as_str();
         let mut cumulative = 0;
         for (i, count) in up.durations.counts.iter().enumerate() {
             cumulative += count;
             let le = DURATION_BUCKETS
                 .get(i)
                 .map_or("+Inf".to_string(), |b| b.to_string());
-            let _ = writeln!(
-                out,
-                "tcplb_connection_duration_seconds_bucket{{upstream=\"{u}\",le=\"{le}\"}} {cumulative}"
+            out.sample(
+                &format!("{name}_bucket"),
+                &[("upstream", u), ("le", &le)],
+                cumulative,
             );
         }
-        let _ = writeln!(
-            out,
-            "tcplb_connection_duration_seconds_sum{{upstream=\"{u}\"}} {}",
-            up.durations.sum
-        );
-        let _ = writeln!(
-            out,
-            "tcplb_connection_duration_seconds_count{{upstream=\"{u}\"}} {}",
-            up.durations.count
+        out.sample(&format!("{name}_sum"), &[("upstream", u)], up.durations.sum);
+        out.sample(
+            &format!("{name}_count"),
+            &[("upstream", u)],
+            up.durations.count,
         );
     }
-    family(
-        &mut out,
-        "tcplb_client_connections_active",
-        "gauge",
-        "Open connections per mTLS client identity.",
-    );
+}
+
+/// Per client identity, the process's gauges, and per worker.
+fn process_families(out: &mut Exposition, stats: &Stats) {
+    let name = "tcplb_client_connections_active";
+    out.family(name, "gauge", "Open connections per mTLS client identity.");
     for (identity, n) in &stats.clients {
-        let _ = writeln!(
-            out,
-            "tcplb_client_connections_active{{identity=\"{}\"}} {n}",
-            label(identity)
-        );
+        out.sample(name, &[("identity", identity)], n);
     }
-    for (name, kind, help, value) in [
+    let process: [Family<Stats, f64>; 5] = [
         (
             "tcplb_pairs",
             "gauge",
             "Connection pairs in any phase.",
-            stats.pairs as f64,
+            |s| s.pairs as f64,
         ),
         (
             "tcplb_tls_handshakes_active",
             "gauge",
             "TLS handshakes in progress.",
-            stats.handshakes as f64,
+            |s| s.handshakes as f64,
         ),
         (
             "tcplb_buffers_in_use",
             "gauge",
             "Relay buffers held by pairs.",
-            stats.buffers_in_use as f64,
+            |s| s.buffers_in_use as f64,
         ),
         (
             "tcplb_reloads_total",
             "counter",
             "Successful configuration reloads.",
-            stats.reloads as f64,
+            |s| s.reloads as f64,
         ),
         (
             "tcplb_uptime_seconds",
             "gauge",
             "Seconds since start.",
-            stats.uptime.as_secs_f64(),
+            |s| s.uptime.as_secs_f64(),
         ),
-    ] {
-        family(&mut out, name, kind, help);
-        let _ = writeln!(out, "{name} {value}");
+    ];
+    for (name, kind, help, value) in process {
+        out.family(name, kind, help);
+        out.sample(name, &[], value(stats));
     }
-    family(
-        &mut out,
-        "tcplb_worker_pairs",
-        "gauge",
-        "Connection pairs a worker holds.",
-    );
+    let name = "tcplb_worker_pairs";
+    out.family(name, "gauge", "Connection pairs a worker holds.");
     for (worker, pairs) in stats.workers.iter().enumerate() {
-        let _ = writeln!(out, "tcplb_worker_pairs{{worker=\"{worker}\"}} {pairs}");
+        out.sample(name, &[("worker", &worker.to_string())], pairs);
     }
-    out
 }
 
 /// Escapes a label value (backslash, quote, newline).

@@ -180,24 +180,6 @@ impl Endpoint {
         outcome
     }
 
-    /// Reads and drops what the peer sends, as far as it has sent it.
-    pub fn discard(&mut self) -> Discarded {
-        let mut scratch = [0u8; 2048];
-        let mut total = 0;
-        while self.can_read() {
-            match self.read(&mut scratch) {
-                Io::Done(n) => total += n,
-                Io::WouldBlock => break,
-                Io::Eof | Io::Failed(_) => return Discarded::End,
-            }
-        }
-        if total > 0 {
-            Discarded::Bytes(total)
-        } else {
-            Discarded::WouldBlock
-        }
-    }
-
     /// Ends the write side (FIN after everything written).
     pub fn shutdown_write(&mut self) -> io::Result<()> {
         // ENOTCONN here means the peer reset meanwhile: an error.

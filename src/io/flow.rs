@@ -15,7 +15,7 @@ use std::io;
 
 use super::Io;
 use super::buffer::{Buffer, BufferPool, Size};
-use super::endpoint::Endpoint;
+use super::endpoint::{Discarded, Endpoint};
 
 /// Where a direction's bytes come from: a socket, or a TLS session's plaintext.
 pub(crate) trait Source {
@@ -23,6 +23,24 @@ pub(crate) trait Source {
     fn can_read(&self) -> bool;
     /// Reads into `buf`, keeping the readiness bookkeeping.
     fn read(&mut self, buf: &mut [u8]) -> Io;
+
+    /// Reads and drops what the peer sends, as far as it has sent it.
+    fn discard(&mut self) -> Discarded {
+        let mut scratch = [0u8; 2048];
+        let mut total = 0;
+        while self.can_read() {
+            match self.read(&mut scratch) {
+                Io::Done(n) => total += n,
+                Io::WouldBlock => break,
+                Io::Eof | Io::Failed(_) => return Discarded::End,
+            }
+        }
+        if total > 0 {
+            Discarded::Bytes(total)
+        } else {
+            Discarded::WouldBlock
+        }
+    }
 }
 
 /// Where a direction's bytes go.

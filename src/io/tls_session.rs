@@ -176,21 +176,7 @@ impl TlsSession {
 
     /// Reads and drops what a refused client still sends.
     pub fn discard(&mut self, ep: &mut Endpoint) -> Discarded {
-        let mut scratch = [0u8; 2048];
-        let mut total = 0;
-        let mut side = self.side(ep);
-        while side.can_read() {
-            match side.read(&mut scratch) {
-                Io::Done(n) => total += n,
-                Io::WouldBlock => break,
-                Io::Eof | Io::Failed(_) => return Discarded::End,
-            }
-        }
-        if total > 0 {
-            Discarded::Bytes(total)
-        } else {
-            Discarded::WouldBlock
-        }
+        self.side(ep).discard()
     }
 
     /// The session and its socket, as the relay's source or sink.

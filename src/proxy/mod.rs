@@ -45,7 +45,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::mpsc;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use log::{info, warn};
 use mio::net::TcpListener;
@@ -90,15 +90,7 @@ impl Proxy {
     /// accepted until [`run`](Proxy::run).
     pub fn bind(config: &Config) -> Result<Proxy, Error> {
         let setup = |what| move |source| Error::Setup { what, source };
-        let mut tls_warnings = Vec::new();
-        let tls = match &config.tls {
-            Some(settings) => {
-                let (server, warnings) = settings.load(SystemTime::now())?;
-                tls_warnings = warnings;
-                Some((server, settings.clone()))
-            }
-            None => None,
-        };
+        let (tls, tls_warnings) = shared::load_tls(config)?;
         for warning in config.warnings.iter().chain(&tls_warnings) {
             warn!("{warning}");
         }

@@ -14,15 +14,15 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, mpsc};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
 use mio::net::TcpListener;
 
 use super::control::Control;
-use super::shared::Snapshot;
+use super::shared::{Snapshot, TlsMaterial, load_tls};
 use super::worker::Order;
-use crate::config::{Config, RefusalMode, Settings};
+use crate::config::{Config, RefusalMode, Settings, UpstreamConfig};
 use crate::error::Warning;
 use crate::io::net;
 use crate::logs::plural;
@@ -136,6 +136,40 @@ impl Before {
     }
 }
 
+/// An upstream new in this config, logged with its address and hosts.
+fn added_upstream(
+    id: usize,
+    u: &UpstreamConfig,
+    listen: SocketAddr,
+    changes: &mut Changes,
+) -> Upstream {
+    let new = Upstream::new(id, u, listen, LoadBalancer::new(u.hosts.clone()));
+    changes.added += 1;
+    let hosts: Vec<String> = live_hosts(&new).iter().map(ToString::to_string).collect();
+    changes.lines.push(format!(
+        "upstream `{}` added, listening on {} -> {}",
+        new.name,
+        new.listen,
+        hosts.join(", ")
+    ));
+    new
+}
+
+/// Changes a reload takes but cannot apply until the next start.
+fn warn_of_what_waits_for_a_restart(old: &Settings, new: &Config, admin: Option<SocketAddr>) {
+    if new.settings.workers != old.workers {
+        warn!("reload: a change of `workers` takes effect at the next start");
+    }
+    if new.admin != admin {
+        warn!("reload: a change of [admin] takes effect at the next start");
+    }
+    if old.socket_buffer.is_some() && new.settings.socket_buffer.is_none() {
+        warn!(
+            "reload: listeners kept from before keep their fixed socket buffers until the next start"
+        );
+    }
+}
+
 /// The addresses of an upstream's hosts that take new connections.
 fn live_hosts(u: &Upstream) -> Vec<SocketAddr> {
     u.balancer.hosts().map(|(_, h)| h.addr).collect()
@@ -225,24 +259,7 @@ impl Control {
         if self.draining {
             return Err("shutting down".to_string());
         }
-        let mut config = Config::load(path).map_err(|e| e.to_string())?;
-        if let Some(adjust) = &self.adjust_config {
-            config = adjust(config).map_err(|e| e.to_string())?;
-        }
-        let mut changes = Changes {
-            warnings: std::mem::take(&mut config.warnings),
-            ..Changes::default()
-        };
-        let tls = match &config.tls {
-            Some(settings) => {
-                let (server, tls_warnings) = settings
-                    .load(SystemTime::now())
-                    .map_err(|e| e.to_string())?;
-                changes.warnings.extend(tls_warnings);
-                Some((server, settings.clone()))
-            }
-            None => None,
-        };
+        let (config, tls, mut changes) = self.read_config(path)?;
         let old = self.shared.snapshot();
         let drain = config.settings.drain_timeout;
         let fresh = self.bind_new_listeners(&config, &old)?;
@@ -252,88 +269,35 @@ impl Control {
                 .lines
                 .push(format!("[defaults] changed: {}", settings.join(", ")));
         }
-        if config.settings.workers != old.settings.workers {
-            warn!("reload: a change of `workers` takes effect at the next start");
-        }
+        warn_of_what_waits_for_a_restart(&old.settings, &config, self.config_admin);
+        let listening = |id: usize, before: Option<&Arc<Upstream>>, configured: SocketAddr| {
+            fresh
+                .iter()
+                .find(|(i, _, _)| *i == id)
+                .map_or_else(|| before.map_or(configured, |b| b.listen), |(_, _, l)| *l)
+        };
         let mut upstreams = Vec::new();
         for u in &config.upstreams {
             let id = self.upstream_id(&u.name);
             let before = old.upstream(id);
-            let listen = fresh.iter().find(|(i, _, _)| *i == id).map_or_else(
-                || before.map_or(u.listen, |b| b.listen),
-                |(_, _, local)| *local,
-            );
-            let balancer = match before {
-                Some(o) => {
-                    let balancer = LoadBalancer::reuse(&o.balancer, &u.hosts);
-                    // Removed hosts stay visible while they have connections.
-                    let dropped = balancer.dropped_from(&o.balancer);
-                    let drained: Vec<(SocketAddr, u32)> =
-                        dropped.iter().map(|h| (h.addr, h.active())).collect();
-                    self.retired_hosts
-                        .extend(dropped.into_iter().map(|h| (id, h)));
-                    let new = Upstream::new(id, u, listen, balancer);
-                    let differences = Before::of(o).differences(&new, &drained, drain);
-                    if differences.is_empty() {
-                        changes.unchanged += 1;
-                    } else {
-                        changes.changed += 1;
-                        changes.lines.push(format!(
-                            "upstream `{}` changed: {}",
-                            u.name,
-                            differences.join("; ")
-                        ));
-                    }
-                    upstreams.push(Arc::new(new));
-                    continue;
-                }
-                None => LoadBalancer::new(u.hosts.clone()),
+            let listen = listening(id, before, u.listen);
+            let new = match before {
+                Some(o) => self.keep_upstream(o, u, listen, drain, &mut changes),
+                None => added_upstream(id, u, listen, &mut changes),
             };
-            let new = Upstream::new(id, u, listen, balancer);
-            changes.added += 1;
-            let hosts: Vec<String> = live_hosts(&new).iter().map(ToString::to_string).collect();
-            changes.lines.push(format!(
-                "upstream `{}` added, listening on {} -> {}",
-                new.name,
-                new.listen,
-                hosts.join(", ")
-            ));
             upstreams.push(Arc::new(new));
         }
         for u in &upstreams {
             self.retired_hosts
                 .retain(|(i, h)| *i != u.id || !u.balancer.hosts().any(|(_, k)| Arc::ptr_eq(k, h)));
         }
-        if config.admin != self.config_admin {
-            warn!("reload: a change of [admin] takes effect at the next start");
-        }
-        if old.settings.socket_buffer.is_some() && config.settings.socket_buffer.is_none() {
-            warn!(
-                "reload: listeners kept from before keep their fixed socket buffers until the next start"
-            );
-        }
-        for o in &old.upstreams {
-            if !upstreams.iter().any(|u| u.id == o.id) {
-                let active: u32 = o.balancer.hosts().map(|(_, h)| h.active()).sum();
-                changes.removed += 1;
-                changes.lines.push(format!(
-                    "upstream `{}` removed, no longer listening on {}{}",
-                    o.name,
-                    o.listen,
-                    draining_pairs(active as usize, drain)
-                ));
-                // It stays visible while its hosts have connections.
-                o.balancer.retire_all();
-                self.retired.push(o.clone());
-            }
-        }
+        self.retire_removed(&old, &upstreams, drain, &mut changes);
         let snapshot = Snapshot {
             settings: config.settings,
             access: Access::reload(&old.access, config.clients),
             tls,
             upstreams,
         };
-        let drain_by = now + drain;
         let rescheduled: Vec<Arc<Upstream>> = snapshot
             .upstreams
             .iter()
@@ -348,10 +312,99 @@ impl Control {
             .collect();
         self.shared.publish(snapshot);
         self.config_admin = config.admin;
-        let mut fresh: Vec<(usize, Vec<TcpListener>)> = fresh
+        let fresh = fresh
             .into_iter()
             .map(|(id, group, _)| (id, group))
             .collect();
+        self.hand_to_workers(fresh, now + drain);
+        for u in &rescheduled {
+            self.checks.schedule_upstream(u, now);
+        }
+        Ok(changes)
+    }
+
+    /// The config file, adjusted by the embedder, with its TLS material
+    /// loaded: everything that can fail on the file's account, before
+    /// anything changes.
+    #[allow(clippy::type_complexity)]
+    fn read_config(&self, path: &Path) -> Result<(Config, TlsMaterial, Changes), String> {
+        let mut config = Config::load(path).map_err(|e| e.to_string())?;
+        if let Some(adjust) = &self.adjust_config {
+            config = adjust(config).map_err(|e| e.to_string())?;
+        }
+        let mut changes = Changes {
+            warnings: std::mem::take(&mut config.warnings),
+            ..Changes::default()
+        };
+        let (tls, tls_warnings) = load_tls(&config).map_err(|e| e.to_string())?;
+        changes.warnings.extend(tls_warnings);
+        Ok((config, tls, changes))
+    }
+
+    /// An upstream the old config had too: its kept hosts keep their
+    /// records; removed ones stay visible (retired) while they have
+    /// connections.
+    fn keep_upstream(
+        &mut self,
+        old: &Upstream,
+        u: &UpstreamConfig,
+        listen: SocketAddr,
+        drain: Duration,
+        changes: &mut Changes,
+    ) -> Upstream {
+        let balancer = LoadBalancer::reuse(&old.balancer, &u.hosts);
+        let dropped = balancer.dropped_from(&old.balancer);
+        let drained: Vec<(SocketAddr, u32)> =
+            dropped.iter().map(|h| (h.addr, h.active())).collect();
+        self.retired_hosts
+            .extend(dropped.into_iter().map(|h| (old.id, h)));
+        let new = Upstream::new(old.id, u, listen, balancer);
+        let differences = Before::of(old).differences(&new, &drained, drain);
+        if differences.is_empty() {
+            changes.unchanged += 1;
+        } else {
+            changes.changed += 1;
+            changes.lines.push(format!(
+                "upstream `{}` changed: {}",
+                u.name,
+                differences.join("; ")
+            ));
+        }
+        new
+    }
+
+    /// The old upstreams the new config no longer has: they stop taking
+    /// connections and stay visible while their hosts have some.
+    fn retire_removed(
+        &mut self,
+        old: &Snapshot,
+        kept: &[Arc<Upstream>],
+        drain: Duration,
+        changes: &mut Changes,
+    ) {
+        for o in &old.upstreams {
+            if kept.iter().any(|u| u.id == o.id) {
+                continue;
+            }
+            let active: u32 = o.balancer.hosts().map(|(_, h)| h.active()).sum();
+            changes.removed += 1;
+            changes.lines.push(format!(
+                "upstream `{}` removed, no longer listening on {}{}",
+                o.name,
+                o.listen,
+                draining_pairs(active as usize, drain)
+            ));
+            o.balancer.retire_all();
+            self.retired.push(o.clone());
+        }
+    }
+
+    /// Tells every worker to take the published snapshot, with one of each
+    /// new listener group, and waits until each has: a client that
+    /// connects after the reload's answer gets the new config (its
+    /// listener buffers included). A worker that stopped meanwhile drops
+    /// its sender, which ends the wait early.
+    fn hand_to_workers(&self, mut fresh: Vec<(usize, Vec<TcpListener>)>, drain_by: Instant) {
         let (applied, answers) = mpsc::channel();
         let mut told = 0;
         for w in &self.workers {
@@ -366,10 +419,6 @@ impl Control {
             });
             told += usize::from(!w.stopped);
         }
-        // The reload is done when every worker accepts under it: a client
-        // that connects after the answer gets the new config (its listener
-        // buffers included). A worker that stopped meanwhile drops its
-        // sender, which ends the wait early.
         drop(applied);
         let deadline = Instant::now() + APPLY_WAIT;
         for _ in 0..told {
@@ -379,10 +428,6 @@ impl Control {
                 break;
             }
         }
-        for u in &rescheduled {
-            self.checks.schedule_upstream(u, now);
-        }
-        Ok(changes)
     }
 
     /// Binds, once per worker, each address the new config listens on that

@@ -10,9 +10,10 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
-use crate::config::Settings;
+use crate::config::{Config, Settings};
+use crate::error::{Error, Warning};
 use crate::policy::access::Access;
 use crate::policy::capacity::Capacity;
 use crate::policy::limits::SourceLimiter;
@@ -27,7 +28,7 @@ pub(super) struct Snapshot {
     pub upstreams: Vec<Arc<Upstream>>,
     pub access: Access,
     /// TLS material, when any upstream speaks TLS.
-    pub tls: Option<(Arc<rustls::ServerConfig>, TlsSettings)>,
+    pub tls: TlsMaterial,
 }
 
 impl Snapshot {
@@ -35,6 +36,19 @@ impl Snapshot {
     pub fn upstream(&self, id: usize) -> Option<&Arc<Upstream>> {
         self.upstreams.iter().find(|u| u.id == id)
     }
+}
+
+/// A config's TLS server setup and the settings it came from, if it has `[tls]`.
+pub(super) type TlsMaterial = Option<(Arc<rustls::ServerConfig>, TlsSettings)>;
+
+/// Loads the TLS material `config` names (none without `[tls]`), with the
+/// warnings about it (a certificate close to its end, ...).
+pub(super) fn load_tls(config: &Config) -> Result<(TlsMaterial, Vec<Warning>), Error> {
+    let Some(settings) = &config.tls else {
+        return Ok((None, Vec::new()));
+    };
+    let (server, warnings) = settings.load(SystemTime::now())?;
+    Ok((Some((server, settings.clone())), warnings))
 }
 
 /// Shared by the control thread and every worker.

@@ -103,7 +103,10 @@ fn serve(
     }
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let n = conn.read(&mut buf)?;
+        let n = match conn.read(&mut buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => other?,
+        };
         if n == 0 {
             return conn.shutdown(Shutdown::Write);
         }
@@ -286,6 +289,9 @@ pub fn read_line(s: &mut TcpStream) -> String {
             Ok(0) => break,
             Ok(_) if byte[0] == b'\n' => break,
             Ok(_) => line.push(byte[0]),
+            // A socket with a read timeout returns EINTR when the process
+            // is stopped and continued (a loaded machine, a debugger).
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => panic!(
                 "reading a line: {e} (got {:?})",
                 String::from_utf8_lossy(&line)
@@ -311,7 +317,15 @@ pub fn closed_within(s: &mut TcpStream, within: Duration) -> Closed {
     s.set_read_timeout(Some(within)).unwrap();
     let started = std::time::Instant::now();
     let mut buf = [0u8; 64];
-    match s.read(&mut buf) {
+    let mut outcome = s.read(&mut buf);
+    while matches!(&outcome, Err(e) if e.kind() == io::ErrorKind::Interrupted) {
+        let left = within
+            .saturating_sub(started.elapsed())
+            .max(Duration::from_millis(1));
+        s.set_read_timeout(Some(left)).unwrap();
+        outcome = s.read(&mut buf);
+    }
+    match outcome {
         Ok(0) => Closed::Eof,
         Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Closed::Reset,
         other => panic!(

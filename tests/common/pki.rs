@@ -261,7 +261,11 @@ pub fn read_line(s: &mut TlsStream) -> std::io::Result<String> {
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
     loop {
-        match s.read(&mut byte)? {
+        let n = match s.read(&mut byte) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => other?,
+        };
+        match n {
             0 => break,
             _ if byte[0] == b'\n' => break,
             _ => line.push(byte[0]),
