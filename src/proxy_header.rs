@@ -280,7 +280,13 @@ pub fn encode(
     destination: SocketAddr,
     tls: Option<&Tls<'_>>,
 ) -> Vec<u8> {
-    let (source, destination) = (unmapped(source), unmapped(destination));
+    // An IPv4 client of a dual-stack listener is sent as IPv4, when both
+    // addresses are IPv4 underneath; a mapped address beside a true IPv6
+    // one stays IPv6, or the pair would be of two families.
+    let (source, destination) = match (unmapped(source), unmapped(destination)) {
+        (s, d) if s.is_ipv4() == d.is_ipv4() => (s, d),
+        _ => (source, destination),
+    };
     match version {
         Version::V1 => match (source, destination) {
             (SocketAddr::V4(s), SocketAddr::V4(d)) => {
@@ -688,6 +694,15 @@ mod tests {
             None,
         );
         assert_eq!(v2, V2_TCP4);
+        // A mapped address beside a true IPv6 one: both stay IPv6 (found
+        // by the fuzz target, which had encode make a LOCAL header of it).
+        let (s, d): (SocketAddr, SocketAddr) = (
+            "[::1]:1".parse().unwrap(),
+            "[::ffff:255.48.0.2]:2".parse().unwrap(),
+        );
+        for version in [Version::V1, Version::V2] {
+            assert_eq!(done(&encode(version, s, d, None)).0.addresses, Some((s, d)));
+        }
         let mixed = encode(
             Version::V1,
             "1.2.3.4:1".parse().unwrap(),
