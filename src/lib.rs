@@ -11,7 +11,8 @@
 //! - `io`: sockets with their readiness, one direction's flow, relay
 //!   buffers (pooled so that idle pairs hold none), TLS sessions;
 //! - `policy`: balancing, health, client rules and rate limits, free of I/O;
-//! - [`config`]: the TOML schema and its validation.
+//! - [`config`]: the TOML schema and its validation;
+//! - [`proxy_header`]: the PROXY protocol header, read and written.
 //!
 //! The binary (`src/main.rs`) parses the command line into a [`Config`],
 //! [`Proxy::bind`]s it and [`Proxy::run`]s it.
@@ -26,6 +27,7 @@ mod logs;
 mod pair;
 mod policy;
 mod proxy;
+pub mod proxy_header;
 pub mod tls;
 mod upstream;
 
@@ -38,4 +40,5 @@ pub use logs::JSON_TARGET as ACCESS_JSON_TARGET;
 pub use policy::access::ClientRule;
 pub use policy::health::HealthSettings;
 pub use policy::limits::Limit;
+pub use policy::trust::SourceNet;
 pub use proxy::{Handle, PairKeepalive, Proxy};
