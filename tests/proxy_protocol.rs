@@ -382,6 +382,54 @@ fn the_header_names_the_client_to_the_host_and_its_bytes_follow() {
     });
 }
 
+/// With its host at its cap, a client waits in the queue holding nothing
+/// of a host; when the slot frees, its connect goes through the header
+/// like any other: the host reads the header first (the client named by
+/// the outer balancer's header), then the bytes that came with that
+/// header and waited in the queue with the client.
+#[test]
+fn a_queued_client_sends_its_header_once_a_slot_frees() {
+    let (host, seen) = spawn_header_host();
+    let mut config = behind_a_balancer(host, Settings::default());
+    let up = &mut config.upstreams[0];
+    up.hosts[0].max_connections = Some(1);
+    up.queue_timeout = Some(Duration::from_secs(30));
+    let proxy = start(config);
+    let lb = || connect_from("127.0.0.1".parse().unwrap(), proxy.addr);
+    // The first client takes the host's only slot.
+    let first_header = b"PROXY TCP4 203.0.113.7 198.51.100.1 4242 443\r\n";
+    let mut first = lb();
+    first
+        .write_all(&[&first_header[..], b"first\n"].concat())
+        .unwrap();
+    assert_eq!(next(&seen).header, first_header);
+    assert_eq!(read_line(&mut first), "first");
+    // The second waits, its header read and its first bytes held.
+    let header = b"PROXY TCP4 203.0.113.8 198.51.100.1 4243 443\r\n";
+    let mut second = lb();
+    second
+        .write_all(&[&header[..], b"second\n"].concat())
+        .unwrap();
+    proxy.wait_until("the second queued", |s| s.upstreams[0].queued == 1);
+    assert_eq!(proxy.host_counts(), [1], "the queued client holds no slot");
+    assert!(seen.try_recv().is_err(), "nothing of it reached the host");
+    // The slot frees: header first, then the bytes that waited.
+    finish(first);
+    assert_eq!(
+        String::from_utf8_lossy(&next(&seen).header),
+        String::from_utf8_lossy(header),
+        "the queued client's header, naming it"
+    );
+    assert_eq!(read_line(&mut second), "second");
+    let stats = proxy.stats();
+    assert_eq!(stats.upstreams[0].queue_waits.count, 1);
+    assert_eq!(stats.upstreams[0].queued, 0);
+    finish(second);
+    proxy.wait_until("every pair ended", |s| {
+        s.pairs == 0 && s.buffers_in_use == 0
+    });
+}
+
 #[test]
 fn a_header_from_a_peer_off_the_list_is_refused() {
     let (host, seen) = spawn_header_host();
