@@ -173,8 +173,9 @@ enum State {
         host: HostConn,
         tried: Vec<SocketAddr>,
         deadline: Instant,
-        /// Client to host: filled only if the client reset meanwhile (what
-        /// it sent before is read, to be delivered once connected).
+        /// Client to host: what came after a PROXY header, and, if the
+        /// client reset meanwhile, what it sent before (read, to be
+        /// delivered once connected); empty otherwise.
         up: Flow,
     },
     /// Connected; the upstream's PROXY protocol header is being written
@@ -221,7 +222,7 @@ enum State {
         deadline: Instant,
         /// Hosts that already failed for this client.
         tried: Vec<SocketAddr>,
-        /// Client to host: filled only if the client reset meanwhile.
+        /// Client to host, as in `Connecting`: kept for the host it gets.
         up: Flow,
     },
     /// Sending the refusal line, then waiting for the client's FIN.
