@@ -13,6 +13,7 @@
 //! - `policy`: balancing, health, client rules and rate limits, free of I/O;
 //! - [`config`]: the TOML schema and its validation;
 //! - `dns`: looking host names up (the system's resolver, or a DNS server).
+//! - [`proxy_header`]: the PROXY protocol header, read and written.
 //!
 //! The binary (`src/main.rs`) parses the command line into a [`Config`],
 //! [`Proxy::bind`]s it and [`Proxy::run`]s it.
@@ -28,6 +29,7 @@ mod logs;
 mod pair;
 mod policy;
 mod proxy;
+pub mod proxy_header;
 pub mod tls;
 mod upstream;
 
@@ -40,4 +42,5 @@ pub use logs::JSON_TARGET as ACCESS_JSON_TARGET;
 pub use policy::access::ClientRule;
 pub use policy::health::HealthSettings;
 pub use policy::limits::Limit;
+pub use policy::trust::SourceNet;
 pub use proxy::{Handle, PairKeepalive, Proxy};

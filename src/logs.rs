@@ -37,9 +37,13 @@ pub const JSON_TARGET: &str = "tcplb::access::json";
 /// The access line of one finished connection (or refused client).
 #[derive(Debug)]
 pub(crate) struct AccessLine<'a> {
-    /// The client's address (from a PROXY protocol header, once tcplb
-    /// accepts them, else the peer's).
+    /// The client's address (from its PROXY protocol header, if it came
+    /// with one, else the peer's).
     pub client: SocketAddr,
+    /// The peer that sent a PROXY protocol header naming the client (an
+    /// outer load balancer), if one did: `via=` in text, `proxy_source`
+    /// in JSON.
+    pub via: Option<SocketAddr>,
     pub upstream: &'a str,
     /// The host it reached, if any.
     pub host: Option<SocketAddr>,
@@ -52,9 +56,6 @@ pub(crate) struct AccessLine<'a> {
     pub duration: Duration,
     /// Why it ended (the `end` codes of the README).
     pub end: &'static str,
-    /// The peer that sent a PROXY protocol header for the client, once
-    /// tcplb accepts them; always `None` until then.
-    pub proxy_source: Option<SocketAddr>,
 }
 
 impl AccessLine<'_> {
@@ -67,9 +68,10 @@ impl AccessLine<'_> {
                     true => (" identity=", self.identity.unwrap_or("-")),
                     false => ("", ""),
                 };
+                let via = self.via.map_or(String::new(), |v| format!(" via={v}"));
                 info!(
                     target: "tcplb::access",
-                    "{} `{}`{label}{identity} host={} up={} down={} ms={} end={}",
+                    "{}{via} `{}`{label}{identity} host={} up={} down={} ms={} end={}",
                     self.client,
                     self.upstream,
                     self.host.map_or("-".to_string(), |a| a.to_string()),
@@ -96,7 +98,7 @@ impl AccessLine<'_> {
             "bytes_down": self.bytes.1,
             "duration_ms": self.duration.as_millis() as u64,
             "end": self.end,
-            "proxy_source": addr(self.proxy_source),
+            "proxy_source": addr(self.via),
         })
         .to_string()
     }

@@ -2,12 +2,14 @@
 //! each, in the balancer), and what each worker counts about it.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use crate::config::{RefusalMode, Settings, UpstreamConfig};
 use crate::policy::balance::LoadBalancer;
 use crate::policy::health::HealthSettings;
+use crate::policy::trust::SourceNet;
+use crate::proxy_header::{self, Version};
 
 /// Upper bounds (seconds) of the connection-duration histogram buckets.
 pub const DURATION_BUCKETS: &[f64] = &[
@@ -76,6 +78,15 @@ pub(crate) struct Upstream {
     /// Its own `queue_timeout` and `max_queued`, if it sets them.
     pub queue_timeout: Option<Duration>,
     pub max_queued: Option<u32>,
+    /// The PROXY protocol header its hosts get first, if any.
+    pub send_proxy: Option<Version>,
+    /// Peers whose connections begin with a PROXY protocol header; empty:
+    /// clients connect directly, and none may send one.
+    pub accept_proxy: Vec<SourceNet>,
+    /// What an active check sends (`health.send`), after a `LOCAL` PROXY
+    /// header when the hosts get one: a host that requires the header
+    /// takes the check for its own and still answers it.
+    pub probe_send: Option<Vec<u8>>,
 }
 
 impl Upstream {
@@ -99,6 +110,16 @@ impl Upstream {
             refusal: config.refusal,
             queue_timeout: config.queue_timeout,
             max_queued: config.max_queued,
+            send_proxy: config.send_proxy,
+            accept_proxy: config.accept_proxy.clone(),
+            probe_send: config
+                .health
+                .send
+                .as_ref()
+                .map(|send| match config.send_proxy {
+                    Some(version) => [proxy_header::encode_local(version), send.clone()].concat(),
+                    None => send.clone(),
+                }),
         }
     }
 
@@ -109,6 +130,12 @@ impl Upstream {
             self.queue_timeout.unwrap_or(settings.queue_timeout),
             self.max_queued.unwrap_or(settings.max_queued),
         )
+    }
+
+    /// Whether `ip` is a peer on `accept_proxy`, whose connections begin
+    /// with a PROXY header.
+    pub fn trusts(&self, ip: IpAddr) -> bool {
+        self.accept_proxy.iter().any(|net| net.contains(ip))
     }
 }
 

@@ -1,7 +1,8 @@
 //! The access log in JSON (`access_log = "json"`, `--access-log json`):
 //! the real binary's stderr, where every access line is one JSON object
-//! with the documented fields and nothing around it, parsed here; the
-//! other log lines keep their text format.
+//! with the documented fields and nothing around it, parsed here
+//! (`proxy_source` with a PROXY header from a trusted peer); the other log
+//! lines keep their text format.
 
 mod common;
 
@@ -86,13 +87,16 @@ fn json_access_lines_carry_every_documented_field() {
         &format!(
             "[defaults]\naccess_log = \"json\"\n\n\
              [[upstream]]\nname = \"app\"\nlisten = \"127.0.0.1:0\"\nhosts = [\"{}\"]\n\n\
-             [[upstream]]\nname = \"gone\"\nlisten = \"127.0.0.1:0\"\nhosts = [\"{dead}\"]\n",
-            host.addr
+             [[upstream]]\nname = \"gone\"\nlisten = \"127.0.0.1:0\"\nhosts = [\"{dead}\"]\n\n\
+             [[upstream]]\nname = \"behind\"\nlisten = \"127.0.0.1:0\"\nhosts = [\"{}\"]\n\
+             accept_proxy = [\"127.0.0.1\"]\n",
+            host.addr, host.addr
         ),
     );
     let mut bin = Binary::start(&["--config", file.0.to_str().unwrap()]);
     let app = bin.listen_addr_of("app");
     let gone = bin.listen_addr_of("gone");
+    let behind = bin.listen_addr_of("behind");
     // Served: 5 bytes up, 5 down, closed by the client.
     let mut c = std::net::TcpStream::connect(app).unwrap();
     c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
@@ -106,6 +110,24 @@ fn json_access_lines_carry_every_documented_field() {
     let refused = r.local_addr().unwrap();
     assert!(read_line(&mut r).starts_with("ERROR upstream_unavailable:"));
     finish(r);
+    // Through an outer balancer on accept_proxy's list (127.0.0.1): the
+    // header names the client, and the balancer is the proxy_source.
+    let mut b = std::net::TcpStream::connect(behind).unwrap();
+    b.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let balancer = b.local_addr().unwrap();
+    b.write_all(b"PROXY TCP4 203.0.113.7 198.51.100.1 4242 443\r\nping\n")
+        .unwrap();
+    assert_eq!(read_line(&mut b), "ping");
+    finish(b);
+    // A LOCAL header (the balancer's own check) names no client: the
+    // connection is its own, with no proxy_source.
+    let mut l = std::net::TcpStream::connect(behind).unwrap();
+    l.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let check = l.local_addr().unwrap();
+    let local = tcplb::proxy_header::encode_local(tcplb::proxy_header::Version::V2);
+    l.write_all(&[&local[..], b"ping\n"].concat()).unwrap();
+    assert_eq!(read_line(&mut l), "ping");
+    finish(l);
     bin.signal("TERM");
     let (code, log) = bin.wait();
     assert_eq!(code, Some(0), "{log:#?}");
@@ -133,6 +155,15 @@ fn json_access_lines_carry_every_documented_field() {
     assert_eq!(no["host"], Value::Null);
     assert_eq!((&no["bytes_up"], &no["bytes_down"]), (&0.into(), &0.into()));
     assert_eq!(no["end"], "upstream_unavailable");
+    let via = line_of(&lines, "203.0.113.7:4242".parse().unwrap());
+    assert_eq!(via["upstream"], "behind");
+    assert_eq!(via["proxy_source"], balancer.to_string());
+    assert_eq!(
+        (&via["bytes_up"], &via["bytes_down"]),
+        (&5.into(), &5.into())
+    );
+    let own = line_of(&lines, check);
+    assert_eq!(own["proxy_source"], Value::Null, "{own}");
     // Nothing else of the access log is left in text, and the rest of
     // the log still is.
     assert!(

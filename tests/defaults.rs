@@ -84,9 +84,11 @@ fn the_config_reference_shows_the_defaults() {
             "resolver",
             "keepalive",
             "keepalive_interval",
-            "keepalive_probes"
+            "keepalive_probes",
+            "accept_proxy"
         ]
     );
+    assert!(defaults.accept_proxy.is_empty());
     // The values shown are the defaults: the same as Settings::default(),
     // and as what the parser fills in for an empty table or no table.
     let table: Vec<&str> = shown.iter().map(|(s, _)| *s).collect();

@@ -110,6 +110,8 @@ fn upstream(name: &str, hosts: &[SocketAddr], health: HealthSettings) -> Upstrea
         refusal: Default::default(),
         queue_timeout: None,
         max_queued: None,
+        send_proxy: None,
+        accept_proxy: Vec::new(),
     }
 }
 

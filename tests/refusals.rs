@@ -26,6 +26,8 @@ fn upstream(hosts: &[SocketAddr], tls: bool, health: HealthSettings) -> Upstream
         refusal: Default::default(),
         queue_timeout: None,
         max_queued: None,
+        send_proxy: None,
+        accept_proxy: Vec::new(),
     }
 }
 

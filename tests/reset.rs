@@ -264,6 +264,8 @@ fn tls_proxy(pki: &Pki, host: SocketAddr) -> Running {
             refusal: Default::default(),
             queue_timeout: None,
             max_queued: None,
+            send_proxy: None,
+            accept_proxy: Vec::new(),
         }],
         tls: Some(pki.settings(vec![], Duration::from_secs(10))),
         clients: vec![ClientRule {

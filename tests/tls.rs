@@ -45,6 +45,8 @@ fn tls_config(
         refusal: Default::default(),
         queue_timeout: None,
         max_queued: None,
+        send_proxy: None,
+        accept_proxy: Vec::new(),
     };
     Config {
         settings: Settings::default(),

@@ -49,6 +49,8 @@ use crate::logs::plural;
 use crate::policy::access::ClientRule;
 use crate::policy::health::HealthSettings;
 use crate::policy::limits::Limit;
+use crate::policy::trust::SourceNet;
+use crate::proxy_header::Version;
 use crate::tls::TlsSettings;
 use problems::Problems;
 use values::Written;
@@ -88,6 +90,10 @@ pub struct Settings {
     /// New connections allowed per source address (IPv6: per /64), checked
     /// at accept before any TLS work; `None` for no limit.
     pub source_limit: Option<Limit>,
+    /// Peers whose connections begin with a PROXY protocol header
+    /// (`accept_proxy`), for the upstreams that set none of their own;
+    /// empty: none.
+    pub accept_proxy: Vec<SourceNet>,
     /// Worker threads, each with its own poll loop (`"auto"` in the file:
     /// the cores available). Takes effect at start; a reload keeps the
     /// number running.
@@ -187,6 +193,7 @@ impl Default for Settings {
             backlog: 1024,
             socket_buffer: None,
             source_limit: None,
+            accept_proxy: Vec::new(),
             workers: 1,
             resolve_interval: Duration::from_secs(30),
             resolver: None,
@@ -224,6 +231,13 @@ pub struct UpstreamConfig {
     pub queue_timeout: Option<Duration>,
     /// Its own `max_queued`, instead of `[defaults]`'.
     pub max_queued: Option<u32>,
+    /// The PROXY protocol header sent to its hosts before any byte of a
+    /// client (`send_proxy`); `None`: none.
+    pub send_proxy: Option<Version>,
+    /// Peers whose connections begin with a PROXY protocol header, whose
+    /// address then stands for theirs (`accept_proxy`); empty: none. In a
+    /// file, `[defaults]`'s list unless the upstream has its own.
+    pub accept_proxy: Vec<SourceNet>,
 }
 
 /// One host of an upstream: a plain `"host:port"` in the file's `hosts`,
@@ -489,6 +503,8 @@ impl Config {
                 refusal: RefusalMode::default(),
                 queue_timeout: None,
                 max_queued: None,
+                send_proxy: None,
+                accept_proxy: Vec::new(),
             }],
             tls: None,
             clients: Vec::new(),

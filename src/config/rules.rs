@@ -12,6 +12,7 @@ use std::ops::RangeInclusive;
 use std::time::Duration;
 
 use crate::policy::limits::Limit;
+use crate::policy::trust::SourceNet;
 
 /// Connections at once: `max_connections` of `[defaults]`, of a host and of a `[[client]]`.
 pub(super) const CONNECTIONS: RangeInclusive<i64> = 1..=u32::MAX as i64;
@@ -152,6 +153,39 @@ pub(super) fn host_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A network of `accept_proxy`: `address/prefix`, or a bare address (that
+/// one address). Bits past the prefix must be zero, so that the network
+/// is the one written.
+pub(super) fn source_net(text: &str) -> Result<SourceNet, String> {
+    let bad =
+        || "is neither a network such as 10.0.0.0/8 nor an address such as 127.0.0.1".to_string();
+    let (addr, prefix) = match text.split_once('/') {
+        Some((addr, prefix)) => (addr, Some(prefix)),
+        None => (text, None),
+    };
+    let addr: std::net::IpAddr = addr.parse().map_err(|_| bad())?;
+    let width = if addr.is_ipv4() { 32 } else { 128 };
+    let prefix = match prefix {
+        None => width,
+        Some(digits) if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) => {
+            digits.parse::<u8>().unwrap_or(u8::MAX)
+        }
+        Some(_) => return Err(bad()),
+    };
+    let Some(net) = SourceNet::new(addr, prefix).filter(|_| prefix <= width) else {
+        let family = if addr.is_ipv4() { "IPv4" } else { "IPv6" };
+        return Err(format!(
+            "has a prefix longer than /{width}, the most an {family} network has"
+        ));
+    };
+    if net.addr() != addr {
+        return Err(format!(
+            "has bits set past its /{prefix} prefix (the network is {net})"
+        ));
+    }
+    Ok(net)
+}
+
 /// Upstream names appear in logs and metric labels, so they are kept plain.
 pub(super) fn name(name: &str) -> Result<(), String> {
     if name.is_empty() {
@@ -174,6 +208,46 @@ pub(super) fn name(name: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use crate::config::{Config, Settings, check_settings, problems};
+
+    #[test]
+    fn networks_are_written_as_they_are_meant() {
+        let net = |t: &str| super::source_net(t).map(|n| n.to_string());
+        assert_eq!(net("10.0.0.0/8"), Ok("10.0.0.0/8".to_string()));
+        assert_eq!(net("127.0.0.1"), Ok("127.0.0.1/32".to_string()));
+        assert_eq!(net("::1"), Ok("::1/128".to_string()));
+        assert_eq!(net("2001:db8::/32"), Ok("2001:db8::/32".to_string()));
+        assert_eq!(net("0.0.0.0/0"), Ok("0.0.0.0/0".to_string()));
+        let not = Err(
+            "is neither a network such as 10.0.0.0/8 nor an address such as 127.0.0.1".to_string(),
+        );
+        for bad in [
+            "",
+            "10.0.0.0/",
+            "10.0.0/8",
+            "10.0.0.0/+8",
+            "10.0.0.0/8/8",
+            "lan",
+            "10.0.0.0 /8",
+        ] {
+            assert_eq!(net(bad), not, "{bad:?}");
+        }
+        assert_eq!(
+            net("10.0.0.0/33"),
+            Err("has a prefix longer than /32, the most an IPv4 network has".to_string())
+        );
+        assert_eq!(
+            net("::/200"),
+            Err("has a prefix longer than /128, the most an IPv6 network has".to_string())
+        );
+        assert_eq!(
+            net("10.0.0.0/999"),
+            Err("has a prefix longer than /32, the most an IPv4 network has".to_string())
+        );
+        assert_eq!(
+            net("10.1.0.0/8"),
+            Err("has bits set past its /8 prefix (the network is 10.0.0.0/8)".to_string())
+        );
+    }
 
     #[test]
     fn socket_buffer_is_optional_and_checked() {

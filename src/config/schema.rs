@@ -17,7 +17,7 @@ use super::clients::clients;
 use super::problems::Problems;
 use super::tables::{as_table, find, unknown_keys};
 use super::upstreams::{Lookups, upstreams};
-use super::values::{Value, Zero, address, duration, fill, integer, rate, size, string};
+use super::values::{Value, Zero, address, duration, fill, integer, networks, rate, size, string};
 use super::{AccessLog, Config, Keepalive, Settings, rules};
 use crate::policy::limits::Limit;
 use crate::tls::{TlsPlaces, TlsSettings};
@@ -35,6 +35,7 @@ const DEFAULTS_KEYS: &[&str] = &[
     "socket_buffer",
     "source_rate",
     "source_burst",
+    "accept_proxy",
     "workers",
     "resolve_interval",
     "resolver",
@@ -79,7 +80,17 @@ pub(super) fn document(p: &mut Problems<'_>) -> Option<Config> {
     let clients = clients(p, root, &upstreams, tls_present);
 
     let settings = settings?;
-    let upstreams: Option<Vec<_>> = upstreams.into_iter().map(|u| u.config).collect();
+    // An upstream without its own `accept_proxy` takes [defaults]'s.
+    let upstreams: Option<Vec<_>> = upstreams
+        .into_iter()
+        .map(|u| {
+            let mut config = u.config?;
+            if !u.own_accept_proxy {
+                config.accept_proxy = settings.accept_proxy.clone();
+            }
+            Some(config)
+        })
+        .collect();
     let clients: Option<Vec<_>> = clients.into_iter().map(|c| c.rule).collect();
     let (tls, admin) = (tls?, admin?);
     Some(Config {
@@ -153,6 +164,8 @@ fn defaults(p: &mut Problems<'_>, root: &DeTable<'_>) -> Option<Settings> {
     ok &= fill(&mut s.workers, workers);
     let resolver = find(table, "resolver").map(|v| resolver(p, v).map(Some));
     ok &= fill(&mut s.resolver, resolver);
+    let accept_proxy = find(table, "accept_proxy").map(|v| networks(p, v, "accept_proxy"));
+    ok &= fill(&mut s.accept_proxy, accept_proxy);
     if let Some(v) = find(table, "bulk_buffer_size").filter(|_| ok) {
         if s.bulk_buffer_size < s.buffer_size {
             let message = format!(

@@ -19,11 +19,12 @@ use super::problems::Problems;
 use super::rules;
 use super::tables::{as_table, find, tables, unknown_keys};
 use super::values::{
-    self, Value, Written, Zero, address, boolean, duration, fill, integer, string,
+    self, Value, Written, Zero, address, boolean, duration, fill, integer, networks, string,
 };
 use super::{HostConfig, HostName, RefusalMode, Settings, UpstreamConfig};
 use crate::dns::Resolver;
 use crate::policy::health::HealthSettings;
+use crate::proxy_header::Version;
 
 const UPSTREAM_KEYS: &[&str] = &[
     "name",
@@ -31,6 +32,8 @@ const UPSTREAM_KEYS: &[&str] = &[
     "hosts",
     "tls",
     "refusal",
+    "send_proxy",
+    "accept_proxy",
     "health",
     "queue_timeout",
     "max_queued",
@@ -54,6 +57,8 @@ pub(super) struct ParsedUpstream {
     pub(super) name: Option<Spanned<String>>,
     listen: Option<Spanned<SocketAddr>>,
     pub(super) config: Option<UpstreamConfig>,
+    /// It sets `accept_proxy` itself (else it takes `[defaults]`'s).
+    pub(super) own_accept_proxy: bool,
 }
 
 /// Every `[[upstream]]` of the document (at least one is required), checked
@@ -124,7 +129,12 @@ fn upstream(
         max_queued = integer(p, v, "max_queued", rules::QUEUED).map(|n| Some(n as u32));
     }
     let queue = queue_timeout.zip(max_queued);
-    let config = match (&name, &listen, hosts, tls, health, refusal, queue) {
+    let send_proxy = find(table, "send_proxy").map_or(Some(None), |v| send_proxy(p, v).map(Some));
+    let own_accept_proxy = find(table, "accept_proxy");
+    let accept_proxy =
+        own_accept_proxy.map_or(Some(Vec::new()), |v| networks(p, v, "accept_proxy"));
+    let proxy = send_proxy.zip(accept_proxy);
+    let config = match (&name, &listen, hosts, tls, health, refusal, queue, proxy) {
         (
             Some(name),
             Some(listen),
@@ -133,6 +143,7 @@ fn upstream(
             Some(health),
             Some(refusal),
             Some((queue_timeout, max_queued)),
+            Some((send_proxy, accept_proxy)),
         ) => Some(UpstreamConfig {
             name: name.get_ref().clone(),
             listen: *listen.get_ref(),
@@ -143,6 +154,8 @@ fn upstream(
             refusal,
             queue_timeout,
             max_queued,
+            send_proxy,
+            accept_proxy,
         }),
         _ => None,
     };
@@ -150,6 +163,7 @@ fn upstream(
         name,
         listen,
         config,
+        own_accept_proxy: own_accept_proxy.is_some(),
     }
 }
 
@@ -446,6 +460,18 @@ fn refusal(p: &mut Problems<'_>, v: &Value<'_>) -> Option<RefusalMode> {
     mode
 }
 
+/// `send_proxy` of an upstream: the PROXY protocol version its hosts get.
+fn send_proxy(p: &mut Problems<'_>, v: &Value<'_>) -> Option<Version> {
+    let name = string(p, v, "send_proxy")?;
+    let version = Version::from_name(name);
+    if version.is_none() {
+        let expected = Version::NAMES.map(|n| format!("\"{n}\"")).join(" or ");
+        let message = format!("`send_proxy` must be {expected}, not \"{name}\"");
+        p.at(v.span(), message);
+    }
+    version
+}
+
 /// `[upstream.health]`: its presence turns active checks on.
 fn health(p: &mut Problems<'_>, table: &DeTable<'_>, label: &str) -> Option<HealthSettings> {
     let place = format!("in the health table of {label}");
@@ -620,6 +646,84 @@ hosts = ["127.0.0.1:6380"]
         assert_eq!(
             problems(&upstream("refusal = true")),
             ["lb.toml:5:11: `refusal` must be a string"]
+        );
+    }
+
+    #[test]
+    fn proxy_protocol_keys_are_read_and_checked() {
+        let text = r#"[defaults]
+accept_proxy = ["10.0.0.0/8", "127.0.0.1"]
+
+[[upstream]]
+name = "inherits"
+listen = "127.0.0.1:7000"
+hosts = ["127.0.0.1:9001"]
+send_proxy = "v2"
+
+[[upstream]]
+name = "own"
+listen = "127.0.0.1:7001"
+hosts = ["127.0.0.1:9001"]
+send_proxy = "v1"
+accept_proxy = ["::1"]
+
+[[upstream]]
+name = "direct"
+listen = "127.0.0.1:7002"
+hosts = ["127.0.0.1:9001"]
+accept_proxy = []
+"#;
+        let config = Config::parse(text, "lb.toml").unwrap();
+        let shown = |u: &UpstreamConfig| {
+            let nets: Vec<String> = u.accept_proxy.iter().map(ToString::to_string).collect();
+            (u.send_proxy.map(Version::name), nets.join(" "))
+        };
+        let got: Vec<_> = config.upstreams.iter().map(shown).collect();
+        assert_eq!(
+            got,
+            [
+                (Some("v2"), "10.0.0.0/8 127.0.0.1/32".to_string()),
+                (Some("v1"), "::1/128".to_string()),
+                (None, String::new()),
+            ]
+        );
+        assert_eq!(config.settings.accept_proxy.len(), 2);
+        let found = problems(
+            r#"[defaults]
+accept_proxy = "10.0.0.0/8"
+
+[[upstream]]
+name = "a"
+listen = "127.0.0.1:7000"
+hosts = ["127.0.0.1:9001"]
+send_proxy = "v3"
+accept_proxy = ["10.0.0.0/33", "10.1.0.0/8", "lan", 10]
+
+[[upstream]]
+name = "b"
+listen = "127.0.0.1:7001"
+hosts = ["127.0.0.1:9001"]
+send_proxy = 2
+"#,
+        );
+        assert_eq!(
+            found,
+            [
+                "lb.toml:2:16: `accept_proxy` must be an array of networks, such as [\"10.0.0.0/8\"]",
+                "lb.toml:8:14: `send_proxy` must be \"v1\" or \"v2\", not \"v3\"",
+                "lb.toml:9:17: `accept_proxy` network `10.0.0.0/33` has a prefix longer than /32, the most an IPv4 network has",
+                "lb.toml:9:32: `accept_proxy` network `10.1.0.0/8` has bits set past its /8 prefix (the network is 10.0.0.0/8)",
+                "lb.toml:9:46: `accept_proxy` network `lan` is neither a network such as 10.0.0.0/8 nor an address such as 127.0.0.1",
+                "lb.toml:9:53: `accept_proxy` must be a string",
+                "lb.toml:15:14: `send_proxy` must be a string",
+            ]
+        );
+        let everyone = "[[upstream]]\nname=\"a\"\nlisten=\"127.0.0.1:0\"\nhosts=[\"127.0.0.1:1\"]\naccept_proxy = [\"0.0.0.0/0\"]\n";
+        assert_eq!(
+            crate::config::warnings(everyone),
+            [
+                "lb.toml:5:17: warning: `accept_proxy` holds 0.0.0.0/0, every address: any peer may then send a header claiming any client address"
+            ]
         );
     }
 

@@ -15,6 +15,7 @@ use toml::de::DeValue;
 use super::problems::Problems;
 use super::rules;
 use crate::dns::Resolver;
+use crate::policy::trust::SourceNet;
 
 /// A value of the parsed document, with its byte span in the text.
 pub(super) type Value<'i> = Spanned<DeValue<'i>>;
@@ -298,6 +299,41 @@ pub(super) fn size(p: &mut Problems<'_>, v: &Value<'_>, key: &str) -> Option<usi
             None
         }
     }
+}
+
+/// A list of networks (`accept_proxy`): an array of `address/prefix` or
+/// address strings, possibly empty. One that holds every address is
+/// warned about: any peer could then claim any client address.
+pub(super) fn networks(p: &mut Problems<'_>, v: &Value<'_>, key: &str) -> Option<Vec<SourceNet>> {
+    let DeValue::Array(items) = v.get_ref() else {
+        let message = format!("`{key}` must be an array of networks, such as [\"10.0.0.0/8\"]");
+        p.at(v.span(), message);
+        return None;
+    };
+    let mut nets = Vec::with_capacity(items.len());
+    let mut ok = true;
+    for item in items.iter() {
+        let Some(text) = string(p, item, key) else {
+            ok = false;
+            continue;
+        };
+        match rules::source_net(text) {
+            Ok(net) => {
+                if net.is_everything() {
+                    let message = format!(
+                        "`{key}` holds {net}, every address: any peer may then send a header claiming any client address"
+                    );
+                    p.warn(item.span(), message);
+                }
+                nets.push(net);
+            }
+            Err(why) => {
+                ok = false;
+                p.at(item.span(), format!("`{key}` network `{text}` {why}"));
+            }
+        }
+    }
+    ok.then_some(nets)
 }
 
 /// A `host:port` string, resolved now (unless the walk looks no name up).

@@ -255,6 +255,12 @@ impl Endpoint {
         net::keepalive(&self.stream)
     }
 
+    /// The socket's own address (for a client's socket, the address the
+    /// client connected to).
+    pub fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
+        self.stream.local_addr()
+    }
+
     /// Bytes written to the socket that its peer has not acknowledged.
     pub fn unacked(&self, queues: &mut SendQueues) -> io::Result<u32> {
         queues.unacked(&self.stream)

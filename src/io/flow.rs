@@ -112,6 +112,23 @@ impl Flow {
         }
     }
 
+    /// A direction that starts with `bytes` (what came after a PROXY
+    /// header) in a buffer, to be written before anything read later.
+    /// `bytes` must fit a normal buffer (a few dozen bytes do).
+    pub fn holding(bytes: &[u8], pool: &mut BufferPool) -> Flow {
+        if bytes.is_empty() {
+            return Flow::default();
+        }
+        let mut buf = pool.take(Size::Normal);
+        let n = bytes.len().min(buf.room().len());
+        buf.room()[..n].copy_from_slice(&bytes[..n]);
+        buf.filled(n);
+        Flow {
+            buf: Some(buf),
+            ..Flow::default()
+        }
+    }
+
     /// The source has ended and every byte it sent is handed to the sink.
     pub fn delivered(&self) -> bool {
         self.eof && self.buf.is_none()

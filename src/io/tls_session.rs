@@ -85,6 +85,25 @@ impl TlsSession {
         }
     }
 
+    /// Takes in records that arrived before the session existed (after a
+    /// PROXY header, in the same segment); the error is why the handshake
+    /// failed, in words.
+    pub fn take_in(&mut self, mut bytes: &[u8]) -> Result<(), String> {
+        while !bytes.is_empty() {
+            match self.conn.read_tls(&mut bytes) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => return Err(format!("cannot take the first records in: {e}")),
+            }
+            let state = self
+                .conn
+                .process_new_packets()
+                .map_err(|e| crate::tls::handshake_failure(&e))?;
+            self.plaintext = state.plaintext_bytes_to_read() > 0 || state.peer_has_closed();
+        }
+        Ok(())
+    }
+
     /// One read of TLS records from the socket, processed at once. A
     /// protocol error is the `Err`; what the socket did is the `Io`.
     fn read_records(&mut self, ep: &mut Endpoint) -> Result<Io, rustls::Error> {
@@ -121,6 +140,20 @@ impl TlsSession {
     /// Whether records wait to be written to the socket.
     pub fn wants_write(&self) -> bool {
         self.conn.wants_write()
+    }
+
+    /// The TLS version in use, as the PROXY protocol and OpenSSL write it.
+    pub fn version_name(&self) -> Option<&'static str> {
+        match self.conn.protocol_version()? {
+            rustls::ProtocolVersion::TLSv1_2 => Some("TLSv1.2"),
+            rustls::ProtocolVersion::TLSv1_3 => Some("TLSv1.3"),
+            _ => None,
+        }
+    }
+
+    /// The server name the client asked for (SNI), if it sent one.
+    pub fn server_name(&self) -> Option<&str> {
+        self.conn.server_name()
     }
 
     /// The client's verified end-entity certificate.

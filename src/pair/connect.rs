@@ -3,7 +3,7 @@
 //! the upstream's queue while every host is at its cap.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
 use log::warn;
@@ -15,6 +15,7 @@ use crate::io::flow::{Flow, NotConnected, pump};
 use crate::io::{Connect, Endpoint, net};
 use crate::pair::End;
 use crate::policy::balance::{Host, HostCounters, HostLease, NoHost};
+use crate::proxy_header::{self, Version};
 
 /// Every socket of a pair is registered once, for all it will ever need;
 /// PRIORITY reports urgent data, which needs reading past a short read.
@@ -26,9 +27,11 @@ impl Pair {
     /// Starts the connect to the best host for a new or just admitted
     /// client, or refuses it when `max_connections` is reached or no host
     /// is there.
-    pub(super) fn place(&mut self, ctx: &mut Context<'_>) -> Step {
+    /// `up` holds what the client sent before (after a PROXY header).
+    pub(super) fn place(&mut self, ctx: &mut Context<'_>, mut up: Flow) -> Step {
         let max = ctx.settings.max_connections;
         let Some(slot) = ctx.capacity.connection(max) else {
+            up.release(ctx.pool);
             if let Some(more) = ctx.logs.overloaded.allow(ctx.now) {
                 warn!(
                     "`{}`: max_connections ({max}) reached ({more} more refused since the last report)",
@@ -38,17 +41,19 @@ impl Pair {
             return self.refuse_with(ctx, Refusal::Overloaded);
         };
         if self.upstream.balancer.healthy() == 0 {
+            up.release(ctx.pool);
             return self.refuse_with(ctx, Refusal::NoHealthyHost);
         }
         self.slot = Some(slot);
         // Clients already waiting in this worker go first: a new one
         // joins the line behind them (the loop retries it in order).
         if self.upstream.balancer.queue().waiting_in(ctx.worker) > 0 {
-            if let Ok(step) = self.enqueue(ctx, Vec::new(), Flow::default()) {
-                return step;
+            match self.enqueue(ctx, Vec::new(), up) {
+                Ok(step) => return step,
+                Err((_, back)) => up = back,
             }
         }
-        self.connect_next(ctx, Vec::new(), Flow::default())
+        self.connect_next(ctx, Vec::new(), up)
     }
 
     /// Puts the pair in its upstream's queue, if the upstream lets clients
@@ -258,35 +263,110 @@ impl Pair {
         match host.endpoint.connect_result() {
             Connect::Pending => self.while_waiting(ctx),
             Connect::Failed(e) => self.connect_failed(ctx, e),
-            Connect::Established => {
-                let now = ctx.now;
-                let record = host.lease.host().clone();
-                self.transition(ctx.census, |old| {
-                    let State::Connecting { host, up, .. } = old else {
-                        unreachable!("checked above");
-                    };
-                    State::Relaying {
-                        host,
-                        up,
-                        down: Flow::default(),
-                        // The idle clock starts now.
-                        last_active: now,
-                        failed: None,
-                    }
-                });
-                connect_result(ctx, record, true);
-                self.relay(ctx)
-            }
+            Connect::Established => match self.upstream.send_proxy {
+                None => self.start_relaying(ctx),
+                Some(version) => {
+                    let header = self.proxy_header(version);
+                    self.transition(ctx.census, |old| {
+                        let State::Connecting {
+                            host,
+                            tried,
+                            deadline,
+                            up,
+                        } = old
+                        else {
+                            unreachable!("checked above");
+                        };
+                        State::SendingHeader {
+                            host,
+                            tried,
+                            deadline,
+                            up,
+                            header,
+                            sent: 0,
+                        }
+                    });
+                    self.send_header(ctx)
+                }
+            },
         }
     }
 
-    /// While the connect is in flight, or the pair waits in the queue: a
-    /// client that reset has what it sent before read into the buffer, to
-    /// be delivered once the host is connected. A client that sent nothing
-    /// is done with at once.
+    /// Writes what is left of the PROXY header to the host; once it is
+    /// all out, the relay starts. A host that fails to take it is a failed
+    /// connect: nothing of the client's has gone to it yet.
+    pub(super) fn send_header(&mut self, ctx: &mut Context<'_>) -> Step {
+        let State::SendingHeader {
+            host, header, sent, ..
+        } = &mut self.state
+        else {
+            unreachable!("only pairs sending a header send one");
+        };
+        host.endpoint.note_error();
+        match host.endpoint.write_out(header, sent) {
+            Ok(true) => self.start_relaying(ctx),
+            Ok(false) => self.while_waiting(ctx),
+            Err(e) => self.connect_failed(ctx, e),
+        }
+    }
+
+    /// The host is ready for the client's bytes: relay, counting the
+    /// connect as a success for the host's health.
+    fn start_relaying(&mut self, ctx: &mut Context<'_>) -> Step {
+        let now = ctx.now;
+        let mut record = None;
+        self.transition(ctx.census, |old| {
+            let (State::Connecting { host, up, .. } | State::SendingHeader { host, up, .. }) = old
+            else {
+                unreachable!("only a connected pair starts relaying");
+            };
+            record = Some(host.lease.host().clone());
+            State::Relaying {
+                host,
+                up,
+                down: Flow::default(),
+                // The idle clock starts now.
+                last_active: now,
+                failed: None,
+            }
+        });
+        if let Some(record) = record {
+            connect_result(ctx, record, true);
+        }
+        self.relay(ctx)
+    }
+
+    /// The PROXY header that tells the host about this client: its address
+    /// and the one it connected to, and over TLS what was verified (v2).
+    fn proxy_header(&self, version: Version) -> Box<[u8]> {
+        let destination = self
+            .destination
+            .or_else(|| self.client.endpoint.local_addr().ok())
+            .unwrap_or_else(|| {
+                let any = match self.client_addr {
+                    SocketAddr::V4(_) => IpAddr::from(Ipv4Addr::UNSPECIFIED),
+                    SocketAddr::V6(_) => IpAddr::from(Ipv6Addr::UNSPECIFIED),
+                };
+                SocketAddr::new(any, 0)
+            });
+        let tls = self.client.tls.as_deref().map(|session| proxy_header::Tls {
+            version: session.version_name().unwrap_or("TLS"),
+            identity: self.identity.as_deref(),
+            authority: session.server_name(),
+        });
+        proxy_header::encode(version, self.client_addr, destination, tls.as_ref()).into()
+    }
+
+    /// While the connect is in flight (or its PROXY header being
+    /// written), or the pair waits in the queue: a client that reset has
+    /// what it sent before read into the buffer, to be delivered once the
+    /// host is connected. A client that sent nothing is done with at once.
     pub(super) fn while_waiting(&mut self, ctx: &mut Context<'_>) -> Step {
-        let (State::Connecting { up, .. } | State::Queued { up, .. }) = &mut self.state else {
-            unreachable!("only connecting and queued pairs wait without a host");
+        let (State::Connecting { up, .. }
+        | State::SendingHeader { up, .. }
+        | State::Queued { up, .. }) = &mut self.state
+        else {
+            unreachable!("only connecting, header-sending and queued pairs wait without a relay");
         };
         let client = &mut self.client;
         client.endpoint.note_error();
@@ -325,12 +405,20 @@ impl Pair {
             failed = Some(old);
             State::Moving
         });
-        let Some(State::Connecting {
-            host,
-            mut tried,
-            up,
-            ..
-        }) = failed
+        let Some(
+            State::Connecting {
+                host,
+                mut tried,
+                up,
+                ..
+            }
+            | State::SendingHeader {
+                host,
+                mut tried,
+                up,
+                ..
+            },
+        ) = failed
         else {
             unreachable!("only connecting pairs fail to connect");
         };

@@ -25,6 +25,13 @@ pub(crate) enum End {
     /// Every handshake slot was taken, its source held the most of them,
     /// and a client from a source below its fair share needed one.
     HandshakeEvicted,
+    /// The PROXY header was malformed, too long, or cut short.
+    ProxyHeaderInvalid,
+    /// The PROXY header did not arrive in time.
+    ProxyHeaderTimeout,
+    /// Its header named a source that a per-source limit or cap refuses
+    /// (the code it would have been refused with at accept).
+    TurnedAway(&'static str),
     /// Its host went down and the upstream has `close_on_down`.
     HostDown,
     /// Its host or upstream was removed by a reload and the drain period ran out.
@@ -64,6 +71,9 @@ impl End {
             End::HandshakeFailed => "handshake_failed",
             End::HandshakeTimeout => "handshake_timeout",
             End::HandshakeEvicted => "handshake_evicted",
+            End::ProxyHeaderInvalid => "proxy_header_invalid",
+            End::ProxyHeaderTimeout => "proxy_header_timeout",
+            End::TurnedAway(code) => code,
             End::HostDown => "host_down",
             End::Removed => "removed",
             End::Shutdown => "shutdown",

@@ -3,21 +3,45 @@
 //! connecting or relaying, buffers only while relaying, and so on.
 //!
 //! ```text
-//!   accept ─┬─(TLS upstream)──> Handshaking ──(verified, admitted)──┐
-//!           │                        │                              │
-//!           │                  (TLS failure, timeout) ──> closed    │
-//!           └─(plain upstream)───────────────────────────────────── ┴──> Connecting
-//!                                                                          │  ▲ (connect failed:
-//!   Refusing <──(refused, or no host left)─────────────────────────────────┤  └── next candidate)
-//!      ▲                          (every host at its cap)──> Queued ──(slot)──┘
-//!      └──────────────────────────────────────(queue_timeout)─┘
-//!      │                                                              (connected)
-//!      └──(line sent, client's FIN, or deadline)──> closed                 ▼
-//!                                                                       Relaying ──(both flows done)──> closed
-//!                                                                          │
-//!                                              (one side reset, its bytes delivered)
-//!                                                                          ▼
-//!                                 Resetting ──(receiver acknowledged, or bound)──> closed (RST passed on)
+//!   accept ─┬─(accept_proxy, a peer on the list)──> ReadingHeader ──(malformed, timeout)──> closed
+//!           │                                             │ (header read)
+//!           │                                             ▼
+//!           │                                        Identified ──(over a per-source limit or the
+//!           │                                             │          handshake caps)──> closed
+//!           │                                (TLS upstream)├──────────────┐ (plain upstream)
+//!           │                                             ▼              │
+//!           ├─(TLS upstream)──────────────────────> Handshaking ──(TLS failure, timeout)──> closed
+//!           │                                             │  └─(denied by the client rules)──> Refusing
+//!           │                                (verified, admitted)        │
+//!           │                                             ▼              ▼
+//!           └─(plain upstream)──────────────────────> [place] ◄───────────┘
+//!
+//!   [place] ──────┬─(max_connections; no healthy host)──> Refusing
+//!                 ├─(others of its worker waiting, room in the queue)──> Queued
+//!                 ├─(a host chosen)──> Connecting
+//!                 └─(every host at its cap)──> [the queue]
+//!   Queued ───────┬─(a slot freed: a host chosen)──> Connecting
+//!                 ├─(queue_timeout; its hosts gone)──> Refusing
+//!                 └─(client reset, having sent nothing)──> closed
+//!   Connecting ───┬─(connected, no send_proxy)──> Relaying
+//!                 ├─(connected, send_proxy)──> SendingHeader
+//!                 └─(failed, timed out)──> [next host]
+//!   SendingHeader ┬─(header written)──> Relaying
+//!                 └─(failed, timed out)──> [next host]
+//!   [next host] ──┬─(one left, not at its cap)──> Connecting
+//!                 ├─(none left)──> Refusing
+//!                 └─(every one left at its cap)──> [the queue]
+//!   [the queue] ──┬─(queue_timeout > 0, fewer than max_queued waiting)──> Queued
+//!                 └─(otherwise)──> Refusing (overloaded)
+//!   Relaying ─────┬─(both directions done; idle or half-close timeout)──> closed
+//!                 └─(a side reset, its bytes delivered)──> Resetting
+//!   Resetting ────── (receiver acknowledged, or bound)──> closed with RST
+//!   Refusing ─────── (line sent, client's FIN, or 2 s)──> closed
+//!
+//!   [place], [next host] and [the queue] are choices made within one step,
+//!   not states. Shutdown, a drain's deadline and close_on_down close a
+//!   pair in whatever state it is in; a client that resets having sent
+//!   nothing ends at once in every state before Relaying.
 //! ```
 //!
 //! The loop hands a pair readiness events and deadlines; the pair decides
@@ -50,16 +74,17 @@ pub(crate) use end::{End, Refusal};
 use relay::ResetWait;
 
 use crate::config::Settings;
-use crate::io::Endpoint;
 use crate::io::buffer::BufferPool;
 use crate::io::flow::Flow;
 use crate::io::send_queue::SendQueues;
 use crate::io::tls_session::{Handshake, TlsSession};
+use crate::io::{Endpoint, Io};
 use crate::logs::{AccessLine, RefusalLog, Throttle};
 use crate::policy::access::{Access, ClientLease};
 use crate::policy::balance::{Host, HostLease};
 use crate::policy::capacity::{Capacity, ConnectionSlot, HandshakeSlot};
 use crate::policy::queue::QueueTicket;
+use crate::proxy_header::{self, Header, Parse};
 use crate::upstream::{Counters, Upstream};
 
 /// How long a refused client gets to read its error line and close.
@@ -101,6 +126,10 @@ pub(crate) enum Step {
     /// loop puts it at the back of its upstream's queue, and retries the
     /// queue (with [`Pair::retry_queued`]) when a slot may have freed.
     Queued,
+    /// Its PROXY header is read: the loop checks the client's address
+    /// against the per-source limits and caps, then calls
+    /// [`Pair::start_handshake`] or [`Pair::start_connecting`] (or closes it).
+    Identified,
 }
 
 /// The client's side of a pair, in every state.
@@ -123,6 +152,15 @@ struct HostConn {
 /// Where a pair is in its life, with what it holds there.
 #[derive(Debug)]
 enum State {
+    /// A client of an `accept_proxy` upstream, from a peer on its list:
+    /// its PROXY header is being read (`read` holds what came so far,
+    /// never more than the header and a few bytes past a v1 line).
+    ReadingHeader { deadline: Instant, read: Vec<u8> },
+    /// The header is read and the client's address known. Only for the
+    /// instant the loop takes to check that address against the
+    /// per-source limits and handshake caps and start the handshake or the
+    /// connect; `early` is what came after the header, for TLS or the host.
+    Identified { deadline: Instant, early: Vec<u8> },
     /// The TLS handshake of a client of a TLS upstream is in progress.
     Handshaking {
         deadline: Instant,
@@ -135,9 +173,24 @@ enum State {
         host: HostConn,
         tried: Vec<SocketAddr>,
         deadline: Instant,
-        /// Client to host: filled only if the client reset meanwhile (what
-        /// it sent before is read, to be delivered once connected).
+        /// Client to host: what came after a PROXY header, and, if the
+        /// client reset meanwhile, what it sent before (read, to be
+        /// delivered once connected); empty otherwise.
         up: Flow,
+    },
+    /// Connected; the upstream's PROXY protocol header is being written
+    /// to the host, before any byte of the client's. Everything of
+    /// `Connecting` is kept: a host that fails now is a failed connect,
+    /// and the next candidate is tried.
+    SendingHeader {
+        host: HostConn,
+        tried: Vec<SocketAddr>,
+        /// The connect's deadline, which bounds the header too.
+        deadline: Instant,
+        up: Flow,
+        header: Box<[u8]>,
+        /// Bytes of `header` written so far.
+        sent: usize,
     },
     /// Bytes flow both ways.
     Relaying {
@@ -169,7 +222,7 @@ enum State {
         deadline: Instant,
         /// Hosts that already failed for this client.
         tried: Vec<SocketAddr>,
-        /// Client to host: filled only if the client reset meanwhile.
+        /// Client to host, as in `Connecting`: kept for the host it gets.
         up: Flow,
     },
     /// Sending the refusal line, then waiting for the client's FIN.
@@ -185,20 +238,31 @@ enum State {
 /// The states, as counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
+    ReadingHeader,
+    Identified,
     Handshaking,
     Queued,
     Connecting,
+    SendingHeader,
     Relaying,
     Resetting,
     Refusing,
 }
 
+impl Kind {
+    /// How many kinds there are (`Refusing` is the last).
+    const COUNT: usize = Kind::Refusing as usize + 1;
+}
+
 impl State {
     fn kind(&self) -> Option<Kind> {
         Some(match self {
+            State::ReadingHeader { .. } => Kind::ReadingHeader,
+            State::Identified { .. } => Kind::Identified,
             State::Handshaking { .. } => Kind::Handshaking,
             State::Queued { .. } => Kind::Queued,
             State::Connecting { .. } => Kind::Connecting,
+            State::SendingHeader { .. } => Kind::SendingHeader,
             State::Relaying { .. } => Kind::Relaying,
             State::Resetting { .. } => Kind::Resetting,
             State::Refusing { .. } => Kind::Refusing,
@@ -212,7 +276,7 @@ impl State {
 /// states it counts. (The process-wide caps are in [`Capacity`].)
 #[derive(Debug, Default)]
 pub(crate) struct Census {
-    counts: [usize; 6],
+    counts: [usize; Kind::COUNT],
 }
 
 impl Census {
@@ -240,6 +304,7 @@ pub(crate) struct PairLogs {
     pub overloaded: Throttle,
     pub connect_failed: Throttle,
     pub send_queue: Throttle,
+    pub proxy_header: Throttle,
     pub refusals: RefusalLog,
 }
 
@@ -274,7 +339,14 @@ pub(crate) struct Pair {
     pub id: u64,
     /// Its upstream (as configured when the pair began).
     pub upstream: Arc<Upstream>,
+    /// The client's address: the peer's, or what its PROXY header said.
     pub client_addr: SocketAddr,
+    /// The peer that sent a PROXY header naming the client (an outer load
+    /// balancer), when one did; `client_addr` is then the header's source.
+    pub via: Option<SocketAddr>,
+    /// The address the client connected to, when a PROXY header said it;
+    /// otherwise the listener's own.
+    destination: Option<SocketAddr>,
     pub started: Instant,
     /// The deadline of this pair's live entry in the timer heap, if any.
     pub scheduled: Option<Instant>,
@@ -309,6 +381,23 @@ impl Pair {
         pair
     }
 
+    /// A new client of an `accept_proxy` upstream, from a peer on its
+    /// list: its PROXY header is read first, until `deadline`.
+    pub fn reading_header(
+        id: u64,
+        upstream: Arc<Upstream>,
+        client: (Endpoint, SocketAddr),
+        deadline: Instant,
+        ctx: &mut Context<'_>,
+    ) -> Pair {
+        let mut pair = Pair::new(id, upstream, client, None, ctx.now);
+        pair.transition(ctx.census, |_| State::ReadingHeader {
+            deadline,
+            read: Vec::new(),
+        });
+        pair
+    }
+
     /// A new plain client: connected to a host, or refused.
     pub fn connecting(
         id: u64,
@@ -317,7 +406,7 @@ impl Pair {
         ctx: &mut Context<'_>,
     ) -> (Pair, Step) {
         let mut pair = Pair::new(id, upstream, client, None, ctx.now);
-        let step = pair.place(ctx);
+        let step = pair.place(ctx, Flow::default());
         (pair, step)
     }
 
@@ -332,6 +421,8 @@ impl Pair {
             id,
             upstream,
             client_addr,
+            via: None,
+            destination: None,
             started: now,
             scheduled: None,
             drain_by: None,
@@ -364,9 +455,12 @@ impl Pair {
     pub fn endpoint(&mut self, side: Side) -> Option<&mut Endpoint> {
         match (side, &mut self.state) {
             (Side::Client, _) => Some(&mut self.client.endpoint),
-            (Side::Host, State::Connecting { host, .. } | State::Relaying { host, .. }) => {
-                Some(&mut host.endpoint)
-            }
+            (
+                Side::Host,
+                State::Connecting { host, .. }
+                | State::SendingHeader { host, .. }
+                | State::Relaying { host, .. },
+            ) => Some(&mut host.endpoint),
             (Side::Host, State::Resetting { host, .. }) => Some(host),
             (Side::Host, _) => None,
         }
@@ -385,9 +479,9 @@ impl Pair {
     /// The host this pair counts against, while connecting or relaying.
     pub fn host(&self) -> Option<&Arc<Host>> {
         match &self.state {
-            State::Connecting { host, .. } | State::Relaying { host, .. } => {
-                Some(host.lease.host())
-            }
+            State::Connecting { host, .. }
+            | State::SendingHeader { host, .. }
+            | State::Relaying { host, .. } => Some(host.lease.host()),
             _ => None,
         }
     }
@@ -404,9 +498,12 @@ impl Pair {
     /// When the loop must look at this pair again if nothing happens.
     pub fn deadline(&self, settings: &Settings) -> Instant {
         let own = match &self.state {
-            State::Handshaking { deadline, .. }
+            State::ReadingHeader { deadline, .. }
+            | State::Identified { deadline, .. }
+            | State::Handshaking { deadline, .. }
             | State::Queued { deadline, .. }
             | State::Connecting { deadline, .. }
+            | State::SendingHeader { deadline, .. }
             | State::Refusing { deadline, .. } => *deadline,
             State::Resetting { wait, .. } => wait.deadline(),
             State::Relaying {
@@ -430,9 +527,13 @@ impl Pair {
     /// Moves the pair on after readiness changed on one of its sockets.
     pub fn advance(&mut self, ctx: &mut Context<'_>) -> Step {
         match self.state {
+            State::ReadingHeader { .. } => self.read_header(ctx),
+            // The loop moves it on at once; an event meanwhile changes nothing.
+            State::Identified { .. } => Step::Identified,
             State::Handshaking { .. } => self.handshake(ctx),
             State::Queued { .. } => self.while_waiting(ctx),
             State::Connecting { .. } => self.check_connect(ctx),
+            State::SendingHeader { .. } => self.send_header(ctx),
             State::Relaying { .. } => self.relay(ctx),
             State::Resetting { .. } => self.drain_while_resetting(ctx),
             State::Refusing { .. } => self.refuse(ctx),
@@ -443,6 +544,9 @@ impl Pair {
     /// Acts on the pair's own deadline, which has passed.
     pub fn expire(&mut self, ctx: &mut Context<'_>) -> Step {
         match self.state {
+            State::ReadingHeader { .. } | State::Identified { .. } => {
+                self.bad_header(ctx, "proxy_header_timeout", "not complete in time")
+            }
             State::Handshaking { .. } => {
                 debug!("{} handshake timed out", self.client_addr);
                 let refusals = &mut ctx.logs.refusals;
@@ -452,6 +556,11 @@ impl Pair {
             State::Queued { .. } => self.queue_timed_out(ctx),
             State::Connecting { .. } => {
                 let e = std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out");
+                self.connect_failed(ctx, e)
+            }
+            State::SendingHeader { .. } => {
+                let why = "connected, but the PROXY header was not taken in time";
+                let e = std::io::Error::new(std::io::ErrorKind::TimedOut, why);
                 self.connect_failed(ctx, e)
             }
             State::Relaying { .. } => self.relay_expired(ctx),
@@ -470,20 +579,143 @@ impl Pair {
         match tls.handshake(&mut self.client.endpoint) {
             Handshake::Pending => Step::Continue,
             Handshake::Done => self.admit(ctx),
-            Handshake::Failed(reason) => {
-                // Anyone can fail a handshake: throttled, not one line each.
-                if let Some(more) = ctx.logs.handshake_failed.allow(ctx.now) {
-                    info!(
-                        "{} `{}` refused: handshake_failed ({reason}) ({more} more since the last report)",
-                        self.client_addr, self.upstream.name
-                    );
-                }
-                let refusals = &mut ctx.logs.refusals;
-                self.count_silent_refusal("handshake_failed", ctx.counters, refusals, ctx.now);
-                Step::Finish(End::HandshakeFailed)
-            }
+            Handshake::Failed(reason) => self.handshake_failed(ctx, &reason),
             Handshake::Gone => Step::Finish(End::Reset(Side::Client)),
         }
+    }
+
+    fn handshake_failed(&mut self, ctx: &mut Context<'_>, reason: &str) -> Step {
+        // Anyone can fail a handshake: throttled, not one line each.
+        if let Some(more) = ctx.logs.handshake_failed.allow(ctx.now) {
+            info!(
+                "{} `{}` refused: handshake_failed ({reason}) ({more} more since the last report)",
+                self.client_addr, self.upstream.name
+            );
+        }
+        let refusals = &mut ctx.logs.refusals;
+        self.count_silent_refusal("handshake_failed", ctx.counters, refusals, ctx.now);
+        Step::Finish(End::HandshakeFailed)
+    }
+
+    /// Reads the client's PROXY header as far as the socket allows, never
+    /// more than [`proxy_header::parse`] asks for.
+    fn read_header(&mut self, ctx: &mut Context<'_>) -> Step {
+        let State::ReadingHeader { read, .. } = &mut self.state else {
+            unreachable!("only pairs reading a header read one");
+        };
+        let ep = &mut self.client.endpoint;
+        ep.note_error();
+        loop {
+            let want = match proxy_header::parse(read) {
+                Parse::More(n) => n,
+                Parse::Done(header, len) => return self.identified(ctx, header, len),
+                Parse::Bad(why) => {
+                    return self.bad_header(ctx, "proxy_header_invalid", &why.to_string());
+                }
+            };
+            if !ep.can_read() {
+                return Step::Continue;
+            }
+            match ep.read_onto(read, want) {
+                Io::Done(_) => {}
+                Io::WouldBlock => return Step::Continue,
+                // Connected and left without a word (a port check).
+                Io::Eof if read.is_empty() => return Step::Finish(End::Closed),
+                Io::Eof => {
+                    let why = "the connection ended inside the header";
+                    return self.bad_header(ctx, "proxy_header_invalid", why);
+                }
+                Io::Failed(_) => return Step::Finish(End::Reset(Side::Client)),
+            }
+        }
+    }
+
+    /// The header is whole: its addresses become the client's (a LOCAL or
+    /// UNKNOWN header keeps the connection's), and what followed it is
+    /// kept for the handshake or the host.
+    fn identified(&mut self, ctx: &mut Context<'_>, header: Header, len: usize) -> Step {
+        if let Some((source, destination)) = header.addresses {
+            debug!(
+                "pair #{}: {} speaks for {source} (PROXY {})",
+                self.id,
+                self.client_addr,
+                header.version.name()
+            );
+            self.via = Some(self.client_addr);
+            self.client_addr = source;
+            self.destination = Some(destination);
+        }
+        self.transition(ctx.census, |old| {
+            let State::ReadingHeader { deadline, mut read } = old else {
+                unreachable!("only pairs reading a header are identified");
+            };
+            let early = read.split_off(len);
+            State::Identified { deadline, early }
+        });
+        Step::Identified
+    }
+
+    /// A header that is malformed, too long or too slow: the connection is
+    /// closed, counted under `code`, and logged at most once a second.
+    fn bad_header(&mut self, ctx: &mut Context<'_>, code: &'static str, why: &str) -> Step {
+        if let Some(more) = ctx.logs.proxy_header.allow(ctx.now) {
+            info!(
+                "{} `{}` refused: {code} ({why}) ({more} more since the last report)",
+                self.client_addr, self.upstream.name
+            );
+        }
+        let refusals = &mut ctx.logs.refusals;
+        self.count_silent_refusal(code, ctx.counters, refusals, ctx.now);
+        Step::Finish(if code == "proxy_header_timeout" {
+            End::ProxyHeaderTimeout
+        } else {
+            End::ProxyHeaderInvalid
+        })
+    }
+
+    /// What came after the header, taken out of the `Identified` state.
+    fn take_early(&mut self) -> Vec<u8> {
+        match &mut self.state {
+            State::Identified { early, .. } => std::mem::take(early),
+            _ => Vec::new(),
+        }
+    }
+
+    /// An identified client of a TLS upstream, admitted under the
+    /// handshake caps: its handshake starts with what came after the header.
+    pub fn start_handshake(
+        &mut self,
+        (tls, slot): (Box<TlsSession>, HandshakeSlot),
+        deadline: Instant,
+        ctx: &mut Context<'_>,
+    ) -> Step {
+        let early = self.take_early();
+        let tls = self.client.tls.insert(tls);
+        let taken = tls.take_in(&early);
+        self.transition(ctx.census, |_| State::Handshaking {
+            deadline,
+            _slot: slot,
+        });
+        match taken {
+            Ok(()) => self.handshake(ctx),
+            Err(reason) => self.handshake_failed(ctx, &reason),
+        }
+    }
+
+    /// An identified client of a plain upstream: connected to a host, with
+    /// what came after the header to go first, or refused.
+    pub fn start_connecting(&mut self, ctx: &mut Context<'_>) -> Step {
+        let early = self.take_early();
+        let up = Flow::holding(&early, ctx.pool);
+        self.place(ctx, up)
+    }
+
+    /// Turned away after its header by a per-source limit or cap (`code`),
+    /// as a connection from that address would be at accept.
+    pub fn turned_away(&mut self, code: &'static str, ctx: &mut Context<'_>) -> End {
+        let refusals = &mut ctx.logs.refusals;
+        self.count_silent_refusal(code, ctx.counters, refusals, ctx.now);
+        End::TurnedAway(code)
     }
 
     /// Counts a refusal that sends the client no line (a failed, timed-out
@@ -517,7 +749,7 @@ impl Pair {
         match ctx.access.admit(known, &self.upstream.name, ctx.now) {
             Ok(lease) => {
                 self.client.lease = Some(lease);
-                match self.place(ctx) {
+                match self.place(ctx, Flow::default()) {
                     // Application data may have come with the handshake.
                     Step::Continue => self.advance(ctx),
                     step => step,
@@ -557,7 +789,7 @@ impl Pair {
                     .observe(ctx.now.saturating_duration_since(since));
                 ((0, 0), None)
             }
-            State::Connecting { host, mut up, .. } => {
+            State::Connecting { host, mut up, .. } | State::SendingHeader { host, mut up, .. } => {
                 up.release(ctx.pool);
                 if host_rst {
                     host.endpoint.abort();
@@ -593,7 +825,11 @@ impl Pair {
                 }
                 (wait.bytes, Some(host_record.addr))
             }
-            State::Handshaking { .. } | State::Refusing { .. } | State::Moving => ((0, 0), None),
+            State::ReadingHeader { .. }
+            | State::Identified { .. }
+            | State::Handshaking { .. }
+            | State::Refusing { .. }
+            | State::Moving => ((0, 0), None),
         };
         *u.ended.entry(end.code()).or_default() += 1;
         if self.unlogged {
@@ -601,6 +837,7 @@ impl Pair {
         }
         AccessLine {
             client: self.client_addr,
+            via: self.via,
             upstream: &self.upstream.name,
             host: host_addr,
             identity: self.identity.as_deref(),
@@ -608,7 +845,6 @@ impl Pair {
             bytes,
             duration,
             end: end.code(),
-            proxy_source: None,
         }
         .log(ctx.settings.access_log);
     }
@@ -631,6 +867,9 @@ fn abortive(end: End, state: &State) -> [bool; 2] {
         | End::Refused(_)
         | End::HandshakeFailed
         | End::HandshakeTimeout
-        | End::HandshakeEvicted => [false, false],
+        | End::HandshakeEvicted
+        | End::ProxyHeaderInvalid
+        | End::ProxyHeaderTimeout
+        | End::TurnedAway(_) => [false, false],
     }
 }

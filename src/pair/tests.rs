@@ -51,6 +51,8 @@ impl World {
                     refusal: RefusalMode::default(),
                     queue_timeout: None,
                     max_queued: None,
+                    send_proxy: None,
+                    accept_proxy: Vec::new(),
                 },
                 "127.0.0.1:0".parse().unwrap(),
                 LoadBalancer::unqueued(&hosts.iter().map(|&h| h.into()).collect::<Vec<_>>()),
@@ -314,6 +316,8 @@ fn a_full_upstream_queues_then_admits_or_times_out_on_the_given_clock() {
         refusal: RefusalMode::default(),
         queue_timeout: Some(Duration::from_secs(10)),
         max_queued: None,
+        send_proxy: None,
+        accept_proxy: Vec::new(),
     };
     let balancer = LoadBalancer::unqueued(&config.hosts);
     w.upstream = Arc::new(Upstream::new(0, &config, config.listen, balancer));
@@ -374,4 +378,64 @@ fn a_full_upstream_queues_then_admits_or_times_out_on_the_given_clock() {
     second.close(&mut ctx, End::Closed);
     assert_eq!(w.upstream.balancer.host(0).active(), 0);
     assert_eq!(w.capacity.connections(), 0);
+}
+
+#[test]
+fn a_proxy_header_that_does_not_fit_at_once_is_finished_before_any_client_byte() {
+    let host = listener();
+    let mut w = World::new(vec![host.local_addr().unwrap()]);
+    let (mut client, accepted) = w.client();
+    let (mut pair, _) = {
+        let upstream = w.upstream.clone();
+        Pair::connecting(1, upstream, accepted, &mut w.at(Duration::ZERO))
+    };
+    let (mut upstream_end, _) = host.accept().unwrap();
+    // A header far larger than the host's socket takes before it reads,
+    // so that it goes out in many writes.
+    let header: Vec<u8> = (0..(4 << 20)).map(|i: u32| (i % 251) as u8).collect();
+    let len = header.len();
+    let sending = header.clone().into_boxed_slice();
+    pair.transition(&mut w.census, |old| {
+        let State::Connecting {
+            host,
+            tried,
+            deadline,
+            up,
+        } = old
+        else {
+            unreachable!("connecting");
+        };
+        State::SendingHeader {
+            host,
+            tried,
+            deadline,
+            up,
+            header: sending,
+            sent: 0,
+        }
+    });
+    client.write_all(b"client bytes").unwrap();
+    let at = Duration::from_millis(1);
+    w.drive_until(
+        &mut pair,
+        at,
+        |p| matches!(&p.state, State::SendingHeader { sent, .. } if *sent > 0),
+    );
+    let State::SendingHeader { sent, .. } = &pair.state else {
+        unreachable!("checked");
+    };
+    assert!(*sent < len, "all {len} bytes went at once");
+    let reader = std::thread::spawn(move || {
+        let mut got = vec![0u8; len + 12];
+        upstream_end.read_exact(&mut got).unwrap();
+        got
+    });
+    w.drive_until(&mut pair, at, |p| p.bytes().0 == 12);
+    let got = reader.join().unwrap();
+    assert!(got[..len] == header[..], "the header, whole and first");
+    assert_eq!(&got[len..], b"client bytes");
+    assert_eq!(results(&w), [(w.upstream.balancer.host(0).addr, true)]);
+    let mut ctx = w.at(at);
+    pair.close(&mut ctx, End::Closed);
+    assert_eq!(w.pool.in_use(), 0);
 }

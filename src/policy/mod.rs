@@ -6,7 +6,8 @@
 //! - [`health`]: the rise/fall state machine of one host;
 //! - [`access`]: `[[client]]` rules, each with its own token bucket and
 //!   concurrency count;
-//! - [`limits`]: token buckets, per source address too.
+//! - [`limits`]: token buckets, per source address too;
+//! - [`trust`]: the networks whose connections begin with a PROXY header.
 //!
 //! Counts that must be given back exactly once are handed out as leases
 //! ([`balance::HostLease`], [`access::ClientLease`], the slots of
@@ -25,3 +26,4 @@ pub(crate) mod capacity;
 pub mod health;
 pub mod limits;
 pub(crate) mod queue;
+pub mod trust;

@@ -19,6 +19,7 @@ use crate::io::{Endpoint, net};
 use crate::pair::{End, PAIR_INTEREST, Pair, Side, Step};
 use crate::policy::capacity::HandshakeSlot;
 use crate::policy::limits::source_key;
+use crate::tls::TlsSettings;
 use crate::upstream::Upstream;
 
 /// Connections accepted from one listener per loop turn before the loop
@@ -83,7 +84,9 @@ impl Worker {
     }
 
     /// Takes in a new client: starts its TLS handshake, or connects it to
-    /// a host, or refuses it.
+    /// a host, or refuses it. A client of an `accept_proxy` upstream is
+    /// read its PROXY header first (and refused unless its peer is on the
+    /// list); the limits below then apply to the address the header names.
     fn admit(
         &mut self,
         upstream: Arc<Upstream>,
@@ -91,17 +94,21 @@ impl Worker {
         addr: SocketAddr,
         now: Instant,
     ) {
-        let slot = match self.turn_away(&upstream, addr, now) {
-            Ok(slot) => slot,
-            Err(why) => {
-                self.counters(upstream.id).count_refusal(why);
-                if let Some(times) = self.drop_log.allow(now) {
-                    warn!(
-                        "closing new connections at accept: {addr} on `{}`: {why} ({times} more since the last report)",
-                        upstream.name
-                    );
+        let expects_header = !upstream.accept_proxy.is_empty();
+        let slot = if expects_header {
+            if upstream.trusts(addr.ip()) {
+                None
+            } else {
+                self.counters(upstream.id).count_refusal("proxy_untrusted");
+                return self.dropped(&upstream, addr, None, "proxy_untrusted", now);
+            }
+        } else {
+            match self.turn_away(&upstream, addr, now) {
+                Ok(slot) => slot,
+                Err(why) => {
+                    self.counters(upstream.id).count_refusal(why);
+                    return self.dropped(&upstream, addr, None, why, now);
                 }
-                return;
             }
         };
         net::prepare(&stream, self.snapshot.settings.keepalive.as_ref());
@@ -113,14 +120,61 @@ impl Worker {
         }
         let id = self.next_id;
         self.next_id += 1;
-        let tls = match (slot, &self.snapshot.tls) {
-            (Some(slot), Some((config, settings))) => {
-                match TlsSession::new(config.clone(), self.snapshot.settings.bulk_buffer()) {
-                    Ok(session) => Some((session, slot, now + settings.handshake_timeout)),
-                    Err(e) => return warn!("cannot start a TLS session for {addr}: {e}"),
-                }
+        let tls = match slot {
+            Some(slot) => match self.tls_session(slot, addr, now) {
+                Some(tls) => Some(tls),
+                None => return,
+            },
+            None => None,
+        };
+        let header_deadline = now + self.handshake_timeout();
+        let uid = upstream.id;
+        self.counters(uid);
+        let mut ctx = context(
+            &mut self.support,
+            &self.poll,
+            &self.snapshot,
+            &self.shared,
+            &mut self.counters[uid],
+            key,
+            now,
+        );
+        let client = (endpoint, addr);
+        let (pair, step) = match tls {
+            _ if expects_header => (
+                Pair::reading_header(id, upstream.clone(), client, header_deadline, &mut ctx),
+                Step::Continue,
+            ),
+            Some((session, deadline)) => (
+                Pair::handshaking(id, upstream.clone(), client, session, deadline, &mut ctx),
+                Step::Continue,
+            ),
+            None => Pair::connecting(id, upstream.clone(), client, &mut ctx),
+        };
+        self.pairs.insert(pair);
+        self.after_step(key, step, now);
+        self.host_results(&upstream, now);
+    }
+
+    /// Pair `key` has read its PROXY header: what a new connection from
+    /// the address it names goes through at accept (per-source rate,
+    /// handshake caps), then its handshake or connect.
+    pub(super) fn identified(&mut self, key: usize, now: Instant) {
+        let (upstream, addr, via) = {
+            let pair = &self.pairs[key];
+            (pair.upstream.clone(), pair.client_addr, pair.via)
+        };
+        // What the client goes on to: turned away, a handshake, a connect.
+        let next = match self.turn_away(&upstream, addr, now) {
+            Err(why) => {
+                self.dropped(&upstream, addr, via, why, now);
+                Err(why)
             }
-            _ => None,
+            Ok(Some(slot)) => match self.tls_session(slot, addr, now) {
+                Some(tls) => Ok(Some(tls)),
+                None => return self.close(key, End::HandshakeFailed, now),
+            },
+            Ok(None) => Ok(None),
         };
         let uid = upstream.id;
         self.counters(uid);
@@ -133,27 +187,77 @@ impl Worker {
             key,
             now,
         );
-        let (pair, step) = match tls {
-            Some((session, slot, deadline)) => (
-                Pair::handshaking(
-                    id,
-                    upstream.clone(),
-                    (endpoint, addr),
-                    (session, slot),
-                    deadline,
-                    &mut ctx,
-                ),
-                Step::Continue,
-            ),
-            None => Pair::connecting(id, upstream.clone(), (endpoint, addr), &mut ctx),
+        let pair = &mut self.pairs[key];
+        let step = match next {
+            Err(why) => Step::Finish(pair.turned_away(why, &mut ctx)),
+            Ok(Some((session, deadline))) => pair.start_handshake(session, deadline, &mut ctx),
+            Ok(None) => pair.start_connecting(&mut ctx),
         };
-        self.pairs.insert(pair);
+        self.after_step(key, step, now);
+        self.host_results(&upstream, now);
+    }
+
+    /// What a new pair's first step asks for.
+    fn after_step(&mut self, key: usize, step: Step, now: Instant) {
         match step {
             Step::Finish(end) => self.close(key, end, now),
+            Step::Continue => self.schedule(key),
+            Step::Again => {
+                self.schedule(key);
+                let id = self.pairs[key].id;
+                self.runnable.push((key, id));
+            }
             Step::Queued => self.enqueue(key),
-            Step::Continue | Step::Again => self.schedule(key),
+            Step::Identified => self.identified(key, now),
         }
-        self.host_results(&upstream, now);
+    }
+
+    /// A connection closed before any work on it (at accept, or right
+    /// after its PROXY header), logged at most once a second.
+    fn dropped(
+        &mut self,
+        upstream: &Upstream,
+        addr: SocketAddr,
+        via: Option<SocketAddr>,
+        why: &'static str,
+        now: Instant,
+    ) {
+        if let Some(times) = self.drop_log.allow(now) {
+            let via = via.map_or(String::new(), |v| format!(" (via {v})"));
+            warn!(
+                "closing new connections at accept: {addr}{via} on `{}`: {why} ({times} more since the last report)",
+                upstream.name
+            );
+        }
+    }
+
+    /// A TLS session for a client holding `slot`, with its handshake's
+    /// deadline; `None` (logged) if rustls cannot start one.
+    fn tls_session(
+        &self,
+        slot: HandshakeSlot,
+        addr: SocketAddr,
+        now: Instant,
+    ) -> Option<((Box<TlsSession>, HandshakeSlot), Instant)> {
+        let (config, settings) = self.snapshot.tls.as_ref()?;
+        match TlsSession::new(config.clone(), self.snapshot.settings.bulk_buffer()) {
+            Ok(session) => Some(((session, slot), now + settings.handshake_timeout)),
+            Err(e) => {
+                warn!("cannot start a TLS session for {addr}: {e}");
+                None
+            }
+        }
+    }
+
+    /// How long a PROXY header may take: the handshake timeout (`[tls]`'s,
+    /// or its default without `[tls]`).
+    fn handshake_timeout(&self) -> Duration {
+        self.snapshot
+            .tls
+            .as_ref()
+            .map_or(TlsSettings::DEFAULT_HANDSHAKE_TIMEOUT, |(_, t)| {
+                t.handshake_timeout
+            })
     }
 
     /// Why a new connection must be closed at once, before any work on it:

@@ -210,7 +210,7 @@ impl Control {
         };
         probe.on_event(event);
         let health = &upstream.health;
-        let outcome = probe.advance(health.send.as_deref(), health.expect.as_deref());
+        let outcome = probe.advance(upstream.probe_send.as_deref(), health.expect.as_deref());
         if outcome != Outcome::Pending {
             self.finish_probe(key, outcome, now);
         }
@@ -338,6 +338,8 @@ mod tests {
             refusal: RefusalMode::default(),
             queue_timeout: None,
             max_queued: None,
+            send_proxy: None,
+            accept_proxy: Vec::new(),
         };
         let upstream = Arc::new(Upstream::new(
             0,

@@ -34,6 +34,8 @@ use crate::policy::access::Access;
 use crate::policy::balance::LoadBalancer;
 use crate::policy::health::HealthSettings;
 use crate::policy::queue::WaitQueue;
+use crate::policy::trust::SourceNet;
+use crate::proxy_header::Version;
 use crate::upstream::Upstream;
 
 /// How long a reload waits for the workers to take the new config.
@@ -76,6 +78,8 @@ struct Before {
     refusal: RefusalMode,
     health: HealthSettings,
     queue: (Option<Duration>, Option<u32>),
+    send_proxy: Option<Version>,
+    accept_proxy: Vec<SourceNet>,
 }
 
 impl Before {
@@ -88,6 +92,8 @@ impl Before {
             refusal: u.refusal,
             health: u.health.clone(),
             queue: (u.queue_timeout, u.max_queued),
+            send_proxy: u.send_proxy,
+            accept_proxy: u.accept_proxy.clone(),
         }
     }
 
@@ -149,6 +155,14 @@ impl Before {
         }
         if (u.queue_timeout, u.max_queued) != self.queue {
             out.push("queue_timeout/max_queued changed".to_string());
+        }
+        if u.send_proxy != self.send_proxy {
+            let name = |v: Option<Version>| v.map_or("off", Version::name);
+            let (new, old) = (name(u.send_proxy), name(self.send_proxy));
+            out.push(format!("send_proxy = {new} (was {old})"));
+        }
+        if u.accept_proxy != self.accept_proxy {
+            out.push("accept_proxy changed (for new connections)".to_string());
         }
         out
     }
@@ -248,6 +262,7 @@ fn changed_settings(old: &Settings, new: &Settings) -> Vec<&'static str> {
         ("max_queued", old.max_queued != new.max_queued),
         ("keepalive", old.keepalive != new.keepalive),
         ("access_log", old.access_log != new.access_log),
+        ("accept_proxy", old.accept_proxy != new.accept_proxy),
     ];
     differs
         .into_iter()

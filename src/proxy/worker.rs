@@ -525,6 +525,7 @@ impl Worker {
             }
             Step::Finish(end) => self.close(key, end, now),
             Step::Queued => self.enqueue(key),
+            Step::Identified => self.identified(key, now),
         }
         self.host_results(&upstream, now);
     }

@@ -216,6 +216,8 @@ pub fn config(hosts: &[SocketAddr], settings: Settings) -> Config {
             refusal: Default::default(),
             queue_timeout: None,
             max_queued: None,
+            send_proxy: None,
+            accept_proxy: Vec::new(),
         }],
         tls: None,
         clients: Vec::new(),
