@@ -11,6 +11,8 @@
 //! - `io`: sockets with their readiness, one direction's flow, relay
 //!   buffers (pooled so that idle pairs hold none), TLS sessions;
 //! - `policy`: balancing, health, client rules and rate limits, free of I/O;
+//! - `cluster`: with `[cluster]`, the thread that shares client limits
+//!   with the other instances of a group through Redis;
 //! - [`config`]: the TOML schema and its validation.
 //!
 //! The binary (`src/main.rs`) parses the command line into a [`Config`],
@@ -18,6 +20,7 @@
 
 pub mod admin;
 pub mod certs;
+mod cluster;
 pub mod config;
 pub mod demo;
 pub mod error;
@@ -29,7 +32,7 @@ mod proxy;
 pub mod tls;
 mod upstream;
 
-pub use admin::{HostStats, Stats, UpstreamStats};
+pub use admin::{ClusterStats, HostStats, Stats, UpstreamStats};
 pub use config::{Config, RefusalMode, Settings, UpstreamConfig};
 pub use error::Error;
 pub use io::send_queue::SendQueues;

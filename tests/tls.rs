@@ -49,6 +49,7 @@ fn tls_config(
         tls: Some(pki.settings(crl, Duration::from_secs(10))),
         clients,
         admin: None,
+        cluster: None,
         warnings: Vec::new(),
     }
 }

@@ -33,6 +33,22 @@ pub struct Stats {
     pub clients: Vec<(String, u32)>,
     /// Pairs per worker, in worker order.
     pub workers: Vec<usize>,
+    /// With `[cluster]`: the Redis the limits are shared through.
+    pub cluster: Option<ClusterStats>,
+}
+
+/// The `[cluster]` part of a [`Stats`] snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterStats {
+    /// The Redis URL, without its password.
+    pub redis: String,
+    /// Redis answers: limits are shared (else each instance falls back).
+    pub up: bool,
+    /// Requests sent to Redis.
+    pub requests: u64,
+    /// Times Redis was found down: connects or requests that failed or
+    /// got no answer within the timeout.
+    pub failures: u64,
 }
 
 /// One upstream's part of a [`Stats`] snapshot.
@@ -328,6 +344,31 @@ pub(crate) fn prometheus(stats: &Stats) -> String {
     for (worker, pairs) in stats.workers.iter().enumerate() {
         let _ = writeln!(out, "tcplb_worker_pairs{{worker=\"{worker}\"}} {pairs}");
     }
+    if let Some(cluster) = &stats.cluster {
+        for (name, kind, help, value) in [
+            (
+                "tcplb_cluster_redis_up",
+                "gauge",
+                "1 while Redis answers and client limits are shared by the group, 0 while each instance falls back.",
+                u64::from(cluster.up),
+            ),
+            (
+                "tcplb_cluster_requests_total",
+                "counter",
+                "Requests sent to Redis for client limits.",
+                cluster.requests,
+            ),
+            (
+                "tcplb_cluster_failures_total",
+                "counter",
+                "Times Redis was found down (a connect or request failed, or got no answer within the timeout).",
+                cluster.failures,
+            ),
+        ] {
+            family(&mut out, name, kind, help);
+            let _ = writeln!(out, "{name}{{redis=\"{}\"}} {value}", label(&cluster.redis));
+        }
+    }
     out
 }
 
@@ -353,6 +394,7 @@ pub(super) fn sample() -> Stats {
         reloads: 0,
         clients: vec![("spiffe://x/\"q\"".into(), 1)],
         workers: vec![1, 0],
+        cluster: None,
         upstreams: vec![UpstreamStats {
             name: "app".into(),
             listen: "127.0.0.1:7000".parse().unwrap(),
@@ -411,6 +453,28 @@ mod tests {
             let value = line.rsplit(' ').next().unwrap();
             assert!(value.parse::<f64>().is_ok(), "{line}");
         }
+    }
+
+    #[test]
+    fn the_cluster_families_are_there_with_cluster_only() {
+        let mut stats = sample();
+        assert!(!prometheus(&stats).contains("tcplb_cluster"));
+        stats.cluster = Some(ClusterStats {
+            redis: "redis://127.0.0.1:6379/0".into(),
+            up: true,
+            requests: 12,
+            failures: 1,
+        });
+        let text = prometheus(&stats);
+        assert!(text.contains(
+            "# TYPE tcplb_cluster_redis_up gauge\ntcplb_cluster_redis_up{redis=\"redis://127.0.0.1:6379/0\"} 1\n"
+        ));
+        assert!(
+            text.contains("tcplb_cluster_requests_total{redis=\"redis://127.0.0.1:6379/0\"} 12\n")
+        );
+        assert!(
+            text.contains("tcplb_cluster_failures_total{redis=\"redis://127.0.0.1:6379/0\"} 1\n")
+        );
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! `handshakes`, `reloads`, and per upstream `name`, `listen`, `tls`,
 //! `removed`, `active_connections` and `hosts` (each with `address`, `up`,
 //! `removed`, `active_connections`, `connections_total`,
-//! `connect_failures_total`).
+//! `connect_failures_total`), and with `[cluster]` a `cluster` object
+//! (`redis`, `redis_up`).
 
 use serde_json::{Value, json};
 
@@ -13,14 +14,17 @@ use super::metrics::{HostStats, Stats, UpstreamStats};
 /// The `/status` document, keys in the order written here (serde_json's
 /// `preserve_order`).
 pub(crate) fn status_json(stats: &Stats) -> String {
-    json!({
+    let mut doc = json!({
         "uptime_seconds": stats.uptime.as_secs(),
         "pairs": stats.pairs,
         "handshakes": stats.handshakes,
         "reloads": stats.reloads,
         "upstreams": stats.upstreams.iter().map(upstream).collect::<Vec<_>>(),
-    })
-    .to_string()
+    });
+    if let Some(cluster) = &stats.cluster {
+        doc["cluster"] = json!({ "redis": cluster.redis, "redis_up": cluster.up });
+    }
+    doc.to_string()
 }
 
 fn upstream(u: &UpstreamStats) -> Value {

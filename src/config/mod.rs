@@ -19,6 +19,8 @@
 //! - `upstreams.rs`: `[[upstream]]` and `[upstream.health]`, and the
 //!   checks across upstreams (unique names, listen addresses);
 //! - `clients.rs`: `[[client]]` rules, checked against the upstreams;
+//! - `cluster.rs`: `[cluster]`, the Redis a group of instances shares
+//!   client limits through, and its `redis://` URL;
 //! - `values.rs`: one value at a time (durations, sizes, addresses,
 //!   integers, numbers), each reported at its span when wrong;
 //! - `rules.rs`: the bounds and checks of values, shared by the file and
@@ -30,6 +32,7 @@
 //! which the rest of start-up shares.
 
 mod clients;
+mod cluster;
 mod problems;
 mod rules;
 mod schema;
@@ -49,6 +52,8 @@ use crate::policy::limits::Limit;
 use crate::tls::TlsSettings;
 use problems::Problems;
 
+pub use crate::policy::share::Fallback;
+pub use cluster::{ClusterSettings, RedisUrl};
 pub use values::{parse_duration, parse_size, resolve};
 
 /// Loop-wide settings; the `[defaults]` table.
@@ -185,6 +190,8 @@ pub struct Config {
     pub clients: Vec<ClientRule>,
     /// Where the admin listener (metrics, status, reload) binds.
     pub admin: Option<SocketAddr>,
+    /// `[cluster]`: client limits shared through Redis by a group of instances.
+    pub cluster: Option<ClusterSettings>,
     /// What the source holds that is valid but likely wrong, with its
     /// place (see [`Warning`]); logged when the config is put in force.
     pub warnings: Vec<Warning>,
@@ -296,6 +303,7 @@ impl Config {
             tls: None,
             clients: Vec::new(),
             admin: None,
+            cluster: None,
             warnings: Vec::new(),
         });
         problems.finish(config).map(|(config, _)| config)

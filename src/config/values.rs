@@ -28,7 +28,7 @@ pub fn resolve(text: &str) -> Result<SocketAddr, String> {
 
 /// [`resolve`], or, without `lookups`, only a literal address: a name is
 /// then an error, and nothing is asked of the resolver.
-fn address_of(text: &str, lookups: bool) -> Result<SocketAddr, String> {
+pub(super) fn address_of(text: &str, lookups: bool) -> Result<SocketAddr, String> {
     if let Ok(addr) = text.parse::<SocketAddr>() {
         return Ok(addr);
     }

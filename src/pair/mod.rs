@@ -4,7 +4,7 @@
 //!
 //! ```text
 //!   accept ─┬─(TLS upstream)──> Handshaking ──(verified, admitted)──┐
-//!           │                        │                              │
+//!           │                        │    └─(wait for Redis)─> Admitting ─(admitted)─┤
 //!           │                  (TLS failure, timeout) ──> closed    │
 //!           └─(plain upstream)───────────────────────────────────── ┴──> Connecting
 //!                                                                          │  ▲ (connect failed:
@@ -43,6 +43,7 @@ pub(crate) use connect::PAIR_INTEREST;
 pub(crate) use end::{End, Refusal};
 use relay::ResetWait;
 
+use crate::cluster::ClusterLink;
 use crate::config::Settings;
 use crate::io::Endpoint;
 use crate::io::buffer::BufferPool;
@@ -50,9 +51,10 @@ use crate::io::flow::Flow;
 use crate::io::send_queue::SendQueues;
 use crate::io::tls_session::{Handshake, TlsSession};
 use crate::logs::{RefusalLog, Throttle};
-use crate::policy::access::{Access, ClientLease};
+use crate::policy::access::{Access, Admission, ClientLease, Ticket};
 use crate::policy::balance::{Host, HostLease};
 use crate::policy::capacity::{Capacity, ConnectionSlot, HandshakeSlot};
+use crate::policy::share::Mode;
 use crate::upstream::{Counters, Upstream};
 
 /// How long a refused client gets to read its error line and close.
@@ -118,6 +120,14 @@ enum State {
         /// Its place under the handshake caps, held until the state ends.
         _slot: HandshakeSlot,
     },
+    /// The handshake is done and the client's rule waits for Redis (a
+    /// token or a place of the group's limits, with `[cluster]`): until
+    /// Redis answers, or at `deadline` the fallback decides.
+    Admitting {
+        deadline: Instant,
+        /// Its place among the identity's waiting connections.
+        ticket: Ticket,
+    },
     /// A connect to a host is in flight; `tried` lists hosts that already
     /// failed for this client (allocated only after a failure).
     Connecting {
@@ -164,6 +174,7 @@ enum State {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Handshaking,
+    Admitting,
     Connecting,
     Relaying,
     Resetting,
@@ -174,6 +185,7 @@ impl State {
     fn kind(&self) -> Option<Kind> {
         Some(match self {
             State::Handshaking { .. } => Kind::Handshaking,
+            State::Admitting { .. } => Kind::Admitting,
             State::Connecting { .. } => Kind::Connecting,
             State::Relaying { .. } => Kind::Relaying,
             State::Resetting { .. } => Kind::Resetting,
@@ -188,7 +200,7 @@ impl State {
 /// states it counts. (The process-wide caps are in [`Capacity`].)
 #[derive(Debug, Default)]
 pub(crate) struct Census {
-    counts: [usize; 5],
+    counts: [usize; 6],
 }
 
 impl Census {
@@ -230,6 +242,8 @@ pub(crate) struct Context<'a> {
     /// This worker's counters of the pair's upstream.
     pub counters: &'a mut Counters,
     pub access: &'a Access,
+    /// With `[cluster]`: the thread that shares the client limits.
+    pub cluster: Option<&'a ClusterLink>,
     /// The process-wide caps.
     pub capacity: &'a Arc<Capacity>,
     pub census: &'a mut Census,
@@ -351,6 +365,11 @@ impl Pair {
         matches!(self.state, State::Handshaking { .. })
     }
 
+    /// Whether it waits for Redis's answer about its client's limits.
+    pub fn is_admitting(&self) -> bool {
+        matches!(self.state, State::Admitting { .. })
+    }
+
     /// The host this pair counts against, while connecting or relaying.
     pub fn host(&self) -> Option<&Arc<Host>> {
         match &self.state {
@@ -374,6 +393,7 @@ impl Pair {
     pub fn deadline(&self, settings: &Settings) -> Instant {
         let own = match &self.state {
             State::Handshaking { deadline, .. }
+            | State::Admitting { deadline, .. }
             | State::Connecting { deadline, .. }
             | State::Refusing { deadline, .. } => *deadline,
             State::Resetting { wait, .. } => wait.deadline(),
@@ -399,6 +419,7 @@ impl Pair {
     pub fn advance(&mut self, ctx: &mut Context<'_>) -> Step {
         match self.state {
             State::Handshaking { .. } => self.handshake(ctx),
+            State::Admitting { .. } => self.readmit(ctx, false),
             State::Connecting { .. } => self.check_connect(ctx),
             State::Relaying { .. } => self.relay(ctx),
             State::Resetting { .. } => self.drain_while_resetting(ctx),
@@ -416,6 +437,7 @@ impl Pair {
                 self.count_silent_refusal("handshake_timeout", ctx.counters, refusals, ctx.now);
                 Step::Finish(End::HandshakeTimeout)
             }
+            State::Admitting { .. } => self.readmit(ctx, true),
             State::Connecting { .. } => {
                 let e = std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out");
                 self.connect_failed(ctx, e)
@@ -468,7 +490,8 @@ impl Pair {
     }
 
     /// The TLS handshake is done: identify the client, apply its rules,
-    /// then connect it to a host or refuse it.
+    /// then connect it to a host or refuse it (or, with `[cluster]`, wait
+    /// for Redis's answer first).
     fn admit(&mut self, ctx: &mut Context<'_>) -> Step {
         let names = self
             .client
@@ -477,11 +500,55 @@ impl Pair {
             .and_then(|t| t.peer_certificate())
             .map(crate::tls::peer_names)
             .unwrap_or_default();
-        let known = ctx.access.identify(&names);
+        let known = ctx.access.identify(&names).map(Box::<str>::from);
         // An unknown client is logged under its first name.
-        self.identity = known.or(names.first().map(String::as_str)).map(Into::into);
-        match ctx.access.admit(known, &self.upstream.name, ctx.now) {
-            Ok(lease) => {
+        self.identity = known.clone().or(names.first().map(|n| n.as_str().into()));
+        self.decide(ctx, known.as_deref(), None, None)
+    }
+
+    /// Redis answered (or Redis changed state), or the wait is over
+    /// (`patience_over`): the waiting client's rules are applied again.
+    fn readmit(&mut self, ctx: &mut Context<'_>, patience_over: bool) -> Step {
+        let mut waited = None;
+        self.transition(ctx.census, |old| {
+            let State::Admitting { deadline, ticket } = old else {
+                unreachable!("only admitting pairs are admitted again");
+            };
+            waited = Some((deadline, ticket));
+            State::Moving
+        });
+        let Some((deadline, ticket)) = waited else {
+            unreachable!("taken above");
+        };
+        // Only a known identity waits; it is the one logged.
+        let identity = self.identity.clone();
+        let patience_over = patience_over || deadline <= ctx.now;
+        let deadline = (!patience_over).then_some(deadline);
+        self.decide(ctx, identity.as_deref(), Some(ticket), deadline)
+    }
+
+    /// Applies the client's rules; `deadline` is that of a wait already
+    /// begun (`None` and a ticket: the wait is over, the fallback decides).
+    fn decide(
+        &mut self,
+        ctx: &mut Context<'_>,
+        identity: Option<&str>,
+        ticket: Option<Ticket>,
+        deadline: Option<Instant>,
+    ) -> Step {
+        let mode = match ctx.cluster {
+            None => Mode::Alone,
+            Some(_) if ticket.is_some() && deadline.is_none() => Mode::Fallback,
+            Some(link) => link.mode(),
+        };
+        let verdict = ctx
+            .access
+            .admit(identity, &self.upstream.name, ctx.now, mode, ticket);
+        if let (Some(ask), Some(link)) = (verdict.ask, ctx.cluster) {
+            link.ask(ask);
+        }
+        match verdict.result {
+            Ok(Admission::Admitted(lease)) => {
                 self.client.lease = Some(lease);
                 match self.place(ctx) {
                     // Application data may have come with the handshake.
@@ -489,7 +556,22 @@ impl Pair {
                     step => step,
                 }
             }
+            Ok(Admission::Waiting(ticket)) => {
+                let timeout = ctx.cluster.map_or(Duration::ZERO, |l| l.timeout);
+                let deadline = deadline.unwrap_or(ctx.now + timeout);
+                self.transition(ctx.census, |_| State::Admitting { deadline, ticket });
+                Step::Continue
+            }
             Err(denial) => self.refuse_with(ctx, Refusal::from(denial)),
+        }
+    }
+
+    /// Gives the client's place in its rule's count back, once; with
+    /// `[cluster]`, Redis is then asked to hold one place fewer.
+    pub(super) fn release_client(&mut self, ctx: &mut Context<'_>) {
+        let ask = self.client.lease.take().and_then(ClientLease::release);
+        if let (Some(ask), Some(link)) = (ask, ctx.cluster) {
+            link.ask(ask);
         }
     }
 
@@ -512,6 +594,7 @@ impl Pair {
         if client_rst {
             self.client.endpoint.abort();
         }
+        self.release_client(ctx);
         let u = &mut *ctx.counters;
         let duration = ctx.now.saturating_duration_since(self.started);
         let (bytes, host_addr) = match state {
@@ -553,7 +636,10 @@ impl Pair {
                 }
                 (wait.bytes, Some(host_record.addr))
             }
-            State::Handshaking { .. } | State::Refusing { .. } | State::Moving => ((0, 0), None),
+            State::Handshaking { .. }
+            | State::Admitting { .. }
+            | State::Refusing { .. }
+            | State::Moving => ((0, 0), None),
         };
         *u.ended.entry(end.code()).or_default() += 1;
         if self.unlogged {

@@ -6,7 +6,9 @@
 //! - [`health`]: the rise/fall state machine of one host;
 //! - [`access`]: `[[client]]` rules, each with its own token bucket and
 //!   concurrency count;
-//! - [`limits`]: token buckets, per source address too.
+//! - [`limits`]: token buckets, per source address too;
+//! - [`share`]: with `[cluster]`, an instance's share of the group-wide
+//!   limits kept on Redis (leased tokens, places held) and the fallback.
 //!
 //! Counts that must be given back exactly once are handed out as leases
 //! ([`balance::HostLease`], [`access::ClientLease`], the slots of
@@ -22,3 +24,4 @@ pub(crate) mod balance;
 pub(crate) mod capacity;
 pub mod health;
 pub mod limits;
+pub mod share;

@@ -30,6 +30,7 @@ use super::timers::Timers;
 use super::token::Registration;
 use super::worker::{Order, WorkerStats};
 use crate::admin::{self, AdminConn, AdminStep, HostStats, Request, Route, Stats, UpstreamStats};
+use crate::config::ClusterSettings;
 use crate::error::Error;
 use crate::logs::Throttle;
 use crate::policy::balance::Host;
@@ -156,6 +157,8 @@ pub(super) struct Control {
     pub adjust_config: Option<AdjustConfig>,
     /// The admin address in force (changing it needs a restart).
     pub config_admin: Option<SocketAddr>,
+    /// `[cluster]` as started (changing it needs a restart).
+    pub config_cluster: Option<ClusterSettings>,
     /// Upstream ids by name, stable for the process's life.
     pub upstream_ids: HashMap<String, usize>,
     /// Upstreams removed by a reload, and hosts removed from live ones,
@@ -372,6 +375,7 @@ impl Control {
             clients: snapshot.access.active(),
             upstreams,
             workers: per_worker,
+            cluster: self.shared.cluster.as_ref().map(|c| c.stats()),
         }
     }
 

@@ -292,6 +292,9 @@ impl Control {
         if config.admin != self.config_admin {
             warn!("reload: a change of [admin] takes effect at the next start");
         }
+        if config.cluster != self.config_cluster {
+            warn!("reload: a change of [cluster] takes effect at the next start");
+        }
         if old.settings.socket_buffer.is_some() && config.settings.socket_buffer.is_none() {
             warn!(
                 "reload: listeners kept from before keep their fixed socket buffers until the next start"

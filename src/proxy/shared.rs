@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use crate::cluster::ClusterLink;
 use crate::config::Settings;
 use crate::policy::access::Access;
 use crate::policy::capacity::Capacity;
@@ -48,6 +49,8 @@ pub(super) struct Shared {
     sources: Mutex<Option<SourceLimiter>>,
     /// The clock every loop reads once a turn.
     pub clock: Clock,
+    /// With `[cluster]`: the thread that shares client limits through Redis.
+    pub cluster: Option<Arc<ClusterLink>>,
 }
 
 /// The process's clock: the system's monotonic clock plus however far
@@ -72,7 +75,7 @@ impl Clock {
 }
 
 impl Shared {
-    pub fn new(snapshot: Snapshot) -> Shared {
+    pub fn new(snapshot: Snapshot, cluster: Option<Arc<ClusterLink>>) -> Shared {
         let sources = snapshot.settings.source_limit.map(SourceLimiter::new);
         Shared {
             current: Mutex::new(Arc::new(snapshot)),
@@ -80,6 +83,7 @@ impl Shared {
             capacity: Arc::default(),
             sources: Mutex::new(sources),
             clock: Clock::default(),
+            cluster,
         }
     }
 
