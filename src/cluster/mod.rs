@@ -674,6 +674,7 @@ mod tests {
         let query = Query {
             request: Request {
                 want: 2,
+                ahead: 1,
                 active: 1,
                 capped: true,
                 desired: 3,

@@ -611,10 +611,18 @@ mod tests {
         let alice = Some("alice");
         let (ticket, asked) = waiting(a.admit(alice, "app", t0, Mode::Shared, None));
         assert!(asked, "the first connection asks Redis");
-        // A lease is a tenth of a second of the rate: 10, and the waiter's own.
-        let query = answer(&a, 11, 0, 0, t0);
-        assert_eq!((query.request.want, query.max), (11, 0));
+        let query = answer(&a, 1, 0, 0, t0);
+        assert_eq!(
+            (query.request.want, query.max),
+            (1, 0),
+            "its own token only"
+        );
         let (_first, _) = admitted(a.admit(alice, "app", t0, Mode::Shared, Some(ticket)));
+        // It comes again: its token and a lease (a tenth of a second of the rate).
+        let (ticket, _) = waiting(a.admit(alice, "app", t0, Mode::Shared, None));
+        let query = answer(&a, 11, 0, 0, t0);
+        assert_eq!(query.request.want, 11);
+        let (_second, _) = admitted(a.admit(alice, "app", t0, Mode::Shared, Some(ticket)));
         let mut asks = 0;
         let mut leases = Vec::new();
         for _ in 0..10 {
@@ -654,7 +662,7 @@ mod tests {
         let a = shared(Fallback::Split, Some(1));
         let alice = Some("alice");
         let (ticket, _) = waiting(a.admit(alice, "app", t0, Mode::Shared, None));
-        let query = answer(&a, 11, 0, 0, t0);
+        let query = answer(&a, 1, 0, 0, t0);
         assert_eq!(
             (query.request.desired, query.max),
             (0, 1),
@@ -669,6 +677,10 @@ mod tests {
         // The group is at its cap: the next one waits, and Redis says full.
         let t1 = t0 + Duration::from_millis(1);
         let (ticket, _) = waiting(a.admit(alice, "app", t1, Mode::Shared, None));
+        let query = answer(&a, 11, 0, 1, t1);
+        assert_eq!((query.request.want, query.request.desired), (11, 1));
+        let (ticket, asked) = waiting(a.admit(alice, "app", t1, Mode::Shared, Some(ticket)));
+        assert!(asked, "its token in hand, it asks for a place");
         let query = answer(&a, 0, 0, 1, t1);
         assert_eq!((query.request.active, query.request.desired), (1, 2));
         let refused = a.admit(alice, "app", t1, Mode::Shared, Some(ticket));

@@ -6,10 +6,11 @@
 //! what is here.
 //!
 //! Tokens. Redis keeps one token bucket per identity for the whole group
-//! and hands tokens out atomically (a Lua script); an instance asks for a
-//! *lease* of [`lease_size`] tokens at a time, before its last ones are
-//! spent, so a connection normally spends a local token and costs no
-//! round trip. Every token spent was granted by the group's bucket, so a
+//! and hands tokens out atomically (a Lua script). A client's first
+//! connection after a quiet spell waits for its own token; while the
+//! client keeps coming, its instance holds a *lease* of [`lease_size`]
+//! tokens ahead of need and tops it up before the last ones are spent, so
+//! a connection normally spends a local token and costs no round trip. Every token spent was granted by the group's bucket, so a
 //! lease never lets the group admit more than its bucket gives out; what
 //! it can do is move a token in time: one granted a moment ago is spent
 //! now. Hence the bound: over any span of T seconds, the group admits at
@@ -87,20 +88,24 @@ pub(crate) enum Mode {
     Fallback,
 }
 
-/// The tokens an instance asks for at a time: a tenth of a second of the
-/// rate (at least 1), at most `burst / instances` so that the leases of
-/// the whole group fit in one burst; `configured` (`lease` of
-/// `[cluster]`) replaces the first and is bounded by the burst alone.
+/// The tokens an instance asks for ahead of need: a tenth of a second of
+/// the rate (at least 1), at most `burst / instances` so that the leases
+/// of the whole group fit in one burst; none below one connection per
+/// second, where a token fetched ahead would expire ([`LEASE_TTL`]) before
+/// the rate allows it (every connection then asks Redis, and the bound is
+/// exact). `configured` (`lease` of `[cluster]`) replaces all this and is
+/// bounded by the burst alone.
 pub fn lease_size(rate: f64, burst: u32, instances: u32, configured: Option<u32>) -> u32 {
-    match configured {
-        Some(n) => n.clamp(1, burst.max(1)),
-        None => {
-            let horizon = (rate * LEASE_HORIZON_SECS)
-                .ceil()
-                .clamp(1.0, f64::from(u32::MAX)) as u32;
-            horizon.clamp(1, (burst / instances.max(1)).max(1))
-        }
+    if let Some(n) = configured {
+        return n.clamp(1, burst.max(1));
     }
+    let horizon = (rate * LEASE_HORIZON_SECS)
+        .ceil()
+        .clamp(1.0, f64::from(u32::MAX)) as u32;
+    if f64::from(horizon) > rate * LEASE_TTL.as_secs_f64() {
+        return 0;
+    }
+    horizon.clamp(1, (burst / instances.max(1)).max(1))
 }
 
 /// The limits of the fallback `Split`: the rule divided among the instances.
@@ -131,6 +136,8 @@ pub(crate) enum Token {
 pub(crate) struct Request {
     /// Tokens wanted (0: none).
     pub want: u32,
+    /// Of those, the ones ahead of need (beyond the connections waiting).
+    pub ahead: u32,
     /// This instance's open connections of the identity.
     pub active: u32,
     /// The rule has `max_connections`: Redis is to hold `desired` places.
@@ -169,6 +176,9 @@ pub(crate) struct Share {
     /// Connections waiting for a token, and for a place.
     pub waiting_tokens: u32,
     pub waiting_places: u32,
+    /// The tokens held were asked for ahead of need (a lease), not only
+    /// for connections that waited: spending them down asks for more.
+    leasing: bool,
     /// The lease ran low while spent: the next request tops it up.
     top_up: bool,
     /// A request is wanted: queued for the cluster thread, or to be sent
@@ -190,6 +200,7 @@ impl Share {
             full_since: None,
             waiting_tokens: 0,
             waiting_places: 0,
+            leasing: false,
             top_up: false,
             wanted: false,
             in_flight: None,
@@ -210,7 +221,8 @@ impl Share {
         let tokens = self.tokens(now);
         if tokens > 0 {
             self.tokens = tokens - 1;
-            let low = self.tokens <= lease / 2 && self.dry_until.is_none_or(|d| d <= now);
+            let low =
+                self.leasing && self.tokens <= lease / 2 && self.dry_until.is_none_or(|d| d <= now);
             self.top_up |= low;
             return Token::Taken { low };
         }
@@ -255,14 +267,25 @@ impl Share {
         self.wanted = false;
         let tokens = self.tokens(now);
         let dry = self.dry_until.is_some_and(|d| d > now);
-        // Tokens only for demand: connections waiting, or a lease spent
-        // down (a refresh of the count alone takes none).
-        let want = if dry || (self.waiting_tokens == 0 && !self.top_up) {
-            0
+        // Tokens only for demand: the connections waiting, plus a lease
+        // ahead of need while the client keeps coming (a lease granted
+        // within the last LEASE_TTL), or a top-up of a lease spent down.
+        // A client's first connection after a quiet spell takes just its
+        // own token, so a sporadic client strands none. A refresh of the
+        // count alone takes none.
+        let ahead = lease.saturating_sub(tokens.min(lease));
+        let busy = self
+            .leased_at
+            .is_some_and(|at| now.saturating_duration_since(at) < LEASE_TTL);
+        let (want, ahead) = if dry {
+            (0, 0)
+        } else if self.waiting_tokens > 0 {
+            let ahead = if busy { ahead } else { 0 };
+            (self.waiting_tokens.saturating_add(ahead), ahead)
+        } else if self.top_up {
+            (ahead.max(1), ahead.max(1))
         } else {
-            (lease + self.waiting_tokens)
-                .saturating_sub(tokens.min(lease))
-                .max(1)
+            (0, 0)
         };
         self.top_up = false;
         let desired = if capped {
@@ -275,6 +298,7 @@ impl Share {
         }
         let request = Request {
             want,
+            ahead,
             active,
             capped,
             desired,
@@ -294,6 +318,7 @@ impl Share {
         if granted > 0 {
             self.tokens = self.tokens(now).saturating_add(granted);
             self.leased_at = Some(now);
+            self.leasing = request.ahead > 0;
         }
         self.dry_until = (granted < request.want).then(|| now + answer.wait);
         if request.capped {
@@ -339,6 +364,8 @@ mod tests {
         assert_eq!(lease_size(1e6, 1_000_000, 1, None), 100_000);
         assert_eq!(lease_size(10.0, 10, 2, Some(50)), 10);
         assert_eq!(lease_size(10.0, 10, 2, Some(0)), 1);
+        assert_eq!(lease_size(0.5, 10, 2, None), 0, "no token ahead below 1/s");
+        assert_eq!(lease_size(1.0, 10, 2, None), 1);
         assert_eq!(split_limit(10.0, 10, 3), Limit::new(10.0 / 3.0, 4));
         assert_eq!(split_cap(10, 3), 4);
         assert_eq!(split_cap(1, 3), 1);
@@ -353,23 +380,41 @@ mod tests {
         assert!(s.want());
         assert!(!s.want(), "a second want is the same request");
         let r = s.request(t0, 0, false, 4).unwrap();
-        assert_eq!((r.want, r.desired), (5, 0));
-        assert_eq!(s.request(t0, 0, false, 4), None, "one at a time");
-        let again = s.apply(
-            Answer {
-                granted: 5,
-                wait: Duration::ZERO,
-                held: 0,
-            },
-            t0,
+        assert_eq!(
+            (r.want, r.desired),
+            (1, 0),
+            "after quiet: its own token only"
         );
-        assert!(!again);
+        assert_eq!(s.request(t0, 0, false, 4), None, "one at a time");
+        let grant = |s: &mut Share, granted, now| {
+            let wait = Duration::ZERO;
+            s.apply(
+                Answer {
+                    granted,
+                    wait,
+                    held: 0,
+                },
+                now,
+            )
+        };
+        assert!(!grant(&mut s, 1, t0));
+        assert_eq!(
+            s.take_token(t0, 4),
+            Token::Taken { low: false },
+            "no lease was asked for: nothing to top up"
+        );
+        // The client comes again within the second: a lease ahead of need.
+        let t1 = t0 + ms(300);
+        assert_eq!(s.take_token(t1, 4), Token::Unknown);
+        let r = s.request(t1, 0, false, 4).unwrap();
+        assert_eq!(r.want, 5, "its own and a lease of 4");
+        grant(&mut s, 5, t1);
         s.waiting_tokens = 0;
-        assert_eq!(s.take_token(t0, 4), Token::Taken { low: false });
-        assert_eq!(s.take_token(t0, 4), Token::Taken { low: false });
+        assert_eq!(s.take_token(t1, 4), Token::Taken { low: false });
+        assert_eq!(s.take_token(t1, 4), Token::Taken { low: false });
         // Two left of a lease of 4: time to top up.
-        assert_eq!(s.take_token(t0, 4), Token::Taken { low: true });
-        let r = s.request(t0, 0, false, 4).unwrap();
+        assert_eq!(s.take_token(t1, 4), Token::Taken { low: true });
+        let r = s.request(t1, 0, false, 4).unwrap();
         assert_eq!(r.want, 2, "tops the lease up to its size");
     }
 
@@ -400,7 +445,7 @@ mod tests {
     fn leased_tokens_expire() {
         let t0 = Instant::now();
         let mut s = share();
-        s.waiting_tokens = 1;
+        s.waiting_tokens = 3;
         s.want();
         let _ = s.request(t0, 0, false, 3).unwrap();
         s.waiting_tokens = 0;
