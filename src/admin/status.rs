@@ -64,6 +64,24 @@ mod tests {
     }
 
     #[test]
+    fn the_cluster_object_is_there_with_cluster_only() {
+        let mut stats = sample();
+        let json: Value = serde_json::from_str(&status_json(&stats)).unwrap();
+        assert!(json.get("cluster").is_none());
+        stats.cluster = Some(crate::admin::ClusterStats {
+            redis: "redis://127.0.0.1:6379/0".into(),
+            up: false,
+            requests: 3,
+            failures: 1,
+        });
+        let json: Value = serde_json::from_str(&status_json(&stats)).unwrap();
+        assert_eq!(
+            json["cluster"],
+            serde_json::json!({"redis": "redis://127.0.0.1:6379/0", "redis_up": false})
+        );
+    }
+
+    #[test]
     fn status_is_the_golden_document() {
         assert_eq!(status_json(&sample()), include_str!("golden/status.json"));
     }
