@@ -11,8 +11,10 @@
 //! - `io`: sockets with their readiness, one direction's flow, relay
 //!   buffers (pooled so that idle pairs hold none), TLS sessions;
 //! - `policy`: balancing, health, client rules and rate limits, free of I/O;
+//! - `cluster`: with `[cluster]`, the thread that shares client limits
+//!   with the other instances of a group through Redis;
 //! - [`config`]: the TOML schema and its validation;
-//! - `dns`: looking host names up (the system's resolver, or a DNS server).
+//! - `dns`: looking host names up (the system's resolver, or a DNS server);
 //! - [`proxy_header`]: the PROXY protocol header, read and written.
 //!
 //! The binary (`src/main.rs`) parses the command line into a [`Config`],
@@ -20,6 +22,7 @@
 
 pub mod admin;
 pub mod certs;
+mod cluster;
 pub mod config;
 pub mod demo;
 mod dns;
@@ -33,7 +36,7 @@ pub mod proxy_header;
 pub mod tls;
 mod upstream;
 
-pub use admin::{HostStats, Stats, UpstreamStats};
+pub use admin::{ClusterStats, HostStats, Stats, UpstreamStats};
 pub use config::{AccessLog, Config, HostConfig, Keepalive, RefusalMode, Settings, UpstreamConfig};
 pub use error::Error;
 pub use io::net::KeepaliveState;

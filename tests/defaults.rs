@@ -7,7 +7,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use tcplb::config::{parse_duration, parse_size};
+use tcplb::config::{ClusterSettings, Fallback, parse_duration, parse_size};
 use tcplb::tls::TlsSettings;
 use tcplb::{Config, Settings};
 
@@ -148,6 +148,37 @@ fn the_mtls_example_marks_its_defaults_truly() {
         .filter(|l| !l.starts_with("max_connections"))
         .collect();
     assert_eq!(parse(&no_cap.join("\n")).clients[0].max_connections, None);
+}
+
+#[test]
+fn the_cluster_example_marks_its_defaults_truly() {
+    let block = toml_block("[cluster]");
+    let full = parse(&format!("{block}{UPSTREAM}"));
+    let is_default = |l: &&str| {
+        l.split_once('#')
+            .is_some_and(|(_, c)| c.trim().starts_with("(default)"))
+    };
+    let keys: Vec<&str> = block
+        .lines()
+        .filter(is_default)
+        .map(|l| l.split(' ').next().unwrap())
+        .collect();
+    assert_eq!(
+        keys,
+        ["key_prefix", "timeout", "connections_expiry", "fallback"]
+    );
+    let rest: Vec<&str> = block.lines().filter(|l| !is_default(l)).collect();
+    assert_eq!(parse(&format!("{}\n{UPSTREAM}", rest.join("\n"))), full);
+    let cluster = full.cluster.unwrap();
+    assert_eq!(cluster.key_prefix, ClusterSettings::DEFAULT_KEY_PREFIX);
+    assert_eq!(cluster.timeout, ClusterSettings::DEFAULT_TIMEOUT);
+    assert_eq!(
+        cluster.connections_expiry,
+        ClusterSettings::DEFAULT_CONNECTIONS_EXPIRY
+    );
+    assert_eq!((cluster.fallback, cluster.lease), (Fallback::Split, None));
+    // The commented-out `lease` is what the default means for its example.
+    assert!(block.contains("#lease = 10"), "{block}");
 }
 
 #[test]

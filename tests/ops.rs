@@ -156,6 +156,7 @@ fn config_with(upstreams: Vec<UpstreamConfig>) -> Config {
         tls: None,
         clients: Vec::new(),
         admin: Some(localhost()),
+        cluster: None,
         warnings: Vec::new(),
     }
 }

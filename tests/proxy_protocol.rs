@@ -104,6 +104,7 @@ fn plain(upstream: UpstreamConfig) -> Config {
         tls: None,
         clients: Vec::new(),
         admin: None,
+        cluster: None,
         warnings: Vec::new(),
     }
 }

@@ -38,6 +38,7 @@ fn plain(hosts: &[SocketAddr], settings: Settings, health: HealthSettings) -> Co
         tls: None,
         clients: Vec::new(),
         admin: None,
+        cluster: None,
         warnings: Vec::new(),
     }
 }
@@ -58,6 +59,7 @@ fn tls(pki: &Pki, hosts: &[SocketAddr], rule: impl FnOnce(&mut ClientRule)) -> C
         tls: Some(pki.settings(Vec::new(), Duration::from_secs(10))),
         clients: vec![alice],
         admin: None,
+        cluster: None,
         warnings: Vec::new(),
     }
 }

@@ -276,6 +276,7 @@ fn tls_proxy(pki: &Pki, host: SocketAddr) -> Running {
             max_connections: None,
         }],
         admin: None,
+        cluster: None,
         warnings: Vec::new(),
     };
     start(config)

@@ -54,6 +54,7 @@ fn tls_config(
         tls: Some(pki.settings(crl, Duration::from_secs(10))),
         clients,
         admin: None,
+        cluster: None,
         warnings: Vec::new(),
     }
 }

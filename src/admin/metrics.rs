@@ -33,6 +33,22 @@ pub struct Stats {
     pub clients: Vec<(String, u32)>,
     /// Pairs per worker, in worker order.
     pub workers: Vec<usize>,
+    /// With `[cluster]`: the Redis the limits are shared through.
+    pub cluster: Option<ClusterStats>,
+}
+
+/// The `[cluster]` part of a [`Stats`] snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterStats {
+    /// The Redis URL, without its password.
+    pub redis: String,
+    /// Redis answers: limits are shared (else each instance falls back).
+    pub up: bool,
+    /// Requests sent to Redis.
+    pub requests: u64,
+    /// Times Redis was found down: connects or requests that failed or
+    /// got no answer within the timeout.
+    pub failures: u64,
 }
 
 /// One upstream's part of a [`Stats`] snapshot.
@@ -107,6 +123,7 @@ pub(crate) fn prometheus(stats: &Stats) -> String {
     host_families(&mut out, stats);
     upstream_families(&mut out, stats);
     process_families(&mut out, stats);
+    cluster_families(&mut out, stats);
     out.0
 }
 
@@ -358,6 +375,37 @@ fn process_families(out: &mut Exposition, stats: &Stats) {
     }
 }
 
+/// With `[cluster]`: whether Redis answers, requests, failures.
+fn cluster_families(out: &mut Exposition, stats: &Stats) {
+    let Some(cluster) = &stats.cluster else {
+        return;
+    };
+    let families: [Family<ClusterStats, u64>; 3] = [
+        (
+            "tcplb_cluster_redis_up",
+            "gauge",
+            "1 while Redis answers and client limits are shared by the group, 0 while each instance falls back.",
+            |c| u64::from(c.up),
+        ),
+        (
+            "tcplb_cluster_requests_total",
+            "counter",
+            "Requests sent to Redis for client limits.",
+            |c| c.requests,
+        ),
+        (
+            "tcplb_cluster_failures_total",
+            "counter",
+            "Times Redis was found down (a connect or request failed, or got no answer within the timeout).",
+            |c| c.failures,
+        ),
+    ];
+    for (name, kind, help, value) in families {
+        out.family(name, kind, help);
+        out.sample(name, &[("redis", &cluster.redis)], value(cluster));
+    }
+}
+
 /// Escapes a label value (backslash, quote, newline).
 fn label(value: &str) -> String {
     value
@@ -382,6 +430,7 @@ pub(super) fn sample() -> Stats {
         reloads: 0,
         clients: vec![("spiffe://x/\"q\"".into(), 1)],
         workers: vec![1, 0],
+        cluster: None,
         upstreams: vec![UpstreamStats {
             name: "app".into(),
             listen: "127.0.0.1:7000".parse().unwrap(),
@@ -444,6 +493,28 @@ mod tests {
             let value = line.rsplit(' ').next().unwrap();
             assert!(value.parse::<f64>().is_ok(), "{line}");
         }
+    }
+
+    #[test]
+    fn the_cluster_families_are_there_with_cluster_only() {
+        let mut stats = sample();
+        assert!(!prometheus(&stats).contains("tcplb_cluster"));
+        stats.cluster = Some(ClusterStats {
+            redis: "redis://127.0.0.1:6379/0".into(),
+            up: true,
+            requests: 12,
+            failures: 1,
+        });
+        let text = prometheus(&stats);
+        assert!(text.contains(
+            "# TYPE tcplb_cluster_redis_up gauge\ntcplb_cluster_redis_up{redis=\"redis://127.0.0.1:6379/0\"} 1\n"
+        ));
+        assert!(
+            text.contains("tcplb_cluster_requests_total{redis=\"redis://127.0.0.1:6379/0\"} 12\n")
+        );
+        assert!(
+            text.contains("tcplb_cluster_failures_total{redis=\"redis://127.0.0.1:6379/0\"} 1\n")
+        );
     }
 
     #[test]

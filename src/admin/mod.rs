@@ -27,7 +27,7 @@ use crate::io::flow::Source;
 pub use http::{MAX_REQUEST, Method, Parse, Request, parse_request};
 use http::{method_not_allowed, response};
 use metrics::prometheus;
-pub use metrics::{HostStats, Stats, UpstreamStats};
+pub use metrics::{ClusterStats, HostStats, Stats, UpstreamStats};
 use status::status_json;
 
 /// Admin connections open at once; at this many, the oldest one still

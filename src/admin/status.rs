@@ -6,7 +6,8 @@
 //! slot), `queue_wait_seconds` (`count` and `sum` of the waits of those
 //! that left the queue) and `hosts` (each with `address`, `up`,
 //! `removed`, `active_connections`, `weight`, `max_connections` (`null`
-//! without a cap), `connections_total`, `connect_failures_total`).
+//! without a cap), `connections_total`, `connect_failures_total`), and
+//! with `[cluster]` a `cluster` object (`redis`, `redis_up`).
 
 use serde_json::{Value, json};
 
@@ -15,14 +16,17 @@ use super::metrics::{HostStats, Stats, UpstreamStats};
 /// The `/status` document, keys in the order written here (serde_json's
 /// `preserve_order`).
 pub(crate) fn status_json(stats: &Stats) -> String {
-    json!({
+    let mut doc = json!({
         "uptime_seconds": stats.uptime.as_secs(),
         "pairs": stats.pairs,
         "handshakes": stats.handshakes,
         "reloads": stats.reloads,
         "upstreams": stats.upstreams.iter().map(upstream).collect::<Vec<_>>(),
-    })
-    .to_string()
+    });
+    if let Some(cluster) = &stats.cluster {
+        doc["cluster"] = json!({ "redis": cluster.redis, "redis_up": cluster.up });
+    }
+    doc.to_string()
 }
 
 fn upstream(u: &UpstreamStats) -> Value {
@@ -63,6 +67,24 @@ mod tests {
         stats.upstreams[0].name = name.to_string();
         let json: Value = serde_json::from_str(&status_json(&stats)).unwrap();
         assert_eq!(json["upstreams"][0]["name"], name);
+    }
+
+    #[test]
+    fn the_cluster_object_is_there_with_cluster_only() {
+        let mut stats = sample();
+        let json: Value = serde_json::from_str(&status_json(&stats)).unwrap();
+        assert!(json.get("cluster").is_none());
+        stats.cluster = Some(crate::admin::ClusterStats {
+            redis: "redis://127.0.0.1:6379/0".into(),
+            up: false,
+            requests: 3,
+            failures: 1,
+        });
+        let json: Value = serde_json::from_str(&status_json(&stats)).unwrap();
+        assert_eq!(
+            json["cluster"],
+            serde_json::json!({"redis": "redis://127.0.0.1:6379/0", "redis_up": false})
+        );
     }
 
     #[test]

@@ -21,6 +21,8 @@
 //! - `upstreams.rs`: `[[upstream]]` and `[upstream.health]`, and the
 //!   checks across upstreams (unique names, listen addresses);
 //! - `clients.rs`: `[[client]]` rules, checked against the upstreams;
+//! - `cluster.rs`: `[cluster]`, the Redis a group of instances shares
+//!   client limits through, and its `redis://` URL;
 //! - `values.rs`: one value at a time (durations, sizes, addresses,
 //!   integers, numbers), each reported at its span when wrong;
 //! - `rules.rs`: the bounds and checks of values, shared by the file and
@@ -32,6 +34,7 @@
 //! which the rest of start-up shares.
 
 mod clients;
+mod cluster;
 mod problems;
 mod rules;
 mod schema;
@@ -55,6 +58,8 @@ use crate::tls::TlsSettings;
 use problems::Problems;
 use values::Written;
 
+pub use crate::policy::share::Fallback;
+pub use cluster::{ClusterSettings, RedisUrl};
 pub(crate) use upstreams::loops_back;
 pub use values::{parse_duration, parse_size, resolve};
 
@@ -372,6 +377,8 @@ pub struct Config {
     pub clients: Vec<ClientRule>,
     /// Where the admin listener (metrics, status, reload) binds.
     pub admin: Option<SocketAddr>,
+    /// `[cluster]`: client limits shared through Redis by a group of instances.
+    pub cluster: Option<ClusterSettings>,
     /// What the source holds that is valid but likely wrong, with its
     /// place (see [`Warning`]); logged when the config is put in force.
     pub warnings: Vec<Warning>,
@@ -509,6 +516,7 @@ impl Config {
             tls: None,
             clients: Vec::new(),
             admin: None,
+            cluster: None,
             warnings: Vec::new(),
         });
         problems.finish(config).map(|(config, _)| config)

@@ -37,6 +37,17 @@ pub(super) const BURST: RangeInclusive<i64> = 1..=Limit::MAX_BURST as i64;
 pub(super) const HANDSHAKES: RangeInclusive<i64> = 1..=1_000_000;
 /// A health check's `rise` and `fall`, in consecutive results.
 pub(super) const HEALTH_STREAK: RangeInclusive<i64> = 1..=1000;
+/// `instances` of `[cluster]`.
+pub(super) const INSTANCES: RangeInclusive<i64> = 1..=1000;
+/// The highest Redis database number a `redis://` URL may name.
+pub(super) const REDIS_DB_MAX: u32 = 65535;
+/// Longest `key_prefix` of `[cluster]`, in bytes.
+const KEY_PREFIX_MAX: usize = 128;
+/// `timeout` of `[cluster]`: a connection waits for Redis at most this long.
+const REDIS_TIMEOUT: RangeInclusive<Duration> = Duration::from_millis(1)..=Duration::from_secs(10);
+/// `connections_expiry` of `[cluster]` (refreshed at a third of it).
+const CONNECTIONS_EXPIRY: RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(86_400);
 /// Longest probe `send` or `expect` text, in bytes.
 const PROBE_BYTES_MAX: usize = 4096;
 /// Connections per second of a rate limit (`rate`, `source_rate`).
@@ -82,6 +93,33 @@ pub(super) fn rate(per_second: f64) -> Result<f64, String> {
     Err(format!(
         "must be between 1/86400 (one a day) and 1000000 per second, not {per_second}"
     ))
+}
+
+/// `timeout` of `[cluster]`, within [`REDIS_TIMEOUT`].
+pub(super) fn redis_timeout(timeout: Duration) -> Result<Duration, &'static str> {
+    if REDIS_TIMEOUT.contains(&timeout) {
+        return Ok(timeout);
+    }
+    Err("must be between 1ms and 10s")
+}
+
+/// `connections_expiry` of `[cluster]`, within [`CONNECTIONS_EXPIRY`].
+pub(super) fn connections_expiry(expiry: Duration) -> Result<Duration, &'static str> {
+    if CONNECTIONS_EXPIRY.contains(&expiry) {
+        return Ok(expiry);
+    }
+    Err("must be between 1s and 1d")
+}
+
+/// `key_prefix` of `[cluster]`: part of every key, so kept plain.
+pub(super) fn key_prefix(prefix: &str) -> Result<&str, String> {
+    if prefix.len() > KEY_PREFIX_MAX || prefix.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(format!(
+            "must be printable, without spaces, at most {KEY_PREFIX_MAX} bytes"
+        ));
+    }
+    Ok(prefix)
 }
 
 /// The bytes a health probe sends or expects: not empty, and bounded.

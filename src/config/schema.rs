@@ -2,7 +2,8 @@
 //! keys each may hold, and what each table becomes. This file walks the
 //! top level, `[defaults]`, `[tls]` and `[admin]`, and gathers the results
 //! into a [`Config`]; `upstreams.rs` and `clients.rs` walk their arrays of
-//! tables, with the helpers here for tables and unknown keys.
+//! tables and `cluster.rs` the `[cluster]` table, with the helpers in
+//! `tables.rs` for tables and unknown keys.
 //!
 //! Every table is walked to its end whatever it holds, so that one pass
 //! reports every problem. A walker returns `None` when its table had a
@@ -14,6 +15,7 @@ use std::path::PathBuf;
 use toml::de::{DeTable, DeValue};
 
 use super::clients::clients;
+use super::cluster::cluster;
 use super::problems::Problems;
 use super::tables::{as_table, find, unknown_keys};
 use super::upstreams::{Lookups, upstreams};
@@ -22,7 +24,7 @@ use super::{AccessLog, Config, Keepalive, Settings, rules};
 use crate::policy::limits::Limit;
 use crate::tls::{TlsPlaces, TlsSettings};
 
-const TOP_KEYS: &[&str] = &["defaults", "tls", "upstream", "client", "admin"];
+const TOP_KEYS: &[&str] = &["defaults", "tls", "upstream", "client", "admin", "cluster"];
 const DEFAULTS_KEYS: &[&str] = &[
     "connect_timeout",
     "idle_timeout",
@@ -73,11 +75,19 @@ pub(super) fn document(p: &mut Problems<'_>) -> Option<Config> {
     let tls_present = find(root, "tls").is_some();
     let tls = tls(p, root);
     let admin = admin(p, root);
+    let cluster = cluster(p, root);
     let lookups = settings
         .as_ref()
         .map_or_else(|| Lookups::of(&Settings::default()), Lookups::of);
     let upstreams = upstreams(p, root, tls_present, lookups);
     let clients = clients(p, root, &upstreams, tls_present);
+    if let (Some(Some(_)), Some(v)) = (&cluster, find(root, "cluster")) {
+        if clients.is_empty() {
+            let message =
+                "[cluster] is set but there is no [[client]] rule: there are no limits to share";
+            p.warn(v.span(), message.to_string());
+        }
+    }
 
     let settings = settings?;
     // An upstream without its own `accept_proxy` takes [defaults]'s.
@@ -92,13 +102,14 @@ pub(super) fn document(p: &mut Problems<'_>) -> Option<Config> {
         })
         .collect();
     let clients: Option<Vec<_>> = clients.into_iter().map(|c| c.rule).collect();
-    let (tls, admin) = (tls?, admin?);
+    let (tls, admin, cluster) = (tls?, admin?, cluster?);
     Some(Config {
         settings,
         upstreams: upstreams?,
         tls,
         clients: clients?,
         admin,
+        cluster,
         warnings: Vec::new(),
     })
 }

@@ -30,7 +30,7 @@ pub fn resolve(text: &str) -> Result<SocketAddr, String> {
 
 /// [`resolve`], or, without `lookups`, only a literal address: a name is
 /// then an error, and nothing is asked of the resolver.
-fn address_of(text: &str, lookups: bool) -> Result<SocketAddr, String> {
+pub(super) fn address_of(text: &str, lookups: bool) -> Result<SocketAddr, String> {
     let (host, port) = match written(text)? {
         Written::Literal(addr) => return Ok(addr),
         Written::Name(host, port) => (host, port),

@@ -11,11 +11,14 @@
 //!           │                                (TLS upstream)├──────────────┐ (plain upstream)
 //!           │                                             ▼              │
 //!           ├─(TLS upstream)──────────────────────> Handshaking ──(TLS failure, timeout)──> closed
-//!           │                                             │  └─(denied by the client rules)──> Refusing
+//!           │                                             │  ├─(denied by the client rules)──> Refusing
+//!           │                                             │  └─([cluster]: no local answer)──> Admitting
 //!           │                                (verified, admitted)        │
 //!           │                                             ▼              ▼
 //!           └─(plain upstream)──────────────────────> [place] ◄───────────┘
 //!
+//!   Admitting ────┬─(Redis answered, or timeout and the fallback: admitted)──> [place]
+//!                 └─(denied by the client rules, or by the fallback)──> Refusing
 //!   [place] ──────┬─(max_connections; no healthy host)──> Refusing
 //!                 ├─(others of its worker waiting, room in the queue)──> Queued
 //!                 ├─(a host chosen)──> Connecting
@@ -41,7 +44,8 @@
 //!   [place], [next host] and [the queue] are choices made within one step,
 //!   not states. Shutdown, a drain's deadline and close_on_down close a
 //!   pair in whatever state it is in; a client that resets having sent
-//!   nothing ends at once in every state before Relaying.
+//!   nothing ends at once in every state before Relaying but Admitting,
+//!   which lasts at most [cluster]'s timeout.
 //! ```
 //!
 //! The loop hands a pair readiness events and deadlines; the pair decides
@@ -73,6 +77,7 @@ pub(crate) use connect::PAIR_INTEREST;
 pub(crate) use end::{End, Refusal};
 use relay::ResetWait;
 
+use crate::cluster::ClusterLink;
 use crate::config::Settings;
 use crate::io::buffer::BufferPool;
 use crate::io::flow::Flow;
@@ -80,10 +85,11 @@ use crate::io::send_queue::SendQueues;
 use crate::io::tls_session::{Handshake, TlsSession};
 use crate::io::{Endpoint, Io};
 use crate::logs::{AccessLine, RefusalLog, Throttle};
-use crate::policy::access::{Access, ClientLease};
+use crate::policy::access::{Access, Admission, ClientLease, Ticket};
 use crate::policy::balance::{Host, HostLease};
 use crate::policy::capacity::{Capacity, ConnectionSlot, HandshakeSlot};
 use crate::policy::queue::QueueTicket;
+use crate::policy::share::Mode;
 use crate::proxy_header::{self, Header, Parse};
 use crate::upstream::{Counters, Upstream};
 
@@ -167,6 +173,14 @@ enum State {
         /// Its place under the handshake caps, held until the state ends.
         _slot: HandshakeSlot,
     },
+    /// The handshake is done and the client's rule waits for Redis (a
+    /// token or a place of the group's limits, with `[cluster]`): until
+    /// Redis answers, or at `deadline` the fallback decides.
+    Admitting {
+        deadline: Instant,
+        /// Its place among the identity's waiting connections.
+        ticket: Ticket,
+    },
     /// A connect to a host is in flight; `tried` lists hosts that already
     /// failed for this client (allocated only after a failure).
     Connecting {
@@ -241,6 +255,7 @@ enum Kind {
     ReadingHeader,
     Identified,
     Handshaking,
+    Admitting,
     Queued,
     Connecting,
     SendingHeader,
@@ -260,6 +275,7 @@ impl State {
             State::ReadingHeader { .. } => Kind::ReadingHeader,
             State::Identified { .. } => Kind::Identified,
             State::Handshaking { .. } => Kind::Handshaking,
+            State::Admitting { .. } => Kind::Admitting,
             State::Queued { .. } => Kind::Queued,
             State::Connecting { .. } => Kind::Connecting,
             State::SendingHeader { .. } => Kind::SendingHeader,
@@ -321,6 +337,8 @@ pub(crate) struct Context<'a> {
     pub access: &'a Access,
     /// The index of the worker the pair lives in (its place in queues).
     pub worker: usize,
+    /// With `[cluster]`: the thread that shares the client limits.
+    pub cluster: Option<&'a ClusterLink>,
     /// The process-wide caps.
     pub capacity: &'a Arc<Capacity>,
     pub census: &'a mut Census,
@@ -476,6 +494,11 @@ impl Pair {
         matches!(self.state, State::Queued { .. })
     }
 
+    /// Whether it waits for Redis's answer about its client's limits.
+    pub fn is_admitting(&self) -> bool {
+        matches!(self.state, State::Admitting { .. })
+    }
+
     /// The host this pair counts against, while connecting or relaying.
     pub fn host(&self) -> Option<&Arc<Host>> {
         match &self.state {
@@ -501,6 +524,7 @@ impl Pair {
             State::ReadingHeader { deadline, .. }
             | State::Identified { deadline, .. }
             | State::Handshaking { deadline, .. }
+            | State::Admitting { deadline, .. }
             | State::Queued { deadline, .. }
             | State::Connecting { deadline, .. }
             | State::SendingHeader { deadline, .. }
@@ -531,6 +555,7 @@ impl Pair {
             // The loop moves it on at once; an event meanwhile changes nothing.
             State::Identified { .. } => Step::Identified,
             State::Handshaking { .. } => self.handshake(ctx),
+            State::Admitting { .. } => self.readmit(ctx, false),
             State::Queued { .. } => self.while_waiting(ctx),
             State::Connecting { .. } => self.check_connect(ctx),
             State::SendingHeader { .. } => self.send_header(ctx),
@@ -553,6 +578,7 @@ impl Pair {
                 self.count_silent_refusal("handshake_timeout", ctx.counters, refusals, ctx.now);
                 Step::Finish(End::HandshakeTimeout)
             }
+            State::Admitting { .. } => self.readmit(ctx, true),
             State::Queued { .. } => self.queue_timed_out(ctx),
             State::Connecting { .. } => {
                 let e = std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out");
@@ -734,7 +760,8 @@ impl Pair {
     }
 
     /// The TLS handshake is done: identify the client, apply its rules,
-    /// then connect it to a host or refuse it.
+    /// then connect it to a host or refuse it (or, with `[cluster]`, wait
+    /// for Redis's answer first).
     fn admit(&mut self, ctx: &mut Context<'_>) -> Step {
         let names = self
             .client
@@ -743,11 +770,55 @@ impl Pair {
             .and_then(|t| t.peer_certificate())
             .map(crate::tls::peer_names)
             .unwrap_or_default();
-        let known = ctx.access.identify(&names);
+        let known = ctx.access.identify(&names).map(Box::<str>::from);
         // An unknown client is logged under its first name.
-        self.identity = known.or(names.first().map(String::as_str)).map(Into::into);
-        match ctx.access.admit(known, &self.upstream.name, ctx.now) {
-            Ok(lease) => {
+        self.identity = known.clone().or(names.first().map(|n| n.as_str().into()));
+        self.decide(ctx, known.as_deref(), None, None)
+    }
+
+    /// Redis answered (or Redis changed state), or the wait is over
+    /// (`patience_over`): the waiting client's rules are applied again.
+    fn readmit(&mut self, ctx: &mut Context<'_>, patience_over: bool) -> Step {
+        let mut waited = None;
+        self.transition(ctx.census, |old| {
+            let State::Admitting { deadline, ticket } = old else {
+                unreachable!("only admitting pairs are admitted again");
+            };
+            waited = Some((deadline, ticket));
+            State::Moving
+        });
+        let Some((deadline, ticket)) = waited else {
+            unreachable!("taken above");
+        };
+        // Only a known identity waits; it is the one logged.
+        let identity = self.identity.clone();
+        let patience_over = patience_over || deadline <= ctx.now;
+        let deadline = (!patience_over).then_some(deadline);
+        self.decide(ctx, identity.as_deref(), Some(ticket), deadline)
+    }
+
+    /// Applies the client's rules; `deadline` is that of a wait already
+    /// begun (`None` and a ticket: the wait is over, the fallback decides).
+    fn decide(
+        &mut self,
+        ctx: &mut Context<'_>,
+        identity: Option<&str>,
+        ticket: Option<Ticket>,
+        deadline: Option<Instant>,
+    ) -> Step {
+        let mode = match ctx.cluster {
+            None => Mode::Alone,
+            Some(_) if ticket.is_some() && deadline.is_none() => Mode::Fallback,
+            Some(link) => link.mode(),
+        };
+        let verdict = ctx
+            .access
+            .admit(identity, &self.upstream.name, ctx.now, mode, ticket);
+        if let (Some(ask), Some(link)) = (verdict.ask, ctx.cluster) {
+            link.ask(ask);
+        }
+        match verdict.result {
+            Ok(Admission::Admitted(lease)) => {
                 self.client.lease = Some(lease);
                 match self.place(ctx, Flow::default()) {
                     // Application data may have come with the handshake.
@@ -755,7 +826,22 @@ impl Pair {
                     step => step,
                 }
             }
+            Ok(Admission::Waiting(ticket)) => {
+                let timeout = ctx.cluster.map_or(Duration::ZERO, |l| l.timeout);
+                let deadline = deadline.unwrap_or(ctx.now + timeout);
+                self.transition(ctx.census, |_| State::Admitting { deadline, ticket });
+                Step::Continue
+            }
             Err(denial) => self.refuse_with(ctx, Refusal::from(denial)),
+        }
+    }
+
+    /// Gives the client's place in its rule's count back, once; with
+    /// `[cluster]`, Redis is then asked to hold one place fewer.
+    pub(super) fn release_client(&mut self, ctx: &mut Context<'_>) {
+        let ask = self.client.lease.take().and_then(ClientLease::release);
+        if let (Some(ask), Some(link)) = (ask, ctx.cluster) {
+            link.ask(ask);
         }
     }
 
@@ -778,6 +864,7 @@ impl Pair {
         if client_rst {
             self.client.endpoint.abort();
         }
+        self.release_client(ctx);
         let u = &mut *ctx.counters;
         let duration = ctx.now.saturating_duration_since(self.started);
         let (bytes, host_addr) = match state {
@@ -828,6 +915,7 @@ impl Pair {
             State::ReadingHeader { .. }
             | State::Identified { .. }
             | State::Handshaking { .. }
+            | State::Admitting { .. }
             | State::Refusing { .. }
             | State::Moving => ((0, 0), None),
         };

@@ -57,7 +57,7 @@ impl Pair {
         }
         ctx.counters.count_refusal(refusal.code());
         // A refused client holds no place in its rule's count, nor a host.
-        self.client.lease = None;
+        self.release_client(ctx);
         self.slot = None;
         let silent = match self.upstream.refusal {
             RefusalMode::Line => false,

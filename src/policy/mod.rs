@@ -7,6 +7,8 @@
 //! - [`access`]: `[[client]]` rules, each with its own token bucket and
 //!   concurrency count;
 //! - [`limits`]: token buckets, per source address too;
+//! - [`share`]: with `[cluster]`, an instance's share of the group-wide
+//!   limits kept on Redis (leased tokens, places held) and the fallback;
 //! - [`trust`]: the networks whose connections begin with a PROXY header.
 //!
 //! Counts that must be given back exactly once are handed out as leases
@@ -26,4 +28,5 @@ pub(crate) mod capacity;
 pub mod health;
 pub mod limits;
 pub(crate) mod queue;
+pub mod share;
 pub mod trust;

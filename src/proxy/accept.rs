@@ -197,11 +197,18 @@ impl Worker {
         self.host_results(&upstream, now);
     }
 
-    /// What a new pair's first step asks for.
+    /// What a new pair's first step asks for (or an identified pair's:
+    /// one whose handshake ended at once may wait for Redis already).
     fn after_step(&mut self, key: usize, step: Step, now: Instant) {
         match step {
             Step::Finish(end) => self.close(key, end, now),
-            Step::Continue => self.schedule(key),
+            Step::Continue => {
+                let pair = &self.pairs[key];
+                if pair.is_admitting() {
+                    self.admitting.push((key, pair.id));
+                }
+                self.schedule(key);
+            }
             Step::Again => {
                 self.schedule(key);
                 let id = self.pairs[key].id;

@@ -32,6 +32,7 @@ use super::timers::Timers;
 use super::token::Registration;
 use super::worker::{Order, WorkerStats};
 use crate::admin::{self, AdminConn, AdminStep, HostStats, Request, Route, Stats, UpstreamStats};
+use crate::config::ClusterSettings;
 use crate::error::Error;
 use crate::io::net::KeepaliveState;
 use crate::logs::Throttle;
@@ -185,6 +186,8 @@ pub(super) struct Control {
     pub adjust_config: Option<AdjustConfig>,
     /// The admin address in force (changing it needs a restart).
     pub config_admin: Option<SocketAddr>,
+    /// `[cluster]` as started (changing it needs a restart).
+    pub config_cluster: Option<ClusterSettings>,
     /// Upstream ids by name, stable for the process's life.
     pub upstream_ids: HashMap<String, usize>,
     /// Upstreams removed by a reload, and hosts removed from live ones,
@@ -420,6 +423,7 @@ impl Control {
             clients: snapshot.access.active(),
             upstreams,
             workers: per_worker,
+            cluster: self.shared.cluster.as_ref().map(|c| c.stats()),
         }
     }
 

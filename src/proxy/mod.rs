@@ -55,11 +55,12 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::error::Error;
 use crate::io::net;
 use crate::logs::Throttle;
-use crate::policy::access::Access;
+use crate::policy::access::{Access, Sharing};
 use crate::policy::balance::LoadBalancer;
 use crate::upstream::Upstream;
 use checks::HealthChecks;
@@ -77,6 +78,8 @@ type AdjustConfig = Box<dyn Fn(Config) -> Result<Config, Error> + Send>;
 pub struct Proxy {
     control: Control,
     workers: Vec<Worker>,
+    /// With `[cluster]`: the thread that shares client limits, to start.
+    cluster: Option<Cluster>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -123,14 +126,28 @@ impl Proxy {
             let balancer = LoadBalancer::new(&u.addresses(), bells.queue());
             upstreams.push(Arc::new(Upstream::new(id, u, local, balancer)));
         }
+        let sharing = config.cluster.as_ref().map(|c| Sharing {
+            instances: c.instances,
+            fallback: c.fallback,
+            lease: c.lease,
+        });
+        let (cluster, link) = match &config.cluster {
+            Some(settings) => {
+                let (cluster, link) =
+                    Cluster::new(settings).map_err(setup("the cluster thread's poller"))?;
+                (Some(cluster), Some(link))
+            }
+            None => (None, None),
+        };
         let shared = Arc::new(Shared::new(
             Snapshot {
                 settings: config.settings.clone(),
-                access: Arc::new(Access::new(config.clients.clone())),
+                access: Arc::new(Access::new(config.clients.clone(), sharing)),
                 tls,
                 upstreams,
             },
             bells,
+            link.clone(),
         ));
         let poll = Poll::new().map_err(setup("the poller"))?;
         let waker = Arc::new(
@@ -141,6 +158,9 @@ impl Proxy {
         let mut workers = Vec::with_capacity(n);
         let mut links = Vec::with_capacity(n);
         for (index, (worker_poll, worker_waker)) in polls.into_iter().enumerate() {
+            if let Some(link) = &link {
+                link.add_worker(worker_waker.clone());
+            }
             let (orders_tx, orders) = mpsc::channel();
             let listeners = groups
                 .iter_mut()
@@ -206,6 +226,7 @@ impl Proxy {
                 config_path: None,
                 adjust_config: None,
                 config_admin: config.admin,
+                config_cluster: config.cluster.clone(),
                 upstream_ids,
                 retired: Vec::new(),
                 retired_hosts: Vec::new(),
@@ -219,6 +240,7 @@ impl Proxy {
                 clock_waiters: Vec::new(),
             },
             workers,
+            cluster,
         })
     }
 
@@ -300,6 +322,23 @@ impl Proxy {
         if let Some(addr) = self.admin_addr() {
             info!("admin listening on {addr} (GET /metrics, GET /status, POST /reload)");
         }
+        let shared = self.control.shared.clone();
+        let cluster = match self.cluster {
+            Some(cluster) => {
+                let (states, clock) = (shared.clone(), shared.clone());
+                let thread = cluster
+                    .spawn(
+                        Box::new(move || states.snapshot().access.states()),
+                        Box::new(move || clock.clock.now()),
+                    )
+                    .map_err(|source| Error::Setup {
+                        what: "the cluster thread",
+                        source,
+                    })?;
+                Some(thread)
+            }
+            None => None,
+        };
         let mut threads = Vec::with_capacity(self.workers.len());
         for worker in self.workers {
             let name = format!("tcplb-worker-{}", worker.index);
@@ -314,6 +353,11 @@ impl Proxy {
         }
         let outcome = self.control.run();
         for thread in threads {
+            let _ = thread.join();
+        }
+        // Last: connections closing while draining gave their places back.
+        if let (Some(thread), Some(link)) = (cluster, &shared.cluster) {
+            link.stop();
             let _ = thread.join();
         }
         outcome

@@ -26,7 +26,7 @@ use mio::net::TcpListener;
 use super::control::Control;
 use super::shared::{Snapshot, TlsMaterial, load_tls};
 use super::worker::Order;
-use crate::config::{Config, RefusalMode, Settings, UpstreamConfig};
+use crate::config::{ClusterSettings, Config, RefusalMode, Settings, UpstreamConfig};
 use crate::error::Warning;
 use crate::io::net;
 use crate::logs::plural;
@@ -189,12 +189,20 @@ fn added_upstream(
 }
 
 /// Changes a reload takes but cannot apply until the next start.
-fn warn_of_what_waits_for_a_restart(old: &Settings, new: &Config, admin: Option<SocketAddr>) {
+fn warn_of_what_waits_for_a_restart(
+    old: &Settings,
+    new: &Config,
+    admin: Option<SocketAddr>,
+    cluster: Option<&ClusterSettings>,
+) {
     if new.settings.workers != old.workers {
         warn!("reload: a change of `workers` takes effect at the next start");
     }
     if new.admin != admin {
         warn!("reload: a change of [admin] takes effect at the next start");
+    }
+    if new.cluster.as_ref() != cluster {
+        warn!("reload: a change of [cluster] takes effect at the next start");
     }
     if old.socket_buffer.is_some() && new.settings.socket_buffer.is_none() {
         warn!(
@@ -315,7 +323,8 @@ impl Control {
                 .lines
                 .push(format!("[defaults] changed: {}", settings.join(", ")));
         }
-        warn_of_what_waits_for_a_restart(&old.settings, &config, self.config_admin);
+        let cluster = self.config_cluster.as_ref();
+        warn_of_what_waits_for_a_restart(&old.settings, &config, self.config_admin, cluster);
         let listening = |id: usize, before: Option<&Arc<Upstream>>, configured: SocketAddr| {
             fresh
                 .iter()

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use mio::Waker;
 
+use crate::cluster::ClusterLink;
 use crate::config::{Config, Settings};
 use crate::error::{Error, Warning};
 use crate::policy::access::Access;
@@ -68,6 +69,8 @@ pub(super) struct Shared {
     pub clock: Clock,
     /// What wakes a worker whose clients wait for a host slot.
     pub bells: Arc<Bells>,
+    /// With `[cluster]`: the thread that shares client limits through Redis.
+    pub cluster: Option<Arc<ClusterLink>>,
 }
 
 /// One bell per worker: a flag saying a slot may have freed, and the
@@ -138,7 +141,7 @@ impl Clock {
 }
 
 impl Shared {
-    pub fn new(snapshot: Snapshot, bells: Arc<Bells>) -> Shared {
+    pub fn new(snapshot: Snapshot, bells: Arc<Bells>, cluster: Option<Arc<ClusterLink>>) -> Shared {
         let sources = snapshot.settings.source_limit.map(SourceLimiter::new);
         Shared {
             current: Mutex::new(Arc::new(snapshot)),
@@ -147,6 +150,7 @@ impl Shared {
             sources: Mutex::new(sources),
             clock: Clock::default(),
             bells,
+            cluster,
         }
     }
 

@@ -144,6 +144,10 @@ pub(super) struct Worker {
     /// Callers of `advance_clock`, answered (dropped) once a turn runs on
     /// the moved clock.
     clock_waiters: Vec<Sender<()>>,
+    /// Pairs waiting for Redis's answer about their client's limits, with
+    /// their ids, and the cluster link's answer count they last saw.
+    pub admitting: Vec<(usize, u64)>,
+    answers_seen: u64,
 }
 
 impl Worker {
@@ -191,6 +195,8 @@ impl Worker {
             drain_deadline: None,
             stop_now: false,
             clock_waiters: Vec::new(),
+            admitting: Vec::new(),
+            answers_seen: 0,
         };
         worker.support.logs.refusals.format = worker.snapshot.settings.access_log;
         for (upstream, socket) in listeners {
@@ -249,6 +255,7 @@ impl Worker {
             for event in events.iter() {
                 self.dispatch(event, now);
             }
+            self.readmit(now);
             self.continue_runnable(now);
             self.accept(now);
             self.expire(now);
@@ -501,6 +508,7 @@ impl Worker {
         }
         let pair = &mut self.pairs[key];
         let before = pair.bytes();
+        let was_admitting = pair.is_admitting();
         let mut ctx = context(
             &mut self.support,
             &self.poll,
@@ -516,6 +524,9 @@ impl Worker {
         c.bytes_up += after.0.saturating_sub(before.0);
         c.bytes_down += after.1.saturating_sub(before.1);
         let upstream = pair.upstream.clone();
+        if !was_admitting && pair.is_admitting() {
+            self.admitting.push((key, pair.id));
+        }
         match step {
             Step::Continue => self.schedule(key),
             Step::Again => {
@@ -587,6 +598,37 @@ impl Worker {
                     }
                 }
                 self.queued[upstream].pop_front();
+            }
+        }
+    }
+
+    /// Drives the pairs waiting for Redis again once the cluster thread
+    /// says answers came (or Redis changed state); those still waiting
+    /// stay listed.
+    fn readmit(&mut self, now: Instant) {
+        let Some(answers) = self.shared.cluster.as_ref().map(|c| c.answers()) else {
+            return;
+        };
+        if answers == self.answers_seen {
+            return;
+        }
+        self.answers_seen = answers;
+        let waiting = std::mem::take(&mut self.admitting);
+        for (key, id) in waiting {
+            if self
+                .pairs
+                .get(key)
+                .is_some_and(|p| p.id == id && p.is_admitting())
+            {
+                self.drive(key, now, Pair::advance);
+                if self
+                    .pairs
+                    .get(key)
+                    .is_some_and(|p| p.id == id && p.is_admitting())
+                    && !self.admitting.contains(&(key, id))
+                {
+                    self.admitting.push((key, id));
+                }
             }
         }
     }
@@ -707,6 +749,7 @@ pub(super) fn context<'a>(
         counters,
         access: &snapshot.access,
         worker: support.worker,
+        cluster: shared.cluster.as_deref(),
         capacity: &shared.capacity,
         census: &mut support.census,
         send_queues: &mut support.send_queues,

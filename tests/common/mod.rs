@@ -222,6 +222,7 @@ pub fn config(hosts: &[SocketAddr], settings: Settings) -> Config {
         tls: None,
         clients: Vec::new(),
         admin: None,
+        cluster: None,
         warnings: Vec::new(),
     }
 }

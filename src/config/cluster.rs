@@ -1,0 +1,420 @@
+//! The walk of `[cluster]`: where the Redis that a group of instances
+//! shares limits through is (`redis = "redis://..."`), the key prefix,
+//! the group's expected size (for the fallback), and the timing of
+//! requests and counts. The URL is read here, once: its address resolved
+//! at start-up as every address of the file, its password kept out of
+//! every message and log line.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use toml::de::{DeTable, DeValue};
+
+use super::problems::Problems;
+use super::rules;
+use super::tables::{as_table, find, unknown_keys};
+use super::values::{Value, Zero, address_of, duration, integer, string};
+use crate::policy::share::Fallback;
+
+const CLUSTER_KEYS: &[&str] = &[
+    "redis",
+    "key_prefix",
+    "instances",
+    "timeout",
+    "connections_expiry",
+    "lease",
+    "fallback",
+];
+
+/// Where Redis is and how to log in: a `redis://` URL, read.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisUrl {
+    /// The host as written (a name, or an address), for messages.
+    pub host: String,
+    /// Its address, resolved at start-up.
+    pub addr: SocketAddr,
+    /// The database (`SELECT`), 0 unless the URL's path names one.
+    pub db: u32,
+    /// The ACL user (`AUTH user password`), if the URL names one.
+    pub username: Option<String>,
+    /// The password (`AUTH`), if the URL has one. Never shown.
+    pub password: Option<String>,
+}
+
+impl fmt::Display for RedisUrl {
+    /// The URL without its password: `redis://user:***@host:port/db`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "redis://")?;
+        match (&self.username, &self.password) {
+            (Some(user), _) => write!(f, "{user}:***@")?,
+            (None, Some(_)) => write!(f, ":***@")?,
+            (None, None) => {}
+        }
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        write!(f, "{host}:{}/{}", self.addr.port(), self.db)
+    }
+}
+
+impl fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RedisUrl({self}, {})", self.addr)
+    }
+}
+
+/// `[cluster]`: client limits shared by a group of instances through Redis.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterSettings {
+    /// The Redis the group shares.
+    pub redis: RedisUrl,
+    /// What every key tcplb writes starts with.
+    pub key_prefix: String,
+    /// The group's expected size: the fallback `split` divides by it, and
+    /// leases are sized so that the group's fit in one burst.
+    pub instances: u32,
+    /// How long a request to Redis (and a connect) may take before Redis
+    /// counts as down; also the longest a connection waits for an answer.
+    pub timeout: Duration,
+    /// How long an instance's connection counts stay in Redis without a
+    /// refresh: a crashed instance's connections stop counting after it.
+    pub connections_expiry: Duration,
+    /// Tokens asked for at a time; `None`: a tenth of a second of the
+    /// rate, at most `burst / instances`.
+    pub lease: Option<u32>,
+    /// What each instance does alone while Redis is unreachable.
+    pub fallback: Fallback,
+}
+
+impl ClusterSettings {
+    /// `timeout` when `[cluster]` leaves it out.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(250);
+    /// `connections_expiry` when `[cluster]` leaves it out.
+    pub const DEFAULT_CONNECTIONS_EXPIRY: Duration = Duration::from_secs(30);
+    /// `key_prefix` when `[cluster]` leaves it out.
+    pub const DEFAULT_KEY_PREFIX: &'static str = "tcplb:";
+}
+
+/// `[cluster]`: `Some(None)` when it is absent.
+pub(super) fn cluster(p: &mut Problems<'_>, root: &DeTable<'_>) -> Option<Option<ClusterSettings>> {
+    let Some(value) = find(root, "cluster") else {
+        return Some(None);
+    };
+    let table = as_table(
+        p,
+        value,
+        "`cluster` must be a table ([cluster])".to_string(),
+    )?;
+    unknown_keys(p, table, CLUSTER_KEYS, "in [cluster]");
+    let redis = match find(table, "redis") {
+        Some(v) => redis_url(p, v),
+        None => {
+            let message = "[cluster] has no `redis` URL (such as \"redis://127.0.0.1:6379/0\")";
+            p.at(value.span(), message.to_string());
+            None
+        }
+    };
+    let instances = match find(table, "instances") {
+        Some(v) => integer(p, v, "instances", rules::INSTANCES).map(|n| n as u32),
+        None => {
+            let message = "[cluster] has no `instances` (the number of tcplb instances sharing the limits, which the fallback divides them by)";
+            p.at(value.span(), message.to_string());
+            None
+        }
+    };
+    let key_prefix = find(table, "key_prefix").map_or(
+        Some(ClusterSettings::DEFAULT_KEY_PREFIX.to_string()),
+        |v| {
+            let text = string(p, v, "key_prefix")?;
+            p.check(v.span(), "key_prefix", rules::key_prefix(text))
+                .map(str::to_string)
+        },
+    );
+    let timed = |p: &mut Problems<'_>, key: &str, default, rule: fn(Duration) -> _| {
+        find(table, key).map_or(Some(default), |v| {
+            let d = duration(p, v, key, Zero::Refused)?;
+            p.check(v.span(), key, rule(d))
+        })
+    };
+    let timeout = timed(
+        p,
+        "timeout",
+        ClusterSettings::DEFAULT_TIMEOUT,
+        rules::redis_timeout,
+    );
+    let connections_expiry = timed(
+        p,
+        "connections_expiry",
+        ClusterSettings::DEFAULT_CONNECTIONS_EXPIRY,
+        rules::connections_expiry,
+    );
+    let lease = find(table, "lease").map_or(Some(None), |v| {
+        integer(p, v, "lease", rules::BURST).map(|n| Some(n as u32))
+    });
+    let fallback = find(table, "fallback").map_or(Some(Fallback::default()), |v| {
+        let name = string(p, v, "fallback")?;
+        let found = Fallback::from_name(name);
+        if found.is_none() {
+            let message = format!(
+                "`fallback` must be one of \"{}\", not \"{name}\"",
+                Fallback::NAMES.join("\", \"")
+            );
+            p.at(v.span(), message);
+        }
+        found
+    });
+    Some(Some(ClusterSettings {
+        redis: redis?,
+        key_prefix: key_prefix?,
+        instances: instances?,
+        timeout: timeout?,
+        connections_expiry: connections_expiry?,
+        lease: lease?,
+        fallback: fallback?,
+    }))
+}
+
+/// `redis` of `[cluster]`: `redis://[[user]:password@]host[:port][/db]`.
+fn redis_url(p: &mut Problems<'_>, v: &Value<'_>) -> Option<RedisUrl> {
+    let DeValue::String(text) = v.get_ref() else {
+        let message = "`redis` must be a URL such as \"redis://127.0.0.1:6379/0\"";
+        p.at(v.span(), message.to_string());
+        return None;
+    };
+    let lookups = p.lookups();
+    match parse_redis_url(text, lookups) {
+        Ok(url) => Some(url),
+        Err(why) => {
+            p.at(v.span(), format!("`redis` {why}"));
+            None
+        }
+    }
+}
+
+/// Reads a Redis URL; the error is the words after "`redis` ".
+fn parse_redis_url(text: &str, lookups: bool) -> Result<RedisUrl, String> {
+    let Some(rest) = text.strip_prefix("redis://") else {
+        if text.starts_with("rediss://") {
+            return Err("`rediss://`: TLS to Redis is not supported yet; use `redis://` to a Redis on a trusted network (or through a local TLS tunnel such as stunnel)".to_string());
+        }
+        return Err(format!(
+            "must be a URL such as \"redis://127.0.0.1:6379/0\", not `{}`",
+            without_password(text)
+        ));
+    };
+    if rest.contains(['?', '#']) {
+        return Err(
+            "has a query or fragment (`?...`, `#...`), which tcplb does not read".to_string(),
+        );
+    }
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let (userinfo, hostport) = match authority.rsplit_once('@') {
+        Some((userinfo, hostport)) => (Some(userinfo), hostport),
+        None => (None, authority),
+    };
+    let (username, password) = match userinfo {
+        None => (None, None),
+        Some(info) => {
+            let (user, password) = info.split_once(':').ok_or(
+                "names a user without a password: write `redis://user:password@host` (or `redis://:password@host`)",
+            )?;
+            let user = percent_decode(user).ok_or("has a bad %-escape in its user name")?;
+            let password = percent_decode(password).ok_or("has a bad %-escape in its password")?;
+            if password.is_empty() {
+                return Err("has an empty password".to_string());
+            }
+            ((!user.is_empty()).then_some(user), Some(password))
+        }
+    };
+    if hostport.is_empty() {
+        return Err("has no host".to_string());
+    }
+    let (host, with_port) = if let Some(v6) = hostport.strip_prefix('[') {
+        let (host, after) = v6
+            .split_once(']')
+            .ok_or("has an unclosed `[` in its host")?;
+        let port = match after {
+            "" => "6379",
+            _ => after
+                .strip_prefix(':')
+                .ok_or("has something after `]` that is not `:port`")?,
+        };
+        (host.to_string(), format!("[{host}]:{port}"))
+    } else {
+        match hostport.rsplit_once(':') {
+            Some((host, port)) => (host.to_string(), format!("{host}:{port}")),
+            None => (hostport.to_string(), format!("{hostport}:6379")),
+        }
+    };
+    let addr =
+        address_of(&with_port, lookups).map_err(|why| format!("address `{with_port}`: {why}"))?;
+    if addr.port() == 0 {
+        return Err("has port 0".to_string());
+    }
+    let db = match path {
+        "" => 0,
+        db => db
+            .parse::<u32>()
+            .ok()
+            .filter(|n| *n <= rules::REDIS_DB_MAX)
+            .ok_or_else(|| {
+                format!(
+                    "path `/{db}` is not a database number (0 to {})",
+                    rules::REDIS_DB_MAX
+                )
+            })?,
+    };
+    Ok(RedisUrl {
+        host,
+        addr,
+        db,
+        username,
+        password,
+    })
+}
+
+/// A URL as it may appear in a message: any `user:password@` replaced.
+fn without_password(text: &str) -> String {
+    match text.split_once('@') {
+        Some((before, after)) => match before.rsplit_once("//") {
+            Some((scheme, _)) => format!("{scheme}//***@{after}"),
+            None => format!("***@{after}"),
+        },
+        None => text.to_string(),
+    }
+}
+
+/// `%XX` escapes decoded (a password may hold `@`, `:` or `/`).
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = text.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, problems};
+
+    const BASE: &str =
+        "[[upstream]]\nname=\"x\"\nlisten=\"127.0.0.1:0\"\nhosts=[\"127.0.0.1:1\"]\n";
+
+    fn parse(table: &str) -> Option<ClusterSettings> {
+        Config::parse(&format!("{table}\n{BASE}"), "lb.toml")
+            .unwrap()
+            .cluster
+    }
+
+    #[test]
+    fn urls_with_users_passwords_ports_and_databases() {
+        let url = |text: &str| parse_redis_url(text, false);
+        let plain = url("redis://127.0.0.1:6379/0").unwrap();
+        assert_eq!(plain.addr, "127.0.0.1:6379".parse().unwrap());
+        assert_eq!((plain.db, plain.username, plain.password), (0, None, None));
+        let full = url("redis://app:s%40cret%3A1@[::1]:7000/3").unwrap();
+        assert_eq!(full.addr, "[::1]:7000".parse().unwrap());
+        assert_eq!(full.db, 3);
+        assert_eq!(full.username.as_deref(), Some("app"));
+        assert_eq!(full.password.as_deref(), Some("s@cret:1"));
+        assert_eq!(full.to_string(), "redis://app:***@[::1]:7000/3");
+        let password_only = url("redis://:pw@10.0.0.5").unwrap();
+        assert_eq!(password_only.addr.port(), 6379);
+        assert_eq!(password_only.username, None);
+        assert_eq!(password_only.to_string(), "redis://:***@10.0.0.5:6379/0");
+        assert!(!format!("{password_only:?}").contains("pw"));
+        assert_eq!(url("redis://[::1]").unwrap().addr.port(), 6379);
+        assert_eq!(url("redis://127.0.0.1/").unwrap().db, 0);
+    }
+
+    #[test]
+    fn bad_urls_say_what_is_wrong_without_the_password() {
+        let url = |text: &str| parse_redis_url(text, false).unwrap_err();
+        assert!(url("rediss://127.0.0.1").contains("not supported yet"));
+        let http = url("http://u:hunter2@127.0.0.1");
+        assert!(http.contains("must be a URL"), "{http}");
+        assert!(!http.contains("hunter2"), "{http}");
+        assert!(url("redis://alice@127.0.0.1").contains("user without a password"));
+        assert!(url("redis://a:@127.0.0.1").contains("empty password"));
+        assert!(url("redis://127.0.0.1:6379/x").contains("not a database number"));
+        assert!(url("redis://127.0.0.1:6379/99999").contains("not a database number"));
+        assert!(url("redis://127.0.0.1?timeout=1").contains("query"));
+        assert!(url("redis://").contains("no host"));
+        assert!(url("redis://127.0.0.1:0").contains("port 0"));
+        assert!(url("redis://[::1").contains("unclosed"));
+        assert!(url("redis://:p%zz@127.0.0.1").contains("%-escape"));
+        assert!(url("redis://redis.internal:6379").contains("is a name"));
+    }
+
+    #[test]
+    fn defaults_and_every_key() {
+        let s = parse("[cluster]\nredis = \"redis://127.0.0.1:6379/0\"\ninstances = 3\n").unwrap();
+        assert_eq!(s.key_prefix, "tcplb:");
+        assert_eq!(s.instances, 3);
+        assert_eq!(s.timeout, ClusterSettings::DEFAULT_TIMEOUT);
+        assert_eq!(
+            s.connections_expiry,
+            ClusterSettings::DEFAULT_CONNECTIONS_EXPIRY
+        );
+        assert_eq!((s.lease, s.fallback), (None, Fallback::Split));
+        let s = parse(
+            "[cluster]\nredis = \"redis://127.0.0.1:7000\"\ninstances = 2\nkey_prefix = \"lb:eu:\"\n\
+             timeout = \"100ms\"\nconnections_expiry = \"5s\"\nlease = 7\nfallback = \"local\"\n",
+        )
+        .unwrap();
+        assert_eq!(s.key_prefix, "lb:eu:");
+        assert_eq!(s.timeout, Duration::from_millis(100));
+        assert_eq!(s.connections_expiry, Duration::from_secs(5));
+        assert_eq!((s.lease, s.fallback), (Some(7), Fallback::Local));
+        assert_eq!(parse(""), None);
+    }
+
+    #[test]
+    fn problems_have_their_places() {
+        let found = problems(&format!(
+            "[cluster]\nredis = 5\ninstances = 0\ntimeout = \"0s\"\nconnections_expiry = \"10ms\"\n\
+             fallback = \"open\"\nkey_prefix = \"a b\"\nbogus = 1\n{BASE}"
+        ));
+        assert_eq!(
+            found,
+            [
+                "lb.toml:2:9: `redis` must be a URL such as \"redis://127.0.0.1:6379/0\"",
+                "lb.toml:3:13: `instances` must be between 1 and 1000, not 0",
+                "lb.toml:4:11: `timeout` must be greater than zero",
+                "lb.toml:5:22: `connections_expiry` must be between 1s and 1d",
+                "lb.toml:6:12: `fallback` must be one of \"split\", \"local\", \"refuse\", not \"open\"",
+                "lb.toml:7:14: `key_prefix` must be printable, without spaces, at most 128 bytes",
+                "lb.toml:8:1: unknown key `bogus` in [cluster] (expected one of: redis, key_prefix, instances, timeout, connections_expiry, lease, fallback)",
+            ]
+        );
+        let found = problems(&format!("[cluster]\nkey_prefix = \"x\"\n{BASE}"));
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(found[0].starts_with("lb.toml:1:1: [cluster] has no `redis`"));
+        assert!(found[1].starts_with("lb.toml:1:1: [cluster] has no `instances`"));
+        let found = problems(&format!(
+            "[cluster]\nredis = \"rediss://127.0.0.1\"\ninstances = 2\ntimeout = \"1m\"\n{BASE}"
+        ));
+        assert!(
+            found[0]
+                .starts_with("lb.toml:2:9: `redis` `rediss://`: TLS to Redis is not supported yet"),
+            "{found:?}"
+        );
+        assert_eq!(
+            found[1],
+            "lb.toml:4:11: `timeout` must be between 1ms and 10s"
+        );
+    }
+}
