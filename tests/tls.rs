@@ -904,8 +904,10 @@ fn a_handshake_flood_from_a_few_addresses_does_not_starve_other_clients() {
             })
         })
         .collect();
+    // Full: a client that evicted a flood handshake takes its slot
+    // whatever the cap, so the count can sit one over it per worker.
     proxy.wait_until("filled every handshake slot", |s| {
-        s.handshakes == MAX_HANDSHAKES
+        s.handshakes >= MAX_HANDSHAKES
     });
     let alice = pki.client("alice");
     let config = pki.client_config(Some(&alice));
