@@ -43,8 +43,20 @@ struct Redis {
 }
 
 impl Redis {
-    /// Starts one on a free loopback port.
-    fn start() -> Redis {
+    /// Starts one on a free loopback port; `None`, with a note, where
+    /// redis-server is not installed (CI installs it, and sets
+    /// `TCPLB_REQUIRE_TOOLS`, which makes a missing one a failure).
+    fn start() -> Option<Redis> {
+        if Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            let why = "redis-server is not installed (apt-get install redis-server)";
+            assert!(std::env::var_os("TCPLB_REQUIRE_TOOLS").is_none(), "{why}");
+            eprintln!("skipped: {why}");
+            return None;
+        }
         for _ in 0..5 {
             let port = TcpListener::bind("127.0.0.1:0")
                 .unwrap()
@@ -52,7 +64,7 @@ impl Redis {
                 .unwrap()
                 .port();
             if let Some(redis) = Redis::start_on(port) {
-                return redis;
+                return Some(redis);
             }
         }
         panic!("redis-server did not start (five free ports tried)");
@@ -322,7 +334,9 @@ fn cluster_table(redis: &Redis, instances: usize, extra: &str) -> String {
 /// the same processes without `[cluster]` admit about `instances` times more.
 fn shares_one_bucket(instances: usize, workers: usize) {
     let _heavy = heavy();
-    let redis = Redis::start();
+    let Some(redis) = Redis::start() else {
+        return;
+    };
     let mut group = Group::new(
         &format!("share{instances}"),
         Some(cluster_table(&redis, instances, "")),
@@ -388,7 +402,9 @@ fn three_instances_of_two_workers_share_one_bucket_and_apart_admit_thrice() {
 #[test]
 fn redis_killed_mid_run_falls_back_and_sharing_resumes() {
     let _heavy = heavy();
-    let redis = Redis::start();
+    let Some(redis) = Redis::start() else {
+        return;
+    };
     let group = Group::new(
         "restart",
         Some(cluster_table(&redis, 2, "timeout = \"200ms\"")),
@@ -553,7 +569,9 @@ fn a_redis_that_never_answers_slows_no_relay_and_the_fallback_applies_within_its
 #[test]
 fn a_crashed_instances_connections_stop_counting_after_the_expiry() {
     let _heavy = heavy();
-    let redis = Redis::start();
+    let Some(redis) = Redis::start() else {
+        return;
+    };
     let expiry = Duration::from_secs(2);
     let mut group = Group::new(
         "crash",

@@ -646,6 +646,11 @@ fn haproxy_binary() -> Option<std::path::PathBuf> {
 impl Haproxy {
     fn start(test: &str, config: &str) -> Option<Haproxy> {
         let Some(binary) = haproxy_binary() else {
+            // CI installs it and sets TCPLB_REQUIRE_TOOLS: no silent skip there.
+            assert!(
+                std::env::var_os("TCPLB_REQUIRE_TOOLS").is_none(),
+                "{test}: haproxy is not installed"
+            );
             eprintln!("{test}: skipped, haproxy is not installed (apt-get install haproxy)");
             return None;
         };
@@ -819,6 +824,10 @@ backend be
 #[test]
 fn behind_haproxy_tcplb_sees_the_original_client() {
     if haproxy_binary().is_none() {
+        assert!(
+            std::env::var_os("TCPLB_REQUIRE_TOOLS").is_none(),
+            "haproxy is not installed"
+        );
         return eprintln!("behind_haproxy: skipped, haproxy is not installed");
     }
     // Plain, one new connection a day per source.
