@@ -30,7 +30,7 @@ pub mod tls;
 mod upstream;
 
 pub use admin::{HostStats, Stats, UpstreamStats};
-pub use config::{Config, RefusalMode, Settings, UpstreamConfig};
+pub use config::{Config, RefusalMode, Relay, Settings, UpstreamConfig};
 pub use error::Error;
 pub use io::send_queue::SendQueues;
 pub use policy::access::ClientRule;

@@ -10,7 +10,7 @@ use tcplb::ClientRule;
 use tcplb::config::{self, check_settings, parse_duration, parse_size};
 use tcplb::error::{ConfigError, Problem, Warning};
 use tcplb::tls::TlsSettings;
-use tcplb::{Config, Error, Proxy, Settings, certs, demo};
+use tcplb::{Config, Error, Proxy, Relay, Settings, certs, demo};
 
 /// A single-threaded, least-connections TCP load balancer.
 ///
@@ -178,6 +178,18 @@ struct SettingsArgs {
     /// Worker threads, each with its own poll loop, or `auto` for one per core [default: 1].
     #[arg(long, value_name = "N", value_parser = parse_workers)]
     workers: Option<usize>,
+    /// How plain TCP pairs relay: `splice` (zero-copy, through kernel pipes), `copy` (through buffers), or `auto` (copy, then splice once a direction streams) [default: auto].
+    #[arg(long, value_name = "MODE", value_parser = parse_relay)]
+    relay: Option<Relay>,
+    /// Kernel pipes the spliced relay may hold at once (two descriptors each); 0 turns splicing off [default: 1024].
+    #[arg(long, value_name = "N")]
+    max_pipes: Option<usize>,
+}
+
+/// `--relay`: one of the `relay` values.
+fn parse_relay(text: &str) -> Result<Relay, String> {
+    Relay::from_name(text)
+        .ok_or_else(|| format!("`{text}` is not a relay mode: {}", Relay::NAMES.join(", ")))
 }
 
 /// `--workers`: a number from 1 to 1024, or `auto`.
@@ -204,6 +216,8 @@ impl SettingsArgs {
         s.bulk_buffer_size = self.bulk_buffer_size.unwrap_or(s.bulk_buffer_size);
         s.socket_buffer = self.socket_buffer.or(s.socket_buffer);
         s.workers = self.workers.unwrap_or(s.workers);
+        s.relay = self.relay.unwrap_or(s.relay);
+        s.max_pipes = self.max_pipes.unwrap_or(s.max_pipes);
         s
     }
 }

@@ -425,7 +425,7 @@ struct Served {
 }
 
 fn bind(config: &Config) -> (Served, SocketAddr, SocketAddr) {
-    let proxy = Proxy::bind(&with_test_workers(config.clone())).unwrap();
+    let proxy = Proxy::bind(&with_test_settings(config.clone())).unwrap();
     let addr = proxy.listen_addr(&config.upstreams[0].name).unwrap();
     let admin = proxy.admin_addr().unwrap();
     (Served { proxy }, addr, admin)

@@ -21,6 +21,14 @@ pub struct Stats {
     pub refusing: usize,
     /// Relay buffers currently held by pairs.
     pub buffers_in_use: usize,
+    /// Kernel pipes currently held by spliced directions of pairs.
+    pub pipes_in_use: usize,
+    /// Empty pipes kept for reuse (two descriptors each).
+    pub pipes_free: usize,
+    /// Times a direction that was to be spliced found no pipe (the
+    /// `max_pipes` cap, or no descriptor left) and relayed through a
+    /// buffer instead.
+    pub splice_fallbacks: u64,
     /// TLS handshakes in progress.
     pub handshakes: usize,
     /// Time since the loop started.
@@ -57,6 +65,10 @@ pub struct UpstreamStats {
     pub bytes_up: u64,
     /// Bytes relayed from hosts to clients.
     pub bytes_down: u64,
+    /// Of `bytes_up`, those spliced (never copied through tcplb's memory).
+    pub spliced_up: u64,
+    /// Of `bytes_down`, those spliced.
+    pub spliced_down: u64,
     /// Durations of connections that reached a host.
     pub durations: Histogram,
     /// Resets passed on at the half-close bound before the receiver had
@@ -187,6 +199,21 @@ pub(crate) fn prometheus(stats: &Stats) -> String {
             );
         }
     }
+    family(
+        &mut out,
+        "tcplb_spliced_bytes_total",
+        "counter",
+        "Of the bytes relayed, those spliced through kernel pipes, by direction.",
+    );
+    for up in &stats.upstreams {
+        let u = label(&up.name);
+        for (direction, n) in [("up", up.spliced_up), ("down", up.spliced_down)] {
+            let _ = writeln!(
+                out,
+                "tcplb_spliced_bytes_total{{upstream=\"{u}\",direction=\"{direction}\"}} {n}"
+            );
+        }
+    }
     for (name, help, value) in [
         (
             "tcplb_undelivered_resets_total",
@@ -304,6 +331,24 @@ pub(crate) fn prometheus(stats: &Stats) -> String {
             stats.buffers_in_use as f64,
         ),
         (
+            "tcplb_pipes_in_use",
+            "gauge",
+            "Kernel pipes held by spliced directions of pairs.",
+            stats.pipes_in_use as f64,
+        ),
+        (
+            "tcplb_pipes_free",
+            "gauge",
+            "Empty kernel pipes kept for reuse (two descriptors each).",
+            stats.pipes_free as f64,
+        ),
+        (
+            "tcplb_splice_fallbacks_total",
+            "counter",
+            "Times a direction to be spliced found no pipe (max_pipes, or no descriptor) and used a buffer.",
+            stats.splice_fallbacks as f64,
+        ),
+        (
             "tcplb_reloads_total",
             "counter",
             "Successful configuration reloads.",
@@ -348,6 +393,9 @@ pub(super) fn sample() -> Stats {
         pairs: 1,
         refusing: 0,
         buffers_in_use: 0,
+        pipes_in_use: 1,
+        pipes_free: 2,
+        splice_fallbacks: 3,
         handshakes: 0,
         uptime: Duration::from_secs(5),
         reloads: 0,
@@ -373,6 +421,8 @@ pub(super) fn sample() -> Stats {
             ended: vec![("client_truncated".into(), 3)],
             bytes_up: 10,
             bytes_down: 20,
+            spliced_up: 4,
+            spliced_down: 16,
             durations,
             undelivered_resets: 1,
             undelivered_bytes: 4096,

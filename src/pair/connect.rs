@@ -80,6 +80,8 @@ impl Pair {
                     let record = lease.host().clone();
                     drop(lease);
                     if net::is_resource_exhaustion(&e) {
+                        // Free pipes give their descriptors back.
+                        ctx.pipes.trim(0);
                         warn!("`{}`: cannot open a socket to {addr}: {e}", upstream.name);
                         break Refusal::Overloaded;
                     }
@@ -90,7 +92,7 @@ impl Pair {
             }
         };
         let mut up = up;
-        up.release(ctx.pool);
+        up.release(&mut ctx.pools());
         self.slot = None;
         self.refuse_with(ctx, refusal)
     }
@@ -138,19 +140,14 @@ impl Pair {
             return Step::Continue;
         }
         let budget = RELAY_BUDGET.max(2 * ctx.pool.bulk_size());
+        let pools = &mut ctx.pools();
         let _ = match client.tls.as_deref_mut() {
-            None => pump(
-                &mut client.endpoint,
-                &mut NotConnected,
-                up,
-                ctx.pool,
-                budget,
-            ),
+            None => pump(&mut client.endpoint, &mut NotConnected, up, pools, budget),
             Some(tls) => pump(
                 &mut tls.side(&mut client.endpoint),
                 &mut NotConnected,
                 up,
-                ctx.pool,
+                pools,
                 budget,
             ),
         };
