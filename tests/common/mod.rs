@@ -183,6 +183,8 @@ pub fn config(hosts: &[SocketAddr], settings: Settings) -> Config {
 /// A proxy running on its own thread; stopped (and joined) on drop.
 pub struct Running {
     pub addr: SocketAddr,
+    /// Every upstream's listen address, in config order (`addr` is the first).
+    pub addrs: Vec<SocketAddr>,
     pub handle: Handle,
     thread: Option<JoinHandle<Result<(), tcplb::Error>>>,
 }
@@ -230,10 +232,16 @@ pub fn start(config: Config) -> Running {
 pub fn start_as_given(config: Config) -> Running {
     let proxy = Proxy::bind(&config).unwrap();
     let addr = proxy.listen_addr(&config.upstreams[0].name).unwrap();
+    let addrs = config
+        .upstreams
+        .iter()
+        .map(|u| proxy.listen_addr(&u.name).unwrap())
+        .collect();
     let handle = proxy.handle();
     let thread = thread::spawn(move || proxy.run());
     Running {
         addr,
+        addrs,
         handle,
         thread: Some(thread),
     }
