@@ -213,15 +213,15 @@ impl PipePool {
     }
 
     /// Takes a reload's settings: pipes in use keep their size (and are
-    /// closed when they come back if it changed), free ones of an old size
-    /// are closed now.
+    /// closed when they come back if it changed); free ones of an old size,
+    /// beyond the new cap, or of a pool that no longer splices are closed
+    /// now.
     pub fn reconfigure(&mut self, relay: Relay, size: usize, cap: usize) {
-        self.relay = relay;
-        self.cap = cap;
-        if size != self.size {
-            self.size = size;
+        if size != self.size || relay == Relay::Copy {
             self.free.clear();
         }
+        self.free.truncate(cap);
+        (self.relay, self.size, self.cap) = (relay, size, cap);
     }
 }
 
