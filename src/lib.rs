@@ -9,7 +9,8 @@
 //! - `proxy`: the event loop, which dispatches events and deadlines;
 //! - `pair`: the life of one connection pair, as a state machine;
 //! - `io`: sockets with their readiness, one direction's flow, relay
-//!   buffers (pooled so that idle pairs hold none), TLS sessions;
+//!   buffers and kernel pipes for splicing (both pooled so that idle pairs
+//!   hold none), TLS sessions;
 //! - `policy`: balancing, health, client rules and rate limits, free of I/O;
 //! - [`config`]: the TOML schema and its validation.
 //!

@@ -188,6 +188,29 @@ fn bad_flags_are_named() {
         "{}",
         stderr(&out)
     );
+    for (flag, value, says) in [
+        (
+            "--relay",
+            "zero-copy",
+            "`zero-copy` is not a relay mode: auto, splice, copy",
+        ),
+        (
+            "--max-pipes",
+            "2000000",
+            "max_pipes must be between 0 and 1048576",
+        ),
+    ] {
+        let out = tcplb(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--host",
+            "127.0.0.1:9",
+            flag,
+            value,
+        ]);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}");
+        assert!(stderr(&out).contains(says), "{}", stderr(&out));
+    }
     let out = tcplb(&[]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("tcplb demo"), "{}", stderr(&out));
@@ -210,6 +233,8 @@ fn help_explains_every_flag() {
         "--buffer-size",
         "--bulk-buffer-size",
         "--socket-buffer",
+        "--relay",
+        "--max-pipes",
     ] {
         let lines: Vec<&str> = help.lines().collect();
         let at = lines

@@ -199,5 +199,5 @@ fn help_gives_the_documented_defaults() {
         );
         checked += 1;
     }
-    assert_eq!(checked, 9, "{help}");
+    assert_eq!(checked, 11, "{help}");
 }

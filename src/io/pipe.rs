@@ -41,13 +41,14 @@ pub struct Pipe {
     exit: OwnedFd,
     /// Where bytes enter, spliced from the source.
     entry: OwnedFd,
-    /// Bytes in the pipe.
-    len: usize,
+    /// Bytes in the pipe. (The sizes are `u32`, as a buffer's offsets
+    /// are, so that a buffer-or-pipe is no bigger than a buffer.)
+    len: u32,
     /// The most it is let hold: the size asked for, or less when the
     /// kernel gave less.
-    capacity: usize,
+    capacity: u32,
     /// The size asked for, which tells a pipe of an older size apart.
-    asked: usize,
+    asked: u32,
 }
 
 impl Pipe {
@@ -66,13 +67,13 @@ impl Pipe {
             exit,
             entry,
             len: 0,
-            capacity: given.min(size),
-            asked: size,
+            capacity: given.min(size) as u32,
+            asked: size as u32,
         })
     }
 
     pub fn len(&self) -> usize {
-        self.len
+        self.len as usize
     }
 
     pub fn is_empty(&self) -> bool {
@@ -81,12 +82,12 @@ impl Pipe {
 
     /// Bytes it may take in now.
     pub fn room(&self) -> usize {
-        self.capacity - self.len
+        (self.capacity - self.len) as usize
     }
 
     #[cfg(test)]
     pub fn capacity(&self) -> usize {
-        self.capacity
+        self.capacity as usize
     }
 
     /// Splices what `socket` has, up to the pipe's room, into the pipe.
@@ -100,7 +101,7 @@ impl Pipe {
             self.room(),
             SpliceFlags::NONBLOCK,
         )?;
-        self.len += n;
+        self.len += n as u32;
         Ok(n)
     }
 
@@ -113,10 +114,10 @@ impl Pipe {
             None,
             socket,
             None,
-            self.len,
+            self.len(),
             SpliceFlags::NONBLOCK,
         )?;
-        self.len -= n;
+        self.len -= n as u32;
         Ok(n)
     }
 }
@@ -186,7 +187,7 @@ impl PipePool {
     /// cut off) or is of an older size is closed, and its bytes with it.
     pub fn give(&mut self, pipe: Pipe) {
         self.in_use = self.in_use.saturating_sub(1);
-        if pipe.is_empty() && pipe.asked == self.size && self.free.len() < KEEP_FREE {
+        if pipe.is_empty() && pipe.asked as usize == self.size && self.free.len() < KEEP_FREE {
             self.free.push(pipe);
         }
     }

@@ -246,10 +246,7 @@ pub(crate) struct Context<'a> {
 impl Context<'_> {
     /// The buffer and pipe pools, for a direction.
     pub fn pools(&mut self) -> Pools<'_> {
-        Pools {
-            buffers: self.pool,
-            pipes: self.pipes,
-        }
+        Pools::new(self.pool, self.pipes)
     }
 }
 
@@ -526,10 +523,7 @@ impl Pair {
             self.client.endpoint.abort();
         }
         let u = &mut *ctx.counters;
-        let mut pools = Pools {
-            buffers: ctx.pool,
-            pipes: ctx.pipes,
-        };
+        let mut pools = Pools::new(ctx.pool, ctx.pipes);
         let duration = ctx.now.saturating_duration_since(self.started);
         let (bytes, host_addr) = match state {
             // The leases and buffers go with the state; the host socket

@@ -168,10 +168,7 @@ impl Pair {
             return Step::Finish(end);
         }
         let (now, until) = (ctx.now, ctx.now + ctx.settings.half_close_timeout);
-        let mut pools = Pools {
-            buffers: ctx.pool,
-            pipes: ctx.pipes,
-        };
+        let mut pools = Pools::new(ctx.pool, ctx.pipes);
         self.transition(ctx.census, |old| {
             let State::Relaying {
                 host,
@@ -264,17 +261,15 @@ fn pump_both(
     ctx: &mut Context<'_>,
 ) -> (Pumped, Pumped) {
     let budget = RELAY_BUDGET.max(2 * ctx.pool.bulk_size());
-    let spliced = (up.spliced, down.spliced);
-    let pools = &mut Pools {
-        buffers: ctx.pool,
-        pipes: ctx.pipes,
-    };
+    let pools = &mut Pools::new(ctx.pool, ctx.pipes);
     let ep = &mut client.endpoint;
-    let (a, b) = match client.tls.as_deref_mut() {
-        None => (
-            pump(ep, host, up, pools, budget),
-            pump(host, ep, down, pools, budget),
-        ),
+    let (a, b, spliced) = match client.tls.as_deref_mut() {
+        None => {
+            let a = pump(ep, host, up, pools, budget);
+            let spliced_up = std::mem::take(&mut pools.spliced);
+            let b = pump(host, ep, down, pools, budget);
+            (a, b, (spliced_up, pools.spliced))
+        }
         Some(tls) => {
             // Records may wait regardless of the flows (handshake tail,
             // alerts, a close_notify whose FIN is still to come). A
@@ -285,10 +280,11 @@ fn pump_both(
             // Reading may have queued records of its own (alerts, key
             // updates) that no later event would send.
             let _ = tls.flush(ep);
-            (a, b)
+            // Plaintext is never spliced.
+            (a, b, (0, 0))
         }
     };
-    ctx.counters.spliced_up += up.spliced - spliced.0;
-    ctx.counters.spliced_down += down.spliced - spliced.1;
+    ctx.counters.spliced_up += spliced.0;
+    ctx.counters.spliced_down += spliced.1;
     (a.unwrap_or(Pumped::NOTHING), b.unwrap_or(Pumped::NOTHING))
 }

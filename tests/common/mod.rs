@@ -200,7 +200,9 @@ pub fn test_workers() -> usize {
 /// (CI runs the relay, reset, timeout, property and reliability tests
 /// again with `splice` and with `copy`); without it, the config's.
 pub fn test_relay() -> Option<Relay> {
-    let name = std::env::var("TCPLB_TEST_RELAY").ok()?;
+    let name = std::env::var("TCPLB_TEST_RELAY")
+        .ok()
+        .filter(|n| !n.is_empty())?;
     Some(Relay::from_name(&name).expect("TCPLB_TEST_RELAY is auto, splice or copy"))
 }
 
