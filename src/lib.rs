@@ -9,7 +9,8 @@
 //! - `proxy`: the event loop, which dispatches events and deadlines;
 //! - `pair`: the life of one connection pair, as a state machine;
 //! - `io`: sockets with their readiness, one direction's flow, relay
-//!   buffers (pooled so that idle pairs hold none), TLS sessions;
+//!   buffers and kernel pipes for splicing (both pooled so that idle pairs
+//!   hold none), TLS sessions;
 //! - `policy`: balancing, health, client rules and rate limits, free of I/O;
 //! - `cluster`: with `[cluster]`, the thread that shares client limits
 //!   with the other instances of a group through Redis;
@@ -37,7 +38,9 @@ pub mod tls;
 mod upstream;
 
 pub use admin::{ClusterStats, HostStats, Stats, UpstreamStats};
-pub use config::{AccessLog, Config, HostConfig, Keepalive, RefusalMode, Settings, UpstreamConfig};
+pub use config::{
+    AccessLog, Config, HostConfig, Keepalive, RefusalMode, Relay, Settings, UpstreamConfig,
+};
 pub use error::Error;
 pub use io::net::KeepaliveState;
 pub use io::send_queue::SendQueues;

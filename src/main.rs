@@ -11,7 +11,7 @@ use tcplb::ClientRule;
 use tcplb::config::{self, check_settings, parse_duration, parse_size};
 use tcplb::error::{ConfigError, Problem, Warning};
 use tcplb::tls::TlsSettings;
-use tcplb::{AccessLog, Config, Error, Proxy, Settings, certs, demo};
+use tcplb::{AccessLog, Config, Error, Proxy, Relay, Settings, certs, demo};
 
 /// A single-threaded, least-connections TCP load balancer.
 ///
@@ -182,12 +182,24 @@ struct SettingsArgs {
     /// Access line format: `text`, or `json` for one JSON object per line [default: text].
     #[arg(long, value_name = "FORMAT", value_parser = parse_access_log)]
     access_log: Option<AccessLog>,
+    /// How plain TCP pairs relay: `splice` (zero-copy, through kernel pipes), `copy` (through buffers), or `auto` (copy, then splice once a direction streams) [default: auto].
+    #[arg(long, value_name = "MODE", value_parser = parse_relay)]
+    relay: Option<Relay>,
+    /// Kernel pipes the spliced relay may hold at once (two descriptors each); 0 turns splicing off [default: 1024].
+    #[arg(long, value_name = "N")]
+    max_pipes: Option<usize>,
 }
 
 /// `--access-log`: `text` or `json`.
 fn parse_access_log(text: &str) -> Result<AccessLog, String> {
     AccessLog::from_name(text)
         .ok_or_else(|| format!("`{text}` is not an access log format: `text` or `json`"))
+}
+
+/// `--relay`: one of the `relay` values.
+fn parse_relay(text: &str) -> Result<Relay, String> {
+    Relay::from_name(text)
+        .ok_or_else(|| format!("`{text}` is not a relay mode: {}", Relay::NAMES.join(", ")))
 }
 
 /// `--workers`: a number from 1 to 1024, or `auto`.
@@ -215,6 +227,8 @@ impl SettingsArgs {
         s.socket_buffer = self.socket_buffer.or(s.socket_buffer);
         s.workers = self.workers.unwrap_or(s.workers);
         s.access_log = self.access_log.unwrap_or(s.access_log);
+        s.relay = self.relay.unwrap_or(s.relay);
+        s.max_pipes = self.max_pipes.unwrap_or(s.max_pipes);
         s
     }
 }

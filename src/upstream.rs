@@ -146,6 +146,9 @@ pub(crate) struct Counters {
     /// Bytes relayed client to host and host to client.
     pub bytes_up: u64,
     pub bytes_down: u64,
+    /// Of those, bytes spliced through kernel pipes, each way.
+    pub spliced_up: u64,
+    pub spliced_down: u64,
     /// Clients turned away, per reason.
     pub refused: BTreeMap<&'static str, u64>,
     /// Pairs ended, per end reason (the access log's `end`).
@@ -177,6 +180,8 @@ impl Counters {
     pub fn add(&mut self, other: &Counters) {
         self.bytes_up += other.bytes_up;
         self.bytes_down += other.bytes_down;
+        self.spliced_up += other.spliced_up;
+        self.spliced_down += other.spliced_down;
         for (mine, theirs) in [
             (&mut self.refused, &other.refused),
             (&mut self.ended, &other.ended),

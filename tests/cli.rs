@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -188,6 +188,29 @@ fn bad_flags_are_named() {
         "{}",
         stderr(&out)
     );
+    for (flag, value, says) in [
+        (
+            "--relay",
+            "zero-copy",
+            "`zero-copy` is not a relay mode: auto, splice, copy",
+        ),
+        (
+            "--max-pipes",
+            "2000000",
+            "max_pipes must be between 0 and 1048576",
+        ),
+    ] {
+        let out = tcplb(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--host",
+            "127.0.0.1:9",
+            flag,
+            value,
+        ]);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}");
+        assert!(stderr(&out).contains(says), "{}", stderr(&out));
+    }
     let out = tcplb(&[]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("tcplb demo"), "{}", stderr(&out));
@@ -210,6 +233,8 @@ fn help_explains_every_flag() {
         "--buffer-size",
         "--bulk-buffer-size",
         "--socket-buffer",
+        "--relay",
+        "--max-pipes",
     ] {
         let lines: Vec<&str> = help.lines().collect();
         let at = lines
@@ -404,6 +429,46 @@ fn sigterm_drains_live_pairs_then_exits_zero() {
     assert_eq!(code, Some(0));
 }
 
+/// A stream in flight when SIGTERM comes, spliced through pipes, goes on
+/// to its end, byte-exact, within the drain period.
+#[test]
+fn sigterm_drains_a_spliced_stream_to_its_end() {
+    let host = spawn_host("h", Behavior::Echo);
+    let hosts = host.addr.to_string();
+    let args = ["--listen", "127.0.0.1:0", "--host", &hosts];
+    let mut bin =
+        Binary::start(&[&args[..], &["--relay", "splice", "--drain-timeout", "20s"]].concat());
+    let mut client = TcpStream::connect(bin.listen_addr()).unwrap();
+    client.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let data = Rng::new(21).bytes(8 << 20);
+    let mut writer = client.try_clone().unwrap();
+    let sent = data.clone();
+    let (half, tx) = (data.len() / 2, std::sync::mpsc::channel::<()>());
+    let (go, wait) = tx;
+    let send = std::thread::spawn(move || {
+        writer.write_all(&sent[..half]).unwrap();
+        // The rest only once tcplb is draining.
+        wait.recv().unwrap();
+        writer.write_all(&sent[half..]).unwrap();
+        writer.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    let mut back = vec![0u8; data.len()];
+    client.read_exact(&mut back[..half]).unwrap();
+    bin.signal("TERM");
+    bin.wait_for_log("shutting down");
+    go.send(()).unwrap();
+    client.read_exact(&mut back[half..]).unwrap();
+    send.join().unwrap();
+    assert!(back == data, "the echo differs");
+    assert_eq!(client.read(&mut [0u8; 1]).unwrap(), 0, "then the end");
+    let (code, log) = bin.wait();
+    assert_eq!(code, Some(0));
+    assert!(
+        !log.iter().any(|l| l.contains("remaining")),
+        "nothing was cut: {log:#?}"
+    );
+}
+
 #[test]
 fn drain_period_end_closes_what_is_left_and_exits_zero() {
     let (mut bin, mut client, _addr, _host) = binary_with_live_pair("200ms");
@@ -433,11 +498,21 @@ fn second_signal_stops_at_once() {
 
 #[test]
 fn no_descriptor_leaks_after_clients_leave() {
+    no_descriptor_leaks("auto");
+}
+
+/// Pipes are descriptors too: none is left once the pairs are gone.
+#[test]
+fn no_descriptor_leaks_after_spliced_clients_leave() {
+    no_descriptor_leaks("splice");
+}
+
+fn no_descriptor_leaks(relay: &str) {
     let hosts: Vec<_> = (0..2)
         .map(|i| spawn_host(&format!("h{i}"), Behavior::Echo))
         .collect();
     let dead = dead_addr();
-    let args: Vec<String> = ["--listen", "127.0.0.1:0"]
+    let args: Vec<String> = ["--listen", "127.0.0.1:0", "--relay", relay]
         .iter()
         .map(|s| s.to_string())
         .chain(
@@ -604,9 +679,29 @@ fn demo_serves_greeting_echo_hosts() {
 
 #[test]
 fn out_of_descriptors_keeps_serving_and_accepts_again_when_freed() {
+    out_of_descriptors("copy");
+}
+
+/// The same with pipes: the first greeting leaves a free pipe (two
+/// descriptors) behind, which running out of descriptors closes so that
+/// the last pair fits; spliced directions that find no descriptor for a
+/// pipe relay through buffers.
+#[test]
+fn out_of_descriptors_closes_free_pipes_and_relays_without_them() {
+    out_of_descriptors("splice");
+}
+
+fn out_of_descriptors(relay: &str) {
     let host = spawn_host("h", Behavior::Named);
     let hosts = host.addr.to_string();
-    let args = ["--listen", "127.0.0.1:0", "--host", &hosts];
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--host",
+        &hosts,
+        "--relay",
+        relay,
+    ];
     // Descriptors tcplb holds before its first pair, measured on a twin.
     // Only low numbers take up room under the limit (descriptors inherited
     // from the test harness, like cargo's jobserver pipe, sit far above it).

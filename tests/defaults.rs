@@ -248,5 +248,5 @@ fn help_gives_the_documented_defaults() {
         );
         checked += 1;
     }
-    assert_eq!(checked, 10, "{help}");
+    assert_eq!(checked, 12, "{help}");
 }

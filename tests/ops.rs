@@ -431,7 +431,7 @@ struct Served {
 }
 
 fn bind(config: &Config) -> (Served, SocketAddr, SocketAddr) {
-    let proxy = Proxy::bind(&with_test_workers(config.clone())).unwrap();
+    let proxy = Proxy::bind(&with_test_settings(config.clone())).unwrap();
     let addr = proxy.listen_addr(&config.upstreams[0].name).unwrap();
     let admin = proxy.admin_addr().unwrap();
     (Served { proxy }, addr, admin)
@@ -870,6 +870,54 @@ fn a_reload_changes_how_clients_are_refused() {
     let end = c.read(&mut [0u8; 64]).map_err(|e| e.kind());
     assert_eq!(end, Err(std::io::ErrorKind::ConnectionReset));
     handle.shutdown();
+    handle.shutdown();
+    thread.join().unwrap().unwrap();
+}
+
+/// A reload that changes `relay` applies to established pairs from their
+/// next bytes on: copied before, spliced after, copied again, every echo
+/// byte-exact; a pool that no longer splices keeps no pipe.
+#[test]
+fn a_reload_changes_the_relay_of_established_pairs() {
+    let h1 = spawn_host("h1", Behavior::Echo);
+    let file = ConfigFile::new("relay");
+    let body = upstream_toml("app", &[h1.addr]);
+    let copy = format!("[defaults]\nrelay = \"copy\"\n\n{body}");
+    file.write(&copy);
+    let (app, handle, thread) = run_reloadable(&file);
+    let counts = || {
+        let u = &handle.stats().unwrap().upstreams[0];
+        (u.bytes_up, u.spliced_up, u.spliced_down)
+    };
+    let mut rng = Rng::new(8);
+    let mut c = TcpStream::connect(app).unwrap();
+    c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    echo_rounds(&mut c, &mut rng, 8);
+    let (copied, up, down) = counts();
+    assert!(copied > 0);
+    assert_eq!((up, down), (0, 0));
+
+    // Splice, with pipes of a new size.
+    file.write(&format!(
+        "[defaults]\nrelay = \"splice\"\nbulk_buffer_size = \"128KiB\"\n\n{body}"
+    ));
+    handle.reload().unwrap();
+    echo_rounds(&mut c, &mut rng, 8);
+    let (relayed, up, down) = counts();
+    assert_eq!((up, down), (relayed - copied, relayed - copied));
+    assert!(handle.stats().unwrap().pipes_free > 0);
+
+    // Back to copying, with pipes of the same size: none is kept.
+    file.write(&format!(
+        "[defaults]\nrelay = \"copy\"\nbulk_buffer_size = \"128KiB\"\n\n{body}"
+    ));
+    handle.reload().unwrap();
+    assert_eq!(handle.stats().unwrap().pipes_free, 0);
+    echo_rounds(&mut c, &mut rng, 8);
+    let (after, up_after, down_after) = counts();
+    assert!(after > relayed);
+    assert_eq!((up_after, down_after), (up, down), "copied again");
+    finish(c);
     handle.shutdown();
     thread.join().unwrap().unwrap();
 }

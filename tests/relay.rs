@@ -11,7 +11,7 @@ use std::thread;
 use std::time::Duration;
 
 use common::*;
-use tcplb::Settings;
+use tcplb::{Relay, Settings};
 
 /// `clients` concurrent clients each push `per_client` random bytes in
 /// random chunk sizes through the proxy to echo hosts, while reading the
@@ -240,13 +240,23 @@ fn backpressure_stops_reading_the_sender_and_bounds_what_tcplb_holds() {
         held > 0 && held <= bound,
         "tcplb holds {held} bytes (bound {bound}): {stalled:?}"
     );
-    assert_eq!(proxy.stats().buffers_in_use, 1);
+    // One direction holds bytes: in a bulk buffer when copied, in a pipe
+    // (kernel memory, bounded the same) when spliced, as `auto` does once
+    // the direction streams.
+    let stats = proxy.stats();
+    let held_in = (stats.buffers_in_use, stats.pipes_in_use);
+    match test_relay().unwrap_or_default() {
+        Relay::Copy => assert_eq!(held_in, (1, 0), "{stats:?}"),
+        Relay::Splice | Relay::Auto => assert_eq!(held_in, (0, 1), "{stats:?}"),
+    }
     // The reader catches up: the stream resumes, byte-exact.
     let mut got = vec![0u8; TOTAL];
     client.read_exact(&mut got).unwrap();
     assert!(got == *payload, "the stream differs");
     finish(client);
-    proxy.wait_until("released the buffers", |s| s.buffers_in_use == 0);
+    proxy.wait_until("released the buffers and pipes", |s| {
+        s.buffers_in_use == 0 && s.pipes_in_use == 0
+    });
 }
 
 #[test]
@@ -274,7 +284,10 @@ fn urgent_bytes_are_relayed_inline_without_stalling() {
     // proxy that takes every short read for "drained" then waits forever.
     let listener = TcpListener::bind(localhost()).unwrap();
     let host = listener.local_addr().unwrap().to_string();
-    let bin = Binary::start(&["--listen", "127.0.0.1:0", "--host", &host]);
+    let mut args = vec!["--listen", "127.0.0.1:0", "--host", &host];
+    let relay = relay_args();
+    args.extend(relay.iter().map(String::as_str));
+    let bin = Binary::start(&args);
     let addr = bin.listen_addr();
     let client = TcpStream::connect(addr).unwrap();
     let (mut conn, _) = listener.accept().unwrap();
@@ -429,4 +442,180 @@ fn a_stalled_client_holds_little_unsent_data_in_tcplbs_kernel() {
         most <= (64 + 64) << 10,
         "{most} bytes unsent toward a client that does not read"
     );
+}
+
+/// Echoes `len` random bytes through the proxy on one connection (the
+/// client writes, half-closes and reads the echo to its end), then
+/// returns the counts once the pair is gone.
+fn echo_once(proxy: &Running, len: usize, seed: u64) -> tcplb::UpstreamStats {
+    let mut client = proxy.connect();
+    let data = Rng::new(seed).bytes(len);
+    let mut writer = client.try_clone().unwrap();
+    let sent = data.clone();
+    let send = thread::spawn(move || {
+        writer.write_all(&sent).unwrap();
+        writer.shutdown(Shutdown::Write).unwrap();
+    });
+    let back = read_to_end(&mut client).unwrap();
+    send.join().unwrap();
+    assert!(
+        back == data,
+        "the echo differs ({} of {len} bytes)",
+        back.len()
+    );
+    proxy.wait_until("closed the pair", |s| s.pairs == 0);
+    proxy.stats().upstreams[0].clone()
+}
+
+/// A config in `relay` mode, with exactly that mode whatever
+/// `TCPLB_TEST_RELAY` says (the workers are still the tests').
+fn in_mode(host: std::net::SocketAddr, settings: Settings) -> Running {
+    start_as_given(config(
+        &[host],
+        Settings {
+            workers: test_workers(),
+            ..settings
+        },
+    ))
+}
+
+#[test]
+fn splice_mode_moves_every_byte_of_a_plain_pair_through_pipes() {
+    const LEN: usize = 4 << 20;
+    let host = spawn_host("h", Behavior::Echo);
+    let proxy = in_mode(
+        host.addr,
+        Settings {
+            relay: Relay::Splice,
+            ..Settings::default()
+        },
+    );
+    let u = echo_once(&proxy, LEN, 3);
+    let all = LEN as u64;
+    assert_eq!((u.bytes_up, u.bytes_down), (all, all));
+    assert_eq!(
+        (u.spliced_up, u.spliced_down),
+        (all, all),
+        "every byte spliced, none copied"
+    );
+    let stats = proxy.stats();
+    assert_eq!(
+        (
+            stats.pipes_in_use,
+            stats.buffers_in_use,
+            stats.splice_fallbacks
+        ),
+        (0, 0, 0)
+    );
+    assert_eq!(stats.pipes_free, 0, "no pair left, no pipe kept");
+}
+
+#[test]
+fn copy_mode_splices_nothing() {
+    const LEN: usize = 4 << 20;
+    let host = spawn_host("h", Behavior::Echo);
+    let proxy = in_mode(
+        host.addr,
+        Settings {
+            relay: Relay::Copy,
+            ..Settings::default()
+        },
+    );
+    let u = echo_once(&proxy, LEN, 4);
+    assert_eq!((u.bytes_up, u.bytes_down), (LEN as u64, LEN as u64));
+    assert_eq!((u.spliced_up, u.spliced_down), (0, 0));
+    assert_eq!(proxy.stats().pipes_free, 0);
+}
+
+#[test]
+fn auto_copies_requests_and_answers_and_splices_streams() {
+    let host = spawn_host("h", Behavior::Echo);
+    let proxy = in_mode(host.addr, Settings::default());
+    let mut client = proxy.connect();
+    for i in 0..50 {
+        let line = format!("request {i}\n");
+        client.write_all(line.as_bytes()).unwrap();
+        assert_eq!(read_line(&mut client), line.trim_end());
+    }
+    let u = &proxy.stats().upstreams[0];
+    assert!(u.bytes_up > 0 && u.bytes_up == u.bytes_down);
+    assert_eq!(
+        (u.spliced_up, u.spliced_down),
+        (0, 0),
+        "small messages are copied"
+    );
+    finish(client);
+    // A stream: its first reads fill whole buffers, and from then on it
+    // is spliced (all but the first buffers' worth each way).
+    const LEN: usize = 4 << 20;
+    let before = proxy.stats().upstreams[0].clone();
+    let u = echo_once(&proxy, LEN, 5);
+    let spliced = (
+        u.spliced_up - before.spliced_up,
+        u.spliced_down - before.spliced_down,
+    );
+    let most = LEN as u64 / 2;
+    assert!(
+        spliced.0 > most && spliced.1 > most,
+        "spliced {spliced:?} of {LEN} each way"
+    );
+}
+
+/// With the only pipe held by a stalled pair, another pair relays through
+/// buffers, byte-exact, and the fallback is counted; the stalled one then
+/// delivers its whole stream.
+#[test]
+fn a_pair_that_finds_no_pipe_left_relays_through_buffers() {
+    const TOTAL: usize = 64 << 20;
+    let payload = std::sync::Arc::new(Rng::new(12).bytes(TOTAL));
+    let streaming = spawn_streaming_host(payload.clone());
+    let echo = spawn_host("h", Behavior::Echo);
+    let mut config = config(
+        &[streaming.addr],
+        Settings {
+            relay: Relay::Splice,
+            max_pipes: 1,
+            ..Settings::default()
+        },
+    );
+    let mut second = config.upstreams[0].clone();
+    second.name = "echo".to_string();
+    second.hosts = vec![echo.addr.into()];
+    config.upstreams.push(second);
+    let proxy = start_as_given(config);
+    let echo_addr = proxy.addrs[1];
+
+    let mut stalled = proxy.connect();
+    stalled.write_all(b"g").unwrap();
+    let tcplb_end = streaming.peer.recv_timeout(IO_TIMEOUT).unwrap();
+    let ends = (stalled.local_addr().unwrap(), proxy.addr);
+    let backlog = stalled_backlog(&streaming, tcplb_end, ends);
+    let stats = proxy.stats();
+    assert_eq!(stats.pipes_in_use, 1, "the stalled pair holds the pipe");
+    assert!(backlog.held_by_tcplb(0) > 0, "{backlog:?}");
+
+    let mut client = TcpStream::connect(echo_addr).unwrap();
+    client.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let data = Rng::new(13).bytes(1 << 20);
+    let mut writer = client.try_clone().unwrap();
+    let sent = data.clone();
+    let send = thread::spawn(move || {
+        writer.write_all(&sent).unwrap();
+        writer.shutdown(Shutdown::Write).unwrap();
+    });
+    let back = read_to_end(&mut client).unwrap();
+    send.join().unwrap();
+    assert!(back == data, "the echo differs");
+    let stats = proxy.stats();
+    let echoed = stats.upstreams.iter().find(|u| u.name == "echo").unwrap();
+    assert_eq!(echoed.bytes_up, data.len() as u64);
+    assert_eq!((echoed.spliced_up, echoed.spliced_down), (0, 0));
+    assert!(stats.splice_fallbacks > 0, "{stats:?}");
+
+    let mut got = vec![0u8; TOTAL];
+    stalled.read_exact(&mut got).unwrap();
+    assert!(got == *payload, "the stalled stream differs");
+    let streamed = &proxy.stats().upstreams[0];
+    assert!(streamed.spliced_down > 0, "the pipe's pair spliced");
+    finish(stalled);
 }

@@ -80,7 +80,9 @@ impl Tcplb {
             format!("[admin]\nlisten = \"127.0.0.1:0\"\n\n{body}"),
         )
         .unwrap();
-        let args = ["--config", path.to_str().unwrap()];
+        let mut args = vec!["--config".to_string(), path.to_str().unwrap().to_string()];
+        args.extend(relay_args());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let bin = match nofile {
             Some(n) => Binary::start_limited(n, &args),
             None => Binary::start(&args),

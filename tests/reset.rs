@@ -398,3 +398,60 @@ fn a_receiver_that_never_reads_gets_the_reset_at_the_half_close_bound() {
     );
     assert_eq!(proxy.host_counts(), [0]);
 }
+
+/// A host resets while tcplb still holds bytes it sent (in a buffer, or
+/// in a pipe when spliced) because the client is not reading: whenever
+/// the client reads, it gets every one of them, then the reset.
+#[test]
+fn host_bytes_tcplb_holds_when_it_resets_reach_a_client_that_reads_later() {
+    const LEN: usize = 24 * 1024;
+    let listener = TcpListener::bind(localhost()).unwrap();
+    let host = listener.local_addr().unwrap();
+    // Small windows toward the client, so that tcplb has to keep bytes.
+    let settings = Settings {
+        socket_buffer: Some(4096),
+        ..Settings::default()
+    };
+    let proxy = start(config(&[host], settings));
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&proxy.addr.into()).unwrap();
+    let mut client: TcpStream = socket.into();
+    client.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let (mut conn, tcplb_end) = listener.accept().unwrap();
+    let data = Rng::new(31).bytes(LEN);
+    conn.write_all(&data).unwrap();
+    // Every byte has reached tcplb's kernel (it acknowledged them) before
+    // the reset, and tcplb holds some it could not pass on yet.
+    let deadline = std::time::Instant::now() + IO_TIMEOUT;
+    let ends = (client.local_addr().unwrap(), proxy.addr);
+    let held = loop {
+        let from_host = socket_counts(host, tcplb_end);
+        if from_host.acked == LEN as u64 {
+            let tcplb = socket_counts(tcplb_end, host);
+            let to_client = socket_counts(ends.1, ends.0);
+            break tcplb.read() as i64 - to_client.written() as i64;
+        }
+        assert!(std::time::Instant::now() < deadline, "{from_host:?}");
+        thread::yield_now();
+    };
+    assert!(held > 0, "tcplb holds none of the bytes: nothing tested");
+    println!("tcplb holds {held} bytes at the reset");
+    reset(&conn);
+    drop(conn);
+    // The reset has reached tcplb's socket (the kernel closed it), and
+    // two loop turns ran after, so tcplb has acted on it.
+    while !kernel_buffers(&format!("src {tcplb_end}")).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the reset never came");
+        thread::yield_now();
+    }
+    proxy.handle.advance_clock(Duration::ZERO).unwrap();
+    proxy.handle.advance_clock(Duration::ZERO).unwrap();
+    let got = receive(&mut client);
+    assert_eq!(
+        (got.bytes.len(), got.end),
+        (LEN, ErrorKind::ConnectionReset),
+        "tcplb held {held} bytes at the reset"
+    );
+    assert!(got.bytes == data, "the bytes differ");
+}

@@ -16,7 +16,7 @@ use common::pki::{self, Pki};
 use common::*;
 use tcplb::ClientRule;
 use tcplb::Limit;
-use tcplb::{Config, RefusalMode, Settings, UpstreamConfig};
+use tcplb::{Config, RefusalMode, Relay, Settings, UpstreamConfig};
 
 fn rule(identity: &str, upstreams: &[&str], rate: f64, burst: u32, max: Option<u32>) -> ClientRule {
     ClientRule {
@@ -97,7 +97,11 @@ fn assert_refused_without_host(
 fn authorized_client_relays_byte_exact_with_half_close() {
     let pki = Pki::new("relay");
     let host = spawn_host("h", Behavior::Echo);
-    let proxy = start(tls_config(&pki, &[host.addr], alice_rules(), vec![]));
+    // Even where plain pairs would splice everything, a TLS pair's bytes
+    // are plaintext in tcplb's buffers: none is spliced.
+    let mut config = tls_config(&pki, &[host.addr], alice_rules(), vec![]);
+    config.settings.relay = Relay::Splice;
+    let proxy = start(config);
     let alice = pki.client("alice");
     let mut s = pki::connect(proxy.addr, pki.client_config(Some(&alice))).unwrap();
     let data = Rng::new(3).bytes(3 << 20);
@@ -131,6 +135,12 @@ fn authorized_client_relays_byte_exact_with_half_close() {
     assert!(got == data, "bytes differ");
     proxy.wait_until("closed the pair", |st| st.pairs == 0);
     assert_eq!(proxy.host_counts(), [0]);
+    let u = &proxy.stats().upstreams[0];
+    assert_eq!(
+        (u.bytes_up, u.bytes_down),
+        (data.len() as u64, data.len() as u64)
+    );
+    assert_eq!((u.spliced_up, u.spliced_down), (0, 0));
 }
 
 #[test]

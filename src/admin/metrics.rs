@@ -21,6 +21,14 @@ pub struct Stats {
     pub refusing: usize,
     /// Relay buffers currently held by pairs.
     pub buffers_in_use: usize,
+    /// Kernel pipes currently held by spliced directions of pairs.
+    pub pipes_in_use: usize,
+    /// Empty pipes kept for reuse (two descriptors each).
+    pub pipes_free: usize,
+    /// Times a direction that was to be spliced found no pipe (the
+    /// `max_pipes` cap, or no descriptor left) and relayed through a
+    /// buffer instead.
+    pub splice_fallbacks: u64,
     /// TLS handshakes in progress.
     pub handshakes: usize,
     /// Time since the loop started.
@@ -73,6 +81,10 @@ pub struct UpstreamStats {
     pub bytes_up: u64,
     /// Bytes relayed from hosts to clients.
     pub bytes_down: u64,
+    /// Of `bytes_up`, those spliced (never copied through tcplb's memory).
+    pub spliced_up: u64,
+    /// Of `bytes_down`, those spliced.
+    pub spliced_down: u64,
     /// Durations of connections that reached a host.
     pub durations: Histogram,
     /// Clients waiting for a host slot now (every host at its cap), in
@@ -237,6 +249,21 @@ fn upstream_families(out: &mut Exposition, stats: &Stats) {
             up.bytes_down,
         );
     }
+    let name = "tcplb_spliced_bytes_total";
+    let help = "Of the bytes relayed, those spliced through kernel pipes, by direction.";
+    out.family(name, "counter", help);
+    for up in &stats.upstreams {
+        out.sample(
+            name,
+            &[("upstream", &up.name), ("direction", "up")],
+            up.spliced_up,
+        );
+        out.sample(
+            name,
+            &[("upstream", &up.name), ("direction", "down")],
+            up.spliced_down,
+        );
+    }
     let undelivered: [Family<UpstreamStats, u64>; 2] = [
         (
             "tcplb_undelivered_resets_total",
@@ -332,7 +359,7 @@ fn process_families(out: &mut Exposition, stats: &Stats) {
     for (identity, n) in &stats.clients {
         out.sample(name, &[("identity", identity)], n);
     }
-    let process: [Family<Stats, f64>; 5] = [
+    let process: [Family<Stats, f64>; 8] = [
         (
             "tcplb_pairs",
             "gauge",
@@ -350,6 +377,24 @@ fn process_families(out: &mut Exposition, stats: &Stats) {
             "gauge",
             "Relay buffers held by pairs.",
             |s| s.buffers_in_use as f64,
+        ),
+        (
+            "tcplb_pipes_in_use",
+            "gauge",
+            "Kernel pipes held by spliced directions of pairs.",
+            |s| s.pipes_in_use as f64,
+        ),
+        (
+            "tcplb_pipes_free",
+            "gauge",
+            "Empty kernel pipes kept for reuse (two descriptors each).",
+            |s| s.pipes_free as f64,
+        ),
+        (
+            "tcplb_splice_fallbacks_total",
+            "counter",
+            "Times a direction to be spliced found no pipe (max_pipes, or no descriptor) and used a buffer.",
+            |s| s.splice_fallbacks as f64,
         ),
         (
             "tcplb_reloads_total",
@@ -425,6 +470,9 @@ pub(super) fn sample() -> Stats {
         pairs: 1,
         refusing: 0,
         buffers_in_use: 0,
+        pipes_in_use: 1,
+        pipes_free: 2,
+        splice_fallbacks: 3,
         handshakes: 0,
         uptime: Duration::from_secs(5),
         reloads: 0,
@@ -453,6 +501,8 @@ pub(super) fn sample() -> Stats {
             ended: vec![("client_truncated".into(), 3)],
             bytes_up: 10,
             bytes_down: 20,
+            spliced_up: 4,
+            spliced_down: 16,
             durations,
             queued: 2,
             queue_waits,

@@ -103,6 +103,14 @@ pub struct Settings {
     /// the cores available). Takes effect at start; a reload keeps the
     /// number running.
     pub workers: usize,
+    /// How plain TCP pairs move their bytes: through tcplb's buffers, or
+    /// spliced through kernel pipes (TLS pairs always use buffers).
+    pub relay: Relay,
+    /// Pipes the spliced relay may hold at once, over all workers (each
+    /// costs two descriptors and up to `bulk_buffer_size` of kernel
+    /// memory while bytes wait in it); a direction that finds none left
+    /// relays through a buffer. 0 turns splicing off.
+    pub max_pipes: usize,
     /// How often the names of hosts given as `name:port` are looked up
     /// again while tcplb runs; zero looks them up only when the config is
     /// read (at start and on reload).
@@ -206,6 +214,44 @@ impl Default for Settings {
             max_queued: 1024,
             keepalive: None,
             access_log: AccessLog::Text,
+            relay: Relay::Auto,
+            max_pipes: 1024,
+        }
+    }
+}
+
+/// How plain TCP pairs relay (the `relay` key of `[defaults]`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Relay {
+    /// Each direction is copied through a buffer until it streams (a read
+    /// fills a whole buffer, the same test that moves it up to a bulk
+    /// buffer), and spliced from then on: request/response traffic keeps
+    /// the buffers' fewer syscalls, bulk traffic skips the copies.
+    #[default]
+    Auto,
+    /// Every direction of a plain pair is spliced, socket to pipe to
+    /// socket, without a copy through user space.
+    Splice,
+    /// Every direction is copied through tcplb's buffers.
+    Copy,
+}
+
+impl Relay {
+    /// The values of the `relay` key, in the order of the variants.
+    pub const NAMES: [&'static str; 3] = ["auto", "splice", "copy"];
+
+    /// The `relay` value that names this mode.
+    pub fn name(self) -> &'static str {
+        Self::NAMES[self as usize]
+    }
+
+    /// The mode a `relay` value names.
+    pub fn from_name(name: &str) -> Option<Relay> {
+        match name {
+            "auto" => Some(Relay::Auto),
+            "splice" => Some(Relay::Splice),
+            "copy" => Some(Relay::Copy),
+            _ => None,
         }
     }
 }
@@ -558,6 +604,10 @@ pub fn check_settings(settings: &Settings) -> Vec<String> {
         if let Some(Err(why)) = value.map(rules::buffer_size) {
             out.push(format!("{name} {why}"));
         }
+    }
+    if !rules::PIPES.contains(&(settings.max_pipes as i64)) {
+        let (lo, hi) = (rules::PIPES.start(), rules::PIPES.end());
+        out.push(format!("max_pipes must be between {lo} and {hi}"));
     }
     if !rules::BACKLOG.contains(&i64::from(settings.backlog)) {
         let (lo, hi) = (rules::BACKLOG.start(), rules::BACKLOG.end());

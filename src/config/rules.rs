@@ -29,6 +29,8 @@ const KEEPALIVE_SECS: RangeInclusive<u64> = 1..=32767;
 pub(super) const BACKLOG: RangeInclusive<i64> = 1..=65535;
 /// Worker threads.
 pub(super) const WORKERS: RangeInclusive<i64> = 1..=1024;
+/// `max_pipes`: 0 turns splicing off; two descriptors each.
+pub(super) const PIPES: RangeInclusive<i64> = 0..=1 << 20;
 /// `buffer_size`, `bulk_buffer_size` and `socket_buffer`, in bytes.
 pub(super) const BUFFER_SIZE: RangeInclusive<usize> = 1024..=64 * 1024 * 1024;
 /// A token bucket's `burst` (of a client rule, or `source_burst`).

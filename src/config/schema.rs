@@ -20,7 +20,7 @@ use super::problems::Problems;
 use super::tables::{as_table, find, unknown_keys};
 use super::upstreams::{Lookups, upstreams};
 use super::values::{Value, Zero, address, duration, fill, integer, networks, rate, size, string};
-use super::{AccessLog, Config, Keepalive, Settings, rules};
+use super::{AccessLog, Config, Keepalive, Relay, Settings, rules};
 use crate::policy::limits::Limit;
 use crate::tls::{TlsPlaces, TlsSettings};
 
@@ -47,6 +47,8 @@ const DEFAULTS_KEYS: &[&str] = &[
     "keepalive_interval",
     "keepalive_probes",
     "access_log",
+    "relay",
+    "max_pipes",
 ];
 const TLS_KEYS: &[&str] = &[
     "cert",
@@ -177,6 +179,10 @@ fn defaults(p: &mut Problems<'_>, root: &DeTable<'_>) -> Option<Settings> {
     ok &= fill(&mut s.resolver, resolver);
     let accept_proxy = find(table, "accept_proxy").map(|v| networks(p, v, "accept_proxy"));
     ok &= fill(&mut s.accept_proxy, accept_proxy);
+    ok &= fill(&mut s.relay, find(table, "relay").map(|v| relay(p, v)));
+    let max_pipes = find(table, "max_pipes")
+        .map(|v| integer(p, v, "max_pipes", rules::PIPES).map(|n| n as usize));
+    ok &= fill(&mut s.max_pipes, max_pipes);
     if let Some(v) = find(table, "bulk_buffer_size").filter(|_| ok) {
         if s.bulk_buffer_size < s.buffer_size {
             let message = format!(
@@ -208,6 +214,20 @@ fn resolver(p: &mut Problems<'_>, v: &Value<'_>) -> Option<SocketAddr> {
             None
         }
     }
+}
+
+/// `relay` of `[defaults]`: how plain pairs move their bytes.
+fn relay(p: &mut Problems<'_>, v: &Value<'_>) -> Option<Relay> {
+    let name = string(p, v, "relay")?;
+    let mode = Relay::from_name(name);
+    if mode.is_none() {
+        let expected = Relay::NAMES.map(|n| format!("\"{n}\"")).join(", ");
+        p.at(
+            v.span(),
+            format!("`relay` must be one of {expected}, not \"{name}\""),
+        );
+    }
+    mode
 }
 
 /// `source_rate` and `source_burst` of `[defaults]`: the limit they make,
@@ -375,7 +395,7 @@ mod tests {
     use std::path::PathBuf;
     use std::time::Duration;
 
-    use crate::config::{Config, problems, warnings};
+    use crate::config::{Config, Relay, problems, warnings};
     use crate::policy::limits::Limit;
 
     #[test]
@@ -486,6 +506,40 @@ hosts = ["127.0.0.1:1", "nope"]
         assert!(
             found[0].starts_with("lb.toml:2:20: `bulk_buffer_size`: `lots` is not a size"),
             "{found:?}"
+        );
+    }
+
+    #[test]
+    fn relay_mode_and_pipe_cap() {
+        let base = "[[upstream]]\nname=\"x\"\nlisten=\"127.0.0.1:0\"\nhosts=[\"127.0.0.1:1\"]\n";
+        let settings = |defaults: &str| {
+            Config::parse(&format!("[defaults]\n{defaults}\n{base}"), "x")
+                .unwrap()
+                .settings
+        };
+        assert_eq!(settings("").relay, Relay::Auto);
+        assert_eq!(settings("").max_pipes, 1024);
+        for (name, mode) in [
+            ("auto", Relay::Auto),
+            ("splice", Relay::Splice),
+            ("copy", Relay::Copy),
+        ] {
+            assert_eq!(settings(&format!("relay = \"{name}\"")).relay, mode);
+            assert_eq!(mode.name(), name);
+        }
+        assert_eq!(settings("max_pipes = 0").max_pipes, 0);
+        assert_eq!(
+            problems(&format!("[defaults]\nrelay = \"zero-copy\"\n{base}")),
+            [
+                "lb.toml:2:9: `relay` must be one of \"auto\", \"splice\", \"copy\", not \"zero-copy\""
+            ]
+        );
+        assert_eq!(
+            problems(&format!("[defaults]\nrelay = 1\nmax_pipes = -1\n{base}")),
+            [
+                "lb.toml:2:9: `relay` must be a string",
+                "lb.toml:3:13: `max_pipes` must be between 0 and 1048576, not -1"
+            ]
         );
     }
 

@@ -9,12 +9,15 @@
 //! that, returned buffers are freed.
 
 /// A fixed-capacity byte queue: bytes are appended at `end` and consumed
-/// from `start`; `start <= end <= capacity`.
+/// from `start`; `start <= end <= capacity`. The offsets are `u32`
+/// (buffers are at most 64 MiB, `rules::BUFFER_SIZE`) so that a
+/// direction's buffer-or-pipe takes no more room in every pair than a
+/// buffer did alone.
 #[derive(Debug)]
 pub struct Buffer {
     bytes: Box<[u8]>,
-    start: usize,
-    end: usize,
+    start: u32,
+    end: u32,
 }
 
 impl Buffer {
@@ -23,7 +26,7 @@ impl Buffer {
     }
 
     pub fn len(&self) -> usize {
-        self.end - self.start
+        (self.end - self.start) as usize
     }
 
     pub fn capacity(&self) -> usize {
@@ -37,30 +40,31 @@ impl Buffer {
 
     /// The bytes waiting to be written out.
     pub fn data(&self) -> &[u8] {
-        &self.bytes[self.start..self.end]
+        &self.bytes[self.start as usize..self.end as usize]
     }
 
     /// Free space to read into; moves pending bytes to the front first when
     /// that is the only way to make room.
     pub fn room(&mut self) -> &mut [u8] {
-        if self.end == self.bytes.len() && self.start > 0 {
-            self.bytes.copy_within(self.start..self.end, 0);
+        if self.end as usize == self.bytes.len() && self.start > 0 {
+            self.bytes
+                .copy_within(self.start as usize..self.end as usize, 0);
             self.end -= self.start;
             self.start = 0;
         }
-        &mut self.bytes[self.end..]
+        &mut self.bytes[self.end as usize..]
     }
 
     /// Records that `n` bytes were read into [`room`](Self::room).
     pub fn filled(&mut self, n: usize) {
-        debug_assert!(self.end + n <= self.bytes.len());
-        self.end += n;
+        debug_assert!(self.end as usize + n <= self.bytes.len());
+        self.end += n as u32;
     }
 
     /// Records that the first `n` bytes of [`data`](Self::data) were written out.
     pub fn consumed(&mut self, n: usize) {
         debug_assert!(n <= self.len());
-        self.start += n;
+        self.start += n as u32;
         if self.start == self.end {
             self.start = 0;
             self.end = 0;

@@ -15,6 +15,7 @@ use mio::event::Event;
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
+use super::pipe::Pipe;
 use super::send_queue::SendQueues;
 use super::{Io, net, retrying};
 
@@ -61,6 +62,9 @@ pub(crate) struct Endpoint {
     ready: u8,
     /// SO_OOBINLINE is set (done on the first urgent-data event).
     urgent_inline: bool,
+    /// A splice from the socket returned 0: reads are no longer spliced
+    /// (see [`Endpoint::splice_in`]).
+    splice_ended: bool,
     /// The connection is broken: the peer reset it, an operation failed,
     /// or a TLS stream was cut. Bytes that arrived before a reset stay
     /// readable, and are read first; an end of stream read after this is
@@ -74,6 +78,7 @@ impl Endpoint {
             stream,
             ready: 0,
             urgent_inline: false,
+            splice_ended: false,
             fault: None,
         }
     }
@@ -149,6 +154,62 @@ impl Endpoint {
         let outcome = Io::of(retrying(|| self.stream.write(data)), true);
         match outcome {
             Io::Done(n) if n < data.len() => self.ready &= !WRITABLE,
+            Io::WouldBlock => self.ready &= !WRITABLE,
+            Io::Eof | Io::Failed(_) => self.set_broken(),
+            Io::Done(_) => {}
+        }
+        outcome
+    }
+
+    /// Whether reads may be spliced: not once urgent data has come (Linux
+    /// stops a splice at the urgent mark, and one that starts at the mark
+    /// moves nothing, so only a read gets past it), nor once a splice has
+    /// found the end of the stream (which a read confirms).
+    pub fn can_splice_from(&self) -> bool {
+        !self.urgent_inline && !self.splice_ended
+    }
+
+    /// One read spliced into `pipe` (as much as the socket has, up to the
+    /// pipe's room), with the bookkeeping of [`read`](Self::read) but for
+    /// two differences. `EAGAIN` means the socket is drained only if the
+    /// pipe was empty, since a pipe out of room (bytes, or slots: each
+    /// holds one page of a received segment) says `EAGAIN` too, and a
+    /// short splice may be the slots running out, so it clears nothing:
+    /// once the pipe is emptied, the next splice tells. And the end of the
+    /// stream is not taken from a splice, which also returns 0 where urgent
+    /// data blocks it after the peer's FIN: it is reported as
+    /// `WouldBlock`, and the direction's next read (never a splice again)
+    /// finds the end, or the bytes.
+    pub fn splice_in(&mut self, pipe: &mut Pipe) -> Io {
+        debug_assert!(pipe.room() > 0, "a splice of 0 bytes reads as EOF");
+        let was_empty = pipe.is_empty();
+        match Io::of(retrying(|| pipe.fill_from(&self.stream)), false) {
+            Io::Eof => {
+                self.splice_ended = true;
+                self.ready |= READABLE | READ_ALL;
+                Io::WouldBlock
+            }
+            Io::WouldBlock if was_empty => {
+                self.ready &= !(READABLE | READ_ALL);
+                Io::WouldBlock
+            }
+            Io::Failed(e) => {
+                self.set_broken();
+                Io::Failed(e)
+            }
+            outcome => outcome,
+        }
+    }
+
+    /// One write spliced out of `pipe`, with the bookkeeping of
+    /// [`write`](Self::write): a short splice, like a short write, means
+    /// the socket is full.
+    pub fn splice_out(&mut self, pipe: &mut Pipe) -> Io {
+        let len = pipe.len();
+        debug_assert!(len > 0, "a splice of 0 bytes says nothing");
+        let outcome = Io::of(retrying(|| pipe.drain_into(&self.stream)), true);
+        match outcome {
+            Io::Done(n) if n < len => self.ready &= !WRITABLE,
             Io::WouldBlock => self.ready &= !WRITABLE,
             Io::Eof | Io::Failed(_) => self.set_broken(),
             Io::Done(_) => {}
@@ -292,5 +353,87 @@ impl Write for Endpoint {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+    use std::net::{TcpListener, TcpStream as StdStream};
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::config::Relay;
+    use crate::io::pipe::PipePool;
+
+    /// tcplb's end of a loopback connection, and the peer's.
+    fn connected() -> (Endpoint, StdStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = StdStream::connect(listener.local_addr().unwrap()).unwrap();
+        peer.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let (ours, _) = listener.accept().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        (Endpoint::new(TcpStream::from_std(ours)), peer)
+    }
+
+    /// Waits (bounded) until `n` bytes, or the end, have arrived at `ep`.
+    fn arrived(ep: &Endpoint, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut peek = vec![0u8; n + 1];
+        loop {
+            match ep.stream.peek(&mut peek) {
+                Ok(got) if got >= n => return,
+                Ok(0) => panic!("the end came before {n} bytes"),
+                _ => assert!(Instant::now() < deadline, "{n} bytes never arrived"),
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    #[test]
+    fn a_splice_clears_readable_only_once_it_finds_the_socket_drained() {
+        let (mut ep, mut peer) = connected();
+        let mut pipes = PipePool::new(Relay::Splice, 64 * 1024, 2);
+        let mut pipe = pipes.take(false).unwrap();
+        peer.write_all(&[7; 100]).unwrap();
+        arrived(&ep, 100);
+        ep.ready |= READABLE;
+        assert!(matches!(ep.splice_in(&mut pipe), Io::Done(100)));
+        assert!(ep.can_read(), "a short splice clears nothing");
+        // The socket is drained, but a pipe with bytes in it cannot tell
+        // that from being out of room: readable stays.
+        assert!(matches!(ep.splice_in(&mut pipe), Io::WouldBlock));
+        assert!(ep.can_read());
+        // With an empty pipe, EAGAIN is the socket's.
+        let mut empty = pipes.take(false).unwrap();
+        assert!(matches!(ep.splice_in(&mut empty), Io::WouldBlock));
+        assert!(!ep.can_read());
+        assert_eq!((pipe.len(), empty.len()), (100, 0));
+    }
+
+    #[test]
+    fn a_splice_out_moves_the_pipes_bytes_and_a_splice_does_not_take_eof() {
+        let (mut from, mut peer) = connected();
+        let (mut to, mut reader) = connected();
+        let mut pipes = PipePool::new(Relay::Splice, 64 * 1024, 1);
+        let mut pipe = pipes.take(false).unwrap();
+        peer.write_all(b"spliced").unwrap();
+        peer.shutdown(Shutdown::Write).unwrap();
+        arrived(&from, 7);
+        from.ready |= READABLE;
+        assert!(matches!(from.splice_in(&mut pipe), Io::Done(7)));
+        to.assume_writable();
+        assert!(matches!(to.splice_out(&mut pipe), Io::Done(7)));
+        assert!(pipe.is_empty() && to.can_write());
+        let mut got = [0u8; 7];
+        reader.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"spliced");
+        // The FIN: a splice returns 0, which is not taken for the end
+        // (urgent data after a FIN ends a splice the same way); reads
+        // take over and find it.
+        assert!(matches!(from.splice_in(&mut pipe), Io::WouldBlock));
+        assert!(!from.can_splice_from() && from.can_read());
+        assert!(matches!(from.read(&mut got), Io::Eof));
     }
 }

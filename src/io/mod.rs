@@ -1,6 +1,7 @@
 //! Everything that touches a socket: one [`Endpoint`] per socket, which
 //! keeps the readiness bookkeeping for every operation on it; the
-//! [`flow`] of one direction through a pooled [`buffer`]; a client's TLS
+//! [`flow`] of one direction through a pooled [`buffer`], or spliced
+//! through a pooled kernel [`pipe`] (plain TCP); a client's TLS
 //! session on top of an endpoint; socket options and connects ([`net`]);
 //! and what a peer has not acknowledged yet ([`send_queue`]).
 //!
@@ -12,6 +13,7 @@ pub(crate) mod buffer;
 pub(crate) mod endpoint;
 pub(crate) mod flow;
 pub(crate) mod net;
+pub(crate) mod pipe;
 pub(crate) mod send_queue;
 pub(crate) mod tls_session;
 

@@ -31,7 +31,7 @@ impl Pair {
     pub(super) fn place(&mut self, ctx: &mut Context<'_>, mut up: Flow) -> Step {
         let max = ctx.settings.max_connections;
         let Some(slot) = ctx.capacity.connection(max) else {
-            up.release(ctx.pool);
+            up.release(&mut ctx.pools());
             if let Some(more) = ctx.logs.overloaded.allow(ctx.now) {
                 warn!(
                     "`{}`: max_connections ({max}) reached ({more} more refused since the last report)",
@@ -41,7 +41,7 @@ impl Pair {
             return self.refuse_with(ctx, Refusal::Overloaded);
         };
         if self.upstream.balancer.healthy() == 0 {
-            up.release(ctx.pool);
+            up.release(&mut ctx.pools());
             return self.refuse_with(ctx, Refusal::NoHealthyHost);
         }
         self.slot = Some(slot);
@@ -114,7 +114,7 @@ impl Pair {
             Some(lease) => self.connect_to(ctx, lease, tried, up),
             None => {
                 let mut up = up;
-                up.release(ctx.pool);
+                up.release(&mut ctx.pools());
                 self.slot = None;
                 let refusal = if self.upstream.balancer.healthy() == 0 {
                     Refusal::NoHealthyHost
@@ -141,7 +141,7 @@ impl Pair {
         ctx.counters
             .queue_waits
             .observe(ctx.now.saturating_duration_since(*since));
-        up.release(ctx.pool);
+        up.release(&mut ctx.pools());
         self.slot = None;
         self.refuse_with(ctx, Refusal::Overloaded)
     }
@@ -175,7 +175,7 @@ impl Pair {
                 Err(None) => {}
             }
         };
-        up.release(ctx.pool);
+        up.release(&mut ctx.pools());
         self.slot = None;
         self.refuse_with(ctx, refusal)
     }
@@ -192,7 +192,7 @@ impl Pair {
             Ok(host) => self.await_connect(ctx, host, tried, up),
             Err(None) => self.connect_next(ctx, tried, up),
             Err(Some(refusal)) => {
-                up.release(ctx.pool);
+                up.release(&mut ctx.pools());
                 self.slot = None;
                 self.refuse_with(ctx, refusal)
             }
@@ -223,6 +223,8 @@ impl Pair {
                 let record = lease.host().clone();
                 drop(lease);
                 if net::is_resource_exhaustion(&e) {
+                    // Free pipes give their descriptors back.
+                    ctx.pipes.trim(0);
                     warn!(
                         "`{}`: cannot open a socket to {addr}: {e}",
                         self.upstream.name
@@ -374,19 +376,14 @@ impl Pair {
             return Step::Continue;
         }
         let budget = RELAY_BUDGET.max(2 * ctx.pool.bulk_size());
+        let pools = &mut ctx.pools();
         let _ = match client.tls.as_deref_mut() {
-            None => pump(
-                &mut client.endpoint,
-                &mut NotConnected,
-                up,
-                ctx.pool,
-                budget,
-            ),
+            None => pump(&mut client.endpoint, &mut NotConnected, up, pools, budget),
             Some(tls) => pump(
                 &mut tls.side(&mut client.endpoint),
                 &mut NotConnected,
                 up,
-                ctx.pool,
+                pools,
                 budget,
             ),
         };

@@ -49,7 +49,7 @@
 //! ```
 //!
 //! The loop hands a pair readiness events and deadlines; the pair decides
-//! its next step with a narrow [`Context`] (buffer pool, registry, its
+//! its next step with a narrow [`Context`] (buffer and pipe pools, registry, its
 //! upstream's hosts, the client rules, settings, `now`). Every change of
 //! state goes through [`Pair::transition`], which keeps the [`Census`] (how
 //! many pairs are in each state) and logs the change; [`Pair::close`] is
@@ -80,7 +80,8 @@ use relay::ResetWait;
 use crate::cluster::ClusterLink;
 use crate::config::Settings;
 use crate::io::buffer::BufferPool;
-use crate::io::flow::Flow;
+use crate::io::flow::{Flow, Pools};
+use crate::io::pipe::PipePool;
 use crate::io::send_queue::SendQueues;
 use crate::io::tls_session::{Handshake, TlsSession};
 use crate::io::{Endpoint, Io};
@@ -329,6 +330,8 @@ pub(crate) struct Context<'a> {
     pub now: Instant,
     pub settings: &'a Settings,
     pub pool: &'a mut BufferPool,
+    /// The pipes of spliced directions.
+    pub pipes: &'a mut PipePool,
     pub registry: &'a Registry,
     /// The token a host socket of this pair is registered under.
     pub host_token: Token,
@@ -347,6 +350,13 @@ pub(crate) struct Context<'a> {
     /// Results of real connects, for passive health checks: the loop
     /// feeds them to the hosts' health after the pair has moved.
     pub host_results: &'a mut Vec<(Arc<Host>, bool)>,
+}
+
+impl Context<'_> {
+    /// The buffer and pipe pools, for a direction.
+    pub fn pools(&mut self) -> Pools<'_> {
+        Pools::new(self.pool, self.pipes)
+    }
 }
 
 /// A client connection and, once it has one, its host connection.
@@ -866,18 +876,19 @@ impl Pair {
         }
         self.release_client(ctx);
         let u = &mut *ctx.counters;
+        let mut pools = Pools::new(ctx.pool, ctx.pipes);
         let duration = ctx.now.saturating_duration_since(self.started);
         let (bytes, host_addr) = match state {
             // The leases and buffers go with the state; the host socket
             // closes as it is dropped.
             State::Queued { since, mut up, .. } => {
-                up.release(ctx.pool);
+                up.release(&mut pools);
                 u.queue_waits
                     .observe(ctx.now.saturating_duration_since(since));
                 ((0, 0), None)
             }
             State::Connecting { host, mut up, .. } | State::SendingHeader { host, mut up, .. } => {
-                up.release(ctx.pool);
+                up.release(&mut pools);
                 if host_rst {
                     host.endpoint.abort();
                 }
@@ -889,8 +900,8 @@ impl Pair {
                 mut down,
                 ..
             } => {
-                up.release(ctx.pool);
-                down.release(ctx.pool);
+                up.release(&mut pools);
+                down.release(&mut pools);
                 u.durations.observe(duration);
                 if host_rst {
                     host.endpoint.abort();
@@ -948,7 +959,7 @@ fn abortive(end: End, state: &State) -> [bool; 2] {
         End::Shutdown | End::HostDown | End::Removed => [true, true],
         End::IdleTimeout | End::HalfCloseTimeout => {
             let holds = matches!(state, State::Relaying { up, down, .. }
-                if up.buf.is_some() || down.buf.is_some());
+                if up.in_flight() > 0 || down.in_flight() > 0);
             [holds; 2]
         }
         End::Closed

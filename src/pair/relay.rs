@@ -17,7 +17,7 @@ use super::Side;
 use super::{Context, End, Pair, RELAY_BUDGET, State, Step};
 use crate::io::Endpoint;
 use crate::io::endpoint::Fault;
-use crate::io::flow::{Flow, Pumped, pump};
+use crate::io::flow::{Flow, Pools, Pumped, pump};
 
 /// How soon a pair passing a reset on first looks again at what the
 /// receiver has not acknowledged, and the longest interval between looks
@@ -125,8 +125,8 @@ impl Pair {
             } else {
                 receiver.unacked(ctx.send_queues).unwrap_or(0)
             };
-            let buffered = toward.buf.as_ref().map_or(0, |b| b.len() as u64);
-            ctx.counters.count_undelivered(buffered + u64::from(queued));
+            let held = toward.in_flight() as u64;
+            ctx.counters.count_undelivered(held + u64::from(queued));
             return Step::Finish(self.failure_end(side));
         }
         Step::Finish(if up.eof || down.eof {
@@ -168,7 +168,7 @@ impl Pair {
             return Step::Finish(end);
         }
         let (now, until) = (ctx.now, ctx.now + ctx.settings.half_close_timeout);
-        let pool = &mut *ctx.pool;
+        let mut pools = Pools::new(ctx.pool, ctx.pipes);
         self.transition(ctx.census, |old| {
             let State::Relaying {
                 host,
@@ -180,8 +180,8 @@ impl Pair {
                 unreachable!("only relaying pairs pass a reset on");
             };
             let bytes = (up.bytes, down.bytes);
-            up.release(pool);
-            down.release(pool);
+            up.release(&mut pools);
+            down.release(&mut pools);
             // The host's count is given back now: its connection is over.
             let host_record = host.lease.host().clone();
             State::Resetting {
@@ -252,7 +252,7 @@ impl Pair {
 
 /// One pump each way, within the per-turn budget. A failing sink marks
 /// its endpoint broken, which the caller reads; toward a broken side the
-/// pump only drains.
+/// pump only drains. Spliced bytes are counted here, as they move.
 fn pump_both(
     client: &mut super::Client,
     host: &mut Endpoint,
@@ -260,26 +260,31 @@ fn pump_both(
     down: &mut Flow,
     ctx: &mut Context<'_>,
 ) -> (Pumped, Pumped) {
-    let pool = &mut *ctx.pool;
-    let budget = RELAY_BUDGET.max(2 * pool.bulk_size());
+    let budget = RELAY_BUDGET.max(2 * ctx.pool.bulk_size());
+    let pools = &mut Pools::new(ctx.pool, ctx.pipes);
     let ep = &mut client.endpoint;
-    let (a, b) = match client.tls.as_deref_mut() {
-        None => (
-            pump(ep, host, up, pool, budget),
-            pump(host, ep, down, pool, budget),
-        ),
+    let (a, b, spliced) = match client.tls.as_deref_mut() {
+        None => {
+            let a = pump(ep, host, up, pools, budget);
+            let spliced_up = std::mem::take(&mut pools.spliced);
+            let b = pump(host, ep, down, pools, budget);
+            (a, b, (spliced_up, pools.spliced))
+        }
         Some(tls) => {
             // Records may wait regardless of the flows (handshake tail,
             // alerts, a close_notify whose FIN is still to come). A
             // failure marks the client broken, which the flows see.
             let _ = tls.flush(ep);
-            let a = pump(&mut tls.side(ep), host, up, pool, budget);
-            let b = pump(host, &mut tls.side(ep), down, pool, budget);
+            let a = pump(&mut tls.side(ep), host, up, pools, budget);
+            let b = pump(host, &mut tls.side(ep), down, pools, budget);
             // Reading may have queued records of its own (alerts, key
             // updates) that no later event would send.
             let _ = tls.flush(ep);
-            (a, b)
+            // Plaintext is never spliced.
+            (a, b, (0, 0))
         }
     };
+    ctx.counters.spliced_up += spliced.0;
+    ctx.counters.spliced_down += spliced.1;
     (a.unwrap_or(Pumped::NOTHING), b.unwrap_or(Pumped::NOTHING))
 }

@@ -19,6 +19,7 @@ struct World {
     poll: Poll,
     settings: Settings,
     pool: BufferPool,
+    pipes: PipePool,
     upstream: Arc<Upstream>,
     counters: Counters,
     access: Access,
@@ -39,6 +40,7 @@ impl World {
             poll: Poll::new().unwrap(),
             settings: Settings::default(),
             pool: BufferPool::new(16 * 1024, 64 * 1024, 1 << 20),
+            pipes: PipePool::new(crate::config::Relay::Copy, 64 * 1024, 16),
             upstream: Arc::new(Upstream::new(
                 0,
                 &UpstreamConfig {
@@ -74,6 +76,7 @@ impl World {
             now: self.t0 + at,
             settings: &self.settings,
             pool: &mut self.pool,
+            pipes: &mut self.pipes,
             registry: self.poll.registry(),
             host_token: HOST,
             counters: &mut self.counters,

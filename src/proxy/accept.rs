@@ -73,6 +73,8 @@ impl Worker {
     /// pairs keep being served and freed descriptors let accepting resume.
     fn pause_accepting(&mut self, e: &io::Error, now: Instant) {
         self.accept_paused_until = Some(now + EXHAUSTION_BACKOFF);
+        // Free pipes give their descriptors back to connections.
+        self.support.pipes.trim(0);
         if let Some(times) = self.exhaustion_log.allow(now) {
             warn!(
                 "out of descriptors or socket memory ({e}); pausing accepts for {:?} \

@@ -366,6 +366,9 @@ impl Control {
             total.pairs += stats.pairs;
             total.refusing += stats.refusing;
             total.buffers_in_use += stats.buffers_in_use;
+            total.pipes_in_use += stats.pipes_in_use;
+            total.pipes_free += stats.pipes_free;
+            total.splice_fallbacks += stats.splice_fallbacks;
             if total.counters.len() < stats.counters.len() {
                 total
                     .counters
@@ -398,6 +401,8 @@ impl Control {
                     ended: c.ended.iter().map(|(e, n)| (e.to_string(), *n)).collect(),
                     bytes_up: c.bytes_up,
                     bytes_down: c.bytes_down,
+                    spliced_up: c.spliced_up,
+                    spliced_down: c.spliced_down,
                     durations: c.durations.clone(),
                     queued: u.balancer.queue().len(),
                     queue_waits: c.queue_waits.clone(),
@@ -417,6 +422,9 @@ impl Control {
             pairs: total.pairs,
             refusing: total.refusing,
             buffers_in_use: total.buffers_in_use,
+            pipes_in_use: total.pipes_in_use,
+            pipes_free: total.pipes_free,
+            splice_fallbacks: total.splice_fallbacks,
             handshakes: self.shared.capacity.handshakes(),
             uptime: now.saturating_duration_since(self.started),
             reloads: self.reloads,

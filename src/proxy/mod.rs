@@ -305,6 +305,10 @@ impl Proxy {
     }
 
     /// Serves until a shutdown (signal or [`Handle::shutdown`]) has drained.
+    ///
+    /// Spliced relaying (`relay`) raises SIGPIPE on a broken connection:
+    /// the process must ignore it, as every Rust program does unless it
+    /// says otherwise.
     pub fn run(self) -> Result<(), Error> {
         let snapshot = self.control.shared.snapshot();
         log_listening(&snapshot);

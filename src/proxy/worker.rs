@@ -32,6 +32,7 @@ use super::token::Registration;
 use crate::error::Error;
 use crate::io::buffer::BufferPool;
 use crate::io::net;
+use crate::io::pipe::{self, PipePool};
 use crate::io::send_queue::SendQueues;
 use crate::logs::Throttle;
 use crate::pair::{Census, Context, End, Pair, PairLogs, Side, Step};
@@ -83,6 +84,9 @@ pub(super) struct WorkerStats {
     pub pairs: usize,
     pub refusing: usize,
     pub buffers_in_use: usize,
+    pub pipes_in_use: usize,
+    pub pipes_free: usize,
+    pub splice_fallbacks: u64,
     /// Per upstream id.
     pub counters: Vec<Counters>,
 }
@@ -102,6 +106,7 @@ pub(super) struct PairSupport {
     /// The worker's index (its place in the wait queues' counts).
     pub worker: usize,
     pub pool: BufferPool,
+    pub pipes: PipePool,
     pub census: Census,
     pub send_queues: SendQueues,
     pub logs: PairLogs,
@@ -112,6 +117,9 @@ pub(super) struct PairSupport {
 #[derive(Debug)]
 pub(super) struct Worker {
     pub index: usize,
+    /// Workers running (as at start: a reload keeps the number), for this
+    /// worker's share of `max_pipes`.
+    workers: usize,
     pub poll: Poll,
     pub pairs: Slab<Pair>,
     pub timers: Timers,
@@ -161,14 +169,21 @@ impl Worker {
     ) -> Result<Worker, Error> {
         let snapshot = shared.snapshot();
         let settings = &snapshot.settings;
+        let workers = settings.workers.max(1);
         let mut worker = Worker {
             index,
+            workers,
             support: PairSupport {
                 worker: index,
                 pool: BufferPool::new(
                     settings.buffer_size,
                     settings.bulk_buffer(),
                     POOL_KEEP_BYTES,
+                ),
+                pipes: PipePool::new(
+                    settings.relay,
+                    settings.bulk_buffer(),
+                    pipe::share(settings.max_pipes, workers, index),
                 ),
                 census: Census::default(),
                 send_queues: SendQueues::new(),
@@ -323,6 +338,9 @@ impl Worker {
                         pairs: self.pairs.len(),
                         refusing: self.support.census.refusing(),
                         buffers_in_use: self.support.pool.in_use(),
+                        pipes_in_use: self.support.pipes.in_use(),
+                        pipes_free: self.support.pipes.free(),
+                        splice_fallbacks: self.support.pipes.fallbacks(),
                         counters: self.counters.clone(),
                     });
                 }
@@ -369,6 +387,10 @@ impl Worker {
         let s = &self.snapshot.settings;
         self.support.pool.resize(s.buffer_size, s.bulk_buffer());
         self.support.logs.refusals.format = s.access_log;
+        let pipes = pipe::share(s.max_pipes, self.workers, self.index);
+        self.support
+            .pipes
+            .reconfigure(s.relay, s.bulk_buffer(), pipes);
         if let Some(size) = s.socket_buffer.filter(|_| s.socket_buffer != before) {
             self.resize_listener_buffers(size);
         }
@@ -698,6 +720,8 @@ impl Worker {
             now,
         );
         pair.close(&mut ctx, end);
+        // Free pipes hold descriptors: no more of them than pairs.
+        self.support.pipes.trim(self.pairs.len());
     }
 
     /// Feeds the connect results a pair noted to its hosts' health; a
@@ -744,6 +768,7 @@ pub(super) fn context<'a>(
         now,
         settings: &snapshot.settings,
         pool: &mut support.pool,
+        pipes: &mut support.pipes,
         registry: poll.registry(),
         host_token: Registration::Pair(key, Side::Host).token(),
         counters,

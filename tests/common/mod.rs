@@ -11,7 +11,7 @@ use std::sync::mpsc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use tcplb::{Config, Handle, Proxy, Settings, Stats, UpstreamConfig};
+use tcplb::{Config, Handle, Proxy, Relay, Settings, Stats, UpstreamConfig};
 
 /// Upper bound on any single blocking socket operation in tests, so a
 /// broken proxy fails the test instead of hanging it.
@@ -230,6 +230,8 @@ pub fn config(hosts: &[SocketAddr], settings: Settings) -> Config {
 /// A proxy running on its own thread; stopped (and joined) on drop.
 pub struct Running {
     pub addr: SocketAddr,
+    /// Every upstream's listen address, in config order (`addr` is the first).
+    pub addrs: Vec<SocketAddr>,
     pub handle: Handle,
     thread: Option<JoinHandle<Result<(), tcplb::Error>>>,
 }
@@ -241,27 +243,55 @@ pub fn test_workers() -> usize {
         .map_or(1, |n| n.parse().expect("TCPLB_TEST_WORKERS is a number"))
 }
 
-/// `config` with the workers the tests run with, unless it set some.
-pub fn with_test_workers(mut config: Config) -> Config {
+/// The relay mode the tests run with, if `TCPLB_TEST_RELAY` names one
+/// (CI runs the relay, reset, timeout, property, reliability, PROXY
+/// protocol and weights tests again with `splice` and with `copy`);
+/// without it, the config's.
+pub fn test_relay() -> Option<Relay> {
+    let name = std::env::var("TCPLB_TEST_RELAY")
+        .ok()
+        .filter(|n| !n.is_empty())?;
+    Some(Relay::from_name(&name).expect("TCPLB_TEST_RELAY is auto, splice or copy"))
+}
+
+/// `--relay MODE` for a tcplb binary, when `TCPLB_TEST_RELAY` names one.
+pub fn relay_args() -> Vec<String> {
+    test_relay().map_or(Vec::new(), |relay| {
+        vec!["--relay".to_string(), relay.name().to_string()]
+    })
+}
+
+/// `config` with the workers and the relay mode the tests run with,
+/// unless it set its own.
+pub fn with_test_settings(mut config: Config) -> Config {
     if config.settings.workers == 1 {
         config.settings.workers = test_workers();
+    }
+    if config.settings.relay == Relay::default() {
+        config.settings.relay = test_relay().unwrap_or_default();
     }
     config
 }
 
 pub fn start(config: Config) -> Running {
-    start_as_given(with_test_workers(config))
+    start_as_given(with_test_settings(config))
 }
 
-/// `start` with exactly the workers `config` names, whatever
-/// `TCPLB_TEST_WORKERS` says.
+/// `start` with exactly the workers and relay mode `config` names,
+/// whatever `TCPLB_TEST_WORKERS` and `TCPLB_TEST_RELAY` say.
 pub fn start_as_given(config: Config) -> Running {
     let proxy = Proxy::bind(&config).unwrap();
     let addr = proxy.listen_addr(&config.upstreams[0].name).unwrap();
+    let addrs = config
+        .upstreams
+        .iter()
+        .map(|u| proxy.listen_addr(&u.name).unwrap())
+        .collect();
     let handle = proxy.handle();
     let thread = thread::spawn(move || proxy.run());
     Running {
         addr,
+        addrs,
         handle,
         thread: Some(thread),
     }
