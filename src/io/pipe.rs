@@ -14,7 +14,8 @@
 //! never more than its worker has pairs, so a worker without pairs holds
 //! no descriptor for a pipe. A direction that wants a pipe and finds none
 //! (the cap, or no descriptor left) relays through a buffer instead; the
-//! pool counts those fallbacks.
+//! pool counts those fallbacks. Out of descriptors, the worker closes the
+//! free pipes, so that connections get their descriptors.
 //!
 //! A pipe counts the bytes it holds itself: `splice` says how many it
 //! moved each way, so the count is exact, and it is what half-close,
