@@ -764,10 +764,13 @@ fn a_reload_that_removes_an_upstream_stops_listening_and_drains_its_pairs() {
     let h2 = spawn_host("h2", Behavior::Echo);
     let file = ConfigFile::new("remove-upstream");
     let header = "[defaults]\ndrain_timeout = \"1h\"\nidle_timeout = \"1d\"\n\n";
+    // The removed upstream listens on an address no other test binds, so
+    // that its freed port cannot be handed to a test running beside this
+    // one and pass for a listener left open.
+    let extra_toml = upstream_toml("extra", &[h2.addr]).replace("127.0.0.1:0", "127.0.0.9:0");
     file.write(&format!(
-        "{header}{}{}",
+        "{header}{}{extra_toml}",
         upstream_toml("app", &[h1.addr]),
-        upstream_toml("extra", &[h2.addr])
     ));
     let (app, handle, thread) = run_reloadable(&file);
     let extra_of =
