@@ -20,8 +20,7 @@ use tcplb::{Config, HostConfig, Settings};
 fn workers(n: usize) -> Settings {
     Settings {
         workers: n,
-        // The queue holds what a waiting client sent: in each relay mode,
-        // it is relayed before anything read later.
+        // The queue tests run in each relay mode (`TCPLB_TEST_RELAY`).
         relay: test_relay().unwrap_or_default(),
         ..Settings::default()
     }
