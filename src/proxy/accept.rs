@@ -13,7 +13,7 @@ use log::{debug, warn};
 use mio::net::TcpStream;
 
 use super::token::Registration;
-use super::worker::{Worker, context};
+use super::worker::Worker;
 use crate::io::tls_session::TlsSession;
 use crate::io::{Endpoint, net};
 use crate::pair::{End, PAIR_INTEREST, Pair, Side, Step};
@@ -130,17 +130,7 @@ impl Worker {
             None => None,
         };
         let header_deadline = now + self.handshake_timeout();
-        let uid = upstream.id;
-        self.counters(uid);
-        let mut ctx = context(
-            &mut self.support,
-            &self.poll,
-            &self.snapshot,
-            &self.shared,
-            &mut self.counters[uid],
-            key,
-            now,
-        );
+        let (mut ctx, pairs) = self.pair_context(upstream.id, key, now);
         let client = (endpoint, addr);
         let (pair, step) = match tls {
             _ if expects_header => (
@@ -153,7 +143,7 @@ impl Worker {
             ),
             None => Pair::connecting(id, upstream.clone(), client, &mut ctx),
         };
-        self.pairs.insert(pair);
+        pairs.insert(pair);
         self.after_step(key, step, now);
         self.host_results(&upstream, now);
     }
@@ -178,18 +168,8 @@ impl Worker {
             },
             Ok(None) => Ok(None),
         };
-        let uid = upstream.id;
-        self.counters(uid);
-        let mut ctx = context(
-            &mut self.support,
-            &self.poll,
-            &self.snapshot,
-            &self.shared,
-            &mut self.counters[uid],
-            key,
-            now,
-        );
-        let pair = &mut self.pairs[key];
+        let (mut ctx, pairs) = self.pair_context(upstream.id, key, now);
+        let pair = &mut pairs[key];
         let step = match next {
             Err(why) => Step::Finish(pair.turned_away(why, &mut ctx)),
             Ok(Some((session, deadline))) => pair.start_handshake(session, deadline, &mut ctx),

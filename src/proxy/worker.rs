@@ -251,6 +251,28 @@ impl Worker {
         &mut self.counters[id]
     }
 
+    /// What a pair of upstream `id` in slot `key` may use while it moves
+    /// (see [`Context`]), beside this worker's pairs, which the context
+    /// does not borrow.
+    pub fn pair_context(
+        &mut self,
+        id: usize,
+        key: usize,
+        now: Instant,
+    ) -> (Context<'_>, &mut Slab<Pair>) {
+        self.counters(id);
+        let ctx = context(
+            &mut self.support,
+            &self.poll,
+            &self.snapshot,
+            &self.shared,
+            &mut self.counters[id],
+            key,
+            now,
+        );
+        (ctx, &mut self.pairs)
+    }
+
     /// Serves until a shutdown has drained or a stop.
     pub fn run(mut self) {
         let mut events = Events::with_capacity(1024);
@@ -525,29 +547,19 @@ impl Worker {
         step: fn(&mut Pair, &mut Context<'_>) -> Step,
     ) {
         let id = self.pairs[key].upstream.id;
-        if self.counters.len() <= id {
-            self.counters.resize_with(id + 1, Counters::default);
-        }
-        let pair = &mut self.pairs[key];
+        let (mut ctx, pairs) = self.pair_context(id, key, now);
+        let pair = &mut pairs[key];
         let before = pair.bytes();
         let was_admitting = pair.is_admitting();
-        let mut ctx = context(
-            &mut self.support,
-            &self.poll,
-            &self.snapshot,
-            &self.shared,
-            &mut self.counters[id],
-            key,
-            now,
-        );
         let step = step(pair, &mut ctx);
         let after = pair.bytes();
+        let upstream = pair.upstream.clone();
+        let now_admitting = (!was_admitting && pair.is_admitting()).then_some(pair.id);
         let c = &mut self.counters[id];
         c.bytes_up += after.0.saturating_sub(before.0);
         c.bytes_down += after.1.saturating_sub(before.1);
-        let upstream = pair.upstream.clone();
-        if !was_admitting && pair.is_admitting() {
-            self.admitting.push((key, pair.id));
+        if let Some(pair_id) = now_admitting {
+            self.admitting.push((key, pair_id));
         }
         match step {
             Step::Continue => self.schedule(key),
@@ -706,19 +718,7 @@ impl Worker {
     /// Ends pair `key`: it gives back what it holds and writes its access line.
     pub fn close(&mut self, key: usize, end: End, now: Instant) {
         let pair = self.pairs.remove(key);
-        let id = pair.upstream.id;
-        if self.counters.len() <= id {
-            self.counters.resize_with(id + 1, Counters::default);
-        }
-        let mut ctx = context(
-            &mut self.support,
-            &self.poll,
-            &self.snapshot,
-            &self.shared,
-            &mut self.counters[id],
-            key,
-            now,
-        );
+        let (mut ctx, _) = self.pair_context(pair.upstream.id, key, now);
         pair.close(&mut ctx, end);
         // Free pipes hold descriptors: no more of them than pairs.
         self.support.pipes.trim(self.pairs.len());
@@ -755,7 +755,7 @@ pub(super) fn log_transition(upstream: &Upstream, host: &Host, up: bool, why: &s
 }
 
 /// The context pair `key` moves in.
-pub(super) fn context<'a>(
+fn context<'a>(
     support: &'a mut PairSupport,
     poll: &'a Poll,
     snapshot: &'a Snapshot,
