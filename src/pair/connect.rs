@@ -342,7 +342,9 @@ impl Pair {
     /// and the one it connected to, and over TLS what was verified (v2).
     fn proxy_header(&self, version: Version) -> Box<[u8]> {
         let destination = self
-            .destination
+            .proxied
+            .as_ref()
+            .map(|p| p.destination)
             .or_else(|| self.client.endpoint.local_addr().ok())
             .unwrap_or_else(|| {
                 let any = match self.client_addr {

@@ -443,3 +443,16 @@ fn a_proxy_header_that_does_not_fit_at_once_is_finished_before_any_client_byte()
     pair.close(&mut ctx, End::Closed);
     assert_eq!(w.pool.in_use(), 0);
 }
+
+/// An idle pair costs its slab entry (and one timer entry): what a PROXY
+/// header said is boxed, so a pair without one does not carry 64 bytes of
+/// addresses. The benchmark's idle scenario measures the whole cost.
+#[test]
+fn an_idle_pair_stays_small() {
+    assert_eq!(std::mem::size_of::<Option<Box<Proxied>>>(), 8);
+    assert!(
+        std::mem::size_of::<Pair>() <= 336,
+        "Pair is {} bytes",
+        std::mem::size_of::<Pair>()
+    );
+}

@@ -154,7 +154,7 @@ impl Worker {
     pub(super) fn identified(&mut self, key: usize, now: Instant) {
         let (upstream, addr, via) = {
             let pair = &self.pairs[key];
-            (pair.upstream.clone(), pair.client_addr, pair.via)
+            (pair.upstream.clone(), pair.client_addr, pair.via())
         };
         // What the client goes on to: turned away, a handshake, a connect.
         let next = match self.turn_away(&upstream, addr, now) {
