@@ -1286,3 +1286,177 @@ fn full_soak() {
         .unwrap_or(600);
     soak(seconds);
 }
+
+// ---------------------------------------------------------------------------
+// 11. Drain after heavy backpressure
+
+/// How often the kernel entered TCP memory pressure (`TCPMemoryPressures`).
+fn memory_pressures() -> u64 {
+    let netstat = std::fs::read_to_string("/proc/net/netstat").unwrap();
+    let lines: Vec<&str> = netstat
+        .lines()
+        .filter(|l| l.starts_with("TcpExt:"))
+        .collect();
+    let (names, values) = (lines[0], lines[1]);
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "TCPMemoryPressures")
+        .map_or(0, |(_, v)| v.parse().unwrap())
+}
+
+/// What one client of the drain scenario saw.
+struct Drained {
+    sent: u64,
+    intact: bool,
+    /// From the first read to the last byte.
+    took: Duration,
+    /// The longest wait between two reads that returned bytes.
+    longest_wait: Duration,
+    /// Why the read-back stopped short, with how far it got.
+    failure: Option<String>,
+}
+
+/// Pushes a seeded stream without reading for `push`, waits `pause`, then
+/// reads the echo back, checking every byte.
+fn drain_client(
+    addr: SocketAddr,
+    seed: u64,
+    push: Duration,
+    pause: Duration,
+    patience: Duration,
+) -> Drained {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_nonblocking(true).unwrap();
+    let mut rng = Rng::new(seed);
+    let chunk = rng.bytes(64 * 1024);
+    let (mut sent, mut at) = (0u64, 0usize);
+    let end = Instant::now() + push;
+    while Instant::now() < end {
+        match s.write(&chunk[at..]) {
+            Ok(n) => {
+                sent += n as u64;
+                at = (at + n) % chunk.len();
+            }
+            // The load's own pacing: nothing waits on it.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) => panic!("push: {e}"),
+        }
+    }
+    thread::sleep(pause);
+    s.set_nonblocking(false).unwrap();
+    s.set_read_timeout(Some(patience)).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let (mut got, mut intact, mut failure) = (0u64, true, None);
+    let started = Instant::now();
+    let (mut last, mut longest_wait) = (started, Duration::ZERO);
+    while got < sent {
+        match s.read(&mut buf) {
+            Ok(0) => {
+                failure = Some(format!("EOF after {got} of {sent} B"));
+                break;
+            }
+            Err(e) => {
+                let waited = last.elapsed();
+                failure = Some(format!(
+                    "{e} after {got} of {sent} B, {waited:.1?} after the last"
+                ));
+                break;
+            }
+            Ok(n) => {
+                for (k, b) in buf[..n].iter().enumerate() {
+                    intact &= *b == chunk[(got as usize + k) % chunk.len()];
+                }
+                got += n as u64;
+                longest_wait = longest_wait.max(last.elapsed());
+                last = Instant::now();
+            }
+        }
+    }
+    Drained {
+        sent,
+        intact: intact && failure.is_none(),
+        took: last - started,
+        longest_wait,
+        failure,
+    }
+}
+
+/// Many clients push without reading, then all read back at once: every
+/// byte must come back, and no client may wait long between two receipts.
+fn drain_after_backpressure(clients: usize, push: Duration, socket_buffer: Option<usize>) {
+    let _alone = alone();
+    let host = spawn_host_with(
+        "echo",
+        Behavior::Echo,
+        HostSockets {
+            read_timeout: Duration::from_secs(300),
+            buffer: None,
+        },
+    );
+    let defaults = socket_buffer.map_or(String::new(), |b| {
+        format!("[defaults]\nsocket_buffer = {b}\n\n")
+    });
+    let lb = Tcplb::start(
+        &format!("{defaults}{}", upstream("drain", &[host.addr])),
+        None,
+    );
+    let addr = lb.addr("drain");
+    let pressures = memory_pressures();
+    let patience = Duration::from_secs(60);
+    let workers: Vec<_> = (0..clients)
+        .map(|i| {
+            thread::spawn(move || {
+                drain_client(addr, i as u64 + 1, push, Duration::from_secs(2), patience)
+            })
+        })
+        .collect();
+    let results: Vec<Drained> = workers.into_iter().map(|w| w.join().unwrap()).collect();
+    let intake: u64 = results.iter().map(|r| r.sent).sum();
+    let intact = results.iter().filter(|r| r.intact).count();
+    let took = results.iter().map(|r| r.took).max().unwrap();
+    let longest = results.iter().map(|r| r.longest_wait).max().unwrap();
+    let pressures = memory_pressures() - pressures;
+    let failures: Vec<&str> = results
+        .iter()
+        .filter_map(|r| r.failure.as_deref())
+        .collect();
+    if let Some(first) = failures.first() {
+        println!(
+            "{} clients stopped short, the first: {first}",
+            failures.len()
+        );
+    }
+    let bound = Duration::from_secs(5);
+    let pass = intact == clients && longest <= bound && took <= Duration::from_secs(10);
+    report(
+        &format!(
+            "11 drain{}",
+            socket_buffer.map_or(String::new(), |b| format!(" socket_buffer={b}"))
+        ),
+        format!(
+            "{clients} clients pushed {} MiB unread for {push:?}: {intact}/{clients} intact, drained in {took:.1?}, longest wait {longest:.1?} (bound {bound:?}), kernel entered memory pressure {pressures} times",
+            intake >> 20
+        ),
+        pass,
+    );
+}
+
+#[test]
+fn drain_after_backpressure_short() {
+    drain_after_backpressure(40, Duration::from_secs(1), None);
+}
+
+#[test]
+#[ignore]
+fn full_drain_after_backpressure() {
+    drain_after_backpressure(200, Duration::from_secs(4), None);
+}
+
+#[test]
+#[ignore]
+fn full_drain_after_backpressure_with_socket_buffer() {
+    drain_after_backpressure(200, Duration::from_secs(4), Some(64 * 1024));
+}
