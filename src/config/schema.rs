@@ -10,6 +10,7 @@
 //! problem (already reported), and the whole document is then invalid.
 
 use std::net::{IpAddr, SocketAddr};
+use std::ops::RangeInclusive;
 use std::path::PathBuf;
 
 use toml::de::{DeTable, DeValue};
@@ -140,27 +141,10 @@ fn defaults(p: &mut Problems<'_>, root: &DeTable<'_>) -> Option<Settings> {
     for (key, slot, zero) in durations {
         ok &= fill(slot, find(table, key).map(|v| duration(p, v, key, zero)));
     }
-    let max_connections = find(table, "max_connections")
-        .map(|v| integer(p, v, "max_connections", rules::CONNECTIONS).map(|n| n as usize));
-    ok &= fill(&mut s.max_connections, max_connections);
-    let backlog =
-        find(table, "backlog").map(|v| integer(p, v, "backlog", rules::BACKLOG).map(|n| n as u32));
-    ok &= fill(&mut s.backlog, backlog);
-    let max_queued = find(table, "max_queued")
-        .map(|v| integer(p, v, "max_queued", rules::QUEUED).map(|n| n as u32));
-    ok &= fill(&mut s.max_queued, max_queued);
+    ok &= counts(p, table, &mut s);
     ok &= fill(&mut s.source_limit, Some(source_limit(p, table)));
     ok &= fill(&mut s.keepalive, Some(keepalive(p, table)));
-    let access_log = find(table, "access_log").map(|v| {
-        let name = string(p, v, "access_log")?;
-        let format = AccessLog::from_name(name);
-        if format.is_none() {
-            let expected = AccessLog::NAMES.map(|n| format!("\"{n}\"")).join(" or ");
-            let message = format!("`access_log` must be {expected}, not \"{name}\"");
-            p.at(v.span(), message);
-        }
-        format
-    });
+    let access_log = find(table, "access_log").map(|v| access_log(p, v));
     ok &= fill(&mut s.access_log, access_log);
     for (key, slot) in [
         ("buffer_size", &mut s.buffer_size),
@@ -180,9 +164,6 @@ fn defaults(p: &mut Problems<'_>, root: &DeTable<'_>) -> Option<Settings> {
     let accept_proxy = find(table, "accept_proxy").map(|v| networks(p, v, "accept_proxy"));
     ok &= fill(&mut s.accept_proxy, accept_proxy);
     ok &= fill(&mut s.relay, find(table, "relay").map(|v| relay(p, v)));
-    let max_pipes = find(table, "max_pipes")
-        .map(|v| integer(p, v, "max_pipes", rules::PIPES).map(|n| n as usize));
-    ok &= fill(&mut s.max_pipes, max_pipes);
     if let Some(v) = find(table, "bulk_buffer_size").filter(|_| ok) {
         if s.bulk_buffer_size < s.buffer_size {
             let message = format!(
@@ -193,6 +174,40 @@ fn defaults(p: &mut Problems<'_>, root: &DeTable<'_>) -> Option<Settings> {
         }
     }
     ok.then_some(s)
+}
+
+/// The counts of `[defaults]`: `max_connections`, `backlog`,
+/// `max_queued` and `max_pipes`, each within its range; false if one is
+/// wrong.
+fn counts(p: &mut Problems<'_>, table: &DeTable<'_>, s: &mut Settings) -> bool {
+    let mut ok = true;
+    let mut read = |key: &'static str, range: RangeInclusive<i64>| {
+        find(table, key).map(|v| integer(p, v, key, range))
+    };
+    let max_connections = read("max_connections", rules::CONNECTIONS);
+    let backlog = read("backlog", rules::BACKLOG);
+    let max_queued = read("max_queued", rules::QUEUED);
+    let max_pipes = read("max_pipes", rules::PIPES);
+    ok &= fill(
+        &mut s.max_connections,
+        max_connections.map(|n| n.map(|n| n as usize)),
+    );
+    ok &= fill(&mut s.backlog, backlog.map(|n| n.map(|n| n as u32)));
+    ok &= fill(&mut s.max_queued, max_queued.map(|n| n.map(|n| n as u32)));
+    ok &= fill(&mut s.max_pipes, max_pipes.map(|n| n.map(|n| n as usize)));
+    ok
+}
+
+/// `access_log` of `[defaults]`: one of the formats' names.
+fn access_log(p: &mut Problems<'_>, v: &Value<'_>) -> Option<AccessLog> {
+    let name = string(p, v, "access_log")?;
+    let format = AccessLog::from_name(name);
+    if format.is_none() {
+        let expected = AccessLog::NAMES.map(|n| format!("\"{n}\"")).join(" or ");
+        let message = format!("`access_log` must be {expected}, not \"{name}\"");
+        p.at(v.span(), message);
+    }
+    format
 }
 
 /// `resolver` of `[defaults]`: an IP address, with a port or without

@@ -24,6 +24,7 @@ use super::values::{
 use super::{HostConfig, HostName, RefusalMode, Settings, UpstreamConfig};
 use crate::dns::Resolver;
 use crate::policy::health::HealthSettings;
+use crate::policy::trust::SourceNet;
 use crate::proxy_header::Version;
 
 const UPSTREAM_KEYS: &[&str] = &[
@@ -89,51 +90,28 @@ fn upstream(
     lookups: Lookups,
 ) -> ParsedUpstream {
     unknown_keys(p, table, UPSTREAM_KEYS, "in [[upstream]]");
-    let name = match find(table, "name") {
-        Some(v) => name(p, v),
-        None => {
-            p.at(span.clone(), "upstream has no `name`".to_string());
-            None
-        }
-    };
+    let at = (table, &span);
+    let name = required(p, at, "name", || "upstream has no `name`".to_string(), name);
     let label = name.as_ref().map_or_else(
         || "upstream".to_string(),
         |n| format!("upstream `{}`", n.get_ref()),
     );
-    let listen = match find(table, "listen") {
-        Some(v) => address(p, v, "listen"),
-        None => {
-            p.at(span.clone(), format!("{label} has no `listen` address"));
-            None
-        }
-    };
-    let hosts = match find(table, "hosts") {
-        Some(v) => hosts(p, v, &label, listen.as_ref().map(|l| *l.get_ref()), lookups),
-        None => {
-            p.at(span, format!("{label} has no `hosts`"));
-            None
-        }
-    };
+    let no_listen = || format!("{label} has no `listen` address");
+    let listen = required(p, at, "listen", no_listen, |p, v| address(p, v, "listen"));
+    let own = listen.as_ref().map(|l| *l.get_ref());
+    let no_hosts = || format!("{label} has no `hosts`");
+    let hosts = required(p, at, "hosts", no_hosts, |p, v| {
+        hosts(p, v, &label, own, lookups)
+    });
     let tls = find(table, "tls").map_or(Some(tls_present), |v| tls(p, v, &label, tls_present));
     let health = find(table, "health").map_or(Some(HealthSettings::default()), |v| {
         let not_a_table = format!("{label}: `health` must be a table ([upstream.health])");
         as_table(p, v, not_a_table).and_then(|t| health(p, t, &label))
     });
     let refusal = find(table, "refusal").map_or(Some(RefusalMode::default()), |v| refusal(p, v));
-    let mut queue_timeout = Some(None);
-    if let Some(v) = find(table, "queue_timeout") {
-        queue_timeout = duration(p, v, "queue_timeout", Zero::Allowed).map(Some);
-    }
-    let mut max_queued = Some(None);
-    if let Some(v) = find(table, "max_queued") {
-        max_queued = integer(p, v, "max_queued", rules::QUEUED).map(|n| Some(n as u32));
-    }
-    let queue = queue_timeout.zip(max_queued);
-    let send_proxy = find(table, "send_proxy").map_or(Some(None), |v| send_proxy(p, v).map(Some));
-    let own_accept_proxy = find(table, "accept_proxy");
-    let accept_proxy =
-        own_accept_proxy.map_or(Some(Vec::new()), |v| networks(p, v, "accept_proxy"));
-    let proxy = send_proxy.zip(accept_proxy);
+    let queue = queue(p, table);
+    let proxy = proxy_protocol(p, table);
+    let own_accept_proxy = find(table, "accept_proxy").is_some();
     let config = match (&name, &listen, hosts, tls, health, refusal, queue, proxy) {
         (
             Some(name),
@@ -163,8 +141,53 @@ fn upstream(
         name,
         listen,
         config,
-        own_accept_proxy: own_accept_proxy.is_some(),
+        own_accept_proxy,
     }
+}
+
+/// A key the table must have, read by `read`; reported as `missing` at
+/// the table's `span` when it is not there.
+fn required<T>(
+    p: &mut Problems<'_>,
+    (table, span): (&DeTable<'_>, &Range<usize>),
+    key: &str,
+    missing: impl FnOnce() -> String,
+    read: impl FnOnce(&mut Problems<'_>, &Value<'_>) -> Option<T>,
+) -> Option<T> {
+    match find(table, key) {
+        Some(v) => read(p, v),
+        None => {
+            p.at(span.clone(), missing());
+            None
+        }
+    }
+}
+
+/// An upstream's own `queue_timeout` and `max_queued` (`None` in each:
+/// `[defaults]`' applies); `None` if either is wrong.
+fn queue(p: &mut Problems<'_>, table: &DeTable<'_>) -> Option<(Option<Duration>, Option<u32>)> {
+    let mut queue_timeout = Some(None);
+    if let Some(v) = find(table, "queue_timeout") {
+        queue_timeout = duration(p, v, "queue_timeout", Zero::Allowed).map(Some);
+    }
+    let mut max_queued = Some(None);
+    if let Some(v) = find(table, "max_queued") {
+        max_queued = integer(p, v, "max_queued", rules::QUEUED).map(|n| Some(n as u32));
+    }
+    queue_timeout.zip(max_queued)
+}
+
+/// An upstream's `send_proxy` (`None`: it sends no header) and
+/// `accept_proxy` (empty: `[defaults]`' applies, unless it was written);
+/// `None` if either is wrong.
+fn proxy_protocol(
+    p: &mut Problems<'_>,
+    table: &DeTable<'_>,
+) -> Option<(Option<Version>, Vec<SourceNet>)> {
+    let send_proxy = find(table, "send_proxy").map_or(Some(None), |v| send_proxy(p, v).map(Some));
+    let accept_proxy =
+        find(table, "accept_proxy").map_or(Some(Vec::new()), |v| networks(p, v, "accept_proxy"));
+    send_proxy.zip(accept_proxy)
 }
 
 fn name(p: &mut Problems<'_>, v: &Value<'_>) -> Option<Spanned<String>> {
@@ -220,75 +243,90 @@ fn hosts(
         p.at(v.span(), format!("{label} has no hosts"));
         return None;
     }
-    let mut hosts: Vec<HostConfig> = Vec::with_capacity(items.len());
-    let mut names: Vec<(HostName, Range<usize>)> = Vec::new();
+    let mut found = Found {
+        literal: Vec::with_capacity(items.len()),
+        names: Vec::new(),
+    };
     let mut ok = true;
     for value in items.iter() {
-        let Some(item) = host(p, value, label) else {
-            ok = false;
-            continue;
-        };
-        let written = match values::written(item.text) {
-            Ok(written) => written,
-            Err(why) => {
-                ok = false;
-                p.at(
-                    item.at,
-                    format!("`{}` address `{}`: {why}", item.key, item.text),
-                );
-                continue;
+        ok &= one_host(p, value, label, listen, lookups, &mut found);
+    }
+    shared_addresses(p, label, &found.literal, &found.names);
+    let names = found.names.into_iter().map(|(n, _)| n).collect();
+    ok.then_some((found.literal, names))
+}
+
+/// An upstream's hosts read so far: by address, and by name with where
+/// each name was written.
+struct Found {
+    literal: Vec<HostConfig>,
+    names: Vec<(HostName, Range<usize>)>,
+}
+
+/// Reads one entry of `hosts` into `found`: false if it is wrong (and
+/// reported), or listed twice, or the upstream's own address.
+fn one_host(
+    p: &mut Problems<'_>,
+    value: &Value<'_>,
+    label: &str,
+    listen: Option<SocketAddr>,
+    lookups: Lookups,
+    found: &mut Found,
+) -> bool {
+    let Some(item) = host(p, value, label) else {
+        return false;
+    };
+    let written = match values::written(item.text) {
+        Ok(written) => written,
+        Err(why) => {
+            let message = format!("`{}` address `{}`: {why}", item.key, item.text);
+            p.at(item.at, message);
+            return false;
+        }
+    };
+    let Some((weight, max_connections)) = item.limits else {
+        return false;
+    };
+    match written {
+        Written::Literal(addr) => {
+            let twice = found.literal.iter().any(|h| h.addr == addr);
+            let text = addr.to_string();
+            let problem = host_problem(label, &text, addr.port(), twice).or_else(|| {
+                let loops = listen.is_some_and(|l| loops_back(l, addr));
+                loops.then(|| loop_problem(label, &text))
+            });
+            if let Some(message) = problem {
+                p.at(item.at, message);
+                return false;
             }
-        };
-        let Some((weight, max_connections)) = item.limits else {
-            ok = false;
-            continue;
-        };
-        match written {
-            Written::Literal(addr) => {
-                let twice = hosts.iter().any(|h| h.addr == addr);
-                match host_problem(label, &addr.to_string(), addr.port(), twice) {
-                    Some(message) => {
-                        ok = false;
-                        p.at(item.at, message);
-                    }
-                    None if listen.is_some_and(|l| loops_back(l, addr)) => {
-                        ok = false;
-                        p.at(item.at, loop_problem(label, &addr.to_string()));
-                    }
-                    None => hosts.push(HostConfig {
-                        addr,
-                        weight,
-                        max_connections,
-                    }),
-                }
+            found.literal.push(HostConfig {
+                addr,
+                weight,
+                max_connections,
+            });
+            true
+        }
+        Written::Name(name, port) => {
+            let twice = (found.names.iter())
+                .any(|(n, _)| n.port == port && n.name.eq_ignore_ascii_case(name));
+            if let Some(message) = host_problem(label, item.text, port, twice) {
+                p.at(item.at, message);
+                return false;
             }
-            Written::Name(name, port) => {
-                let twice = names
-                    .iter()
-                    .any(|(n, _)| n.port == port && n.name.eq_ignore_ascii_case(name));
-                if let Some(message) = host_problem(label, item.text, port, twice) {
-                    ok = false;
-                    p.at(item.at, message);
-                    continue;
-                }
-                match named(p, &item, (name, port), label, listen, lookups) {
-                    Some(addrs) => {
-                        let host = HostName {
-                            name: name.to_string(),
-                            port,
-                            weight,
-                            max_connections,
-                            addrs,
-                        };
-                        names.push((host, item.at));
-                    }
-                    None => ok = false,
-                }
-            }
+            let Some(addrs) = named(p, &item, (name, port), label, listen, lookups) else {
+                return false;
+            };
+            let host = HostName {
+                name: name.to_string(),
+                port,
+                weight,
+                max_connections,
+                addrs,
+            };
+            found.names.push((host, item.at));
+            true
         }
     }
-    shared_addresses(p, label, &hosts, &names);
-    ok.then(|| (hosts, names.into_iter().map(|(n, _)| n).collect()))
 }
 
 /// What is wrong with a host whatever its address: listed twice, or port 0.

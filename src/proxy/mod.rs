@@ -55,7 +55,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 use slab::Slab;
 
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, ClusterLink};
 use crate::config::Config;
 use crate::error::Error;
 use crate::io::net;
@@ -64,7 +64,7 @@ use crate::policy::access::{Access, Sharing};
 use crate::policy::balance::LoadBalancer;
 use crate::upstream::Upstream;
 use checks::HealthChecks;
-use control::{Control, WorkerLink};
+use control::{Command, Control, WorkerLink};
 use names::Names;
 use shared::{Bells, Shared, Snapshot};
 use timers::Timers;
@@ -80,6 +80,98 @@ pub struct Proxy {
     workers: Vec<Worker>,
     /// With `[cluster]`: the thread that shares client limits, to start.
     cluster: Option<Cluster>,
+}
+
+/// A poller and its waker for each of `n` workers.
+fn worker_polls(n: usize) -> Result<Vec<(Poll, Arc<Waker>)>, Error> {
+    let setup = |what| move |source| Error::Setup { what, source };
+    (0..n)
+        .map(|_| {
+            let poll = Poll::new().map_err(setup("a worker's poller"))?;
+            let waker = Waker::new(poll.registry(), Registration::Control.token())
+                .map_err(setup("a worker's waker"))?;
+            Ok((poll, Arc::new(waker)))
+        })
+        .collect()
+}
+
+/// Listening sockets of every upstream, `n` each (one per worker, on one
+/// port through `SO_REUSEPORT`), with the upstreams they serve.
+#[allow(clippy::type_complexity)]
+fn bind_upstreams(
+    config: &Config,
+    n: usize,
+    bells: &Arc<Bells>,
+) -> Result<(Vec<Arc<Upstream>>, Vec<(usize, Vec<TcpListener>)>), Error> {
+    let s = &config.settings;
+    let mut upstreams = Vec::with_capacity(config.upstreams.len());
+    let mut groups = Vec::with_capacity(config.upstreams.len());
+    for (id, u) in config.upstreams.iter().enumerate() {
+        let (group, local) =
+            net::listen_group(u.listen, n, s.backlog, s.socket_buffer).map_err(|source| {
+                Error::Bind {
+                    upstream: u.name.clone(),
+                    addr: u.listen,
+                    source,
+                }
+            })?;
+        groups.push((id, group));
+        let balancer = LoadBalancer::new(&u.addresses(), bells.queue());
+        upstreams.push(Arc::new(Upstream::new(id, u, local, balancer)));
+    }
+    Ok((upstreams, groups))
+}
+
+/// One worker on each poller, with its share of the listening sockets
+/// (one of each upstream's group), and the control thread's link to it.
+fn start_workers(
+    polls: Vec<(Poll, Arc<Waker>)>,
+    shared: &Arc<Shared>,
+    mut groups: Vec<(usize, Vec<TcpListener>)>,
+    cluster: Option<&ClusterLink>,
+    (events, control): (&mpsc::Sender<Command>, &Arc<Waker>),
+) -> Result<(Vec<Worker>, Vec<WorkerLink>), Error> {
+    let mut workers = Vec::with_capacity(polls.len());
+    let mut links = Vec::with_capacity(polls.len());
+    for (index, (poll, waker)) in polls.into_iter().enumerate() {
+        if let Some(cluster) = cluster {
+            cluster.add_worker(waker.clone());
+        }
+        let (orders_tx, orders) = mpsc::channel();
+        let listeners = (groups.iter_mut())
+            .map(|(id, group)| (*id, group.remove(0)))
+            .collect();
+        let link = Link {
+            orders,
+            events: events.clone(),
+            control: control.clone(),
+        };
+        workers.push(Worker::new(index, poll, shared.clone(), listeners, link)?);
+        links.push(WorkerLink {
+            orders: orders_tx,
+            waker,
+            draining: None,
+            stopped: false,
+        });
+    }
+    Ok((workers, links))
+}
+
+/// The host names the control thread follows (re-resolving each
+/// `resolve_interval`), and those that did not resolve at start.
+fn followed_names(config: &Config, now: Instant) -> Names {
+    let mut names = Names::default();
+    let followed = (config.upstreams.iter().enumerate())
+        .filter(|(_, u)| !u.names.is_empty())
+        .map(|(id, u)| (id, u.clone()))
+        .collect();
+    let unresolved = (config.upstreams.iter())
+        .flat_map(|u| &u.names)
+        .filter(|n| n.addrs.is_empty())
+        .map(|n| n.name.to_ascii_lowercase())
+        .collect();
+    names.follow(followed, unresolved, config.settings.resolve_interval, now);
+    names
 }
 
 impl std::fmt::Debug for Proxy {
@@ -100,32 +192,11 @@ impl Proxy {
             warn!("{warning}");
         }
         let n = config.settings.workers.max(1);
-        let s = &config.settings;
         // Each worker's poller and waker first: the upstreams' wait queues
         // ring the wakers.
-        let mut polls = Vec::with_capacity(n);
-        for _ in 0..n {
-            let worker_poll = Poll::new().map_err(setup("a worker's poller"))?;
-            let worker_waker = Arc::new(
-                Waker::new(worker_poll.registry(), Registration::Control.token())
-                    .map_err(setup("a worker's waker"))?,
-            );
-            polls.push((worker_poll, worker_waker));
-        }
+        let polls = worker_polls(n)?;
         let bells = Arc::new(Bells::new(polls.iter().map(|(_, w)| w.clone()).collect()));
-        let mut upstreams = Vec::with_capacity(config.upstreams.len());
-        let mut groups = Vec::with_capacity(config.upstreams.len());
-        for (id, u) in config.upstreams.iter().enumerate() {
-            let (group, local) = net::listen_group(u.listen, n, s.backlog, s.socket_buffer)
-                .map_err(|source| Error::Bind {
-                    upstream: u.name.clone(),
-                    addr: u.listen,
-                    source,
-                })?;
-            groups.push((id, group));
-            let balancer = LoadBalancer::new(&u.addresses(), bells.queue());
-            upstreams.push(Arc::new(Upstream::new(id, u, local, balancer)));
-        }
+        let (upstreams, groups) = bind_upstreams(config, n, &bells)?;
         let sharing = config.cluster.as_ref().map(|c| Sharing {
             instances: c.instances,
             fallback: c.fallback,
@@ -155,57 +226,13 @@ impl Proxy {
                 .map_err(setup("the waker"))?,
         );
         let (tx, commands) = mpsc::channel();
-        let mut workers = Vec::with_capacity(n);
-        let mut links = Vec::with_capacity(n);
-        for (index, (worker_poll, worker_waker)) in polls.into_iter().enumerate() {
-            if let Some(link) = &link {
-                link.add_worker(worker_waker.clone());
-            }
-            let (orders_tx, orders) = mpsc::channel();
-            let listeners = groups
-                .iter_mut()
-                .map(|(id, group)| (*id, group.remove(0)))
-                .collect();
-            let link = Link {
-                orders,
-                events: tx.clone(),
-                control: waker.clone(),
-            };
-            workers.push(Worker::new(
-                index,
-                worker_poll,
-                shared.clone(),
-                listeners,
-                link,
-            )?);
-            links.push(WorkerLink {
-                orders: orders_tx,
-                waker: worker_waker,
-                draining: None,
-                stopped: false,
-            });
-        }
+        let (workers, links) =
+            start_workers(polls, &shared, groups, link.as_deref(), (&tx, &waker))?;
         let admin = match config.admin {
             Some(addr) => Some(bind_admin(&poll, addr)?),
             None => None,
         };
-        let mut names = Names::default();
-        let followed = config
-            .upstreams
-            .iter()
-            .enumerate()
-            .filter(|(_, u)| !u.names.is_empty())
-            .map(|(id, u)| (id, u.clone()))
-            .collect();
-        let unresolved = config
-            .upstreams
-            .iter()
-            .flat_map(|u| &u.names)
-            .filter(|n| n.addrs.is_empty())
-            .map(|n| n.name.to_ascii_lowercase())
-            .collect();
-        let now = shared.clock.now();
-        names.follow(followed, unresolved, config.settings.resolve_interval, now);
+        let names = followed_names(config, shared.clock.now());
         let upstream_ids = config
             .upstreams
             .iter()
