@@ -176,6 +176,9 @@ struct SettingsArgs {
     /// Fixed kernel send and receive buffer of every relayed socket [default: autotuned].
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     socket_buffer: Option<usize>,
+    /// Bytes a relayed socket may hold written but unsent (TCP_NOTSENT_LOWAT), or `off` [default: 64KiB].
+    #[arg(long, value_name = "SIZE|off", value_parser = parse_unsent_limit)]
+    unsent_limit: Option<UnsentLimit>,
     /// Worker threads, each with its own poll loop, or `auto` for one per core [default: 1].
     #[arg(long, value_name = "N", value_parser = parse_workers)]
     workers: Option<usize>,
@@ -203,6 +206,22 @@ fn parse_relay(text: &str) -> Result<Relay, String> {
 }
 
 /// `--workers`: a number from 1 to 1024, or `auto`.
+/// `--unsent-limit`: a size, or `off`.
+#[derive(Debug, Clone, Copy)]
+struct UnsentLimit(Option<usize>);
+
+fn parse_unsent_limit(text: &str) -> Result<UnsentLimit, String> {
+    if text == "off" {
+        return Ok(UnsentLimit(None));
+    }
+    match parse_size(text) {
+        Ok(n) => Ok(UnsentLimit(Some(n))),
+        Err(_) => Err(format!(
+            "`{text}` is neither a size (such as 64KiB) nor `off`"
+        )),
+    }
+}
+
 fn parse_workers(text: &str) -> Result<usize, String> {
     if text == "auto" {
         return Ok(Settings::auto_workers());
@@ -225,6 +244,7 @@ impl SettingsArgs {
         s.buffer_size = self.buffer_size.unwrap_or(s.buffer_size);
         s.bulk_buffer_size = self.bulk_buffer_size.unwrap_or(s.bulk_buffer_size);
         s.socket_buffer = self.socket_buffer.or(s.socket_buffer);
+        s.unsent_limit = self.unsent_limit.map_or(s.unsent_limit, |u| u.0);
         s.workers = self.workers.unwrap_or(s.workers);
         s.access_log = self.access_log.unwrap_or(s.access_log);
         s.relay = self.relay.unwrap_or(s.relay);

@@ -393,11 +393,40 @@ fn socket_buffer_fixes_the_kernel_buffers_of_both_sockets() {
 }
 
 /// A client that stops reading: what tcplb has written toward it but not
-/// sent stays bounded in the kernel (`TCP_NOTSENT_LOWAT`), however large
-/// autotuning has grown the socket's buffers, so stalled pairs do not push
-/// the machine into TCP memory pressure.
+/// sent stays bounded in the kernel (`unsent_limit`, 64 KiB by default:
+/// `TCP_NOTSENT_LOWAT`), however large autotuning has grown the socket's
+/// buffers, so stalled pairs do not push the machine into TCP memory
+/// pressure.
 #[test]
 fn a_stalled_client_holds_little_unsent_data_in_tcplbs_kernel() {
+    let most = most_unsent_toward_a_stalled_client(Settings::default(), 50, u64::MAX);
+    println!("tcplb's socket toward a stalled client held at most {most} bytes unsent");
+    // 64 KiB, plus the one segment a write may add beyond it.
+    assert!(most > 0, "the socket never filled");
+    assert!(
+        most <= (64 + 64) << 10,
+        "{most} bytes unsent toward a client that does not read"
+    );
+}
+
+/// `unsent_limit = "off"` leaves the socket to the kernel, which queues
+/// megabytes toward the same stalled client.
+#[test]
+fn without_an_unsent_limit_a_stalled_client_holds_megabytes() {
+    let settings = Settings {
+        unsent_limit: None,
+        ..Settings::default()
+    };
+    let most = most_unsent_toward_a_stalled_client(settings, 400, 1 << 20);
+    println!("without a limit, the socket held {most} bytes unsent");
+    assert!(most > 1 << 20, "only {most} bytes unsent without a limit");
+}
+
+/// Streams from a host to a client that reads 64 MiB fast (so autotuning
+/// grows every buffer on the way), then stops reading; returns the most
+/// bytes tcplb's socket toward it held unsent (`ss`'s notsent) over up to
+/// `samples` looks, stopping early once it is over `enough`.
+fn most_unsent_toward_a_stalled_client(settings: Settings, samples: usize, enough: u64) -> u64 {
     const STREAM: usize = 256 << 20;
     let listener = TcpListener::bind(localhost()).unwrap();
     let host = listener.local_addr().unwrap();
@@ -410,19 +439,16 @@ fn a_stalled_client_holds_little_unsent_data_in_tcplbs_kernel() {
             }
         }
     });
-    let proxy = start(config(&[host], Settings::default()));
+    let proxy = start(config(&[host], settings));
     let mut client = proxy.connect();
-    // Read fast at first, so autotuning grows every buffer on the way...
     let mut buf = vec![0u8; 1 << 20];
     let mut got = 0;
     while got < 64 << 20 {
         got += client.read(&mut buf).unwrap();
     }
-    // ...then stop. tcplb's socket toward the client fills up: the
-    // kernel says how much of it is unsent (`ss`'s notsent).
     let filter = format!("src {} dst {}", proxy.addr, client.local_addr().unwrap());
     let mut most = 0;
-    for _ in 0..50 {
+    for _ in 0..samples {
         let out = std::process::Command::new("ss")
             .args(["-tinH", "state", "established"])
             .args(filter.split(' '))
@@ -434,14 +460,11 @@ fn a_stalled_client_holds_little_unsent_data_in_tcplbs_kernel() {
             .find_map(|w| w.strip_prefix("notsent:"))
             .map_or(0, |n| n.parse::<u64>().unwrap());
         most = most.max(unsent);
+        if most > enough {
+            break;
+        }
     }
-    println!("tcplb's socket toward a stalled client held at most {most} bytes unsent");
-    // 64 KiB, plus the one segment a write may add beyond it.
-    assert!(most > 0, "the socket never filled");
-    assert!(
-        most <= (64 + 64) << 10,
-        "{most} bytes unsent toward a client that does not read"
-    );
+    most
 }
 
 /// Echoes `len` random bytes through the proxy on one connection (the

@@ -92,6 +92,11 @@ pub struct Settings {
     /// side; `None` leaves them to the kernel's autotuning, which can grow a
     /// stalled connection's kernel buffers to several MiB.
     pub socket_buffer: Option<usize>,
+    /// `TCP_NOTSENT_LOWAT` of every relayed socket: the bytes it may hold
+    /// written but not yet sent. `None` ("off") leaves it to the kernel,
+    /// which lets a socket toward a reader that stopped queue its whole
+    /// send buffer (MiBs, autotuned).
+    pub unsent_limit: Option<usize>,
     /// New connections allowed per source address (IPv6: per /64), checked
     /// at accept before any TLS work; `None` for no limit.
     pub source_limit: Option<Limit>,
@@ -205,6 +210,7 @@ impl Default for Settings {
             bulk_buffer_size: 64 * 1024,
             backlog: 1024,
             socket_buffer: None,
+            unsent_limit: Some(64 * 1024),
             source_limit: None,
             accept_proxy: Vec::new(),
             workers: 1,
@@ -600,6 +606,7 @@ pub fn check_settings(settings: &Settings) -> Vec<String> {
         ("buffer_size", Some(settings.buffer_size)),
         ("bulk_buffer_size", Some(settings.bulk_buffer_size)),
         ("socket_buffer", settings.socket_buffer),
+        ("unsent_limit", settings.unsent_limit),
     ] {
         if let Some(Err(why)) = value.map(rules::buffer_size) {
             out.push(format!("{name} {why}"));

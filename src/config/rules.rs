@@ -313,4 +313,39 @@ mod tests {
             ["socket_buffer must be between 1024 and 67108864 bytes, not 1073741824"]
         );
     }
+
+    #[test]
+    fn unsent_limit_is_a_size_or_off() {
+        let base = "[[upstream]]\nname=\"x\"\nlisten=\"127.0.0.1:0\"\nhosts=[\"127.0.0.1:1\"]\n";
+        let read = |line: &str| {
+            let text = format!("[defaults]\n{line}\n{base}");
+            Config::parse(&text, "x").unwrap().settings.unsent_limit
+        };
+        assert_eq!(
+            Config::parse(base, "x").unwrap().settings.unsent_limit,
+            Some(64 * 1024)
+        );
+        assert_eq!(read("unsent_limit = \"256KiB\""), Some(256 * 1024));
+        assert_eq!(read("unsent_limit = 16384"), Some(16384));
+        assert_eq!(read("unsent_limit = \"off\""), None);
+        let found = problems(&format!("[defaults]\nunsent_limit = \"none\"\n{base}"));
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].starts_with("lb.toml:2:16: `unsent_limit`"),
+            "{found:?}"
+        );
+        let found = problems(&format!("[defaults]\nunsent_limit = 10\n{base}"));
+        assert_eq!(
+            found,
+            ["lb.toml:2:16: `unsent_limit` must be between 1024 and 67108864, not 10"]
+        );
+        let flags = Settings {
+            unsent_limit: Some(1 << 30),
+            ..Settings::default()
+        };
+        assert_eq!(
+            check_settings(&flags),
+            ["unsent_limit must be between 1024 and 67108864 bytes, not 1073741824"]
+        );
+    }
 }

@@ -20,7 +20,9 @@ use super::cluster::cluster;
 use super::problems::Problems;
 use super::tables::{as_table, find, unknown_keys};
 use super::upstreams::{Lookups, upstreams};
-use super::values::{Value, Zero, address, duration, fill, integer, networks, rate, size, string};
+use super::values::{
+    Value, Zero, address, duration, fill, integer, networks, parse_size, rate, size, string,
+};
 use super::{AccessLog, Config, Keepalive, Relay, Settings, rules};
 use crate::policy::limits::Limit;
 use crate::tls::{TlsPlaces, TlsSettings};
@@ -36,6 +38,7 @@ const DEFAULTS_KEYS: &[&str] = &[
     "bulk_buffer_size",
     "backlog",
     "socket_buffer",
+    "unsent_limit",
     "source_rate",
     "source_burst",
     "accept_proxy",
@@ -154,6 +157,18 @@ fn defaults(p: &mut Problems<'_>, root: &DeTable<'_>) -> Option<Settings> {
     }
     let socket_buffer = find(table, "socket_buffer").map(|v| size(p, v, "socket_buffer").map(Some));
     ok &= fill(&mut s.socket_buffer, socket_buffer);
+    let unsent_limit = find(table, "unsent_limit").map(|v| match v.get_ref() {
+        DeValue::String(off) if off.as_ref() == "off" => Some(None),
+        DeValue::String(text) if parse_size(text).is_err() => {
+            let message = format!(
+                "`unsent_limit` must be a size such as \"64KiB\", or \"off\", not \"{text}\""
+            );
+            p.at(v.span(), message);
+            None
+        }
+        _ => size(p, v, "unsent_limit").map(Some),
+    });
+    ok &= fill(&mut s.unsent_limit, unsent_limit);
     let workers = find(table, "workers").map(|v| match v.get_ref() {
         DeValue::String(auto) if auto.as_ref() == "auto" => Some(Settings::auto_workers()),
         _ => integer(p, v, "workers", rules::WORKERS).map(|n| n as usize),

@@ -10,28 +10,54 @@ use log::warn;
 use mio::net::{TcpListener, TcpStream};
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
 
-use crate::config::Keepalive;
+use crate::config::{Keepalive, Settings};
 
-/// Bytes a pair's socket may hold written but not yet sent
-/// (`TCP_NOTSENT_LOWAT`). Autotuning grows a socket's send buffer to
-/// megabytes; toward a peer that stops reading, all of that would fill
-/// with bytes tcplb took in, and a few hundred stalled pairs push the
-/// machine into TCP memory pressure, where the kernel drops segments and
-/// every connection waits on exponentially backed-off retransmits. With
-/// this bound a stalled socket holds 64 KiB unsent (plus what is in
-/// flight), and tcplb stops reading from the sender sooner instead. Bulk
-/// throughput is unchanged: the kernel refills the queue as it sends.
-pub const UNSENT_LIMIT: u32 = 64 * 1024;
+/// Kernel options of every relayed socket, from the settings: set on
+/// the listeners (accepted sockets inherit them, at no cost per
+/// connection) and on each socket to a host before its SYN.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tuning {
+    /// `socket_buffer`: fixed send and receive buffers (`None`: autotuned).
+    pub buffer: Option<usize>,
+    /// `unsent_limit`: the bytes a socket may hold written but not yet
+    /// sent (`TCP_NOTSENT_LOWAT`; `None`: the kernel's default, no limit).
+    /// Autotuning grows a socket's send buffer to megabytes; toward a peer
+    /// that stops reading, all of that would fill with bytes tcplb took
+    /// in, and a few hundred stalled pairs push the machine into TCP
+    /// memory pressure, where every connection slows. With a limit a
+    /// stalled socket holds that much unsent (plus what is in flight), and
+    /// tcplb stops reading from the sender sooner; the price is more
+    /// wake-ups per byte for a fast stream (README, Performance).
+    pub unsent: Option<usize>,
+}
 
-/// Starts a non-blocking connect to `addr`, with [`UNSENT_LIMIT`]. With
-/// `buffer` (the `socket_buffer` setting) the socket's kernel buffers are
-/// fixed first, before the SYN, so the window offered to the host follows
-/// them.
-pub fn connect(addr: SocketAddr, buffer: Option<usize>) -> io::Result<TcpStream> {
+impl Tuning {
+    /// The options `settings` ask for.
+    pub fn of(settings: &Settings) -> Tuning {
+        Tuning {
+            buffer: settings.socket_buffer,
+            unsent: settings.unsent_limit,
+        }
+    }
+}
+
+/// Sets a socket's `TCP_NOTSENT_LOWAT` (`None`: back to the kernel's
+/// default, which 0 selects).
+pub fn set_unsent_limit(socket: &Socket, limit: Option<usize>) -> io::Result<()> {
+    // The settings cap it at 64 MiB.
+    socket.set_tcp_notsent_lowat(limit.map_or(0, |n| n.min(u32::MAX as usize) as u32))
+}
+
+/// Starts a non-blocking connect to `addr`, with the socket options of
+/// `tuning`; fixed buffers are set before the SYN, so the window offered
+/// to the host follows them.
+pub fn connect(addr: SocketAddr, tuning: Tuning) -> io::Result<TcpStream> {
     let kind = Type::STREAM.nonblocking();
     let socket = Socket::new(Domain::for_address(addr), kind, Some(Protocol::TCP))?;
-    socket.set_tcp_notsent_lowat(UNSENT_LIMIT)?;
-    if let Some(size) = buffer {
+    if tuning.unsent.is_some() {
+        set_unsent_limit(&socket, tuning.unsent)?;
+    }
+    if let Some(size) = tuning.buffer {
         set_buffers(&socket, size)?;
     }
     match socket.connect(&addr.into()) {
@@ -142,14 +168,14 @@ pub fn is_resource_exhaustion(e: &io::Error) -> bool {
 }
 
 /// A non-blocking listening socket. Accepted sockets inherit its buffer
-/// sizes and [`UNSENT_LIMIT`], so they cost no syscall per connection.
+/// sizes and unsent limit ([`Tuning`]), so they cost no syscall per connection.
 /// With `shared`, the socket is one of several on the same address
 /// (`SO_REUSEPORT`, one per worker): the kernel spreads connections over
 /// them.
 pub fn listen(
     addr: SocketAddr,
     backlog: u32,
-    buffer: Option<usize>,
+    tuning: Tuning,
     shared: bool,
 ) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
@@ -158,9 +184,10 @@ pub fn listen(
         socket.set_reuse_port(true)?;
     }
     socket.set_nonblocking(true)?;
-    // Accepted sockets inherit it, at no cost per connection.
-    socket.set_tcp_notsent_lowat(UNSENT_LIMIT)?;
-    if let Some(size) = buffer {
+    if tuning.unsent.is_some() {
+        set_unsent_limit(&socket, tuning.unsent)?;
+    }
+    if let Some(size) = tuning.buffer {
         set_listener_buffers(&socket, size, addr)?;
     }
     socket.bind(&addr.into())?;
@@ -174,13 +201,13 @@ pub fn listen_group(
     addr: SocketAddr,
     n: usize,
     backlog: u32,
-    buffer: Option<usize>,
+    tuning: Tuning,
 ) -> io::Result<(Vec<TcpListener>, SocketAddr)> {
-    let first = listen(addr, backlog, buffer, true)?;
+    let first = listen(addr, backlog, tuning, true)?;
     let local = first.local_addr()?;
     let mut group = vec![first];
     for _ in 1..n {
-        group.push(listen(local, backlog, buffer, true)?);
+        group.push(listen(local, backlog, tuning, true)?);
     }
     Ok((group, local))
 }

@@ -211,7 +211,7 @@ impl Pair {
         tried: &mut Vec<SocketAddr>,
     ) -> Result<HostConn, Option<Refusal>> {
         let addr = lease.host().addr;
-        let attempt = net::connect(addr, ctx.settings.socket_buffer).and_then(|stream| {
+        let attempt = net::connect(addr, net::Tuning::of(ctx.settings)).and_then(|stream| {
             net::prepare(&stream, ctx.settings.keepalive.as_ref());
             let mut endpoint = Endpoint::new(stream);
             endpoint.register(ctx.registry, ctx.host_token, PAIR_INTEREST)?;

@@ -107,13 +107,11 @@ fn bind_upstreams(
     let mut upstreams = Vec::with_capacity(config.upstreams.len());
     let mut groups = Vec::with_capacity(config.upstreams.len());
     for (id, u) in config.upstreams.iter().enumerate() {
-        let (group, local) =
-            net::listen_group(u.listen, n, s.backlog, s.socket_buffer).map_err(|source| {
-                Error::Bind {
-                    upstream: u.name.clone(),
-                    addr: u.listen,
-                    source,
-                }
+        let (group, local) = net::listen_group(u.listen, n, s.backlog, net::Tuning::of(s))
+            .map_err(|source| Error::Bind {
+                upstream: u.name.clone(),
+                addr: u.listen,
+                source,
             })?;
         groups.push((id, group));
         let balancer = LoadBalancer::new(&u.addresses(), bells.queue());
@@ -414,11 +412,12 @@ fn log_listening(snapshot: &Snapshot) {
 
 /// Binds and registers the admin listener.
 fn bind_admin(poll: &Poll, addr: SocketAddr) -> Result<TcpListener, Error> {
-    let mut socket = net::listen(addr, 64, None, false).map_err(|source| Error::Bind {
-        upstream: "admin".to_string(),
-        addr,
-        source,
-    })?;
+    let mut socket =
+        net::listen(addr, 64, net::Tuning::default(), false).map_err(|source| Error::Bind {
+            upstream: "admin".to_string(),
+            addr,
+            source,
+        })?;
     poll.registry()
         .register(
             &mut socket,

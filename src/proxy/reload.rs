@@ -262,6 +262,7 @@ fn changed_settings(old: &Settings, new: &Settings) -> Vec<&'static str> {
         ),
         ("backlog", old.backlog != new.backlog),
         ("socket_buffer", old.socket_buffer != new.socket_buffer),
+        ("unsent_limit", old.unsent_limit != new.unsent_limit),
         (
             "source_rate/source_burst",
             old.source_limit != new.source_limit,
@@ -554,7 +555,7 @@ impl Control {
                 continue;
             }
             let (group, local) =
-                net::listen_group(u.listen, self.workers.len(), s.backlog, s.socket_buffer)
+                net::listen_group(u.listen, self.workers.len(), s.backlog, net::Tuning::of(s))
                     .map_err(|e| {
                         format!("upstream `{}`: cannot listen on {}: {e}", u.name, u.listen)
                     })?;

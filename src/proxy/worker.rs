@@ -404,7 +404,7 @@ impl Worker {
             return;
         }
         self.generation = generation;
-        let before = self.snapshot.settings.socket_buffer;
+        let before = net::Tuning::of(&self.snapshot.settings);
         self.snapshot = self.shared.snapshot();
         let s = &self.snapshot.settings;
         self.support.pool.resize(s.buffer_size, s.bulk_buffer());
@@ -413,8 +413,9 @@ impl Worker {
         self.support
             .pipes
             .reconfigure(s.relay, s.bulk_buffer(), pipes);
-        if let Some(size) = s.socket_buffer.filter(|_| s.socket_buffer != before) {
-            self.resize_listener_buffers(size);
+        let tuning = net::Tuning::of(s);
+        if tuning != before {
+            self.retune_listeners(tuning, before);
         }
         // New pairs take the new upstreams (and their hosts).
         for (_, listener) in self.listeners.iter_mut() {
@@ -438,20 +439,28 @@ impl Worker {
         self.retry_queued = true;
     }
 
-    /// Applies a changed `socket_buffer` to the listeners kept across a
-    /// reload, so connections they accept from now on get it (connects to
-    /// hosts read the setting each time). Handing a fixed buffer back to
-    /// autotuning needs `SO_BUF_LOCK` (Linux 5.16), which socket2 does not
-    /// offer, so unsetting it waits for a restart.
-    fn resize_listener_buffers(&mut self, size: usize) {
+    /// Applies a changed `socket_buffer` or `unsent_limit` to the
+    /// listeners kept across a reload, so connections they accept from now
+    /// on get it (connects to hosts read the settings each time). Handing a
+    /// fixed buffer back to autotuning needs `SO_BUF_LOCK` (Linux 5.16),
+    /// which socket2 does not offer, so unsetting `socket_buffer` waits for
+    /// a restart.
+    fn retune_listeners(&mut self, tuning: net::Tuning, before: net::Tuning) {
         for (_, listener) in &self.listeners {
             // A bound listener always has its address.
             let Ok(addr) = listener.socket.local_addr() else {
                 continue;
             };
-            if let Err(e) = net::set_listener_buffers(&SockRef::from(&listener.socket), size, addr)
-            {
-                warn!("reload: listener {addr}: cannot set its socket buffers: {e}");
+            let socket = SockRef::from(&listener.socket);
+            if let Some(size) = tuning.buffer.filter(|_| tuning.buffer != before.buffer) {
+                if let Err(e) = net::set_listener_buffers(&socket, size, addr) {
+                    warn!("reload: listener {addr}: cannot set its socket buffers: {e}");
+                }
+            }
+            if tuning.unsent != before.unsent {
+                if let Err(e) = net::set_unsent_limit(&socket, tuning.unsent) {
+                    warn!("reload: listener {addr}: cannot set its unsent limit: {e}");
+                }
             }
         }
     }
