@@ -184,7 +184,7 @@ impl Connection {
             }
             Handshake::Failed(e) => Err(Broken::Tls(format!(
                 "the handshake failed: {}",
-                crate::tls::server_failure(&e, *trusted)
+                crate::tls::server_failure(&e, trusted)
             ))),
             Handshake::Gone => Err(Broken::Tls(
                 "it closed the connection during the handshake (does it speak TLS there?)"
@@ -261,7 +261,7 @@ impl Connection {
                         break;
                     }
                     match read_onto(&mut side, &mut self.input, READ_CHUNK) {
-                        Io::Failed(e) => return Err(tls_broken(e, *trusted)),
+                        Io::Failed(e) => return Err(tls_broken(e, trusted)),
                         outcome => outcome,
                     }
                 }
