@@ -45,6 +45,15 @@ pub enum Error {
         /// came from a config file.
         at: Option<String>,
     },
+    /// The system trust store, which verifies a `rediss://` Redis when
+    /// `tls_ca` is not set, holds no usable CA certificate.
+    TrustStore {
+        /// What is wrong, in words.
+        problem: String,
+        /// `origin:line:column` of the `redis` URL, when it came from a
+        /// config file.
+        at: Option<String>,
+    },
     /// The poller, waker or signal handler could not be set up.
     Setup {
         /// The part that could not be set up, e.g. "the poller".
@@ -83,6 +92,12 @@ impl fmt::Display for Error {
                 }
                 write!(f, "TLS file {}: {problem}", path.display())
             }
+            Error::TrustStore { problem, at } => {
+                if let Some(at) = at {
+                    write!(f, "{at}: ")?;
+                }
+                write!(f, "the system trust store: {problem}")
+            }
             Error::Setup { what, source } => write!(f, "cannot set up {what}: {source}"),
         }
     }
@@ -95,7 +110,7 @@ impl std::error::Error for Error {
             | Error::Bind { source, .. }
             | Error::Setup { source, .. } => Some(source),
             Error::Config(e) => Some(e),
-            Error::Tls { .. } => None,
+            Error::Tls { .. } | Error::TrustStore { .. } => None,
         }
     }
 }

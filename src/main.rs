@@ -337,6 +337,9 @@ fn check(file: &Path, strict: bool) -> ExitCode {
             let (_, warnings) = tls.load(SystemTime::now())?;
             config.warnings.extend(warnings);
         }
+        if let Some(tls) = config.cluster.as_ref().and_then(|c| c.tls.as_ref()) {
+            tls.client_config()?;
+        }
         Ok(config)
     });
     match loaded {

@@ -9,6 +9,13 @@
 //! without it each instance admits the whole rate. Redis killed and
 //! restarted, Redis that never answers, and an instance that crashes
 //! holding connections are the other scenarios.
+//!
+//! `rediss://`: the same sharing through a Redis that speaks TLS (its
+//! certificate made here, for 127.0.0.1), a Redis whose certificate
+//! `tls_ca` did not issue, a Redis that requires a client certificate,
+//! and the system trust store. Such a Redis also listens in plain TCP on
+//! another port, for the test's own `PING` and look-ups only: tcplb is
+//! given the TLS port.
 
 mod common;
 
@@ -38,8 +45,31 @@ const BURST: u32 = 10;
 
 /// A `redis-server` of the test's own, killed on drop.
 struct Redis {
+    /// The plain port (the test's own commands; tcplb's, without TLS).
     port: u16,
+    /// The TLS port, when it serves TLS: what tcplb is given then.
+    tls_port: Option<u16>,
     child: Child,
+}
+
+/// What a Redis serves TLS with.
+struct RedisTlsFiles {
+    cert: PathBuf,
+    key: PathBuf,
+    /// The CA that client certificates must chain to.
+    ca: PathBuf,
+    /// `tls-auth-clients`: a client certificate is required.
+    auth_clients: bool,
+}
+
+/// Two distinct free loopback ports.
+fn free_ports() -> (u16, u16) {
+    let a = TcpListener::bind("127.0.0.1:0").unwrap();
+    let b = TcpListener::bind("127.0.0.1:0").unwrap();
+    (
+        a.local_addr().unwrap().port(),
+        b.local_addr().unwrap().port(),
+    )
 }
 
 impl Redis {
@@ -47,6 +77,15 @@ impl Redis {
     /// redis-server is not installed (CI installs it, and sets
     /// `TCPLB_REQUIRE_TOOLS`, which makes a missing one a failure).
     fn start() -> Option<Redis> {
+        Redis::start_with(None)
+    }
+
+    /// Like [`start`](Self::start), serving TLS too, with `files`.
+    fn start_tls(files: &RedisTlsFiles) -> Option<Redis> {
+        Redis::start_with(Some(files))
+    }
+
+    fn start_with(tls: Option<&RedisTlsFiles>) -> Option<Redis> {
         if Command::new("redis-server")
             .arg("--version")
             .output()
@@ -58,12 +97,8 @@ impl Redis {
             return None;
         }
         for _ in 0..5 {
-            let port = TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            if let Some(redis) = Redis::start_on(port) {
+            let (port, tls_port) = free_ports();
+            if let Some(redis) = Redis::launch(port, tls.map(|files| (tls_port, files))) {
                 return Some(redis);
             }
         }
@@ -72,14 +107,38 @@ impl Redis {
 
     /// Starts one on `port`; `None` if it could not listen there.
     fn start_on(port: u16) -> Option<Redis> {
-        let child = Command::new("redis-server")
+        Redis::launch(port, None)
+    }
+
+    /// Starts one on `port` (and with `tls`, TLS on its port too); `None`
+    /// if it could not listen there.
+    fn launch(port: u16, tls: Option<(u16, &RedisTlsFiles)>) -> Option<Redis> {
+        let mut command = Command::new("redis-server");
+        command
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"]);
+        if let Some((tls_port, files)) = tls {
+            let auth = if files.auth_clients { "yes" } else { "no" };
+            command
+                .args(["--tls-port", &tls_port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(&files.cert)
+                .arg("--tls-key-file")
+                .arg(&files.key)
+                .arg("--tls-ca-cert-file")
+                .arg(&files.ca)
+                .args(["--tls-auth-clients", auth]);
+        }
+        let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server is installed (apt-get install redis-server; .ci/run does)");
-        let mut redis = Redis { port, child };
+        let mut redis = Redis {
+            port,
+            tls_port: tls.map(|(p, _)| p),
+            child,
+        };
         let deadline = Instant::now() + IO_TIMEOUT;
         while Instant::now() < deadline {
             if redis.child.try_wait().unwrap().is_some() {
@@ -93,8 +152,12 @@ impl Redis {
         panic!("redis-server on port {port} never answered PING");
     }
 
+    /// What tcplb is given: the TLS port when there is one.
     fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        match self.tls_port {
+            Some(port) => format!("rediss://127.0.0.1:{port}/0"),
+            None => format!("redis://127.0.0.1:{}/0", self.port),
+        }
     }
 
     /// One inline command; its reply's first line.
@@ -134,6 +197,8 @@ struct Group {
     cluster: Option<String>,
     rule: String,
     workers: usize,
+    /// `NAME=value` set in each instance's environment.
+    env: Vec<String>,
     files: Mutex<u32>,
 }
 
@@ -150,6 +215,7 @@ impl Group {
             cluster,
             rule: format!("rate = {RATE}\nburst = {BURST}\n"),
             workers: 1,
+            env: Vec::new(),
             files: Mutex::new(0),
         }
     }
@@ -157,6 +223,15 @@ impl Group {
     /// Starts one tcplb; waits until it has connected to Redis, when it
     /// shares limits.
     fn instance(&self) -> Instance {
+        let instance = self.start();
+        if self.cluster.is_some() {
+            log_within(&instance.bin, "cluster: connected to Redis", IO_TIMEOUT);
+        }
+        instance
+    }
+
+    /// Starts one tcplb, without waiting for anything.
+    fn start(&self) -> Instance {
         let mut n = self.files.lock().unwrap();
         *n += 1;
         let path: PathBuf = self.pki.dir.join(format!("lb{n}.toml"));
@@ -174,12 +249,17 @@ impl Group {
             rule = self.rule,
         );
         std::fs::write(&path, text).unwrap();
-        let bin = Binary::start(&["--config", path.to_str().unwrap()]);
+        let args = ["--config", path.to_str().unwrap()];
+        let bin = if self.env.is_empty() {
+            Binary::start(&args)
+        } else {
+            let wrapper: Vec<&str> = std::iter::once("env")
+                .chain(self.env.iter().map(String::as_str))
+                .collect();
+            Binary::start_wrapped(&wrapper, &args)
+        };
         let app = bin.listen_addr_of("app");
         let admin = bin.admin_addr();
-        if self.cluster.is_some() {
-            log_within(&bin, "cluster: connected to Redis", IO_TIMEOUT);
-        }
         Instance { bin, app, admin }
     }
 }
@@ -225,11 +305,26 @@ impl Instance {
 
     /// The value of the `tcplb_cluster_redis_up` gauge.
     fn redis_up(&self) -> Option<u32> {
+        self.metric("tcplb_cluster_redis_up").map(|n| n as u32)
+    }
+
+    /// The value of the metric `name` (its one labelled line).
+    fn metric(&self, name: &str) -> Option<u64> {
         let text = self.metrics();
-        let line = text
-            .lines()
-            .find(|l| l.starts_with("tcplb_cluster_redis_up{"))?;
+        let line = text.lines().find(|l| l.starts_with(&format!("{name}{{")))?;
         line.rsplit(' ').next()?.parse().ok()
+    }
+
+    /// Waits (bounded) until Redis was found down `n` times.
+    fn wait_failures(&self, n: u64) {
+        let deadline = Instant::now() + IO_TIMEOUT;
+        while self.metric("tcplb_cluster_failures_total").unwrap_or(0) < n {
+            assert!(
+                Instant::now() < deadline,
+                "Redis was never found down {n} times"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Waits (bounded) until the gauge reads `up`.
@@ -330,16 +425,48 @@ fn cluster_table(redis: &Redis, instances: usize, extra: &str) -> String {
     )
 }
 
+/// A Redis that serves TLS with a certificate for 127.0.0.1 (an IP SAN)
+/// issued by `pki`'s CA, and with `auth_clients` requires a client
+/// certificate of that CA; `None` where redis-server is not installed.
+fn tls_redis(pki: &Pki, auth_clients: bool) -> Option<Redis> {
+    let cert = pki.server_for_ip("127.0.0.1".parse().unwrap(), "redis");
+    Redis::start_tls(&RedisTlsFiles {
+        cert: cert.cert_path,
+        key: cert.key_path,
+        ca: pki.ca_path.clone(),
+        auth_clients,
+    })
+}
+
+/// `tls_ca = "..."` of `[cluster]`, trusting `pki`'s CA.
+fn tls_ca(pki: &Pki) -> String {
+    format!("tls_ca = \"{}\"", pki.ca_path.display())
+}
+
+/// How the instances reach Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    Plain,
+    /// `rediss://`, with `tls_ca`.
+    Tls,
+}
+
 /// The group shares one bucket: within the bound, and not far below it;
 /// the same processes without `[cluster]` admit about `instances` times more.
-fn shares_one_bucket(instances: usize, workers: usize) {
+fn shares_one_bucket(instances: usize, workers: usize, transport: Transport) {
     let _heavy = heavy();
-    let Some(redis) = Redis::start() else {
+    let redis_pki = (transport == Transport::Tls).then(|| Pki::new("redis"));
+    let redis = match &redis_pki {
+        Some(pki) => tls_redis(pki, false),
+        None => Redis::start(),
+    };
+    let Some(redis) = redis else {
         return;
     };
+    let extra = redis_pki.as_ref().map(tls_ca).unwrap_or_default();
     let mut group = Group::new(
         &format!("share{instances}"),
-        Some(cluster_table(&redis, instances, "")),
+        Some(cluster_table(&redis, instances, &extra)),
     );
     group.workers = workers;
     let running: Vec<Instance> = (0..instances).map(|_| group.instance()).collect();
@@ -347,8 +474,12 @@ fn shares_one_bucket(instances: usize, workers: usize) {
     let shared = hammer(&addrs, &group.client, Duration::from_secs(5));
     let limit = bound(shared.seconds, instances);
     println!(
-        "{instances} instances sharing Redis: {} admitted, {} refused, {} other in {:.2} s (bound {limit:.1})",
-        shared.admitted, shared.refused, shared.other, shared.seconds
+        "{instances} instances sharing Redis ({transport:?}, {}): {} admitted, {} refused, {} other in {:.2} s (bound {limit:.1})",
+        redis.url(),
+        shared.admitted,
+        shared.refused,
+        shared.other,
+        shared.seconds
     );
     assert!(shared.admitted as f64 <= limit, "{shared:?}: over {limit}");
     assert!(
@@ -391,12 +522,209 @@ fn shares_one_bucket(instances: usize, workers: usize) {
 
 #[test]
 fn two_instances_share_one_bucket_and_apart_admit_twice_the_rate() {
-    shares_one_bucket(2, 1);
+    shares_one_bucket(2, 1, Transport::Plain);
 }
 
 #[test]
 fn three_instances_of_two_workers_share_one_bucket_and_apart_admit_thrice() {
-    shares_one_bucket(3, 2);
+    shares_one_bucket(3, 2, Transport::Plain);
+}
+
+#[test]
+fn two_instances_share_one_bucket_through_a_tls_redis() {
+    shares_one_bucket(2, 1, Transport::Tls);
+}
+
+/// The log line saying Redis is unreachable, which must come first
+/// (nothing may connect meanwhile).
+fn unreachable_line(instance: &Instance) -> String {
+    let lines = log_within(&instance.bin, "is unreachable", IO_TIMEOUT);
+    assert!(
+        lines.iter().all(|l| !l.contains("connected to Redis")),
+        "{lines:#?}"
+    );
+    lines.last().unwrap().clone()
+}
+
+/// No line since the last one read says Redis was reached.
+fn never_connected(instance: &Instance) {
+    let later: Vec<String> = instance.bin.stderr.try_iter().collect();
+    assert!(
+        later.iter().all(|l| !l.contains("connected to Redis")),
+        "{later:#?}"
+    );
+}
+
+#[test]
+fn a_redis_whose_certificate_tls_ca_did_not_issue_stays_down_and_the_fallback_admits() {
+    let _heavy = heavy();
+    let redis_pki = Pki::new("redis");
+    let Some(redis) = tls_redis(&redis_pki, false) else {
+        return;
+    };
+    let stranger = Pki::new("stranger");
+    let group = Group::new(
+        "stranger",
+        Some(cluster_table(&redis, 2, &tls_ca(&stranger))),
+    );
+    let instance = group.start();
+    let line = unreachable_line(&instance);
+    println!("{line}");
+    assert!(line.contains(&redis.url()), "{line}");
+    assert!(
+        line.contains("(cannot connect: TLS: the handshake failed: its certificate is not issued by a CA of tls_ca)"),
+        "{line}"
+    );
+    // It keeps trying, and fails every time: Redis stays down.
+    instance.wait_failures(3);
+    assert_eq!(instance.redis_up(), Some(0));
+    // The fallback decides, at once.
+    let t = Instant::now();
+    assert_eq!(attempt(instance.app, &group.client).0, Outcome::Admitted);
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert_eq!(instance.redis_up(), Some(0));
+    never_connected(&instance);
+}
+
+#[test]
+fn a_redis_that_requires_a_client_certificate_takes_tls_cert_and_refuses_tcplb_without() {
+    let _heavy = heavy();
+    let redis_pki = Pki::new("redis-mtls");
+    let Some(redis) = tls_redis(&redis_pki, true) else {
+        return;
+    };
+    // Without a client certificate: refused, and the log says why.
+    let without = Group::new(
+        "no-client-cert",
+        Some(cluster_table(&redis, 2, &tls_ca(&redis_pki))),
+    );
+    let refused = without.start();
+    let line = unreachable_line(&refused);
+    println!("{line}");
+    assert!(
+        line.contains("TLS: it requires a client certificate (set tls_cert and tls_key)"),
+        "{line}"
+    );
+    refused.wait_failures(2);
+    assert_eq!(refused.redis_up(), Some(0));
+    never_connected(&refused);
+    drop(refused);
+
+    // With one of the CA Redis trusts: connected, and limits shared.
+    let tcplb = redis_pki.client("tcplb");
+    let files = format!(
+        "{}\ntls_cert = \"{}\"\ntls_key = \"{}\"",
+        tls_ca(&redis_pki),
+        tcplb.cert_path.display(),
+        tcplb.key_path.display()
+    );
+    let with = Group::new("client-cert", Some(cluster_table(&redis, 2, &files)));
+    let instance = with.instance();
+    instance.wait_redis_up(1);
+    // The first connection asks Redis (no lease yet), which answers.
+    assert_eq!(attempt(instance.app, &with.client).0, Outcome::Admitted);
+    assert!(
+        instance.metric("tcplb_cluster_requests_total") >= Some(1),
+        "{}",
+        instance.metrics()
+    );
+    assert_eq!(instance.metric("tcplb_cluster_failures_total"), Some(0));
+    assert_eq!(instance.redis_up(), Some(1));
+}
+
+#[test]
+fn without_tls_ca_the_system_trust_store_verifies_redis() {
+    let _heavy = heavy();
+    let redis_pki = Pki::new("redis-system");
+    let Some(redis) = tls_redis(&redis_pki, false) else {
+        return;
+    };
+    // The system's store is where SSL_CERT_FILE says, as for OpenSSL.
+    let mut group = Group::new("system-store", Some(cluster_table(&redis, 2, "")));
+    group.env = vec![format!("SSL_CERT_FILE={}", redis_pki.ca_path.display())];
+    let trusting = group.instance();
+    trusting.wait_redis_up(1);
+    drop(trusting);
+    let stranger = Pki::new("system-stranger");
+    group.env = vec![format!("SSL_CERT_FILE={}", stranger.ca_path.display())];
+    let distrusting = group.start();
+    let line = unreachable_line(&distrusting);
+    assert!(
+        line.contains(
+            "its certificate is not issued by a CA of the system trust store (tls_ca is not set)"
+        ),
+        "{line}"
+    );
+    assert_eq!(distrusting.redis_up(), Some(0));
+}
+
+#[test]
+fn check_and_start_read_the_tls_files_of_a_rediss_url_and_name_a_bad_one() {
+    let pki = Pki::new("check-rediss");
+    let client = pki.client("tcplb");
+    let other = pki.client("other");
+    let config = |files: &str| {
+        let path = pki.dir.join("lb.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[cluster]\nredis = \"rediss://127.0.0.1:6390/0\"\ninstances = 2\n{files}\n\n\
+                 [[upstream]]\nname = \"app\"\nlisten = \"127.0.0.1:0\"\nhosts = [\"127.0.0.1:1\"]\n"
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let tcplb = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_tcplb"))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // Relative names are the config file's folder's.
+    let good = config(&format!(
+        "tls_ca = \"ca.pem\"\ntls_cert = \"{}\"\ntls_key = \"{}\"",
+        client.cert_path.display(),
+        client.key_path.display()
+    ));
+    let good = good.to_str().unwrap();
+    assert_eq!(tcplb(&["check", good]).0, Some(0));
+
+    let missing = pki.dir.join("missing.pem");
+    let path = config(&format!("tls_ca = \"{}\"", missing.display()));
+    let path = path.to_str().unwrap();
+    let (code, err) = tcplb(&["check", path]);
+    let expected = format!(
+        "{path}:4:10: TLS file {}: cannot read: No such file or directory",
+        missing.display()
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains(&expected), "{err}");
+    // Start-up reads them too, and stops on the same.
+    let (code, err) = tcplb(&["--config", path]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains(&expected), "{err}");
+
+    let path = config(&format!(
+        "tls_ca = \"ca.pem\"\ntls_cert = \"{}\"\ntls_key = \"{}\"",
+        client.cert_path.display(),
+        other.key_path.display()
+    ));
+    let path = path.to_str().unwrap();
+    let (code, err) = tcplb(&["check", path]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{path}:6:11: TLS file {}: this private key does not match the certificate in {}",
+            other.key_path.display(),
+            client.cert_path.display()
+        )),
+        "{err}"
+    );
 }
 
 #[test]

@@ -12,7 +12,8 @@
 //! ```
 //!
 //! The thread is the only one that waits on Redis, and only in its own
-//! `mio::Poll`: no worker ever blocks on it, and the control thread's
+//! `mio::Poll` (one non-blocking socket; for `rediss://` a TLS session on
+//! it, whose handshake counts as part of the connect): no worker ever blocks on it, and the control thread's
 //! work (stats, reloads) never delays it. Its requests are one Lua script
 //! (`share.lua`, loaded with `SCRIPT LOAD` at each connect and run with
 //! `EVALSHA`) that atomically takes tokens from the identity's bucket and
@@ -42,7 +43,7 @@ use crate::admin::ClusterStats;
 use crate::config::{ClusterSettings, Fallback};
 use crate::policy::access::{Ask, ClientState, Query};
 use crate::policy::share::{Answer, Mode};
-use redis::{Broken, Connection, Reply};
+use redis::{Broken, Connection, Reply, TlsClient};
 
 /// The script every request runs.
 const SCRIPT: &str = include_str!("share.lua");
@@ -205,6 +206,8 @@ pub(crate) struct Cluster {
     poll: Poll,
     link: Arc<ClusterLink>,
     settings: ClusterSettings,
+    /// With `rediss://`: how each connection speaks TLS.
+    tls: Option<TlsClient>,
     /// This instance's name in the count tables: unique per process.
     instance: String,
     /// The script's SHA1, once loaded on this connection: Redis is up.
@@ -229,8 +232,26 @@ impl std::fmt::Debug for Cluster {
 
 impl Cluster {
     /// The thread's poller and the link to it; the thread starts with
-    /// [`spawn`](Self::spawn).
-    pub fn new(settings: &ClusterSettings) -> std::io::Result<(Cluster, Arc<ClusterLink>)> {
+    /// [`spawn`](Self::spawn). `tls` is the client config of a `rediss://`
+    /// URL (loaded from the files `settings.tls` names).
+    pub fn new(
+        settings: &ClusterSettings,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> std::io::Result<(Cluster, Arc<ClusterLink>)> {
+        let tls = match tls {
+            Some(config) => Some(TlsClient {
+                config,
+                // The config reader checked that the host is a name or an address.
+                name: settings.redis.server_name().ok_or_else(|| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        format!("{}: the host is not a server name", settings.redis),
+                    )
+                })?,
+                trusted: settings.tls.as_ref().map_or("", |t| t.trusted()),
+            }),
+            None => None,
+        };
         let poll = Poll::new()?;
         let waker = Waker::new(poll.registry(), Source::Waker.token())?;
         let link = Arc::new(ClusterLink {
@@ -250,6 +271,7 @@ impl Cluster {
             poll,
             link: link.clone(),
             settings: settings.clone(),
+            tls,
             instance,
             script: None,
             conn: Link::Idle {
@@ -382,7 +404,13 @@ impl Cluster {
     /// Starts a connect and queues the greeting.
     fn connect(&mut self, now: Instant) {
         let registry = self.poll.registry();
-        match Connection::open(self.settings.redis.addr, registry, Source::Redis.token()) {
+        let tls = self.tls.as_ref();
+        match Connection::open(
+            self.settings.redis.addr,
+            tls,
+            registry,
+            Source::Redis.token(),
+        ) {
             Ok(mut conn) => {
                 let deadline = now + self.settings.timeout;
                 let redis = &self.settings.redis;

@@ -5,6 +5,13 @@
 //! (RESP2, with the `redis-protocol` crate's decoder). Every read and
 //! write goes through an [`Endpoint`], which keeps the readiness.
 //!
+//! For `rediss://` the same socket carries a TLS session, the client side
+//! of the [`TlsSession`] that clients' sessions use: the handshake runs
+//! after the connect, on the same readiness events, before any command
+//! goes out, and commands and replies then go through the session as
+//! plaintext. A failed handshake, a certificate refused either way, or a
+//! TLS error later is a [`Broken::Tls`] saying why.
+//!
 //! Nothing here blocks, and nothing Redis (or something posing as Redis)
 //! sends can panic the thread or grow memory without bound: a reply that
 //! is not RESP, nests deeper than [`MAX_DEPTH`] or is larger than
@@ -12,13 +19,19 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 use redis_protocol::resp2::decode::decode;
 use redis_protocol::resp2::encode::encode_borrowed;
 use redis_protocol::resp2::types::{BorrowedFrame, OwnedFrame};
+use rustls::ClientConnection;
+use rustls::client::ClientConfig;
+use rustls_pki_types::ServerName;
 
+use crate::io::flow::{Sink, Source};
+use crate::io::tls_session::{Handshake, TlsSession};
 use crate::io::{Connect, Endpoint, Io};
 
 /// The largest reply (or unfinished part of one) kept: tcplb's replies
@@ -29,6 +42,19 @@ pub(crate) const MAX_REPLY: usize = 16 * 1024;
 pub(crate) const MAX_DEPTH: usize = 8;
 /// Bytes read per read call.
 const READ_CHUNK: usize = 16 * 1024;
+/// The most a TLS session holds of records not yet written (commands
+/// beyond wait in the connection's own output).
+const TLS_BUFFER: usize = 64 * 1024;
+
+/// How tcplb speaks TLS to a `rediss://` Redis: the config rustls
+/// connects with, the name Redis's certificate is verified against, and
+/// what verifies it, in words for messages.
+#[derive(Debug, Clone)]
+pub(crate) struct TlsClient {
+    pub config: Arc<ClientConfig>,
+    pub name: ServerName<'static>,
+    pub trusted: &'static str,
+}
 
 /// A reply, as tcplb reads it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,6 +91,8 @@ pub(crate) enum Broken {
     Io(io::Error),
     /// Redis sent something that is not a reply tcplb can read.
     Protocol(String),
+    /// TLS failed: the handshake, a certificate, or the session later.
+    Tls(String),
 }
 
 impl std::fmt::Display for Broken {
@@ -73,6 +101,7 @@ impl std::fmt::Display for Broken {
             Broken::Closed => write!(f, "it closed the connection"),
             Broken::Io(e) => write!(f, "{e}"),
             Broken::Protocol(why) => write!(f, "it sent {why}"),
+            Broken::Tls(why) => write!(f, "TLS: {why}"),
         }
     }
 }
@@ -81,6 +110,11 @@ impl std::fmt::Display for Broken {
 #[derive(Debug)]
 pub(crate) struct Connection {
     endpoint: Endpoint,
+    /// With `rediss://`: the session, and what verifies Redis (for messages).
+    tls: Option<(Box<TlsSession<ClientConnection>>, &'static str)>,
+    /// The TCP connect is done (the TLS handshake may be under way).
+    established: bool,
+    /// Connected, and (with TLS) the handshake done: commands may go out.
     connected: bool,
     /// Encoded commands; `out[sent..]` is not written yet.
     out: Vec<u8>,
@@ -90,14 +124,30 @@ pub(crate) struct Connection {
 }
 
 impl Connection {
-    /// Starts the connect, registered under `token` for everything.
-    pub fn open(addr: SocketAddr, registry: &Registry, token: Token) -> io::Result<Connection> {
+    /// Starts the connect (and with `tls`, the session, whose handshake
+    /// begins once connected), registered under `token` for everything.
+    pub fn open(
+        addr: SocketAddr,
+        tls: Option<&TlsClient>,
+        registry: &Registry,
+        token: Token,
+    ) -> io::Result<Connection> {
+        let tls = match tls {
+            Some(tls) => {
+                let session = TlsSession::client(tls.config.clone(), tls.name.clone(), TLS_BUFFER)
+                    .map_err(io::Error::other)?;
+                Some((session, tls.trusted))
+            }
+            None => None,
+        };
         let stream = TcpStream::connect(addr)?;
         let _ = stream.set_nodelay(true);
         let mut endpoint = Endpoint::new(stream);
         endpoint.register(registry, token, Interest::READABLE | Interest::WRITABLE)?;
         Ok(Connection {
             endpoint,
+            tls,
+            established: false,
             connected: false,
             out: Vec::new(),
             sent: 0,
@@ -109,16 +159,38 @@ impl Connection {
         self.endpoint.on_event(event);
     }
 
-    /// Whether the connect is done; an error if it failed.
+    /// Whether the connect (and the TLS handshake) is done; an error if
+    /// it failed.
     pub fn connected(&mut self) -> Result<bool, Broken> {
-        if !self.connected {
+        if self.connected {
+            return Ok(true);
+        }
+        if !self.established {
             match self.endpoint.connect_result() {
                 Connect::Pending => return Ok(false),
                 Connect::Failed(e) => return Err(Broken::Io(e)),
-                Connect::Established => self.connected = true,
+                Connect::Established => self.established = true,
             }
         }
-        Ok(true)
+        let Some((tls, trusted)) = &mut self.tls else {
+            self.connected = true;
+            return Ok(true);
+        };
+        match tls.handshake(&mut self.endpoint) {
+            Handshake::Pending => Ok(false),
+            Handshake::Done => {
+                self.connected = true;
+                Ok(true)
+            }
+            Handshake::Failed(e) => Err(Broken::Tls(format!(
+                "the handshake failed: {}",
+                crate::tls::server_failure(&e, trusted)
+            ))),
+            Handshake::Gone => Err(Broken::Tls(
+                "it closed the connection during the handshake (does it speak TLS there?)"
+                    .to_string(),
+            )),
+        }
     }
 
     /// Queues one command (sent by the next [`flush`](Self::flush)).
@@ -143,10 +215,27 @@ impl Connection {
         if !self.connected {
             return Ok(());
         }
-        let done = self
-            .endpoint
-            .write_out(&self.out, &mut self.sent)
-            .map_err(Broken::Io)?;
+        let done = match &mut self.tls {
+            None => self
+                .endpoint
+                .write_out(&self.out, &mut self.sent)
+                .map_err(Broken::Io)?,
+            Some((tls, _)) => {
+                let mut side = tls.side(&mut self.endpoint);
+                while self.sent < self.out.len() {
+                    match side.write(&self.out[self.sent..]) {
+                        Io::Done(n) => self.sent += n,
+                        Io::WouldBlock => break,
+                        Io::Eof => return Err(Broken::Io(io::ErrorKind::WriteZero.into())),
+                        Io::Failed(e) => return Err(Broken::Io(e)),
+                    }
+                }
+                // Records of the session's own (a key update, an alert)
+                // go out even when no command is queued.
+                tls.flush(&mut self.endpoint).map_err(Broken::Io)?;
+                self.sent == self.out.len()
+            }
+        };
         if done {
             self.out.clear();
             self.sent = 0;
@@ -160,8 +249,24 @@ impl Connection {
         if !self.connected {
             return Ok(replies);
         }
-        while self.endpoint.can_read() {
-            match self.endpoint.read_onto(&mut self.input, READ_CHUNK) {
+        loop {
+            let outcome = match &mut self.tls {
+                None if self.endpoint.can_read() => {
+                    self.endpoint.read_onto(&mut self.input, READ_CHUNK)
+                }
+                None => break,
+                Some((tls, trusted)) => {
+                    let mut side = tls.side(&mut self.endpoint);
+                    if !side.can_read() {
+                        break;
+                    }
+                    match read_onto(&mut side, &mut self.input, READ_CHUNK) {
+                        Io::Failed(e) => return Err(tls_broken(e, trusted)),
+                        outcome => outcome,
+                    }
+                }
+            };
+            match outcome {
                 Io::Done(_) => self.decode(&mut replies)?,
                 Io::WouldBlock => break,
                 Io::Eof => return Err(Broken::Closed),
@@ -207,6 +312,31 @@ impl Connection {
     /// Ends the connection with RST (no TIME_WAIT left on tcplb's side).
     pub fn close(self) {
         self.endpoint.abort();
+    }
+}
+
+/// Appends at most `max` bytes of one read of `source` to `out`.
+fn read_onto(source: &mut impl Source, out: &mut Vec<u8>, max: usize) -> Io {
+    let start = out.len();
+    out.resize(start + max, 0);
+    let outcome = source.read(&mut out[start..]);
+    let got = if let Io::Done(n) = outcome { n } else { 0 };
+    out.truncate(start + got);
+    outcome
+}
+
+/// A failed read through the TLS session: what TLS said (an alert from
+/// Redis, such as its refusal of the client certificate, which TLS 1.3
+/// sends after the handshake), or the socket's error.
+fn tls_broken(e: io::Error, trusted: &str) -> Broken {
+    if let Some(tls) = e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
+        return Broken::Tls(crate::tls::server_failure(tls, trusted));
+    }
+    match e.kind() {
+        io::ErrorKind::UnexpectedEof => {
+            Broken::Tls("it closed the connection without close_notify".to_string())
+        }
+        _ => Broken::Io(e),
     }
 }
 
@@ -285,8 +415,13 @@ mod tests {
     fn decode_in_chunks(bytes: &[u8], chunk: usize) -> Result<Vec<Reply>, String> {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let poll = mio::Poll::new().unwrap();
-        let mut conn =
-            Connection::open(listener.local_addr().unwrap(), poll.registry(), Token(1)).unwrap();
+        let mut conn = Connection::open(
+            listener.local_addr().unwrap(),
+            None,
+            poll.registry(),
+            Token(1),
+        )
+        .unwrap();
         let mut replies = Vec::new();
         for part in bytes.chunks(chunk.max(1)) {
             conn.input.extend_from_slice(part);
@@ -299,8 +434,13 @@ mod tests {
     fn commands_are_arrays_of_bulk_strings() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let poll = mio::Poll::new().unwrap();
-        let mut conn =
-            Connection::open(listener.local_addr().unwrap(), poll.registry(), Token(1)).unwrap();
+        let mut conn = Connection::open(
+            listener.local_addr().unwrap(),
+            None,
+            poll.registry(),
+            Token(1),
+        )
+        .unwrap();
         conn.queue(&[b"EVALSHA", b"ab", b"2", b"k\r\n1", b""]);
         assert_eq!(
             conn.out,

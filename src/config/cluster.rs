@@ -1,14 +1,18 @@
 //! The walk of `[cluster]`: where the Redis that a group of instances
-//! shares limits through is (`redis = "redis://..."`), the key prefix,
-//! the group's expected size (for the fallback), and the timing of
-//! requests and counts. The URL is read here, once: its address resolved
-//! at start-up as every address of the file, its password kept out of
-//! every message and log line.
+//! shares limits through is (`redis = "redis://..."`, or `rediss://` for
+//! TLS, with `tls_ca`, `tls_cert` and `tls_key`), the key prefix, the
+//! group's expected size (for the fallback), and the timing of requests
+//! and counts. The URL is read here, once: its address resolved at
+//! start-up as every address of the file, its password kept out of every
+//! message and log line. The TLS files are read where the `[tls]` ones
+//! are: when the proxy starts, and by `tcplb check`.
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
+use rustls_pki_types::ServerName;
 use toml::de::{DeTable, DeValue};
 
 use super::problems::Problems;
@@ -16,6 +20,7 @@ use super::rules;
 use super::tables::{as_table, find, unknown_keys};
 use super::values::{Value, Zero, address_of, duration, integer, string};
 use crate::policy::share::Fallback;
+use crate::tls::{RedisTls, RedisTlsPlaces};
 
 const CLUSTER_KEYS: &[&str] = &[
     "redis",
@@ -25,11 +30,16 @@ const CLUSTER_KEYS: &[&str] = &[
     "connections_expiry",
     "lease",
     "fallback",
+    "tls_ca",
+    "tls_cert",
+    "tls_key",
 ];
 
-/// Where Redis is and how to log in: a `redis://` URL, read.
+/// Where Redis is and how to log in: a `redis://` or `rediss://` URL, read.
 #[derive(Clone, PartialEq, Eq)]
 pub struct RedisUrl {
+    /// `rediss://`: TLS to Redis, its certificate verified against `host`.
+    pub tls: bool,
     /// The host as written (a name, or an address), for messages.
     pub host: String,
     /// Its address, resolved at start-up.
@@ -42,10 +52,19 @@ pub struct RedisUrl {
     pub password: Option<String>,
 }
 
+impl RedisUrl {
+    /// The name Redis's certificate is verified against (`rediss://`):
+    /// the host, a DNS name or an IP address.
+    pub fn server_name(&self) -> Option<ServerName<'static>> {
+        ServerName::try_from(self.host.clone()).ok()
+    }
+}
+
 impl fmt::Display for RedisUrl {
     /// The URL without its password: `redis://user:***@host:port/db`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "redis://")?;
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        write!(f, "{scheme}://")?;
         match (&self.username, &self.password) {
             (Some(user), _) => write!(f, "{user}:***@")?,
             (None, Some(_)) => write!(f, ":***@")?,
@@ -87,6 +106,9 @@ pub struct ClusterSettings {
     pub lease: Option<u32>,
     /// What each instance does alone while Redis is unreachable.
     pub fallback: Fallback,
+    /// With a `rediss://` URL: how Redis's certificate is verified, and
+    /// the client certificate shown to it.
+    pub tls: Option<RedisTls>,
 }
 
 impl ClusterSettings {
@@ -109,7 +131,8 @@ pub(super) fn cluster(p: &mut Problems<'_>, root: &DeTable<'_>) -> Option<Option
         "`cluster` must be a table ([cluster])".to_string(),
     )?;
     unknown_keys(p, table, CLUSTER_KEYS, "in [cluster]");
-    let redis = match find(table, "redis") {
+    let redis_value = find(table, "redis");
+    let redis = match redis_value {
         Some(v) => redis_url(p, v),
         None => {
             let message = "[cluster] has no `redis` URL (such as \"redis://127.0.0.1:6379/0\")";
@@ -166,7 +189,10 @@ pub(super) fn cluster(p: &mut Problems<'_>, root: &DeTable<'_>) -> Option<Option
         }
         found
     });
+    let redis_place = redis_value.map(|v| p.place(v.span()));
+    let tls = redis_tls(p, table, redis.as_ref(), redis_place);
     Some(Some(ClusterSettings {
+        tls: tls?,
         redis: redis?,
         key_prefix: key_prefix?,
         instances: instances?,
@@ -177,7 +203,65 @@ pub(super) fn cluster(p: &mut Problems<'_>, root: &DeTable<'_>) -> Option<Option
     }))
 }
 
-/// `redis` of `[cluster]`: `redis://[[user]:password@]host[:port][/db]`.
+/// `tls_ca`, `tls_cert` and `tls_key` of `[cluster]`: `Some(None)` for a
+/// `redis://` URL, which takes none of them (nor a URL that is wrong).
+fn redis_tls(
+    p: &mut Problems<'_>,
+    table: &DeTable<'_>,
+    url: Option<&RedisUrl>,
+    redis: Option<String>,
+) -> Option<Option<RedisTls>> {
+    let mut places = RedisTlsPlaces {
+        redis,
+        ..RedisTlsPlaces::default()
+    };
+    let mut ok = true;
+    let mut path = |p: &mut Problems<'_>, key: &str, place: &mut Option<String>| {
+        let v = find(table, key)?;
+        if url.is_some_and(|u| !u.tls) {
+            let message = format!(
+                "`{key}` is for TLS to Redis, and `redis` is a `redis://` URL (write `rediss://` for TLS)"
+            );
+            p.at(v.span(), message);
+            ok = false;
+            return None;
+        }
+        *place = Some(p.place(v.span()));
+        let text = string(p, v, key);
+        ok &= text.is_some();
+        Some((PathBuf::from(text?), v.span()))
+    };
+    let ca = path(p, "tls_ca", &mut places.ca);
+    let cert = path(p, "tls_cert", &mut places.cert);
+    let key = path(p, "tls_key", &mut places.key);
+    let client = match (cert, key) {
+        (Some((cert, _)), Some((key, _))) => Some((cert, key)),
+        (Some((_, span)), None) if ok => {
+            let message = "`tls_cert` needs `tls_key` (the client certificate's private key)";
+            p.at(span, message.to_string());
+            return None;
+        }
+        (None, Some((_, span))) if ok => {
+            let message = "`tls_key` needs `tls_cert` (the client certificate it is the key of)";
+            p.at(span, message.to_string());
+            return None;
+        }
+        _ => None,
+    };
+    if !ok {
+        return None;
+    }
+    match url {
+        Some(url) if url.tls => Some(Some(RedisTls {
+            ca: ca.map(|(path, _)| path),
+            client,
+            places,
+        })),
+        _ => Some(None),
+    }
+}
+
+/// `redis` of `[cluster]`: `redis[s]://[[user]:password@]host[:port][/db]`.
 fn redis_url(p: &mut Problems<'_>, v: &Value<'_>) -> Option<RedisUrl> {
     let DeValue::String(text) = v.get_ref() else {
         let message = "`redis` must be a URL such as \"redis://127.0.0.1:6379/0\"";
@@ -196,14 +280,18 @@ fn redis_url(p: &mut Problems<'_>, v: &Value<'_>) -> Option<RedisUrl> {
 
 /// Reads a Redis URL; the error is the words after "`redis` ".
 fn parse_redis_url(text: &str, lookups: bool) -> Result<RedisUrl, String> {
-    let Some(rest) = text.strip_prefix("redis://") else {
-        if text.starts_with("rediss://") {
-            return Err("`rediss://`: TLS to Redis is not supported yet; use `redis://` to a Redis on a trusted network (or through a local TLS tunnel such as stunnel)".to_string());
+    let (tls, rest) = match (
+        text.strip_prefix("redis://"),
+        text.strip_prefix("rediss://"),
+    ) {
+        (Some(rest), _) => (false, rest),
+        (None, Some(rest)) => (true, rest),
+        (None, None) => {
+            return Err(format!(
+                "must be a URL such as \"redis://127.0.0.1:6379/0\" (or \"rediss://\" for TLS), not `{}`",
+                without_password(text)
+            ));
         }
-        return Err(format!(
-            "must be a URL such as \"redis://127.0.0.1:6379/0\", not `{}`",
-            without_password(text)
-        ));
     };
     if rest.contains(['?', '#']) {
         return Err(
@@ -249,6 +337,11 @@ fn parse_redis_url(text: &str, lookups: bool) -> Result<RedisUrl, String> {
             None => (hostport.to_string(), format!("{hostport}:6379")),
         }
     };
+    if tls && ServerName::try_from(host.as_str()).is_err() {
+        return Err(format!(
+            "host `{host}` is neither a DNS name nor an IP address, which Redis's certificate could be verified against"
+        ));
+    }
     let addr =
         address_of(&with_port, lookups).map_err(|why| format!("address `{with_port}`: {why}"))?;
     if addr.port() == 0 {
@@ -268,6 +361,7 @@ fn parse_redis_url(text: &str, lookups: bool) -> Result<RedisUrl, String> {
             })?,
     };
     Ok(RedisUrl {
+        tls,
         host,
         addr,
         db,
@@ -343,7 +437,8 @@ mod tests {
     #[test]
     fn bad_urls_say_what_is_wrong_without_the_password() {
         let url = |text: &str| parse_redis_url(text, false).unwrap_err();
-        assert!(url("rediss://127.0.0.1").contains("not supported yet"));
+        assert!(url("rediss://a..b:6379").contains("neither a DNS name nor an IP address"));
+        assert!(url("redis:/127.0.0.1").contains("(or \"rediss://\" for TLS)"));
         let http = url("http://u:hunter2@127.0.0.1");
         assert!(http.contains("must be a URL"), "{http}");
         assert!(!http.contains("hunter2"), "{http}");
@@ -397,7 +492,7 @@ mod tests {
                 "lb.toml:5:22: `connections_expiry` must be between 1s and 1d",
                 "lb.toml:6:12: `fallback` must be one of \"split\", \"local\", \"refuse\", not \"open\"",
                 "lb.toml:7:14: `key_prefix` must be printable, without spaces, at most 128 bytes",
-                "lb.toml:8:1: unknown key `bogus` in [cluster] (expected one of: redis, key_prefix, instances, timeout, connections_expiry, lease, fallback)",
+                "lb.toml:8:1: unknown key `bogus` in [cluster] (expected one of: redis, key_prefix, instances, timeout, connections_expiry, lease, fallback, tls_ca, tls_cert, tls_key)",
             ]
         );
         let found = problems(&format!("[cluster]\nkey_prefix = \"x\"\n{BASE}"));
@@ -405,16 +500,183 @@ mod tests {
         assert!(found[0].starts_with("lb.toml:1:1: [cluster] has no `redis`"));
         assert!(found[1].starts_with("lb.toml:1:1: [cluster] has no `instances`"));
         let found = problems(&format!(
-            "[cluster]\nredis = \"rediss://127.0.0.1\"\ninstances = 2\ntimeout = \"1m\"\n{BASE}"
+            "[cluster]\nredis = \"rediss://a..b\"\ninstances = 2\ntimeout = \"1m\"\n{BASE}"
         ));
-        assert!(
-            found[0]
-                .starts_with("lb.toml:2:9: `redis` `rediss://`: TLS to Redis is not supported yet"),
-            "{found:?}"
+        assert_eq!(
+            found,
+            [
+                "lb.toml:2:9: `redis` host `a..b` is neither a DNS name nor an IP address, which Redis's certificate could be verified against",
+                "lb.toml:4:11: `timeout` must be between 1ms and 10s",
+            ]
+        );
+    }
+
+    #[test]
+    fn rediss_urls_take_tls_to_the_host() {
+        let url = |text: &str| parse_redis_url(text, false).unwrap();
+        let tls = url("rediss://app:s%40cret@127.0.0.1/2");
+        assert!(tls.tls);
+        assert_eq!(tls.addr, "127.0.0.1:6379".parse().unwrap(), "default port");
+        assert_eq!((tls.db, tls.password.as_deref()), (2, Some("s@cret")));
+        assert_eq!(tls.to_string(), "rediss://app:***@127.0.0.1:6379/2");
+        assert!(!format!("{tls:?}").contains("cret"));
+        let ip = |s: &str| ServerName::IpAddress(s.parse::<std::net::IpAddr>().unwrap().into());
+        assert_eq!(tls.server_name(), Some(ip("127.0.0.1")));
+        let v6 = url("rediss://[::1]:7000");
+        assert_eq!((v6.addr.port(), v6.server_name()), (7000, Some(ip("::1"))));
+        assert_eq!(v6.to_string(), "rediss://[::1]:7000/0");
+        let named = parse_redis_url("rediss://localhost:7001", true).unwrap();
+        assert_eq!(
+            named.server_name(),
+            Some(ServerName::try_from("localhost").unwrap())
+        );
+        let plain = url("redis://127.0.0.1");
+        assert!(!plain.tls);
+        assert_eq!(plain.to_string(), "redis://127.0.0.1:6379/0");
+    }
+
+    #[test]
+    fn tls_keys_name_the_files_and_their_places() {
+        let s = parse(
+            "[cluster]\nredis = \"rediss://127.0.0.1:6380\"\ninstances = 2\ntls_ca = \"ca.pem\"\n\
+             tls_cert = \"tcplb.pem\"\ntls_key = \"tcplb.key\"\n",
+        )
+        .unwrap();
+        let tls = s.tls.unwrap();
+        assert_eq!(tls.ca, Some(PathBuf::from("ca.pem")));
+        assert_eq!(
+            tls.client,
+            Some((PathBuf::from("tcplb.pem"), PathBuf::from("tcplb.key")))
         );
         assert_eq!(
-            found[1],
-            "lb.toml:4:11: `timeout` must be between 1ms and 10s"
+            tls.places,
+            RedisTlsPlaces {
+                redis: Some("lb.toml:2:9".into()),
+                ca: Some("lb.toml:4:10".into()),
+                cert: Some("lb.toml:5:12".into()),
+                key: Some("lb.toml:6:11".into()),
+            }
+        );
+        assert_eq!(tls.trusted(), "a CA of tls_ca");
+        // Without the keys: the system trust store, no client certificate.
+        let s = parse("[cluster]\nredis = \"rediss://127.0.0.1\"\ninstances = 2\n").unwrap();
+        let tls = s.tls.unwrap();
+        assert!(tls.trusted().contains("system trust store"));
+        assert_eq!((tls.ca, tls.client), (None, None));
+        let s = parse("[cluster]\nredis = \"redis://127.0.0.1\"\ninstances = 2\n").unwrap();
+        assert_eq!(s.tls, None);
+    }
+
+    #[test]
+    fn tls_key_problems_have_their_places() {
+        let found = problems(&format!(
+            "[cluster]\nredis = \"redis://127.0.0.1\"\ninstances = 2\ntls_ca = \"ca.pem\"\n\
+             tls_key = \"k.pem\"\n{BASE}"
+        ));
+        let plain =
+            "is for TLS to Redis, and `redis` is a `redis://` URL (write `rediss://` for TLS)";
+        assert_eq!(
+            found,
+            [
+                format!("lb.toml:4:10: `tls_ca` {plain}"),
+                format!("lb.toml:5:11: `tls_key` {plain}"),
+            ]
+        );
+        let found = problems(&format!(
+            "[cluster]\nredis = \"rediss://127.0.0.1\"\ninstances = 2\ntls_cert = \"c.pem\"\n{BASE}"
+        ));
+        assert_eq!(
+            found,
+            ["lb.toml:4:12: `tls_cert` needs `tls_key` (the client certificate's private key)"]
+        );
+        let found = problems(&format!(
+            "[cluster]\nredis = \"rediss://127.0.0.1\"\ninstances = 2\ntls_key = \"k.pem\"\n{BASE}"
+        ));
+        assert_eq!(
+            found,
+            ["lb.toml:4:11: `tls_key` needs `tls_cert` (the client certificate it is the key of)"]
+        );
+        let found = problems(&format!(
+            "[cluster]\nredis = \"rediss://127.0.0.1\"\ninstances = 2\ntls_ca = 5\ntls_cert = [\"c\"]\ntls_key = \"k\"\n{BASE}"
+        ));
+        assert_eq!(
+            found,
+            [
+                "lb.toml:4:10: `tls_ca` must be a string",
+                "lb.toml:5:12: `tls_cert` must be a string",
+            ]
+        );
+    }
+
+    /// A fresh directory for the files of one test, removed on drop.
+    struct Dir(PathBuf);
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn loading_names_the_missing_or_bad_file_at_its_key() {
+        let dir = Dir(std::env::temp_dir().join(format!(
+            "tcplb-redis-tls-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        )));
+        std::fs::create_dir_all(&dir.0).unwrap();
+        let ca = rcgen::generate_simple_self_signed(vec!["ca".to_string()]).unwrap();
+        let client = rcgen::generate_simple_self_signed(vec!["tcplb".to_string()]).unwrap();
+        let other = rcgen::KeyPair::generate().unwrap();
+        let write = |name: &str, text: &str| {
+            let path = dir.0.join(name);
+            std::fs::write(&path, text).unwrap();
+            path.display().to_string()
+        };
+        let ca_pem = write("ca.pem", &ca.cert.pem());
+        let cert_pem = write("c.pem", &client.cert.pem());
+        let key_pem = write("c.key", &client.signing_key.serialize_pem());
+        let other_key = write("other.key", &other.serialize_pem());
+        let garbage = write("garbage.pem", "not a certificate\n");
+        let missing = dir.0.join("missing.pem").display().to_string();
+        let load = |ca: &str, cert: &str, key: &str| {
+            let text = format!(
+                "[cluster]\nredis = \"rediss://127.0.0.1\"\ninstances = 2\ntls_ca = \"{ca}\"\n\
+                 tls_cert = \"{cert}\"\ntls_key = \"{key}\"\n"
+            );
+            parse(&text).unwrap().tls.unwrap().client_config()
+        };
+        assert!(load(&ca_pem, &cert_pem, &key_pem).is_ok());
+        let err = load(&missing, &cert_pem, &key_pem).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!("lb.toml:4:10: TLS file {missing}: cannot read")),
+            "{err}"
+        );
+        let err = load(&garbage, &cert_pem, &key_pem).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!(
+                "lb.toml:4:10: TLS file {garbage}: no certificate (expected PEM \"BEGIN CERTIFICATE\")"
+            )
+        );
+        let err = load(&ca_pem, &missing, &key_pem).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!("lb.toml:5:12: TLS file {missing}: cannot read")),
+            "{err}"
+        );
+        let err = load(&ca_pem, &cert_pem, &garbage).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!("lb.toml:6:11: TLS file {garbage}: no private key")),
+            "{err}"
+        );
+        let err = load(&ca_pem, &cert_pem, &other_key)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            format!(
+                "lb.toml:6:11: TLS file {other_key}: this private key does not match the certificate in {cert_pem}"
+            )
         );
     }
 }

@@ -438,7 +438,7 @@ pub struct Config {
 
 impl Config {
     /// Reads and validates a configuration file; relative TLS file names
-    /// are taken relative to the file's folder.
+    /// (of `[tls]` and `[cluster]`) are taken relative to the file's folder.
     pub fn load(path: &Path) -> Result<Config, Error> {
         let text = std::fs::read_to_string(path).map_err(|source| Error::ReadConfig {
             path: path.to_path_buf(),
@@ -447,6 +447,10 @@ impl Config {
         let mut config =
             Config::parse(&text, &path.display().to_string()).map_err(Error::Config)?;
         if let (Some(tls), Some(dir)) = (config.tls.as_mut(), path.parent()) {
+            tls.resolve_paths(dir);
+        }
+        let redis_tls = config.cluster.as_mut().and_then(|c| c.tls.as_mut());
+        if let (Some(tls), Some(dir)) = (redis_tls, path.parent()) {
             tls.resolve_paths(dir);
         }
         Ok(config)

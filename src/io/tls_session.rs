@@ -1,10 +1,16 @@
-//! A client's TLS session, driven by the same readiness events as a plain
-//! socket: rustls is sans-IO, so the loop moves TLS records between the
-//! client's [`Endpoint`] and the session ([`TlsSession::handshake`],
-//! [`TlsSession::flush`]) and the relay reads and writes plaintext through
+//! A TLS session driven by the same readiness events as a plain socket:
+//! rustls is sans-IO, so the loop moves TLS records between the peer's
+//! [`Endpoint`] and the session ([`TlsSession::handshake`],
+//! [`TlsSession::flush`]) and reads and writes plaintext through
 //! [`TlsSide`], which is a [`Source`] and a [`Sink`] like a plain socket.
 //! Records go through the endpoint's own reads and writes, so readiness is
 //! kept in one place for plain and TLS alike.
+//!
+//! The session is generic over rustls' side: the server side (the
+//! default type, [`ServerConnection`]) is a client's session, which the
+//! relay drives; the client side ([`ClientConnection`]) is the cluster
+//! thread's session with a `rediss://` Redis. Both are one pump, compiled
+//! for each side (no dispatch on the relay path).
 //!
 //! Backpressure holds over TLS: records are read from the socket only when
 //! the session has no plaintext left for the relay, and the session's
@@ -16,11 +22,13 @@
 //! the relay passes them on as a reset, as it does a socket's reset.
 
 use std::io::{self, Read, Write};
+use std::ops::DerefMut;
 use std::sync::Arc;
 
-use rustls::ServerConnection;
+use rustls::client::ClientConfig;
 use rustls::server::ServerConfig;
-use rustls_pki_types::CertificateDer;
+use rustls::{ClientConnection, ConnectionCommon, ServerConnection};
+use rustls_pki_types::{CertificateDer, ServerName};
 
 use super::Io;
 use super::endpoint::{Discarded, Endpoint};
@@ -29,35 +37,91 @@ use super::flow::{Sink, Source};
 /// How a handshake step ended.
 #[derive(Debug)]
 pub(crate) enum Handshake {
-    /// Waiting for the client.
+    /// Waiting for the peer.
     Pending,
-    /// Done: the client's certificate chain is verified.
+    /// Done: the peer's certificate chain is verified.
     Done,
     /// Refused by TLS (bad certificate, protocol error); the alert is sent.
-    Failed(String),
-    /// The client closed or reset the connection.
+    /// Put in words by the side that knows who the peer is
+    /// ([`crate::tls::handshake_failure`] for clients).
+    Failed(rustls::Error),
+    /// The peer closed or reset the connection.
     Gone,
 }
 
-/// A server-side TLS session with one client.
+/// A TLS session with one peer: by default, a server-side session with
+/// one client.
 #[derive(Debug)]
-pub(crate) struct TlsSession {
-    conn: ServerConnection,
-    /// The session holds plaintext (or a pending `close_notify`) for the relay.
+pub(crate) struct TlsSession<C = ServerConnection> {
+    conn: C,
+    /// The session holds plaintext (or a pending `close_notify`) for the reader.
     plaintext: bool,
     close_notify_queued: bool,
 }
 
-impl TlsSession {
+impl TlsSession<ServerConnection> {
     /// A server session whose buffers of outgoing data hold at most `limit` bytes.
     pub fn new(config: Arc<ServerConfig>, limit: usize) -> Result<Box<TlsSession>, rustls::Error> {
         let mut conn = ServerConnection::new(config)?;
         conn.set_buffer_limit(Some(limit));
-        Ok(Box::new(TlsSession {
+        Ok(TlsSession::of(conn))
+    }
+
+    /// Takes in records that arrived before the session existed (after a
+    /// PROXY header, in the same segment); the error is why the handshake
+    /// failed, in words.
+    pub fn take_in(&mut self, mut bytes: &[u8]) -> Result<(), String> {
+        while !bytes.is_empty() {
+            match self.conn.read_tls(&mut bytes) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => return Err(format!("cannot take the first records in: {e}")),
+            }
+            let state = self
+                .conn
+                .process_new_packets()
+                .map_err(|e| crate::tls::handshake_failure(&e))?;
+            self.plaintext = state.plaintext_bytes_to_read() > 0 || state.peer_has_closed();
+        }
+        Ok(())
+    }
+
+    /// The server name the client asked for (SNI), if it sent one.
+    pub fn server_name(&self) -> Option<&str> {
+        self.conn.server_name()
+    }
+
+    /// The client's verified end-entity certificate.
+    pub fn peer_certificate(&self) -> Option<&CertificateDer<'static>> {
+        self.conn.peer_certificates()?.first()
+    }
+}
+
+impl TlsSession<ClientConnection> {
+    /// A client session with the server `name` (the name its certificate
+    /// is verified against), whose buffers of outgoing data hold at most
+    /// `limit` bytes; its first flight (the ClientHello) is queued.
+    pub fn client(
+        config: Arc<ClientConfig>,
+        name: ServerName<'static>,
+        limit: usize,
+    ) -> Result<Box<TlsSession<ClientConnection>>, rustls::Error> {
+        let mut conn = ClientConnection::new(config, name)?;
+        conn.set_buffer_limit(Some(limit));
+        Ok(TlsSession::of(conn))
+    }
+}
+
+impl<C, D> TlsSession<C>
+where
+    C: DerefMut<Target = ConnectionCommon<D>>,
+{
+    fn of(conn: C) -> Box<TlsSession<C>> {
+        Box::new(TlsSession {
             conn,
             plaintext: false,
             close_notify_queued: false,
-        }))
+        })
     }
 
     /// Advances the handshake as far as the socket allows.
@@ -79,29 +143,10 @@ impl TlsSession {
                 Err(e) => {
                     // rustls queued an alert saying why; send it if we can.
                     let _ = self.flush(ep);
-                    return Handshake::Failed(crate::tls::handshake_failure(&e));
+                    return Handshake::Failed(e);
                 }
             }
         }
-    }
-
-    /// Takes in records that arrived before the session existed (after a
-    /// PROXY header, in the same segment); the error is why the handshake
-    /// failed, in words.
-    pub fn take_in(&mut self, mut bytes: &[u8]) -> Result<(), String> {
-        while !bytes.is_empty() {
-            match self.conn.read_tls(&mut bytes) {
-                Ok(0) => break,
-                Ok(_) => {}
-                Err(e) => return Err(format!("cannot take the first records in: {e}")),
-            }
-            let state = self
-                .conn
-                .process_new_packets()
-                .map_err(|e| crate::tls::handshake_failure(&e))?;
-            self.plaintext = state.plaintext_bytes_to_read() > 0 || state.peer_has_closed();
-        }
-        Ok(())
     }
 
     /// One read of TLS records from the socket, processed at once. A
@@ -151,16 +196,6 @@ impl TlsSession {
         }
     }
 
-    /// The server name the client asked for (SNI), if it sent one.
-    pub fn server_name(&self) -> Option<&str> {
-        self.conn.server_name()
-    }
-
-    /// The client's verified end-entity certificate.
-    pub fn peer_certificate(&self) -> Option<&CertificateDer<'static>> {
-        self.conn.peer_certificates()?.first()
-    }
-
     /// Queues `line` and `close_notify` (a refusal); [`flush`](Self::flush) sends them.
     pub fn queue_last_words(&mut self, line: &[u8]) {
         let _ = self.conn.writer().write_all(line);
@@ -180,18 +215,21 @@ impl TlsSession {
     }
 
     /// The session and its socket, as the relay's source or sink.
-    pub fn side<'a>(&'a mut self, ep: &'a mut Endpoint) -> TlsSide<'a> {
+    pub fn side<'a>(&'a mut self, ep: &'a mut Endpoint) -> TlsSide<'a, C> {
         TlsSide { tls: self, ep }
     }
 }
 
-/// A client's TLS session together with its socket.
-pub(crate) struct TlsSide<'a> {
-    tls: &'a mut TlsSession,
+/// A TLS session together with its socket.
+pub(crate) struct TlsSide<'a, C = ServerConnection> {
+    tls: &'a mut TlsSession<C>,
     ep: &'a mut Endpoint,
 }
 
-impl Source for TlsSide<'_> {
+impl<C, D> Source for TlsSide<'_, C>
+where
+    C: DerefMut<Target = ConnectionCommon<D>>,
+{
     fn can_read(&self) -> bool {
         self.tls.plaintext || self.ep.can_read()
     }
@@ -235,7 +273,10 @@ impl Source for TlsSide<'_> {
     }
 }
 
-impl Sink for TlsSide<'_> {
+impl<C, D> Sink for TlsSide<'_, C>
+where
+    C: DerefMut<Target = ConnectionCommon<D>>,
+{
     fn is_broken(&self) -> bool {
         self.ep.is_broken()
     }

@@ -626,7 +626,7 @@ impl Pair {
         match tls.handshake(&mut self.client.endpoint) {
             Handshake::Pending => Step::Continue,
             Handshake::Done => self.admit(ctx),
-            Handshake::Failed(reason) => self.handshake_failed(ctx, &reason),
+            Handshake::Failed(e) => self.handshake_failed(ctx, &crate::tls::handshake_failure(&e)),
             Handshake::Gone => Step::Finish(End::Reset(Side::Client)),
         }
     }

@@ -202,8 +202,13 @@ impl Proxy {
         });
         let (cluster, link) = match &config.cluster {
             Some(settings) => {
+                // The files of a `rediss://` Redis are read once, here.
+                let tls = match &settings.tls {
+                    Some(tls) => Some(tls.client_config()?),
+                    None => None,
+                };
                 let (cluster, link) =
-                    Cluster::new(settings).map_err(setup("the cluster thread's poller"))?;
+                    Cluster::new(settings, tls).map_err(setup("the cluster thread's poller"))?;
                 (Some(cluster), Some(link))
             }
             None => (None, None),

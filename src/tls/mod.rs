@@ -10,12 +10,15 @@
 //!
 //! `reasons.rs` puts what rustls and webpki report into words;
 //! `x509.rs` reads the dates and CA flag of a certificate for the checks
-//! of the server certificate and the client CA.
+//! of the server certificate and the client CA; `client.rs` is the client
+//! side, tcplb's connection to a `rediss://` Redis.
 
+mod client;
 mod reasons;
 mod x509;
 
-pub(crate) use reasons::handshake_failure;
+pub use client::{RedisTls, RedisTlsPlaces};
+pub(crate) use reasons::{handshake_failure, server_failure};
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};

@@ -102,6 +102,95 @@ fn client_certificate(e: &CertificateError) -> String {
     }
 }
 
+/// Why a handshake with a server (Redis, for `[cluster]`) failed, or why
+/// the server ended the session: its certificate refused, or its alert.
+/// `trusted` says what verifies its certificate ("a CA of tls_ca").
+pub(crate) fn server_failure(e: &rustls::Error, trusted: &str) -> String {
+    use rustls::AlertDescription as A;
+    use rustls::Error as E;
+    match e {
+        E::InvalidCertificate(why) => server_certificate(why, trusted),
+        E::AlertReceived(A::CertificateRequired) => {
+            "it requires a client certificate (set tls_cert and tls_key)".to_string()
+        }
+        E::AlertReceived(
+            alert @ (A::BadCertificate
+            | A::UnknownCA
+            | A::CertificateExpired
+            | A::CertificateRevoked
+            | A::CertificateUnknown
+            | A::UnsupportedCertificate
+            | A::AccessDenied),
+        ) => format!(
+            "it refused tcplb's client certificate (tls_cert), with the alert {}",
+            spelt_out(&format!("{alert:?}"))
+        ),
+        E::AlertReceived(alert) => {
+            format!("it sent the alert {}", spelt_out(&format!("{alert:?}")))
+        }
+        E::PeerIncompatible(why) => {
+            format!("it is incompatible: {}", spelt_out(&format!("{why:?}")))
+        }
+        E::InvalidMessage(_) | E::InappropriateMessage { .. } => {
+            "it does not speak TLS there (a plain port? use redis:// for it)".to_string()
+        }
+        E::PeerMisbehaved(why) => {
+            format!("protocol violation: {}", spelt_out(&format!("{why:?}")))
+        }
+        E::DecryptError => "cannot decrypt its message".to_string(),
+        other => spelt_out(&other.to_string()),
+    }
+}
+
+/// Why a server's certificate was refused.
+fn server_certificate(e: &CertificateError, trusted: &str) -> String {
+    use CertificateError as C;
+    match e {
+        C::UnknownIssuer => format!("its certificate is not issued by {trusted}"),
+        C::NotValidForNameContext {
+            expected,
+            presented,
+        } => {
+            let expected = match expected {
+                rustls_pki_types::ServerName::DnsName(name) => name.as_ref().to_string(),
+                rustls_pki_types::ServerName::IpAddress(ip) => {
+                    std::net::IpAddr::from(*ip).to_string()
+                }
+                other => format!("{other:?}"),
+            };
+            let names = if presented.is_empty() {
+                "none".to_string()
+            } else {
+                presented.join(", ")
+            };
+            format!("its certificate is not for {expected} (the URL's host); its names: {names}")
+        }
+        C::NotValidForName => "its certificate is not for the URL's host".to_string(),
+        C::ExpiredContext { time, not_after } => format!(
+            "its certificate expired at {} (it is now {})",
+            rfc3339(*not_after),
+            rfc3339(*time)
+        ),
+        C::Expired => "its certificate expired".to_string(),
+        C::NotValidYetContext { time, not_before } => format!(
+            "its certificate is not valid before {} (it is now {})",
+            rfc3339(*not_before),
+            rfc3339(*time)
+        ),
+        C::NotValidYet => "its certificate is not valid yet".to_string(),
+        C::Revoked => "its certificate is revoked".to_string(),
+        C::BadEncoding => "its certificate is malformed".to_string(),
+        C::BadSignature => "the signature on its certificate is bad".to_string(),
+        C::InvalidPurpose | C::InvalidPurposeContext { .. } => {
+            "its certificate is not for server authentication (extended key usage)".to_string()
+        }
+        other => format!(
+            "its certificate is refused: {}",
+            spelt_out(&other.to_string())
+        ),
+    }
+}
+
 /// What webpki found wrong with a certificate or CRL it parsed.
 pub(crate) fn webpki_error(e: &webpki::Error) -> String {
     use webpki::Error as W;
@@ -273,5 +362,33 @@ mod tests {
         );
         let revoked = rustls::Error::InvalidCertificate(CertificateError::Revoked);
         assert_eq!(handshake_failure(&revoked), "client certificate revoked");
+    }
+
+    #[test]
+    fn a_servers_refusals_are_worded_for_its_side() {
+        let unknown = rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer);
+        assert_eq!(
+            server_failure(&unknown, "a CA of tls_ca"),
+            "its certificate is not issued by a CA of tls_ca"
+        );
+        let name = rustls::Error::InvalidCertificate(CertificateError::NotValidForNameContext {
+            expected: rustls_pki_types::ServerName::try_from("127.0.0.2").unwrap(),
+            presented: vec!["DnsName(\"localhost\")".to_string()],
+        });
+        let why = server_failure(&name, "x");
+        assert!(
+            why.starts_with("its certificate is not for 127.0.0.2 (the URL's host)"),
+            "{why}"
+        );
+        let required = rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRequired);
+        assert_eq!(
+            server_failure(&required, "x"),
+            "it requires a client certificate (set tls_cert and tls_key)"
+        );
+        let refused = rustls::Error::AlertReceived(rustls::AlertDescription::UnknownCA);
+        assert_eq!(
+            server_failure(&refused, "x"),
+            "it refused tcplb's client certificate (tls_cert), with the alert unknown ca"
+        );
     }
 }

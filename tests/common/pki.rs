@@ -94,6 +94,17 @@ impl Pki {
         )
     }
 
+    /// A server certificate for the IP address `ip` (an IP SAN, no DNS
+    /// name), written as `file`: what a server reached by address shows.
+    pub fn server_for_ip(&self, ip: std::net::IpAddr, file: &str) -> ClientCert {
+        self.issue(
+            vec![SanType::IpAddress(ip)],
+            ExtendedKeyUsagePurpose::ServerAuth,
+            None,
+            file,
+        )
+    }
+
     fn issue(
         &self,
         sans: Vec<SanType>,
