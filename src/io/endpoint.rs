@@ -258,10 +258,16 @@ impl Endpoint {
     }
 
     /// Checks a non-blocking connect after an event. It is complete once
-    /// the socket is writable with no pending error (`SO_ERROR`).
+    /// the socket is writable with no pending error. A failed connect is
+    /// flagged with `EPOLLERR` in the same wake-up that makes it writable,
+    /// so `SO_ERROR` is read only when the kernel flagged an error: a
+    /// successful connect costs no `getsockopt`.
     pub fn connect_result(&mut self) -> Connect {
         if self.ready & (WRITABLE | ERROR) == 0 {
             return Connect::Pending;
+        }
+        if self.ready & ERROR == 0 {
+            return Connect::Established;
         }
         match self.stream.take_error() {
             Ok(Some(e)) | Err(e) => return Connect::Failed(e),
