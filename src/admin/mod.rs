@@ -22,7 +22,7 @@ use mio::{Interest, Registry, Token};
 
 use crate::io::Io;
 use crate::io::endpoint::{Discarded, Endpoint};
-use crate::io::flow::Source;
+use crate::io::flow::{Sink, Source};
 
 pub use http::{MAX_REQUEST, Method, Parse, Request, parse_request};
 use http::{method_not_allowed, response};

@@ -221,19 +221,13 @@ impl Connection {
                 .write_out(&self.out, &mut self.sent)
                 .map_err(Broken::Io)?,
             Some((tls, _)) => {
-                let mut side = tls.side(&mut self.endpoint);
-                while self.sent < self.out.len() {
-                    match side.write(&self.out[self.sent..]) {
-                        Io::Done(n) => self.sent += n,
-                        Io::WouldBlock => break,
-                        Io::Eof => return Err(Broken::Io(io::ErrorKind::WriteZero.into())),
-                        Io::Failed(e) => return Err(Broken::Io(e)),
-                    }
-                }
+                let done = (tls.side(&mut self.endpoint))
+                    .write_out(&self.out, &mut self.sent)
+                    .map_err(Broken::Io)?;
                 // Records of the session's own (a key update, an alert)
                 // go out even when no command is queued.
                 tls.flush(&mut self.endpoint).map_err(Broken::Io)?;
-                self.sent == self.out.len()
+                done
             }
         };
         if done {
@@ -260,7 +254,7 @@ impl Connection {
                     if !side.can_read() {
                         break;
                     }
-                    match read_onto(&mut side, &mut self.input, READ_CHUNK) {
+                    match side.read_onto(&mut self.input, READ_CHUNK) {
                         Io::Failed(e) => return Err(tls_broken(e, trusted)),
                         outcome => outcome,
                     }
@@ -313,16 +307,6 @@ impl Connection {
     pub fn close(self) {
         self.endpoint.abort();
     }
-}
-
-/// Appends at most `max` bytes of one read of `source` to `out`.
-fn read_onto(source: &mut impl Source, out: &mut Vec<u8>, max: usize) -> Io {
-    let start = out.len();
-    out.resize(start + max, 0);
-    let outcome = source.read(&mut out[start..]);
-    let got = if let Io::Done(n) = outcome { n } else { 0 };
-    out.truncate(start + got);
-    outcome
 }
 
 /// A failed read through the TLS session: what TLS said (an alert from
@@ -411,17 +395,19 @@ fn find_crlf(input: &[u8], from: usize) -> Option<usize> {
 mod tests {
     use super::*;
 
-    /// Decodes `bytes` as the connection does, fed in `chunk`-sized reads.
-    fn decode_in_chunks(bytes: &[u8], chunk: usize) -> Result<Vec<Reply>, String> {
+    /// A plain connection to a loopback listener that never answers (kept
+    /// open, with the poller, by the caller).
+    fn plain_connection() -> (std::net::TcpListener, mio::Poll, Connection) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let poll = mio::Poll::new().unwrap();
-        let mut conn = Connection::open(
-            listener.local_addr().unwrap(),
-            None,
-            poll.registry(),
-            Token(1),
-        )
-        .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let conn = Connection::open(addr, None, poll.registry(), Token(1)).unwrap();
+        (listener, poll, conn)
+    }
+
+    /// Decodes `bytes` as the connection does, fed in `chunk`-sized reads.
+    fn decode_in_chunks(bytes: &[u8], chunk: usize) -> Result<Vec<Reply>, String> {
+        let (_listener, _poll, mut conn) = plain_connection();
         let mut replies = Vec::new();
         for part in bytes.chunks(chunk.max(1)) {
             conn.input.extend_from_slice(part);
@@ -432,15 +418,7 @@ mod tests {
 
     #[test]
     fn commands_are_arrays_of_bulk_strings() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let poll = mio::Poll::new().unwrap();
-        let mut conn = Connection::open(
-            listener.local_addr().unwrap(),
-            None,
-            poll.registry(),
-            Token(1),
-        )
-        .unwrap();
+        let (_listener, _poll, mut conn) = plain_connection();
         conn.queue(&[b"EVALSHA", b"ab", b"2", b"k\r\n1", b""]);
         assert_eq!(
             conn.out,

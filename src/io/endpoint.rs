@@ -217,30 +217,6 @@ impl Endpoint {
         outcome
     }
 
-    /// Writes `data[*sent..]` while the socket takes it; `Ok(true)` once
-    /// all of `data` is out, `Ok(false)` while it waits for room.
-    pub fn write_out(&mut self, data: &[u8], sent: &mut usize) -> io::Result<bool> {
-        while *sent < data.len() && self.can_write() {
-            match self.write(&data[*sent..]) {
-                Io::Done(n) => *sent += n,
-                Io::WouldBlock => {}
-                Io::Eof => return Err(io::ErrorKind::WriteZero.into()),
-                Io::Failed(e) => return Err(e),
-            }
-        }
-        Ok(*sent == data.len())
-    }
-
-    /// Appends at most `max` bytes of one read to `out`.
-    pub fn read_onto(&mut self, out: &mut Vec<u8>, max: usize) -> Io {
-        let start = out.len();
-        out.resize(start + max, 0);
-        let outcome = self.read(&mut out[start..]);
-        let got = if let Io::Done(n) = outcome { n } else { 0 };
-        out.truncate(start + got);
-        outcome
-    }
-
     /// Ends the write side (FIN after everything written).
     pub fn shutdown_write(&mut self) -> io::Result<()> {
         // ENOTCONN here means the peer reset meanwhile: an error.

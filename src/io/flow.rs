@@ -29,6 +29,16 @@ pub(crate) trait Source {
     /// Reads into `buf`, keeping the readiness bookkeeping.
     fn read(&mut self, buf: &mut [u8]) -> Io;
 
+    /// Appends at most `max` bytes of one read to `out`.
+    fn read_onto(&mut self, out: &mut Vec<u8>, max: usize) -> Io {
+        let start = out.len();
+        out.resize(start + max, 0);
+        let outcome = self.read(&mut out[start..]);
+        let got = if let Io::Done(n) = outcome { n } else { 0 };
+        out.truncate(start + got);
+        outcome
+    }
+
     /// Reads and drops what the peer sends, as far as it has sent it.
     fn discard(&mut self) -> Discarded {
         let mut scratch = [0u8; 2048];
@@ -68,6 +78,19 @@ pub(crate) trait Sink {
     /// Ends the stream after the last byte; `Ok(true)` once that is done,
     /// `Ok(false)` while it waits for the socket.
     fn finish(&mut self) -> io::Result<bool>;
+    /// Writes `data[*sent..]` while the destination takes it, advancing
+    /// `sent`; `Ok(true)` once all of `data` is written.
+    fn write_out(&mut self, data: &[u8], sent: &mut usize) -> io::Result<bool> {
+        while *sent < data.len() && self.can_write() {
+            match self.write(&data[*sent..]) {
+                Io::Done(n) => *sent += n,
+                Io::WouldBlock => break,
+                Io::Eof => return Err(io::ErrorKind::WriteZero.into()),
+                Io::Failed(e) => return Err(e),
+            }
+        }
+        Ok(*sent == data.len())
+    }
     /// Whether a pipe's bytes may be spliced out to it (a plain socket's may).
     fn can_splice(&self) -> bool {
         false

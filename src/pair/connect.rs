@@ -11,7 +11,7 @@ use mio::Interest;
 
 use super::Side;
 use super::{Context, HostConn, Pair, RELAY_BUDGET, Refusal, State, Step};
-use crate::io::flow::{Flow, NotConnected, pump};
+use crate::io::flow::{Flow, NotConnected, Sink, pump};
 use crate::io::{Connect, Endpoint, net};
 use crate::pair::End;
 use crate::policy::balance::{Host, HostCounters, HostLease, NoHost};

@@ -80,7 +80,7 @@ use relay::ResetWait;
 use crate::cluster::ClusterLink;
 use crate::config::Settings;
 use crate::io::buffer::BufferPool;
-use crate::io::flow::{Flow, Pools};
+use crate::io::flow::{Flow, Pools, Source};
 use crate::io::pipe::PipePool;
 use crate::io::send_queue::SendQueues;
 use crate::io::tls_session::{Handshake, TlsSession};

@@ -11,7 +11,7 @@ use log::info;
 use super::{Context, End, Pair, REFUSAL_LINGER, REFUSING_CAP, Refusal, State, Step};
 use crate::config::RefusalMode;
 use crate::io::endpoint::Discarded;
-use crate::io::flow::Source;
+use crate::io::flow::{Sink, Source};
 
 /// Bytes of a refused client's input read and dropped before giving up on a
 /// graceful close; reading them keeps the kernel from answering with RST

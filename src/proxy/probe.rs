@@ -10,6 +10,7 @@ use mio::event::Event;
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
+use crate::io::flow::{Sink, Source};
 use crate::io::{Connect, Endpoint, Io};
 
 /// Bytes of a host's answer kept while looking for `expect`.
