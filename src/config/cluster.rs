@@ -17,7 +17,7 @@ use toml::de::{DeTable, DeValue};
 
 use super::problems::Problems;
 use super::rules;
-use super::tables::{as_table, find, unknown_keys};
+use super::tables::{as_table, find, required, unknown_keys};
 use super::values::{Value, Zero, address_of, duration, integer, string};
 use crate::policy::share::Fallback;
 use crate::tls::{RedisTls, RedisTlsPlaces};
@@ -131,23 +131,16 @@ pub(super) fn cluster(p: &mut Problems<'_>, root: &DeTable<'_>) -> Option<Option
         "`cluster` must be a table ([cluster])".to_string(),
     )?;
     unknown_keys(p, table, CLUSTER_KEYS, "in [cluster]");
-    let redis_value = find(table, "redis");
-    let redis = match redis_value {
-        Some(v) => redis_url(p, v),
-        None => {
-            let message = "[cluster] has no `redis` URL (such as \"redis://127.0.0.1:6379/0\")";
-            p.at(value.span(), message.to_string());
-            None
-        }
+    let at = (table, &value.span());
+    let no_redis =
+        || "[cluster] has no `redis` URL (such as \"redis://127.0.0.1:6379/0\")".to_string();
+    let redis = required(p, at, "redis", no_redis, redis_url);
+    let no_instances = || {
+        "[cluster] has no `instances` (the number of tcplb instances sharing the limits, which the fallback divides them by)".to_string()
     };
-    let instances = match find(table, "instances") {
-        Some(v) => integer(p, v, "instances", rules::INSTANCES).map(|n| n as u32),
-        None => {
-            let message = "[cluster] has no `instances` (the number of tcplb instances sharing the limits, which the fallback divides them by)";
-            p.at(value.span(), message.to_string());
-            None
-        }
-    };
+    let instances = required(p, at, "instances", no_instances, |p, v| {
+        integer(p, v, "instances", rules::INSTANCES).map(|n| n as u32)
+    });
     let key_prefix = find(table, "key_prefix").map_or(
         Some(ClusterSettings::DEFAULT_KEY_PREFIX.to_string()),
         |v| {
@@ -177,19 +170,8 @@ pub(super) fn cluster(p: &mut Problems<'_>, root: &DeTable<'_>) -> Option<Option
     let lease = find(table, "lease").map_or(Some(None), |v| {
         integer(p, v, "lease", rules::BURST).map(|n| Some(n as u32))
     });
-    let fallback = find(table, "fallback").map_or(Some(Fallback::default()), |v| {
-        let name = string(p, v, "fallback")?;
-        let found = Fallback::from_name(name);
-        if found.is_none() {
-            let message = format!(
-                "`fallback` must be one of \"{}\", not \"{name}\"",
-                Fallback::NAMES.join("\", \"")
-            );
-            p.at(v.span(), message);
-        }
-        found
-    });
-    let redis_place = redis_value.map(|v| p.place(v.span()));
+    let fallback = find(table, "fallback").map_or(Some(Fallback::default()), |v| fallback(p, v));
+    let redis_place = find(table, "redis").map(|v| p.place(v.span()));
     let tls = redis_tls(p, table, redis.as_ref(), redis_place);
     Some(Some(ClusterSettings {
         tls: tls?,
@@ -201,6 +183,20 @@ pub(super) fn cluster(p: &mut Problems<'_>, root: &DeTable<'_>) -> Option<Option
         lease: lease?,
         fallback: fallback?,
     }))
+}
+
+/// `fallback` of `[cluster]`: one of `Fallback::NAMES`.
+fn fallback(p: &mut Problems<'_>, v: &Value<'_>) -> Option<Fallback> {
+    let name = string(p, v, "fallback")?;
+    let found = Fallback::from_name(name);
+    if found.is_none() {
+        let message = format!(
+            "`fallback` must be one of \"{}\", not \"{name}\"",
+            Fallback::NAMES.join("\", \"")
+        );
+        p.at(v.span(), message);
+    }
+    found
 }
 
 /// `tls_ca`, `tls_cert` and `tls_key` of `[cluster]`: `Some(None)` for a
@@ -280,19 +276,7 @@ fn redis_url(p: &mut Problems<'_>, v: &Value<'_>) -> Option<RedisUrl> {
 
 /// Reads a Redis URL; the error is the words after "`redis` ".
 fn parse_redis_url(text: &str, lookups: bool) -> Result<RedisUrl, String> {
-    let (tls, rest) = match (
-        text.strip_prefix("redis://"),
-        text.strip_prefix("rediss://"),
-    ) {
-        (Some(rest), _) => (false, rest),
-        (None, Some(rest)) => (true, rest),
-        (None, None) => {
-            return Err(format!(
-                "must be a URL such as \"redis://127.0.0.1:6379/0\" (or \"rediss://\" for TLS), not `{}`",
-                without_password(text)
-            ));
-        }
-    };
+    let (tls, rest) = scheme(text)?;
     if rest.contains(['?', '#']) {
         return Err(
             "has a query or fragment (`?...`, `#...`), which tcplb does not read".to_string(),
@@ -303,40 +287,8 @@ fn parse_redis_url(text: &str, lookups: bool) -> Result<RedisUrl, String> {
         Some((userinfo, hostport)) => (Some(userinfo), hostport),
         None => (None, authority),
     };
-    let (username, password) = match userinfo {
-        None => (None, None),
-        Some(info) => {
-            let (user, password) = info.split_once(':').ok_or(
-                "names a user without a password: write `redis://user:password@host` (or `redis://:password@host`)",
-            )?;
-            let user = percent_decode(user).ok_or("has a bad %-escape in its user name")?;
-            let password = percent_decode(password).ok_or("has a bad %-escape in its password")?;
-            if password.is_empty() {
-                return Err("has an empty password".to_string());
-            }
-            ((!user.is_empty()).then_some(user), Some(password))
-        }
-    };
-    if hostport.is_empty() {
-        return Err("has no host".to_string());
-    }
-    let (host, with_port) = if let Some(v6) = hostport.strip_prefix('[') {
-        let (host, after) = v6
-            .split_once(']')
-            .ok_or("has an unclosed `[` in its host")?;
-        let port = match after {
-            "" => "6379",
-            _ => after
-                .strip_prefix(':')
-                .ok_or("has something after `]` that is not `:port`")?,
-        };
-        (host.to_string(), format!("[{host}]:{port}"))
-    } else {
-        match hostport.rsplit_once(':') {
-            Some((host, port)) => (host.to_string(), format!("{host}:{port}")),
-            None => (hostport.to_string(), format!("{hostport}:6379")),
-        }
-    };
+    let (username, password) = userinfo.map_or(Ok((None, None)), credentials)?;
+    let (host, with_port) = host_and_port(hostport)?;
     if tls && ServerName::try_from(host.as_str()).is_err() {
         return Err(format!(
             "host `{host}` is neither a DNS name nor an IP address, which Redis's certificate could be verified against"
@@ -347,27 +299,82 @@ fn parse_redis_url(text: &str, lookups: bool) -> Result<RedisUrl, String> {
     if addr.port() == 0 {
         return Err("has port 0".to_string());
     }
-    let db = match path {
-        "" => 0,
-        db => db
-            .parse::<u32>()
-            .ok()
-            .filter(|n| *n <= rules::REDIS_DB_MAX)
-            .ok_or_else(|| {
-                format!(
-                    "path `/{db}` is not a database number (0 to {})",
-                    rules::REDIS_DB_MAX
-                )
-            })?,
-    };
     Ok(RedisUrl {
         tls,
         host,
         addr,
-        db,
+        db: database(path)?,
         username,
         password,
     })
+}
+
+/// `redis://` (false) or `rediss://` (true), and what follows it.
+fn scheme(text: &str) -> Result<(bool, &str), String> {
+    if let Some(rest) = text.strip_prefix("redis://") {
+        Ok((false, rest))
+    } else if let Some(rest) = text.strip_prefix("rediss://") {
+        Ok((true, rest))
+    } else {
+        Err(format!(
+            "must be a URL such as \"redis://127.0.0.1:6379/0\" (or \"rediss://\" for TLS), not `{}`",
+            without_password(text)
+        ))
+    }
+}
+
+/// `[user]:password` before the `@`: the user (if named) and the password,
+/// %-decoded.
+fn credentials(info: &str) -> Result<(Option<String>, Option<String>), String> {
+    let (user, password) = info.split_once(':').ok_or(
+        "names a user without a password: write `redis://user:password@host` (or `redis://:password@host`)",
+    )?;
+    let user = percent_decode(user).ok_or("has a bad %-escape in its user name")?;
+    let password = percent_decode(password).ok_or("has a bad %-escape in its password")?;
+    if password.is_empty() {
+        return Err("has an empty password".to_string());
+    }
+    Ok(((!user.is_empty()).then_some(user), Some(password)))
+}
+
+/// `host[:port]` or `[v6][:port]`: the host as written, and the address
+/// to resolve (port 6379 unless one is given).
+fn host_and_port(hostport: &str) -> Result<(String, String), String> {
+    if hostport.is_empty() {
+        return Err("has no host".to_string());
+    }
+    if let Some(v6) = hostport.strip_prefix('[') {
+        let (host, after) = v6
+            .split_once(']')
+            .ok_or("has an unclosed `[` in its host")?;
+        let port = match after {
+            "" => "6379",
+            _ => after
+                .strip_prefix(':')
+                .ok_or("has something after `]` that is not `:port`")?,
+        };
+        return Ok((host.to_string(), format!("[{host}]:{port}")));
+    }
+    Ok(match hostport.rsplit_once(':') {
+        Some((host, port)) => (host.to_string(), format!("{host}:{port}")),
+        None => (hostport.to_string(), format!("{hostport}:6379")),
+    })
+}
+
+/// The path after the host: a database number, 0 when there is none.
+fn database(path: &str) -> Result<u32, String> {
+    if path.is_empty() {
+        return Ok(0);
+    }
+    path.parse::<u32>()
+        .ok()
+        .filter(|n| *n <= rules::REDIS_DB_MAX)
+        .ok_or_else(|| {
+            format!(
+                "path `/{path}` is not a database number (0 to {})",
+                rules::REDIS_DB_MAX
+            )
+        })
 }
 
 /// A URL as it may appear in a message: any `user:password@` replaced.

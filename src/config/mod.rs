@@ -525,35 +525,7 @@ impl Config {
         if hosts.is_empty() {
             problems.general("at least one --host is required".to_string());
         }
-        let resolver = Resolver::of(settings.resolver);
-        let (mut literal, mut names): (Vec<HostConfig>, Vec<HostName>) = (Vec::new(), Vec::new());
-        for host in hosts {
-            let twice = || format!("--host {host}: listed twice");
-            match values::written(host) {
-                Ok(Written::Literal(addr)) if literal.iter().any(|h| h.addr == addr) => {
-                    problems.general(twice())
-                }
-                Ok(Written::Literal(addr)) => literal.push(addr.into()),
-                Ok(Written::Name(name, port))
-                    if names
-                        .iter()
-                        .any(|n| n.port == port && n.name.eq_ignore_ascii_case(name)) =>
-                {
-                    problems.general(twice())
-                }
-                Ok(Written::Name(name, port)) => match values::look_up(resolver, name, port) {
-                    Ok(addrs) => names.push(HostName {
-                        name: name.to_string(),
-                        port,
-                        weight: HostConfig::DEFAULT_WEIGHT,
-                        max_connections: None,
-                        addrs,
-                    }),
-                    Err(why) => problems.general(format!("--host {host}: {why}")),
-                },
-                Err(why) => problems.general(format!("--host {host}: {why}")),
-            }
-        }
+        let (literal, names) = quick_hosts(&mut problems, hosts, Resolver::of(settings.resolver));
         let config = listen.map(|listen| Config {
             settings,
             upstreams: vec![UpstreamConfig {
@@ -577,6 +549,45 @@ impl Config {
         });
         problems.finish(config).map(|(config, _)| config)
     }
+}
+
+/// Quick mode's `--host` addresses: literal ones, and names with what
+/// they resolve to now; each problem (written twice, unresolvable, not an
+/// address) reported.
+fn quick_hosts(
+    problems: &mut Problems<'_>,
+    hosts: &[String],
+    resolver: Resolver,
+) -> (Vec<HostConfig>, Vec<HostName>) {
+    let (mut literal, mut names): (Vec<HostConfig>, Vec<HostName>) = (Vec::new(), Vec::new());
+    for host in hosts {
+        let twice = || format!("--host {host}: listed twice");
+        match values::written(host) {
+            Ok(Written::Literal(addr)) if literal.iter().any(|h| h.addr == addr) => {
+                problems.general(twice())
+            }
+            Ok(Written::Literal(addr)) => literal.push(addr.into()),
+            Ok(Written::Name(name, port))
+                if names
+                    .iter()
+                    .any(|n| n.port == port && n.name.eq_ignore_ascii_case(name)) =>
+            {
+                problems.general(twice())
+            }
+            Ok(Written::Name(name, port)) => match values::look_up(resolver, name, port) {
+                Ok(addrs) => names.push(HostName {
+                    name: name.to_string(),
+                    port,
+                    weight: HostConfig::DEFAULT_WEIGHT,
+                    max_connections: None,
+                    addrs,
+                }),
+                Err(why) => problems.general(format!("--host {host}: {why}")),
+            },
+            Err(why) => problems.general(format!("--host {host}: {why}")),
+        }
+    }
+    (literal, names)
 }
 
 /// The `[admin] listen` address of configuration text, the rest unchecked.

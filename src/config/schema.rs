@@ -157,7 +157,24 @@ fn defaults(p: &mut Problems<'_>, root: &DeTable<'_>) -> Option<Settings> {
     }
     let socket_buffer = find(table, "socket_buffer").map(|v| size(p, v, "socket_buffer").map(Some));
     ok &= fill(&mut s.socket_buffer, socket_buffer);
-    let unsent_limit = find(table, "unsent_limit").map(|v| match v.get_ref() {
+    let unsent_limit = find(table, "unsent_limit").map(|v| unsent_limit(p, v));
+    ok &= fill(&mut s.unsent_limit, unsent_limit);
+    let workers = find(table, "workers").map(|v| workers(p, v));
+    ok &= fill(&mut s.workers, workers);
+    let resolver = find(table, "resolver").map(|v| resolver(p, v).map(Some));
+    ok &= fill(&mut s.resolver, resolver);
+    let accept_proxy = find(table, "accept_proxy").map(|v| networks(p, v, "accept_proxy"));
+    ok &= fill(&mut s.accept_proxy, accept_proxy);
+    ok &= fill(&mut s.relay, find(table, "relay").map(|v| relay(p, v)));
+    if let Some(v) = find(table, "bulk_buffer_size").filter(|_| ok) {
+        no_bulk_upgrade(p, v, &s);
+    }
+    ok.then_some(s)
+}
+
+/// `unsent_limit`: a size, or `"off"` (`None`).
+fn unsent_limit(p: &mut Problems<'_>, v: &Value<'_>) -> Option<Option<usize>> {
+    match v.get_ref() {
         DeValue::String(off) if off.as_ref() == "off" => Some(None),
         DeValue::String(text) if parse_size(text).is_err() => {
             let message = format!(
@@ -167,28 +184,26 @@ fn defaults(p: &mut Problems<'_>, root: &DeTable<'_>) -> Option<Settings> {
             None
         }
         _ => size(p, v, "unsent_limit").map(Some),
-    });
-    ok &= fill(&mut s.unsent_limit, unsent_limit);
-    let workers = find(table, "workers").map(|v| match v.get_ref() {
+    }
+}
+
+/// `workers`: a count, or `"auto"` (one per core).
+fn workers(p: &mut Problems<'_>, v: &Value<'_>) -> Option<usize> {
+    match v.get_ref() {
         DeValue::String(auto) if auto.as_ref() == "auto" => Some(Settings::auto_workers()),
         _ => integer(p, v, "workers", rules::WORKERS).map(|n| n as usize),
-    });
-    ok &= fill(&mut s.workers, workers);
-    let resolver = find(table, "resolver").map(|v| resolver(p, v).map(Some));
-    ok &= fill(&mut s.resolver, resolver);
-    let accept_proxy = find(table, "accept_proxy").map(|v| networks(p, v, "accept_proxy"));
-    ok &= fill(&mut s.accept_proxy, accept_proxy);
-    ok &= fill(&mut s.relay, find(table, "relay").map(|v| relay(p, v)));
-    if let Some(v) = find(table, "bulk_buffer_size").filter(|_| ok) {
-        if s.bulk_buffer_size < s.buffer_size {
-            let message = format!(
-                "`bulk_buffer_size` ({}) is below `buffer_size` ({}): bulk buffers will be {} bytes, so there is no bulk upgrade",
-                s.bulk_buffer_size, s.buffer_size, s.buffer_size
-            );
-            p.warn(v.span(), message);
-        }
     }
-    ok.then_some(s)
+}
+
+/// A warning at `bulk_buffer_size` (`v`) when it is below `buffer_size`.
+fn no_bulk_upgrade(p: &mut Problems<'_>, v: &Value<'_>, s: &Settings) {
+    if s.bulk_buffer_size < s.buffer_size {
+        let message = format!(
+            "`bulk_buffer_size` ({}) is below `buffer_size` ({}): bulk buffers will be {} bytes, so there is no bulk upgrade",
+            s.bulk_buffer_size, s.buffer_size, s.buffer_size
+        );
+        p.warn(v.span(), message);
+    }
 }
 
 /// The counts of `[defaults]`: `max_connections`, `backlog`,

@@ -17,6 +17,24 @@ pub(super) fn find<'a, 'i>(table: &'a DeTable<'i>, key: &str) -> Option<&'a Valu
         .map(|(_, v)| v)
 }
 
+/// A key the table must have, read by `read`; reported as `missing` at
+/// the table's `span` when it is not there.
+pub(super) fn required<T>(
+    p: &mut Problems<'_>,
+    (table, span): (&DeTable<'_>, &Range<usize>),
+    key: &str,
+    missing: impl FnOnce() -> String,
+    read: impl FnOnce(&mut Problems<'_>, &Value<'_>) -> Option<T>,
+) -> Option<T> {
+    match find(table, key) {
+        Some(v) => read(p, v),
+        None => {
+            p.at(span.clone(), missing());
+            None
+        }
+    }
+}
+
 /// `v` as a table, or `not_a_table` reported at its span.
 pub(super) fn as_table<'a, 'i>(
     p: &mut Problems<'_>,

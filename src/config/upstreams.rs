@@ -17,7 +17,7 @@ use toml::de::{DeTable, DeValue};
 
 use super::problems::Problems;
 use super::rules;
-use super::tables::{as_table, find, tables, unknown_keys};
+use super::tables::{as_table, find, required, tables, unknown_keys};
 use super::values::{
     self, Value, Written, Zero, address, boolean, duration, fill, integer, networks, string,
 };
@@ -142,24 +142,6 @@ fn upstream(
         listen,
         config,
         own_accept_proxy,
-    }
-}
-
-/// A key the table must have, read by `read`; reported as `missing` at
-/// the table's `span` when it is not there.
-fn required<T>(
-    p: &mut Problems<'_>,
-    (table, span): (&DeTable<'_>, &Range<usize>),
-    key: &str,
-    missing: impl FnOnce() -> String,
-    read: impl FnOnce(&mut Problems<'_>, &Value<'_>) -> Option<T>,
-) -> Option<T> {
-    match find(table, key) {
-        Some(v) => read(p, v),
-        None => {
-            p.at(span.clone(), missing());
-            None
-        }
     }
 }
 
