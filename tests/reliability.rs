@@ -27,6 +27,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::haproxy;
 use common::pki::{self, Pki};
 use common::*;
 use ring::digest::{Context, SHA256};
@@ -1317,21 +1318,74 @@ struct Drained {
     failure: Option<String>,
 }
 
-/// Pushes a seeded stream without reading for `push`, waits `pause`, then
-/// reads the echo back, checking every byte.
-fn drain_client(
-    addr: SocketAddr,
-    seed: u64,
+/// The read-back of one drain client: every byte checked against the
+/// pushed stream, and the longest wait between two receipts.
+struct Receipts<'a> {
+    chunk: &'a [u8],
+    got: u64,
+    intact: bool,
+    started: Instant,
+    last: Instant,
+    longest_wait: Duration,
+}
+
+impl<'a> Receipts<'a> {
+    fn new(chunk: &'a [u8]) -> Receipts<'a> {
+        let now = Instant::now();
+        Receipts {
+            chunk,
+            got: 0,
+            intact: true,
+            started: now,
+            last: now,
+            longest_wait: Duration::ZERO,
+        }
+    }
+
+    fn take(&mut self, bytes: &[u8]) {
+        for (k, b) in bytes.iter().enumerate() {
+            self.intact &= *b == self.chunk[(self.got as usize + k) % self.chunk.len()];
+        }
+        self.got += bytes.len() as u64;
+        self.longest_wait = self.longest_wait.max(self.last.elapsed());
+        self.last = Instant::now();
+    }
+
+    /// Why the read-back stopped: `what`, how far it got and how long
+    /// after the last receipt.
+    fn stopped(&self, what: impl std::fmt::Display, sent: u64) -> Option<String> {
+        let (got, waited) = (self.got, self.last.elapsed());
+        Some(format!(
+            "{what} after {got} of {sent} B, {waited:.1?} after the last"
+        ))
+    }
+
+    fn end(self, sent: u64, failure: Option<String>) -> Drained {
+        Drained {
+            sent,
+            intact: self.intact && failure.is_none(),
+            took: self.last - self.started,
+            longest_wait: self.longest_wait,
+            failure,
+        }
+    }
+}
+
+/// How one drain client pushes and reads back.
+struct DrainPace {
     push: Duration,
     pause: Duration,
     patience: Duration,
-) -> Drained {
+}
+
+/// Pushes a seeded stream without reading for `push`, waits `pause`, then
+/// reads the echo back, checking every byte.
+fn drain_client(addr: SocketAddr, seed: u64, pace: &DrainPace) -> Drained {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_nonblocking(true).unwrap();
-    let mut rng = Rng::new(seed);
-    let chunk = rng.bytes(64 * 1024);
+    let chunk = Rng::new(seed).bytes(64 * 1024);
     let (mut sent, mut at) = (0u64, 0usize);
-    let end = Instant::now() + push;
+    let end = Instant::now() + pace.push;
     while Instant::now() < end {
         match s.write(&chunk[at..]) {
             Ok(n) => {
@@ -1339,55 +1393,236 @@ fn drain_client(
                 at = (at + n) % chunk.len();
             }
             // The load's own pacing: nothing waits on it.
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                thread::sleep(Duration::from_millis(10))
-            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(10)),
             Err(e) => panic!("push: {e}"),
         }
     }
-    thread::sleep(pause);
+    thread::sleep(pace.pause);
     s.set_nonblocking(false).unwrap();
-    s.set_read_timeout(Some(patience)).unwrap();
+    s.set_read_timeout(Some(pace.patience)).unwrap();
     let mut buf = vec![0u8; 1 << 20];
-    let (mut got, mut intact, mut failure) = (0u64, true, None);
-    let started = Instant::now();
-    let (mut last, mut longest_wait) = (started, Duration::ZERO);
-    while got < sent {
+    let mut receipts = Receipts::new(&chunk);
+    let mut failure = None;
+    while receipts.got < sent {
         match s.read(&mut buf) {
-            Ok(0) => {
-                failure = Some(format!("EOF after {got} of {sent} B"));
-                break;
-            }
-            Err(e) => {
-                let waited = last.elapsed();
-                failure = Some(format!(
-                    "{e} after {got} of {sent} B, {waited:.1?} after the last"
-                ));
-                break;
-            }
-            Ok(n) => {
-                for (k, b) in buf[..n].iter().enumerate() {
-                    intact &= *b == chunk[(got as usize + k) % chunk.len()];
-                }
-                got += n as u64;
-                longest_wait = longest_wait.max(last.elapsed());
-                last = Instant::now();
+            Ok(0) => failure = receipts.stopped("EOF", sent),
+            Err(e) => failure = receipts.stopped(e, sent),
+            Ok(n) => receipts.take(&buf[..n]),
+        }
+        if failure.is_some() {
+            break;
+        }
+    }
+    receipts.end(sent, failure)
+}
+
+/// Writes out what rustls holds: false if the socket filled first.
+fn flush_tls(
+    conn: &mut rustls::ClientConnection,
+    sock: &mut mio::net::TcpStream,
+) -> std::io::Result<bool> {
+    while conn.wants_write() {
+        match conn.write_tls(sock) {
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+/// Reads what the socket has, until it would block, handing the plaintext
+/// to `receipts`: true at the end of the stream.
+fn read_tls(
+    conn: &mut rustls::ClientConnection,
+    sock: &mut mio::net::TcpStream,
+    buf: &mut [u8],
+    receipts: &mut Receipts<'_>,
+) -> std::io::Result<bool> {
+    loop {
+        match conn.read_tls(sock) {
+            Ok(0) => return Ok(true),
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
+            Err(e) => return Err(e),
+        }
+        conn.process_new_packets().map_err(std::io::Error::other)?;
+        loop {
+            match conn.reader().read(buf) {
+                Ok(0) => return Ok(true),
+                Ok(n) => receipts.take(&buf[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
             }
         }
     }
-    Drained {
-        sent,
-        intact: intact && failure.is_none(),
-        took: last - started,
-        longest_wait,
-        failure,
+}
+
+/// [`drain_client`] over TLS (mTLS to tcplb or HAProxy): the handshake
+/// first, then the same push and read-back through rustls, the socket
+/// non-blocking throughout so that a full send side never keeps the
+/// client from reading.
+fn drain_tls_client(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    seed: u64,
+    pace: &DrainPace,
+) -> Drained {
+    let rustls::StreamOwned { mut conn, sock } = pki::connect(addr, config).unwrap();
+    sock.set_nonblocking(true).unwrap();
+    let mut sock = mio::net::TcpStream::from_std(sock);
+    let chunk = Rng::new(seed).bytes(64 * 1024);
+    let (mut sent, mut at) = (0u64, 0usize);
+    let end = Instant::now() + pace.push;
+    while Instant::now() < end {
+        match flush_tls(&mut conn, &mut sock) {
+            Ok(true) => {
+                let n = conn.writer().write(&chunk[at..]).unwrap();
+                sent += n as u64;
+                at = (at + n) % chunk.len();
+            }
+            Ok(false) => thread::sleep(Duration::from_millis(10)),
+            Err(e) => panic!("push: {e}"),
+        }
+    }
+    thread::sleep(pace.pause);
+    let mut poll = mio::Poll::new().unwrap();
+    let interest = mio::Interest::READABLE | mio::Interest::WRITABLE;
+    poll.registry()
+        .register(&mut sock, mio::Token(0), interest)
+        .unwrap();
+    let mut events = mio::Events::with_capacity(4);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut receipts = Receipts::new(&chunk);
+    let failure = loop {
+        // Edge-triggered: write and read until each would block, then wait.
+        let step = flush_tls(&mut conn, &mut sock)
+            .and_then(|_| read_tls(&mut conn, &mut sock, &mut buf, &mut receipts));
+        match step {
+            _ if receipts.got >= sent => break None,
+            Ok(true) => break receipts.stopped("EOF", sent),
+            Err(e) => break receipts.stopped(e, sent),
+            Ok(false) if receipts.last.elapsed() > pace.patience => {
+                break receipts.stopped("no byte for the patience", sent);
+            }
+            Ok(false) => {}
+        }
+        poll.poll(&mut events, Some(Duration::from_millis(500)))
+            .unwrap();
+    };
+    receipts.end(sent, failure)
+}
+
+/// The proxy the drain scenario goes through.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Through {
+    Tcplb,
+    /// HAProxy at its defaults with one thread (`nbthread 1`); with
+    /// `socket_buffer`, its `tune.{snd,rcv}buf.{client,server}` set alike.
+    Haproxy,
+}
+
+/// One drain scenario: how many clients push for how long, through what.
+#[derive(Clone, Copy)]
+struct Drain {
+    clients: usize,
+    push: Duration,
+    socket_buffer: Option<usize>,
+    tls: bool,
+}
+
+/// What one run of the scenario measured.
+struct DrainRun {
+    intake_mib: u64,
+    intact: usize,
+    took: Duration,
+    longest: Duration,
+    pressures: u64,
+    failures: Vec<String>,
+}
+
+impl DrainRun {
+    fn figures(&self, setup: &Drain) -> String {
+        let first = self.failures.first().map_or(String::new(), |f| {
+            format!("; {} stopped short, the first: {f}", self.failures.len())
+        });
+        format!(
+            "{} clients pushed {} MiB unread for {:?}: {}/{} intact, drained in {:.1?}, longest wait {:.1?}, kernel entered memory pressure {} times{first}",
+            setup.clients,
+            self.intake_mib,
+            setup.push,
+            self.intact,
+            setup.clients,
+            self.took,
+            self.longest,
+            self.pressures
+        )
+    }
+
+    /// Every byte back, no wait over 5 s, drained within `within`.
+    fn holds(&self, setup: &Drain, within: Duration) -> bool {
+        self.intact == setup.clients && self.longest <= DRAIN_WAIT_BOUND && self.took <= within
     }
 }
 
-/// Many clients push without reading, then all read back at once: every
-/// byte must come back, and no client may wait long between two receipts.
-fn drain_after_backpressure(clients: usize, push: Duration, socket_buffer: Option<usize>) {
-    let _alone = alone();
+/// The longest a drain client may wait between two receipts.
+const DRAIN_WAIT_BOUND: Duration = Duration::from_secs(5);
+
+/// The drain may take 10 s, or twice HAProxy's time in the same run.
+const DRAIN_BOUND: Duration = Duration::from_secs(10);
+
+/// Whichever proxy `through` names, started in front of `host`: its
+/// listening address, and what keeps it running.
+fn drain_proxy(
+    setup: &Drain,
+    through: Through,
+    host: SocketAddr,
+    pki: Option<&Pki>,
+) -> Option<(SocketAddr, Box<dyn std::any::Any>)> {
+    match through {
+        Through::Tcplb => {
+            let defaults = setup
+                .socket_buffer
+                .map_or(String::new(), |b| format!("socket_buffer = {b}\n"));
+            let body = match pki {
+                Some(pki) => tls_body(pki, host, "", &defaults),
+                None => format!("[defaults]\n{defaults}\n{}", upstream("drain", &[host])),
+            };
+            let lb = Tcplb::start(&body, None);
+            let addr = lb.addr(if pki.is_some() { "secure" } else { "drain" });
+            Some((addr, Box::new(lb)))
+        }
+        Through::Haproxy => {
+            let port = haproxy::free_port();
+            let tune = setup.socket_buffer.map_or(String::new(), |b| {
+                format!("    tune.sndbuf.client {b}\n    tune.sndbuf.server {b}\n    tune.rcvbuf.client {b}\n    tune.rcvbuf.server {b}\n")
+            });
+            let ssl = match pki {
+                Some(pki) => {
+                    let pem = pki.dir.join("haproxy.pem");
+                    let cert = std::fs::read_to_string(&pki.server_cert).unwrap();
+                    let key = std::fs::read_to_string(&pki.server_key).unwrap();
+                    std::fs::write(&pem, format!("{cert}{key}")).unwrap();
+                    format!(
+                        " ssl crt {} ca-file {} verify required",
+                        pem.display(),
+                        pki.ca_path.display()
+                    )
+                }
+                None => String::new(),
+            };
+            let config = format!(
+                "global\n    nbthread 1\n    stats socket {{stats}}\n{tune}defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 300s\n    timeout server 300s\nlisten drain\n    bind 127.0.0.1:{port}{ssl}\n    server h {host}\n"
+            );
+            let haproxy = haproxy::Haproxy::start("drain", &config)?;
+            Some((SocketAddr::from(([127, 0, 0, 1], port)), Box::new(haproxy)))
+        }
+    }
+}
+
+/// Many clients push without reading, then all read back at once; `None`
+/// where the proxy is not installed.
+fn drain_run(setup: &Drain, through: Through) -> Option<DrainRun> {
     let host = spawn_host_with(
         "echo",
         Behavior::Echo,
@@ -1396,67 +1631,192 @@ fn drain_after_backpressure(clients: usize, push: Duration, socket_buffer: Optio
             buffer: None,
         },
     );
-    let defaults = socket_buffer.map_or(String::new(), |b| {
-        format!("[defaults]\nsocket_buffer = {b}\n\n")
-    });
-    let lb = Tcplb::start(
-        &format!("{defaults}{}", upstream("drain", &[host.addr])),
-        None,
-    );
-    let addr = lb.addr("drain");
+    let pki = setup.tls.then(|| Pki::new("drain"));
+    let (addr, _proxy) = drain_proxy(setup, through, host.addr, pki.as_ref())?;
+    let tls = pki
+        .as_ref()
+        .map(|pki| pki.client_config(Some(&pki.client("alice"))));
     let pressures = memory_pressures();
-    let patience = Duration::from_secs(60);
-    let workers: Vec<_> = (0..clients)
+    let pace = Arc::new(DrainPace {
+        push: setup.push,
+        pause: Duration::from_secs(2),
+        patience: Duration::from_secs(60),
+    });
+    let workers: Vec<_> = (0..setup.clients as u64)
         .map(|i| {
-            thread::spawn(move || {
-                drain_client(addr, i as u64 + 1, push, Duration::from_secs(2), patience)
+            let (pace, tls) = (pace.clone(), tls.clone());
+            thread::spawn(move || match tls {
+                Some(config) => drain_tls_client(addr, config, i + 1, &pace),
+                None => drain_client(addr, i + 1, &pace),
             })
         })
         .collect();
     let results: Vec<Drained> = workers.into_iter().map(|w| w.join().unwrap()).collect();
-    let intake: u64 = results.iter().map(|r| r.sent).sum();
-    let intact = results.iter().filter(|r| r.intact).count();
-    let took = results.iter().map(|r| r.took).max().unwrap();
-    let longest = results.iter().map(|r| r.longest_wait).max().unwrap();
-    let pressures = memory_pressures() - pressures;
-    let failures: Vec<&str> = results
-        .iter()
-        .filter_map(|r| r.failure.as_deref())
-        .collect();
-    if let Some(first) = failures.first() {
-        println!(
-            "{} clients stopped short, the first: {first}",
-            failures.len()
-        );
+    Some(DrainRun {
+        intake_mib: results.iter().map(|r| r.sent).sum::<u64>() >> 20,
+        intact: results.iter().filter(|r| r.intact).count(),
+        took: results.iter().map(|r| r.took).max().unwrap(),
+        longest: results.iter().map(|r| r.longest_wait).max().unwrap(),
+        pressures: memory_pressures() - pressures,
+        failures: results.into_iter().filter_map(|r| r.failure).collect(),
+    })
+}
+
+/// The scenario's name in the report: `11 drain`, with what is set.
+fn drain_name(setup: &Drain, through: Through) -> String {
+    let mut name = "11 drain".to_string();
+    if through == Through::Haproxy {
+        name += " haproxy";
     }
-    let bound = Duration::from_secs(5);
-    let pass = intact == clients && longest <= bound && took <= Duration::from_secs(10);
+    if setup.tls {
+        name += " tls";
+    }
+    if let Some(b) = setup.socket_buffer {
+        name += &format!(" socket_buffer={b}");
+    }
+    name
+}
+
+/// The scenario through tcplb alone: every byte back, no wait over 5 s,
+/// drained within 10 s.
+fn drain_after_backpressure(setup: Drain) {
+    let _alone = alone();
+    let run = drain_run(&setup, Through::Tcplb).unwrap();
     report(
-        &format!(
-            "11 drain{}",
-            socket_buffer.map_or(String::new(), |b| format!(" socket_buffer={b}"))
-        ),
-        format!(
-            "{clients} clients pushed {} MiB unread for {push:?}: {intact}/{clients} intact, drained in {took:.1?}, longest wait {longest:.1?} (bound {bound:?}), kernel entered memory pressure {pressures} times",
-            intake >> 20
-        ),
-        pass,
+        &drain_name(&setup, Through::Tcplb),
+        run.figures(&setup),
+        run.holds(&setup, DRAIN_BOUND),
     );
 }
 
+/// The scenario through tcplb and HAProxy in turn, `rounds` times each:
+/// tcplb must deliver every byte with no wait over 5 s, and its median
+/// drain must stay within twice HAProxy's median (or 10 s, if more).
+/// HAProxy's own figures are reported, not judged.
+fn drain_beside_haproxy(setup: Drain, rounds: usize) {
+    let _alone = alone();
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let run = drain_run(&setup, Through::Tcplb).unwrap();
+        println!(
+            "{:<26} {}",
+            drain_name(&setup, Through::Tcplb),
+            run.figures(&setup)
+        );
+        ours.push(run);
+        let Some(run) = drain_run(&setup, Through::Haproxy) else {
+            return;
+        };
+        println!(
+            "{:<26} {}",
+            drain_name(&setup, Through::Haproxy),
+            run.figures(&setup)
+        );
+        theirs.push(run);
+    }
+    let median = |runs: &[DrainRun]| {
+        let mut took: Vec<Duration> = runs.iter().map(|r| r.took).collect();
+        took.sort();
+        took[took.len() / 2]
+    };
+    let (ours_took, theirs_took) = (median(&ours), median(&theirs));
+    let within = DRAIN_BOUND.max(theirs_took * 2);
+    let intact = ours.iter().all(|r| r.intact == setup.clients);
+    let longest = ours.iter().map(|r| r.longest).max().unwrap();
+    let theirs_longest = theirs.iter().map(|r| r.longest).max().unwrap();
+    report(
+        &format!("{} beside haproxy", drain_name(&setup, Through::Tcplb)),
+        format!(
+            "{rounds} rounds each: tcplb median {ours_took:.1?} (bound {within:.1?}), longest wait {longest:.1?}, all intact: {intact}; haproxy median {theirs_took:.1?}, longest wait {theirs_longest:.1?}, intact {}",
+            theirs
+                .iter()
+                .map(|r| r.intact.to_string())
+                .collect::<Vec<_>>()
+                .join("/")
+        ),
+        intact && longest <= DRAIN_WAIT_BOUND && ours_took <= within,
+    );
+}
+
+/// The full scenario of issue 16: 200 clients pushing for 4 s.
+const FULL_DRAIN: Drain = Drain {
+    clients: 200,
+    push: Duration::from_secs(4),
+    socket_buffer: None,
+    tls: false,
+};
+
+/// The short one in `cargo test`: 40 clients pushing for 1 s.
+const SHORT_DRAIN: Drain = Drain {
+    clients: 40,
+    push: Duration::from_secs(1),
+    socket_buffer: None,
+    tls: false,
+};
+
 #[test]
 fn drain_after_backpressure_short() {
-    drain_after_backpressure(40, Duration::from_secs(1), None);
+    drain_after_backpressure(SHORT_DRAIN);
+}
+
+#[test]
+fn drain_after_backpressure_short_tls() {
+    drain_after_backpressure(Drain {
+        tls: true,
+        ..SHORT_DRAIN
+    });
 }
 
 #[test]
 #[ignore]
 fn full_drain_after_backpressure() {
-    drain_after_backpressure(200, Duration::from_secs(4), None);
+    drain_after_backpressure(FULL_DRAIN);
 }
 
 #[test]
 #[ignore]
 fn full_drain_after_backpressure_with_socket_buffer() {
-    drain_after_backpressure(200, Duration::from_secs(4), Some(64 * 1024));
+    drain_after_backpressure(Drain {
+        socket_buffer: Some(64 * 1024),
+        ..FULL_DRAIN
+    });
+}
+
+#[test]
+#[ignore]
+fn full_drain_after_backpressure_tls() {
+    drain_after_backpressure(Drain {
+        tls: true,
+        ..FULL_DRAIN
+    });
+}
+
+#[test]
+#[ignore]
+fn full_drain_beside_haproxy() {
+    drain_beside_haproxy(FULL_DRAIN, 3);
+}
+
+#[test]
+#[ignore]
+fn full_drain_beside_haproxy_with_socket_buffer() {
+    drain_beside_haproxy(
+        Drain {
+            socket_buffer: Some(64 * 1024),
+            ..FULL_DRAIN
+        },
+        3,
+    );
+}
+
+#[test]
+#[ignore]
+fn full_drain_beside_haproxy_tls() {
+    drain_beside_haproxy(
+        Drain {
+            tls: true,
+            ..FULL_DRAIN
+        },
+        3,
+    );
 }

@@ -613,6 +613,7 @@ impl Drop for Binary {
 }
 
 pub mod dns;
+pub mod haproxy;
 pub mod pki;
 
 /// The address that follows `marker` in a log line.
