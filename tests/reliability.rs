@@ -1490,14 +1490,17 @@ fn read_tls(
 /// [`drain_client`] over TLS (mTLS to tcplb or HAProxy): the handshake
 /// first, then the same push and read-back through rustls, the socket
 /// non-blocking throughout so that a full send side never keeps the
-/// client from reading.
+/// client from reading. Clients come from four loopback sources, 127.0.0.10
+/// to .13, so that 200 of them stay within tcplb's default
+/// `max_handshakes_per_source` (100) as clients of a real fleet would.
 fn drain_tls_client(
     addr: SocketAddr,
     config: Arc<rustls::ClientConfig>,
     seed: u64,
     pace: &DrainPace,
 ) -> Drained {
-    let rustls::StreamOwned { mut conn, sock } = pki::connect(addr, config).unwrap();
+    let source = IpAddr::from([127, 0, 0, 10 + (seed % 4) as u8]);
+    let rustls::StreamOwned { mut conn, sock } = pki::connect_from(source, addr, config).unwrap();
     sock.set_nonblocking(true).unwrap();
     let mut sock = mio::net::TcpStream::from_std(sock);
     let chunk = Rng::new(seed).bytes(64 * 1024);
