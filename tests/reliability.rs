@@ -1300,6 +1300,10 @@ struct KernelTcp {
     drops: u64,
     prunes: u64,
     window_probes: u64,
+    /// Segments outside the receiver's window whose duplicate ACK the
+    /// kernel skipped (rate limited): a lower bound of segments, window
+    /// updates among them, that a receiver threw away unread.
+    out_of_window: u64,
 }
 
 impl KernelTcp {
@@ -1322,6 +1326,7 @@ impl KernelTcp {
             drops: counter("TCPRcvQDrop") + counter("TCPOFODrop"),
             prunes: counter("PruneCalled"),
             window_probes: counter("TCPWinProbe"),
+            out_of_window: counter("TCPACKSkippedSeq"),
         }
     }
 
@@ -1331,6 +1336,7 @@ impl KernelTcp {
             drops: self.drops - before.drops,
             prunes: self.prunes - before.prunes,
             window_probes: self.window_probes - before.window_probes,
+            out_of_window: self.out_of_window - before.out_of_window,
         }
     }
 }
@@ -1442,7 +1448,9 @@ fn drain_client(addr: SocketAddr, seed: u64, pace: &DrainPace) -> Drained {
             break;
         }
     }
-    receipts.end(sent, failure)
+    // The port finds the stalled pair in `ss` output taken beside the run.
+    let port = s.local_addr().map_or(0, |a| a.port());
+    receipts.end(sent, failure.map(|f| format!("{f}, client port {port}")))
 }
 
 /// Writes out what rustls holds: false if the socket filled first.
@@ -1581,7 +1589,7 @@ impl DrainRun {
             format!("; {} stopped short, the first: {f}", self.failures.len())
         });
         format!(
-            "{} clients pushed {} MiB unread for {:?}: {}/{} intact, drained in {:.1?}, longest wait {:.1?}; kernel: {} entries into memory pressure, {} segments dropped, {} queues pruned, {} zero-window probes{first}",
+            "{} clients pushed {} MiB unread for {:?}: {}/{} intact, drained in {:.1?}, longest wait {:.1?}; kernel: {} entries into memory pressure, {} segments dropped, {} queues pruned, {} zero-window probes, at least {} segments outside the window{first}",
             setup.clients,
             self.intake_mib,
             setup.push,
@@ -1593,6 +1601,7 @@ impl DrainRun {
             self.kernel.drops,
             self.kernel.prunes,
             self.kernel.window_probes,
+            self.kernel.out_of_window,
         )
     }
 
