@@ -1677,7 +1677,12 @@ fn drain_run(setup: &Drain, through: Through) -> Option<DrainRun> {
         Behavior::Echo,
         HostSockets {
             read_timeout: Duration::from_secs(300),
-            buffer: None,
+            // The experiment of docs/bench/drain-stall-trace.md: the echo
+            // host's sockets held under the kernel's per-socket share.
+            buffer: std::env::var("TCPLB_DRAIN_HOST_BUFFER").ok().map(|b| {
+                b.parse()
+                    .expect("TCPLB_DRAIN_HOST_BUFFER is a size in bytes")
+            }),
         },
     );
     let pki = setup.tls.then(|| Pki::new("drain"));
