@@ -93,11 +93,9 @@ fn a_host_at_its_cap_is_skipped() {
     finish(held.remove(at).0);
     // The client sees the end as tcplb sends it; the slot is free once the
     // pair has closed, which another worker's accept may otherwise beat.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while proxy.host_counts() != [1, 4] {
-        assert!(std::time::Instant::now() < deadline, "A's slot never freed");
-        std::thread::yield_now();
-    }
+    proxy.wait_until("given A's slot back", |s| {
+        s.upstreams[0].hosts.iter().map(|h| h.active).eq([1, 4])
+    });
     let (c, name) = open(&proxy);
     assert_eq!(name, "A");
     held.push((c, name));

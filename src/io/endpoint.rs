@@ -136,10 +136,9 @@ impl Endpoint {
     pub fn read(&mut self, buf: &mut [u8]) -> Io {
         let wanted = buf.len();
         let outcome = match Io::of(retrying(|| self.stream.read(buf)), false) {
-            // The reset's error was taken (`SO_ERROR`, or by a write): the
-            // kernel then ends the stream as if by FIN.
+            // The reset's error was taken (`SO_ERROR`, or by a write or a
+            // splice out): the kernel then ends the stream as if by FIN.
             Io::Eof if self.is_broken() || self.was_reset_unseen() => {
-                self.set_broken();
                 Io::Failed(io::ErrorKind::ConnectionReset.into())
             }
             outcome => outcome,
